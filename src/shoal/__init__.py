@@ -1,0 +1,41 @@
+"""shoal: distributed deep-learning training on PyTorch's distributed engine, made cheaper.
+
+Python API::
+
+    import shoal
+    summary = shoal.train("examples/mnist1d.yaml", workers=2, overrides=["train.steps=200"])
+    print(summary.final_accuracy)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shoal.config import ConfigError, RunConfig, load_config, validate_config
+from shoal.metrics.summary import Summary
+
+__all__ = ["train", "RunConfig", "Summary", "ConfigError", "load_config"]
+__version__ = "0.1.0"
+
+
+def train(
+    config: RunConfig | dict[str, Any] | str | Path,
+    *,
+    workers: int | None = None,
+    out: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+) -> Summary:
+    """Train as ``shoal train`` does and return the run's :class:`Summary`.
+
+    ``config`` is a :class:`RunConfig`, a mapping of config keys, or a YAML
+    path. Raises :class:`ConfigError` for a bad config (before any process
+    starts) and :class:`shoal.launch.JobFailed` when a worker fails.
+    """
+    from shoal.launch import launch
+
+    cfg = load_config(config, overrides, workers=workers, out=str(out) if out is not None else None)
+    summary = launch(cfg, resume=resume)
+    assert summary is not None  # a single-node job always holds rank 0
+    return summary

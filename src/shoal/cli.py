@@ -1,0 +1,143 @@
+"""The ``shoal`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shoal.config import ConfigError, load_config
+
+app = typer.Typer(
+    help="shoal: distributed deep-learning training on PyTorch's distributed engine, made cheaper.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+
+
+def _fail_config(message: str) -> None:
+    err_console.print(f"[red]config error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config (optional with --resume: the run's own config.yaml)"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="worker processes on this node"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key: --set train.steps=500 (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default: the config's 'out')"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its last checkpoint"),
+    nnodes: int = typer.Option(1, help="nodes in the job (each runs this command)"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous store (multi-node)"),
+    rdzv_id: Optional[str] = typer.Option(None, help="job id shared by all nodes (multi-node)"),
+    is_host: Optional[bool] = typer.Option(None, "--is-host/--not-host", help="this node hosts the rendezvous store"),
+    local_addr: Optional[str] = typer.Option(None, help="this node's address as the others reach it"),
+    max_restarts: int = typer.Option(0, help="times the launcher may restart a failed worker group"),
+) -> None:
+    """Train a model on one or many workers; writes metrics.jsonl, summary.json, curves.png and checkpoint.pt to OUT."""
+    from shoal.launch import JobFailed, launch
+
+    if resume is not None:
+        if not (resume / "checkpoint.pt").is_file():
+            _fail_config(f"--resume {resume}: no checkpoint.pt there to resume from")
+        config = config or resume / "config.yaml"
+        out = resume
+    if config is None:
+        _fail_config("give a CONFIG file (or --resume DIR)")
+    if nnodes > 1 and not rdzv_endpoint:
+        _fail_config("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+    try:
+        cfg = load_config(config, set_, workers=workers, out=str(out) if out else None)
+    except ConfigError as err:
+        _fail_config(str(err))
+    try:
+        summary = launch(
+            cfg,
+            resume=resume is not None,
+            nnodes=nnodes,
+            rdzv_endpoint=rdzv_endpoint,
+            run_id=rdzv_id,
+            is_host=is_host,
+            local_addr=local_addr,
+            max_restarts=max_restarts,
+        )
+    except JobFailed as err:
+        for failure in err.failures:
+            err_console.print(
+                f"[red]rank {failure.rank} failed[/] (exit code {failure.exitcode}): {failure.message}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            if failure.traceback:
+                err_console.print(failure.traceback.rstrip(), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if summary is not None:
+        print_summary(summary.model_dump())
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"shoal run: {summary['out']}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    ttt = summary["time_to_target_s"]
+    rows = [
+        ("final test accuracy", f"{summary['final_accuracy']:.4f}"),
+        ("best test accuracy", f"{summary['best_accuracy']:.4f}"),
+        ("target accuracy", "-" if summary["target_accuracy"] is None else f"{summary['target_accuracy']:.4f}"),
+        ("time to target", "not reached" if ttt is None else f"{ttt:.1f} s (step {summary['steps_to_target']})"),
+        ("steps", str(summary["steps"])),
+        ("workers", str(summary["workers"])),
+        ("strategy / codec", f"{summary['strategy']} / {summary['codec']}"),
+        ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
+        ("training time", f"{summary['train_time_s']:.1f} s"),
+        ("wall time (after setup)", f"{summary['wall_time_s']:.1f} s"),
+        ("throughput", f"{summary['samples_per_s']:,.0f} samples/s"),
+        ("wire bytes per worker", _bytes(summary["wire_bytes_per_worker"])),
+        ("fp32 all-reduce would send", _bytes(summary["dense_bytes_per_worker"])),
+    ]
+    if summary.get("resumed_from_step") is not None:
+        rows.append(("resumed from step", str(summary["resumed_from_step"])))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@app.command("list")
+def list_components() -> None:
+    """List the registered datasets, models, strategies and codecs."""
+    from shoal.registry import CODECS, DATASETS, MODELS, STRATEGIES, load_builtins
+
+    load_builtins()
+    console = Console()
+    for registry in (DATASETS, MODELS, STRATEGIES, CODECS):
+        table = Table(title=registry.plural, show_header=True)
+        table.add_column("name", style="bold")
+        table.add_column("options")
+        table.add_column("what it is")
+        for name, summary in registry:
+            fields = registry.options_model(name).model_fields
+            opts = ", ".join(f"{k}={f.default!r}" if f.default_factory is None else f"{k}=..." for k, f in fields.items())
+            table.add_row(name, opts or "-", summary)
+        console.print(table)
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

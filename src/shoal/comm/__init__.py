@@ -1,0 +1,1 @@
+"""Communication: codecs (what is sent), wire metering (what it cost)."""

@@ -1,0 +1,188 @@
+"""The run configuration: pydantic models for everything a training run needs.
+
+Every field is validated before any process starts: unknown keys, wrong types
+and impossible values raise :class:`ConfigError` naming the field and what is
+allowed. The CLI turns that into one message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+
+from shoal.registry import CODECS, DATASETS, MODELS, STRATEGIES, Component, Registry, load_builtins
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field."""
+
+
+def _component(registry: Registry[Any]) -> Any:
+    def validate(value: Any) -> Component:
+        load_builtins()
+        return registry.resolve(value)
+
+    return Annotated[
+        Component,
+        BeforeValidator(validate),
+        PlainSerializer(lambda c: c.to_config(), return_type=Any),
+    ]
+
+
+DatasetSpec = _component(DATASETS)
+ModelSpec = _component(MODELS)
+StrategySpec = _component(STRATEGIES)
+CodecSpec = _component(CODECS)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_default=True)
+
+
+class DataConfig(_Strict):
+    dataset: DatasetSpec = Field("mnist1d", description="registered dataset spec or 'pkg.mod:function'")
+    batch_size: int = Field(32, ge=1, description="samples per worker per step")
+    eval_batch_size: int = Field(1000, ge=1)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    step_size: int = Field(1000, ge=1, description="steps between decays for 'step'")
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainConfig(_Strict):
+    steps: int | None = Field(None, ge=1, description="optimizer steps; or give epochs")
+    epochs: float | None = Field(None, gt=0)
+    eval_every: int = Field(100, ge=1, description="steps between test-set evaluations")
+    target_accuracy: float | None = Field(None, gt=0, le=1)
+    stop_at_target: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    log_every: int = Field(1, ge=1, description="steps between metrics.jsonl lines")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "TrainConfig":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give train.steps or train.epochs, not both")
+        if self.steps is None and self.epochs is None:
+            self.steps = 1000
+        return self
+
+
+class RunConfig(_Strict):
+    """One training run."""
+
+    seed: int = 0
+    workers: int = Field(1, ge=1, le=1024, description="processes on this node")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = "cnn1d"
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    strategy: StrategySpec = "sync"
+    codec: CodecSpec = "none"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    out: str = "runs/latest"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def format_error(err: ValidationError) -> str:
+    """One line per problem: ``field.path: what is wrong``."""
+    lines = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "config"
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif item["type"] == "literal_error":
+            msg = msg.replace("Input should be", "allowed:")
+        lines.append(f"{where}: {msg}")
+    return "; ".join(lines)
+
+
+def set_dotted(data: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value read as YAML) to a nested mapping."""
+    key, eq, raw = assignment.partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.steps=500")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else {"name": child}
+            node[part] = child
+        node = child
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    node[parts[-1]] = value
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | RunConfig | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    **fields: Any,
+) -> RunConfig:
+    """Read a YAML path (or take a mapping / config), apply ``--set`` overrides
+    and non-None ``fields``, and validate.
+
+    Raises :class:`ConfigError` with a message naming each bad field.
+    """
+    if isinstance(source, RunConfig):
+        data = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        data = copy.deepcopy(source)
+    elif source is None:
+        data = {}
+    else:
+        data = _read_yaml(Path(source))
+    for item in overrides:
+        set_dotted(data, item)
+    for key, value in fields.items():
+        if value is not None:
+            data[key] = value
+    return validate_config(data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    return loaded or {}
+
+
+def validate_config(data: dict[str, Any] | RunConfig) -> RunConfig:
+    if isinstance(data, RunConfig):
+        data = data.model_dump(mode="json")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_error(err)) from None

@@ -1,0 +1,101 @@
+"""Start a job's workers through PyTorch's elastic launcher (the engine behind torchrun).
+
+One node: ``launch(cfg)`` starts ``cfg.workers`` processes with a c10d
+rendezvous on a free loopback port. Several nodes: each node calls it with
+``nnodes``, the same ``rdzv_endpoint`` and ``run_id``, and ``is_host=True`` on
+the node whose address the endpoint names (that node hosts the store).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from dataclasses import dataclass
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from shoal.config import RunConfig
+from shoal.metrics.summary import Summary
+from shoal.worker import worker_main
+
+
+@dataclass
+class RankFailure:
+    rank: int
+    exitcode: int
+    message: str
+    traceback: str
+
+
+class JobFailed(RuntimeError):
+    """One or more workers failed; ``failures`` says which and why."""
+
+    def __init__(self, failures: list[RankFailure]):
+        self.failures = failures
+        first = failures[0]
+        super().__init__(f"rank {first.rank} failed (exit code {first.exitcode}): {first.message}")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
+    run_id: str | None = None,
+    is_host: bool | None = None,
+    local_addr: str | None = None,
+    max_restarts: int = 0,
+) -> Summary | None:
+    """Run the job; returns the summary on the node that holds rank 0, else ``None``.
+
+    Raises :class:`JobFailed` naming each failed rank and its error.
+    """
+    rdzv_configs: dict[str, object] = {"timeout": 300}
+    if is_host is not None:
+        rdzv_configs["is_host"] = is_host
+    config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=cfg.workers,
+        run_id=run_id or f"shoal-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=rdzv_endpoint or f"127.0.0.1:{free_port()}",
+        rdzv_configs=rdzv_configs,
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+        local_addr=local_addr or ("127.0.0.1" if nnodes == 1 else None),
+    )
+    # The agent logs every rendezvous step at INFO; a user wants the failures only.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # Worker failures are reported once, by rank, from the error files; not also as a log dump.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    try:
+        results = elastic_launch(config, worker_main)(cfg.model_dump(mode="json"), resume)
+    except ChildFailedError as err:
+        raise JobFailed(_failures(err)) from None
+    summary = results.get(0) if results else None
+    return Summary.model_validate(summary) if summary else None
+
+
+def _failures(err: ChildFailedError) -> list[RankFailure]:
+    failures = []
+    for rank, failure in sorted(err.failures.items()):
+        data = failure.error_file_data or {}
+        message = data.get("message", {}) if isinstance(data, dict) else {}
+        if isinstance(message, dict):
+            text = message.get("message", failure.message)
+            trace = message.get("extraInfo", {}).get("py_callstack", "")
+        else:
+            text, trace = str(message or failure.message), ""
+        failures.append(RankFailure(rank, failure.exitcode, str(text).strip(), str(trace)))
+    return failures

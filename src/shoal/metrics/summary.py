@@ -1,0 +1,48 @@
+"""The end-of-run summary, written to ``OUT/summary.json`` and returned by ``shoal.train``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Summary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    final_accuracy: float
+    best_accuracy: float
+    final_loss: float
+    target_accuracy: float | None
+    time_to_target_s: float | None
+    steps_to_target: int | None
+    wall_time_s: float
+    train_time_s: float
+    setup_s: float
+    steps: int
+    workers: int
+    strategy: str
+    codec: str
+    model: str
+    dataset: str
+    parameters: int
+    samples_per_s: float
+    wire_bytes_per_worker: float
+    dense_bytes_per_worker: float
+    comm_s_per_worker: float
+    resumed_from_step: int | None
+    restarts: int
+    out: str
+
+    def write(self, path: str | Path) -> None:
+        write_json_atomic(path, self.model_dump())
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

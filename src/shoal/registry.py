@@ -1,0 +1,192 @@
+"""Name -> implementation registries and the spec strings that select them.
+
+Every pluggable part of shoal (datasets, models, strategies, codecs) is
+registered under a name together with a pydantic model of its options. A
+config names it with a spec string, ``"topk:ratio=0.01,memory=ef"``, or a
+mapping, ``{name: topk, ratio: 0.01}``; the options are validated against that
+implementation's own model, so a wrong option is an error before any process
+starts. Datasets and models may also be a user's ``package.module:function``
+entry point.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T")
+
+
+class NoOptions(BaseModel):
+    """Options model for an implementation that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A selected implementation and its validated options.
+
+    ``target`` is the registered class or function, or a user's entry point.
+    ``options`` is that implementation's pydantic model, or for an entry point
+    the keyword arguments it will be called with.
+    """
+
+    name: str
+    target: Callable[..., Any]
+    options: Any = field(default_factory=dict)
+    entry_point: bool = False
+
+    def option_dict(self) -> dict[str, Any]:
+        if isinstance(self.options, BaseModel):
+            return self.options.model_dump()
+        return dict(self.options)
+
+    def to_config(self) -> str | dict[str, Any]:
+        opts = self.option_dict()
+        return {"name": self.name, **opts} if opts else self.name
+
+
+@dataclass
+class _Entry:
+    target: Callable[..., Any]
+    options: type[BaseModel]
+    summary: str
+
+
+class Registry(Generic[T]):
+    """Implementations of one kind (``"codec"``, ``"model"``, ...) by name."""
+
+    def __init__(self, kind: str, plural: str, *, entry_points: bool = False):
+        self.kind = kind
+        self.plural = plural
+        self.entry_points = entry_points
+        self._entries: dict[str, _Entry] = {}
+
+    def register(self, name: str, options: type[BaseModel] = NoOptions) -> Callable[[T], T]:
+        def decorate(target: T) -> T:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            doc = inspect.getdoc(target) or ""
+            self._entries[name] = _Entry(target, options, doc.split("\n", 1)[0])  # type: ignore[arg-type]
+            return target
+
+        return decorate
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for name in self.names():
+            yield name, self._entries[name].summary
+
+    def options_model(self, name: str) -> type[BaseModel]:
+        return self._entries[name].options
+
+    def resolve(self, spec: str | dict[str, Any] | Component) -> Component:
+        """Parse a spec string or mapping into a validated :class:`Component`.
+
+        Raises ``ValueError`` with a message naming the bad part and what is
+        allowed.
+        """
+        if isinstance(spec, Component):
+            return spec
+        name, raw = parse_spec(spec)
+        if name in self._entries:
+            entry = self._entries[name]
+            try:
+                options = entry.options(**raw)
+            except ValidationError as err:
+                raise ValueError(f"{self.kind} {name!r}: {_first_error(err)}") from None
+            return Component(name, entry.target, options)
+        if self.entry_points and ":" in name:
+            target = load_entry_point(name)
+            _check_call(name, target, raw)
+            return Component(name, target, raw, entry_point=True)
+        allowed = ", ".join(self.names())
+        hint = " or a 'package.module:function' entry point" if self.entry_points else ""
+        raise ValueError(f"unknown {self.kind} {name!r}; allowed: {allowed}{hint}")
+
+
+def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``"name:k=v,k2=v2"`` or ``{"name": ..., k: v}`` -> ``(name, {k: v})``.
+
+    Values in strings are read as YAML scalars, so ``0.01`` is a float and
+    ``true`` a bool. An entry point ``pkg.mod:func`` has a dot before its colon
+    and no ``=`` after it, so it is kept whole.
+    """
+    if isinstance(spec, dict):
+        if "name" not in spec:
+            raise ValueError("a mapping spec needs a 'name' key")
+        rest = {k: v for k, v in spec.items() if k != "name"}
+        return str(spec["name"]), rest
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"expected a name or 'name:key=value,...', got {spec!r}")
+    spec = spec.strip()
+    head, sep, tail = spec.partition(":")
+    if sep and "." in head and "=" not in tail.split(",", 1)[0]:
+        # module:function entry point, optionally followed by ":k=v,...".
+        func, sep2, tail = tail.partition(":")
+        head, sep = f"{head}:{func}", sep2
+    options: dict[str, Any] = {}
+    if sep and tail.strip():
+        for item in tail.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"bad option {item!r} in {spec!r}; expected key=value")
+            options[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
+    return head, options
+
+
+def load_entry_point(path: str) -> Callable[..., Any]:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"entry point {path!r} must look like 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"entry point {path!r}: cannot import {module_name!r} ({err})") from None
+    target: Any = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"entry point {path!r}: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"entry point {path!r} is not callable")
+    return target
+
+
+def _check_call(name: str, target: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    try:
+        inspect.signature(target).bind(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"entry point {name!r} cannot take options {sorted(kwargs)}: {err}") from None
+    except ValueError:  # builtins without a signature: accept
+        pass
+
+
+def _first_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    return f"{where}: {msg}" if where else msg
+
+
+DATASETS: Registry[Any] = Registry("dataset", "datasets", entry_points=True)
+MODELS: Registry[Any] = Registry("model", "models", entry_points=True)
+STRATEGIES: Registry[Any] = Registry("strategy", "strategies")
+CODECS: Registry[Any] = Registry("codec", "codecs")
+
+
+def load_builtins() -> None:
+    """Import the packages whose modules register shoal's own implementations."""
+    for module in ("shoal.data", "shoal.models", "shoal.comm.codecs", "shoal.strategies"):
+        importlib.import_module(module)

@@ -1,0 +1,78 @@
+"""The strategy interface every way of training on many workers implements.
+
+A strategy owns how one optimisation step is taken across workers: it wraps
+the model, the optimizer and the process group, and reports what the step
+cost. The training loop only ever calls :meth:`Strategy.step`, so a new
+strategy plugs in by registering a name, without touching the loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shoal.registry import Component
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where this process sits in the job; no live handles, only facts."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+@dataclass
+class StepStats:
+    loss: float
+    compute_s: float
+    comm_s: float
+    wire_bytes: int
+    dense_bytes: int
+    samples: int
+
+
+class Strategy(ABC):
+    """``step(inputs, targets) -> StepStats`` plus checkpointable state."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        options: Any,
+        codec: Component,
+        context: WorkerContext,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        group: dist.ProcessGroup | None = None,
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.options = options
+        self.codec_spec = codec
+        self.context = context
+        self.loss_fn = loss_fn
+        self.group = group
+
+    @abstractmethod
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        """One optimisation step on this worker's batch."""
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The plain module to evaluate and checkpoint (no wrappers)."""
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

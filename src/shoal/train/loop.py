@@ -1,0 +1,284 @@
+"""The training loop every strategy runs under.
+
+Builds data, model, optimizer and strategy from the config, optionally resumes
+from the run's checkpoint, then steps, evaluates, logs and checkpoints. It is
+strategy-agnostic: all a strategy has to provide is ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from shoal.config import RunConfig
+from shoal.data import ShardedBatches, build_dataset
+from shoal.metrics.plots import plot_curves
+from shoal.metrics.summary import Summary
+from shoal.metrics.writer import MetricsWriter
+from shoal.models import build_model, count_parameters
+from shoal.strategies.base import Strategy, WorkerContext
+from shoal.train.checkpoint import load_checkpoint, save_checkpoint
+from shoal.train.evaluate import evaluate
+from shoal.train.optim import build_optimizer, build_scheduler
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    if cfg.train.steps is not None:
+        return cfg.train.steps
+    return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+
+
+class _Progress:
+    """Rank 0's progress bar and one printed line per evaluation."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.console = Console()
+        self.enabled = enabled
+        self.bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", acc="-")
+
+    def __enter__(self) -> "_Progress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def advance(self, loss: float) -> None:
+        self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
+
+    def evaluated(self, step: int, loss: float, acc: float, clock: float) -> None:
+        self.bar.update(self.task, acc=f"{acc:.4f}")
+        if self.enabled:
+            self.console.print(f"step {step:>6}  test loss {loss:.4f}  test acc {acc:.4f}  {clock:7.1f}s")
+
+
+def run_training(cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False) -> Summary | None:
+    """Train on this worker; rank 0 returns the :class:`Summary`, others ``None``."""
+    setup_started = time.perf_counter()
+    out = Path(cfg.out)
+    is_main = ctx.rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    data = build_dataset(cfg.data.dataset)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, data).to(ctx.device)
+    torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-worker stream for dropout and the like
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    batches = ShardedBatches(
+        data.train, rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.data.batch_size, seed=cfg.seed
+    )
+    steps = total_steps(cfg, batches.steps_per_epoch)
+    scheduler = build_scheduler(cfg.schedule, optimizer, steps)
+    strategy: Strategy = cfg.strategy.target(
+        model,
+        optimizer,
+        options=cfg.strategy.options,
+        codec=cfg.codec,
+        context=ctx,
+        loss_fn=F.cross_entropy,
+    )
+
+    def run_eval() -> tuple[float, float]:
+        return evaluate(
+            strategy.eval_model,
+            data.test,
+            batch_size=cfg.data.eval_batch_size,
+            device=ctx.device,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+        )
+
+    state = _RunState()
+    if resume:
+        state = _restore(out / CHECKPOINT, strategy, optimizer, scheduler, ctx)
+    if is_main:
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state.step if resume else None) if is_main else None
+
+    setup_s = time.perf_counter() - setup_started
+    loop_started = time.perf_counter()
+    acc = loss_eval = float("nan")
+    batch_iter = batches.iterate(state.step)
+    progress = _Progress(is_main, steps, state.step)
+    with progress if is_main else nullcontext():
+        while state.step < steps:
+            step_started = time.perf_counter()
+            x, y = next(batch_iter)
+            stats = strategy.step(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
+            scheduler.step()
+            state.step += 1
+            state.clock += time.perf_counter() - step_started
+            state.wall = state.wall_before + time.perf_counter() - loop_started
+            state.samples += stats.samples
+            state.wire_bytes += stats.wire_bytes
+            state.dense_bytes += stats.dense_bytes
+            state.comm_s += stats.comm_s
+            state.last_loss = stats.loss
+            record: dict[str, Any] = {}
+            if is_main and (state.step % cfg.train.log_every == 0 or state.step == steps):
+                record = {
+                    "step": state.step,
+                    "time_s": round(state.clock, 6),
+                    "wall_s": round(time.perf_counter() - loop_started, 6),
+                    "loss": stats.loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "compute_s": stats.compute_s,
+                    "comm_s": stats.comm_s,
+                    "wire_bytes": stats.wire_bytes,
+                    "dense_bytes": stats.dense_bytes,
+                }
+            if is_main:
+                progress.advance(stats.loss)
+            if state.step % cfg.train.eval_every == 0 or state.step == steps:
+                loss_eval, acc = run_eval()
+                state.record_eval(acc, loss_eval, cfg.train.target_accuracy)
+                if is_main:
+                    record.update(step=state.step, time_s=round(state.clock, 6), test_loss=loss_eval, test_accuracy=acc)
+                    progress.evaluated(state.step, loss_eval, acc, state.clock)
+            if metrics is not None and record:
+                metrics.write(record)
+            reached = state.time_to_target is not None and cfg.train.stop_at_target
+            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 and state.step < steps:
+                _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx)
+            if reached:
+                break
+
+    if math.isnan(acc):  # resumed a run that had already finished
+        loss_eval, acc = run_eval()
+    _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx)
+    # Mean over workers of what each one handed to the process group.
+    totals = torch.tensor([state.wire_bytes, state.dense_bytes, state.comm_s], dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(totals)
+    per_worker = (totals / ctx.world_size).tolist()
+    if metrics is not None:
+        metrics.close()
+    if not is_main:
+        return None
+
+    wall = state.wall_before + time.perf_counter() - loop_started
+    summary = Summary(
+        final_accuracy=acc,
+        best_accuracy=state.best_accuracy,
+        final_loss=loss_eval,
+        target_accuracy=cfg.train.target_accuracy,
+        time_to_target_s=state.time_to_target,
+        steps_to_target=state.steps_to_target,
+        wall_time_s=wall,
+        train_time_s=state.clock,
+        setup_s=setup_s,
+        steps=state.step,
+        workers=ctx.world_size,
+        strategy=cfg.strategy.name,
+        codec=cfg.codec.name,
+        model=cfg.model.name,
+        dataset=cfg.data.dataset.name,
+        parameters=count_parameters(strategy.eval_model),
+        samples_per_s=state.samples * ctx.world_size / max(state.clock, 1e-9),
+        wire_bytes_per_worker=per_worker[0],
+        dense_bytes_per_worker=per_worker[1],
+        comm_s_per_worker=per_worker[2],
+        resumed_from_step=state.resumed_from,
+        restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        out=str(out),
+    )
+    summary.write(out / "summary.json")
+    plot_curves(out / "metrics.jsonl", out / "curves.png", title=f"{cfg.model.name} / {cfg.strategy.name} / {ctx.world_size} workers")
+    return summary
+
+
+class _RunState:
+    """Counters that a checkpoint carries so a resumed run continues exactly."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.clock = 0.0  # training seconds, evaluation and checkpointing excluded
+        self.wall = 0.0  # wall seconds of the training loop so far, all sessions
+        self.wall_before = 0.0  # of earlier sessions, when resumed
+        self.samples = 0
+        self.wire_bytes = 0
+        self.dense_bytes = 0
+        self.comm_s = 0.0
+        self.last_loss = float("nan")
+        self.best_accuracy = 0.0
+        self.time_to_target: float | None = None
+        self.steps_to_target: int | None = None
+        self.resumed_from: int | None = None
+
+    def record_eval(self, acc: float, loss: float, target: float | None) -> None:
+        self.best_accuracy = max(self.best_accuracy, acc)
+        if target is not None and self.time_to_target is None and acc >= target:
+            self.time_to_target = self.clock
+            self.steps_to_target = self.step
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def load(self, saved: dict[str, Any]) -> None:
+        vars(self).update(saved)
+
+
+def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext) -> None:
+    rng = torch.get_rng_state()
+    rngs: list[Any] = [None] * ctx.world_size
+    if ctx.world_size > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if ctx.rank != 0:
+        return
+    save_checkpoint(
+        path,
+        {
+            "run": state.state_dict(),
+            "model": strategy.eval_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "strategy": strategy.state_dict(),
+            "rng": rngs,
+        },
+    )
+
+
+def _restore(path: Path, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext) -> _RunState:
+    """Rank 0 reads the checkpoint and sends it to the others (no shared disk needed)."""
+    holder: list[Any] = [None]
+    if ctx.rank == 0:
+        holder[0] = load_checkpoint(path)
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(holder, src=0)
+    saved = holder[0]
+    strategy.eval_model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    strategy.load_state_dict(saved["strategy"])
+    if len(saved["rng"]) == ctx.world_size:
+        torch.set_rng_state(saved["rng"][ctx.rank])
+    state = _RunState()
+    state.load(saved["run"])
+    state.wall_before = state.wall
+    state.resumed_from = state.step
+    return state

@@ -1,0 +1,84 @@
+"""Per-process entry point: join the process group, train, leave.
+
+``shoal train`` starts one of these per worker through PyTorch's elastic
+launcher. Across machines, start them with ``torchrun`` directly::
+
+    torchrun --nnodes=2 --nproc-per-node=2 --rdzv-backend=c10d \\
+        --rdzv-endpoint=HOST:29400 --rdzv-id=job1 \\
+        -m shoal.worker examples/mnist1d.yaml --out runs/two-nodes
+
+The worker reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the store
+address from the environment the launcher sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from shoal.config import ConfigError, RunConfig, load_config, validate_config
+from shoal.strategies.base import WorkerContext
+
+
+def pick_backend(cfg: RunConfig) -> str:
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@record
+def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] | None:
+    """Run one worker of a job; rank 0 returns the summary as a dict."""
+    from shoal.train.loop import run_training
+
+    cfg = validate_config(config)
+    backend = pick_backend(cfg)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Workers share the node's cores; one intra-op thread each avoids oversubscription.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    try:
+        ctx = WorkerContext(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=local_rank,
+            device=device,
+            backend=backend,
+        )
+        summary = run_training(cfg, ctx, resume=resume)
+        return summary.model_dump() if summary is not None else None
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shoal.worker CONFIG [--set k=v ...] [--out DIR] [--resume]`` under torchrun."""
+    parser = argparse.ArgumentParser(prog="python -m shoal.worker", description=main.__doc__)
+    parser.add_argument("config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, out=args.out)
+    except ConfigError as err:
+        print(f"shoal: config error: {err}", file=sys.stderr)
+        return 2
+    worker_main(cfg.model_dump(mode="json"), args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
