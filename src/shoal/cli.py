@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -136,6 +137,9 @@ def list_components() -> None:
 
 
 def main() -> None:
+    # Like ``python -m``, let entry points name modules in the working directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     sys.exit(app())
 
 

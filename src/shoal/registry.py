@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
@@ -120,8 +121,9 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """``"name:k=v,k2=v2"`` or ``{"name": ..., k: v}`` -> ``(name, {k: v})``.
 
     Values in strings are read as YAML scalars, so ``0.01`` is a float and
-    ``true`` a bool. An entry point ``pkg.mod:func`` has a dot before its colon
-    and no ``=`` after it, so it is kept whole.
+    ``true`` a bool. In ``pkg.mod:func`` what follows the colon is no
+    ``key=value``, so it is read as an entry point and kept whole; options may
+    follow it after a second colon: ``pkg.mod:func:width=64``.
     """
     if isinstance(spec, dict):
         if "name" not in spec:
@@ -132,18 +134,36 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"expected a name or 'name:key=value,...', got {spec!r}")
     spec = spec.strip()
     head, sep, tail = spec.partition(":")
-    if sep and "." in head and "=" not in tail.split(",", 1)[0]:
+    if sep and tail.strip() and "=" not in re.split("[:,]", tail, maxsplit=1)[0]:
         # module:function entry point, optionally followed by ":k=v,...".
         func, sep2, tail = tail.partition(":")
         head, sep = f"{head}:{func}", sep2
     options: dict[str, Any] = {}
     if sep and tail.strip():
-        for item in tail.split(","):
+        for item in _split_top_level(tail):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"bad option {item!r} in {spec!r}; expected key=value")
-            options[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
+            try:
+                options[key.strip()] = yaml.safe_load(value.strip()) if value.strip() else ""
+            except yaml.YAMLError:
+                raise ValueError(f"bad value {value.strip()!r} for {key.strip()!r} in {spec!r}") from None
     return head, options
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, so ``hidden=[64, 32],x=1`` is two items."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item for item in items if item.strip()]
 
 
 def load_entry_point(path: str) -> Callable[..., Any]:

@@ -36,7 +36,7 @@ def pick_backend(cfg: RunConfig) -> str:
 @record
 def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] | None:
     """Run one worker of a job; rank 0 returns the summary as a dict."""
-    from shoal.train.loop import run_training
+    from shoal.training.loop import run_training
 
     cfg = validate_config(config)
     backend = pick_backend(cfg)

@@ -27,9 +27,9 @@ from shoal.metrics.summary import Summary
 from shoal.metrics.writer import MetricsWriter
 from shoal.models import build_model, count_parameters
 from shoal.strategies.base import Strategy, WorkerContext
-from shoal.train.checkpoint import load_checkpoint, save_checkpoint
-from shoal.train.evaluate import evaluate
-from shoal.train.optim import build_optimizer, build_scheduler
+from shoal.training.checkpoint import load_checkpoint, save_checkpoint
+from shoal.training.evaluate import evaluate
+from shoal.training.optim import build_optimizer, build_scheduler
 
 CHECKPOINT = "checkpoint.pt"
 

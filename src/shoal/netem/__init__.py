@@ -1,0 +1,5 @@
+"""Emulated networks: a namespace-per-host testbed with shaped links."""
+
+from shoal.netem.testbed import Testbed, TestbedError, check_available, down_all
+
+__all__ = ["Testbed", "TestbedError", "check_available", "down_all"]

@@ -1,1 +1,0 @@
-"""The training loop, evaluation, optimisers and atomic checkpoints."""

@@ -1,0 +1,4 @@
+"""The training loop, evaluation, optimisers and atomic checkpoints.
+
+(Named ``training`` so that ``shoal.train`` stays the public function.)
+"""

@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # Generated datasets go to a per-session cache; spawned workers inherit the variable.
+    os.environ["SHOAL_CACHE"] = str(tmp_path_factory.mktemp("shoal-cache"))
+    yield
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``shoal ARGS`` as a user would, in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "shoal.cli", *args],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def small_config(out: Path, **changes) -> dict:
+    """A seconds-long run: an MLP on scikit-learn digits."""
+    cfg = {
+        "seed": 0,
+        "workers": 2,
+        "data": {"dataset": "digits", "batch_size": 16},
+        "model": "mlp:hidden=[32]",
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        "schedule": {"name": "constant"},
+        "train": {"steps": 40, "eval_every": 20},
+        "out": str(out),
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section] = {**cfg[section], field: value}
+        else:
+            cfg[key] = value
+    return cfg

@@ -1,0 +1,125 @@
+"""Multi-node training across emulated hosts (network namespaces on a bridge).
+
+These need root and iproute2; elsewhere they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shoal.netem import Testbed, check_available
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(check_available() is not None, reason=str(check_available())),
+]
+
+CONFIG = """\
+seed: 0
+data: {dataset: digits, batch_size: 16}
+model: "mlp:hidden=[64]"
+optimizer: {lr: 0.1}
+schedule: {name: constant}
+train: {steps: 60, eval_every: 30}
+"""
+
+
+def _namespaces() -> str:
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (torchrun passes it on to its workers, which
+    run in their own sessions), then SIGKILL whatever is left of the group.
+    Testbed.down() kills anything still inside the namespaces afterwards."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 30)):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def test_shaped_testbed_connects_and_cleans_up():
+    with Testbed(2, rate="100mbit") as tb:
+        run_id = tb.run_id
+        assert tb.host_address(0) == "198.18.0.1" and tb.host_address(1) == "198.18.0.2"
+        assert tb.namespace(0) in _namespaces() and tb.namespace(1) in _namespaces()
+        assert "tbf" in tb.run(0, ["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        if tb.run(0, ["sh", "-c", "command -v ping"], check=False).returncode == 0:
+            tb.run(0, ["ping", "-c", "1", "-W", "2", tb.host_address(1)], timeout=10)
+        else:
+            # No ping on this machine: a TCP connect from host 0 to a listener on host 1.
+            listener = tb.popen(1, [sys.executable, "-c", (
+                "import socket; s = socket.create_server((%r, 5001)); print('ready', flush=True);"
+                " c, _ = s.accept(); c.sendall(b'pong'); c.close()") % tb.host_address(1)],
+                stdout=subprocess.PIPE, text=True)
+            try:
+                assert listener.stdout.readline().strip() == "ready"
+                reply = tb.run(0, [sys.executable, "-c", (
+                    "import socket; s = socket.create_connection((%r, 5001), timeout=5);"
+                    " print(s.recv(16).decode())") % tb.host_address(1)], timeout=20)
+                assert reply.stdout.strip() == "pong"
+                assert listener.wait(timeout=10) == 0
+            finally:
+                _kill_group(listener)
+        # Only the testbed's own subnet is routable from a host.
+        routes = tb.run(0, ["ip", "route"]).stdout
+        assert "default" not in routes
+    assert run_id not in _namespaces()
+
+
+@pytest.mark.slow
+def test_torchrun_two_namespace_hosts(tmp_path: Path):
+    config = tmp_path / "run.yaml"
+    config.write_text(CONFIG)
+    out = tmp_path / "out"
+    rdzv_id = f"shoal-test-{uuid.uuid4().hex[:8]}"
+    with Testbed(2) as tb:
+        procs, logs = [], []
+        try:
+            for i in range(2):
+                argv = [
+                    sys.executable, "-m", "torch.distributed.run",
+                    "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint={tb.host_address(0)}:29400", f"--rdzv-id={rdzv_id}",
+                    f"--rdzv-conf=is_host={1 if i == 0 else 0}",
+                    "--local-addr", tb.host_address(i),
+                    "-m", "shoal.worker", str(config), "--out", str(out),
+                ]
+                log = open(tmp_path / f"host{i}.log", "w+")
+                logs.append(log)
+                env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0")
+                procs.append(tb.popen(i, argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                time.sleep(0.5)
+        finally:
+            for p in procs:
+                _kill_group(p)
+            for log in logs:
+                log.close()
+        output = "\n".join(f"--- host {i} (exit {p.returncode}) ---\n{(tmp_path / f'host{i}.log').read_text()[-6000:]}"
+                           for i, p in enumerate(procs))
+        assert [p.returncode for p in procs] == [0, 0], output
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 4, output
+    assert summary["final_accuracy"] > 0.5, summary
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    assert metrics and json.loads(metrics[0]), output
