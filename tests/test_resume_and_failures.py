@@ -1,0 +1,85 @@
+"""Killing a run and resuming it gives the unbroken result; worker errors are reported by rank."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import shoal
+from shoal.metrics.writer import read_metrics
+from shoal.training.checkpoint import CorruptCheckpoint, load_checkpoint, save_checkpoint
+from tests.conftest import ROOT, run_cli, small_config
+
+STEPS = 500
+
+
+def resume_config(out):
+    cfg = small_config(out, model="mlp:hidden=[256, 256]", train__steps=STEPS, train__eval_every=100)
+    cfg["train"]["checkpoint_every"] = 40
+    cfg["schedule"] = {"name": "cosine", "warmup_steps": 20}  # scheduler state must survive too
+    return cfg
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path):
+    unbroken = shoal.train(resume_config(tmp_path / "unbroken"))
+
+    broken_dir = tmp_path / "broken"
+    cfg_path = tmp_path / "broken.yaml"
+    cfg_path.write_text(yaml.safe_dump(resume_config(broken_dir)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "train", str(cfg_path)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    checkpoint = broken_dir / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker, mid-run
+    proc.wait()
+    assert checkpoint.exists(), "no checkpoint was written before the deadline"
+    assert not (broken_dir / "summary.json").exists(), "the run finished before it could be killed"
+    killed_at = load_checkpoint(checkpoint)["run"]["step"]
+    assert 0 < killed_at < STEPS
+
+    result = run_cli("train", "--resume", str(broken_dir))
+    assert result.returncode == 0, result.stderr
+
+    resumed = load_checkpoint(checkpoint)
+    expected = load_checkpoint(tmp_path / "unbroken" / "checkpoint.pt")
+    assert resumed["run"]["step"] == STEPS and resumed["run"]["resumed_from"] == killed_at
+    for name, tensor in expected["model"].items():
+        torch.testing.assert_close(resumed["model"][name], tensor, msg=name)
+    summary = shoal.Summary.model_validate_json((broken_dir / "summary.json").read_text())
+    assert summary.final_accuracy == pytest.approx(unbroken.final_accuracy)
+    assert summary.resumed_from_step == killed_at
+    # metrics.jsonl reads as one run: every step once, in order.
+    assert [r["step"] for r in read_metrics(broken_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+def test_checkpoint_is_atomic_and_checksummed(tmp_path):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"w": torch.arange(4.0)})
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="checksum"):
+        load_checkpoint(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CorruptCheckpoint, match="not a shoal checkpoint"):
+        load_checkpoint(path)
+
+
+def test_a_failing_rank_is_reported_with_its_error(tmp_path):
+    cfg = tmp_path / "fail.yaml"
+    cfg.write_text(yaml.safe_dump(small_config(tmp_path / "out", model="failing_entry:make_model")))
+    result = run_cli("train", str(cfg), cwd=ROOT / "tests")
+    assert result.returncode == 1
+    assert "rank 1 failed" in result.stderr
+    assert "injected failure on rank 1" in result.stderr
