@@ -44,4 +44,6 @@ def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.
             grad.copy_(decoded)
         return grad
 
-    return torch.futures.collect_all(futures).then(finish)
+    # One payload tensor (fp32, fp16, ...) needs no collect_all round.
+    joined = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
+    return joined.then(finish)
