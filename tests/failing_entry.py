@@ -9,3 +9,30 @@ def make_model() -> nn.Module:
     if os.environ.get("RANK") == "1":
         raise RuntimeError("injected failure on rank 1")
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+
+class _DiesOnce(nn.Module):
+    """An MLP whose rank-1 copy SIGKILLs its own process at a given training step, first attempt only."""
+
+    def __init__(self, die_at: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        self.die_at = die_at
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            if self.calls == self.die_at and os.environ.get("RANK") == "1" and first_attempt:
+                os.kill(os.getpid(), 9)
+        return self.net(x)
+
+
+def make_model_that_dies_once(die_at: int = 50) -> nn.Module:
+    return _DiesOnce(die_at)
+
+
+def make_plain_model(die_at: int = 50) -> nn.Module:
+    """The same network without the fault, for the unbroken reference run."""
+    return _DiesOnce(die_at=-1)

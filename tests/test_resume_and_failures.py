@@ -83,3 +83,34 @@ def test_a_failing_rank_is_reported_with_its_error(tmp_path):
     assert result.returncode == 1
     assert "rank 1 failed" in result.stderr
     assert "injected failure on rank 1" in result.stderr
+
+
+def test_launcher_restart_resumes_from_the_last_checkpoint(tmp_path):
+    """A rank SIGKILLed mid-run: with --max-restarts the group restarts and resumes, same result."""
+    def config(out, model):
+        cfg = small_config(out, model=model, train__steps=80, train__eval_every=40)
+        cfg["train"]["checkpoint_every"] = 20
+        return cfg
+
+    reference = tmp_path / "reference.yaml"
+    reference.write_text(yaml.safe_dump(config(tmp_path / "ref", "failing_entry:make_plain_model")))
+    faulty = tmp_path / "faulty.yaml"
+    faulty.write_text(yaml.safe_dump(config(tmp_path / "faulty", "failing_entry:make_model_that_dies_once:die_at=50")))
+    assert run_cli("train", str(reference), cwd=ROOT / "tests").returncode == 0
+    result = run_cli("train", str(faulty), "--max-restarts", "1", cwd=ROOT / "tests")
+    assert result.returncode == 0, result.stderr
+
+    summary = shoal.Summary.model_validate_json((tmp_path / "faulty" / "summary.json").read_text())
+    assert summary.restarts == 1 and summary.resumed_from_step == 40 and summary.steps == 80
+    expected = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")["model"]
+    got = load_checkpoint(tmp_path / "faulty" / "checkpoint.pt")["model"]
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, msg=name)
+
+
+def test_without_restarts_a_killed_rank_fails_the_job(tmp_path):
+    cfg = tmp_path / "faulty.yaml"
+    cfg.write_text(yaml.safe_dump(small_config(tmp_path / "out", model="failing_entry:make_model_that_dies_once:die_at=5")))
+    result = run_cli("train", str(cfg), cwd=ROOT / "tests")
+    assert result.returncode == 1
+    assert "rank 1 failed (exit code -9): killed by signal SIGKILL" in result.stderr

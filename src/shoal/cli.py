@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shoal.config import ConfigError, load_config
@@ -71,7 +72,7 @@ def train(
     except JobFailed as err:
         for failure in err.failures:
             err_console.print(
-                f"[red]rank {failure.rank} failed[/] (exit code {failure.exitcode}): {failure.message}",
+                f"[red]rank {failure.rank} failed[/] (exit code {failure.exitcode}): {escape(failure.message)}",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -97,5 +97,7 @@ def _failures(err: ChildFailedError) -> list[RankFailure]:
             trace = message.get("extraInfo", {}).get("py_callstack", "")
         else:
             text, trace = str(message or failure.message), ""
+        if failure.exitcode < 0:  # died by a signal: no error file was written
+            text = f"killed by signal {failure.signal_name()}"
         failures.append(RankFailure(rank, failure.exitcode, str(text).strip(), str(trace)))
     return failures

@@ -33,6 +33,31 @@ def pick_backend(cfg: RunConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    """``init_process_group`` from the launcher's environment, one key space per restart.
+
+    Under the elastic agent's c10d rendezvous the workers share the agent's
+    TCPStore, and a restarted group gets the same store back: without a
+    per-attempt prefix the new ranks read the dead ranks' gloo addresses and
+    fail to connect. The prefix keeps each attempt's keys apart.
+    """
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"shoal/attempt_{attempt}", store), rank=rank, world_size=world_size,
+        timeout=timeout,
+    )
+
+
 @record
 def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] | None:
     """Run one worker of a job; rank 0 returns the summary as a dict."""
@@ -48,7 +73,7 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
         device = torch.device("cpu")
         # Workers share the node's cores; one intra-op thread each avoids oversubscription.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    _init_process_group(backend, timeout=timedelta(minutes=10))
     try:
         ctx = WorkerContext(
             rank=dist.get_rank(),

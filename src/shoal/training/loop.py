@@ -26,7 +26,7 @@ from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import Summary
 from shoal.metrics.writer import MetricsWriter
 from shoal.models import build_model, count_parameters
-from shoal.strategies.base import Strategy, WorkerContext
+from shoal.strategies.base import StepStats, Strategy, WorkerContext
 from shoal.training.checkpoint import load_checkpoint, save_checkpoint
 from shoal.training.evaluate import evaluate
 from shoal.training.optim import build_optimizer, build_scheduler
@@ -111,6 +111,8 @@ def run_training(cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False) ->
             world_size=ctx.world_size,
         )
 
+    if not resume and restarted():
+        resume = _checkpoint_exists(out / CHECKPOINT, ctx)
     state = _RunState()
     if resume:
         state = _restore(out / CHECKPOINT, strategy, optimizer, scheduler, ctx)
@@ -129,14 +131,8 @@ def run_training(cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False) ->
             x, y = next(batch_iter)
             stats = strategy.step(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
             scheduler.step()
-            state.step += 1
-            state.clock += time.perf_counter() - step_started
-            state.wall = state.wall_before + time.perf_counter() - loop_started
-            state.samples += stats.samples
-            state.wire_bytes += stats.wire_bytes
-            state.dense_bytes += stats.dense_bytes
-            state.comm_s += stats.comm_s
-            state.last_loss = stats.loss
+            now = time.perf_counter()
+            state.add(stats, step_s=now - step_started, wall=state.wall_before + now - loop_started)
             record: dict[str, Any] = {}
             if is_main and (state.step % cfg.train.log_every == 0 or state.step == steps):
                 record = {
@@ -222,11 +218,19 @@ class _RunState:
         self.wire_bytes = 0
         self.dense_bytes = 0
         self.comm_s = 0.0
-        self.last_loss = float("nan")
         self.best_accuracy = 0.0
         self.time_to_target: float | None = None
         self.steps_to_target: int | None = None
         self.resumed_from: int | None = None
+
+    def add(self, stats: StepStats, *, step_s: float, wall: float) -> None:
+        self.step += 1
+        self.clock += step_s
+        self.wall = wall
+        self.samples += stats.samples
+        self.wire_bytes += stats.wire_bytes
+        self.dense_bytes += stats.dense_bytes
+        self.comm_s += stats.comm_s
 
     def record_eval(self, acc: float, loss: float, target: float | None) -> None:
         self.best_accuracy = max(self.best_accuracy, acc)
@@ -261,6 +265,19 @@ def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, sch
             "rng": rngs,
         },
     )
+
+
+def restarted() -> bool:
+    """True when the elastic launcher restarted this worker group after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def _checkpoint_exists(path: Path, ctx: WorkerContext) -> bool:
+    """Rank 0's answer for every rank: only it needs to see the file."""
+    flag = torch.tensor([float(path.is_file()) if ctx.rank == 0 else 0.0], device=ctx.device)
+    if ctx.world_size > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _restore(path: Path, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext) -> _RunState:
