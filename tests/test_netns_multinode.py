@@ -106,8 +106,12 @@ def test_torchrun_two_namespace_hosts(tmp_path: Path):
                 env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0")
                 procs.append(tb.popen(i, argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
+            # Stop early once a node has failed: the survivor would otherwise
+            # sit in torchrun's exit barrier (300 s) waiting for the dead one.
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                if any(p.returncode not in (None, 0) for p in procs):
+                    deadline = min(deadline, time.monotonic() + 10)
                 time.sleep(0.5)
         finally:
             for p in procs:

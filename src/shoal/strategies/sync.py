@@ -37,9 +37,10 @@ class SyncStrategy(Strategy):
         self.ddp = DDP(
             model, device_ids=device_ids, bucket_cap_mb=self.options.bucket_cap_mb, process_group=self.group
         )
-        self.codec = build_codec(self.codec_spec)
+        self.codec = build_codec(self.codec_spec, rank=self.context.rank)
         self.meter = WireMeter()
-        self.ddp.register_comm_hook(CodecHookState(self.codec, self.meter, self.group), codec_hook)
+        self.hook_state = CodecHookState(self.codec, self.meter, self.group)
+        self.ddp.register_comm_hook(self.hook_state, codec_hook)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         started = time.perf_counter()
@@ -59,7 +60,10 @@ class SyncStrategy(Strategy):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"codec": self.codec.state_dict()}
+        memory = self.hook_state.memory
+        return {"codec": self.codec.state_dict(), "memory": memory.state_dict() if memory else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.codec.load_state_dict(state.get("codec", {}))
+        if self.hook_state.memory is not None:
+            self.hook_state.memory.load_state_dict(state.get("memory", {}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -246,12 +247,13 @@ class _RunState:
 
 
 def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext) -> None:
-    rng = torch.get_rng_state()
-    rngs: list[Any] = [None] * ctx.world_size
+    # Random streams and strategy state (error-feedback residuals, codec
+    # generators) differ per worker: keep every worker's.
+    mine = {"rng": torch.get_rng_state(), "strategy": strategy.state_dict()}
+    workers: list[Any] = [mine]
     if ctx.world_size > 1:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+        workers = [None] * ctx.world_size
+        dist.all_gather_object(workers, mine)
     if ctx.rank != 0:
         return
     save_checkpoint(
@@ -261,8 +263,7 @@ def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, sch
             "model": strategy.eval_model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "strategy": strategy.state_dict(),
-            "rng": rngs,
+            "workers": workers,
         },
     )
 
@@ -291,9 +292,16 @@ def _restore(path: Path, strategy: Strategy, optimizer, scheduler, ctx: WorkerCo
     strategy.eval_model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    strategy.load_state_dict(saved["strategy"])
-    if len(saved["rng"]) == ctx.world_size:
-        torch.set_rng_state(saved["rng"][ctx.rank])
+    workers = saved["workers"]
+    if len(workers) == ctx.world_size:
+        torch.set_rng_state(workers[ctx.rank]["rng"])
+        strategy.load_state_dict(workers[ctx.rank]["strategy"])
+    elif ctx.rank == 0:
+        # Residuals and random streams belong to workers that no longer exist.
+        warnings.warn(
+            f"resuming {len(workers)}-worker state on {ctx.world_size} workers: "
+            "per-worker strategy state (error-feedback residuals, codec streams) starts fresh"
+        )
     state = _RunState()
     state.load(saved["run"])
     state.wall_before = state.wall

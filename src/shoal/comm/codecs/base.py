@@ -3,17 +3,27 @@
 A :class:`Payload` holds exactly the tensors that travel, so its
 ``wire_bytes`` is what the network carries. ``summable`` says whether payloads
 from different workers may be all-reduced (their sum decodes to the sum of the
-inputs) or must be all-gathered and decoded one by one.
+inputs) or must be all-gathered and decoded one by one. Shapes and dtypes of a
+payload depend only on the input's size, never on its values, so every worker
+can decode every other worker's payload with its own ``ctx``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from shoal.registry import Component
+
+
+class CodecOptions(BaseModel):
+    """Options every codec takes."""
+
+    model_config = ConfigDict(extra="forbid")
+    memory: Literal["none", "ef"] = "none"
 
 
 @dataclass
@@ -25,11 +35,31 @@ class Payload:
     def wire_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
+    def to_bytes(self) -> torch.Tensor:
+        """All tensors as one flat uint8 buffer: one collective instead of several."""
+        return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in self.tensors])
+
+    def from_bytes(self, buffer: torch.Tensor) -> "Payload":
+        """Another worker's payload of the same layout, read from its bytes."""
+        tensors, offset = [], 0
+        for t in self.tensors:
+            n = t.numel() * t.element_size()
+            chunk = buffer[offset : offset + n]
+            if chunk.storage_offset() % t.element_size():
+                chunk = chunk.clone()  # a view across dtypes needs aligned storage
+            tensors.append(chunk.view(t.dtype).view(t.shape))
+            offset += n
+        return Payload(tensors, self.ctx)
+
 
 class Codec:
     """Base of all codecs; subclasses set ``summable`` and implement the two maps."""
 
     summable: bool = True
+
+    def __init__(self, options: CodecOptions, *, rank: int = 0):
+        self.options = options
+        self.rank = rank  # for per-worker random streams; shared ones ignore it
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         raise NotImplementedError
@@ -44,5 +74,5 @@ class Codec:
         pass
 
 
-def build_codec(component: Component) -> Codec:
-    return component.target(component.options)
+def build_codec(component: Component, *, rank: int = 0) -> Codec:
+    return component.target(component.options, rank=rank)

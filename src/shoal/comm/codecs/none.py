@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from shoal.comm.codecs.base import Codec, Payload
-from shoal.registry import CODECS, NoOptions
+from shoal.comm.codecs.base import Codec, CodecOptions, Payload
+from shoal.registry import CODECS
 
 
-@CODECS.register("none")
+@CODECS.register("none", CodecOptions)
 class NoCodec(Codec):
     """No compression: the gradient itself travels."""
 
     summable = True
-
-    def __init__(self, options: NoOptions):
-        self.options = options
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         return Payload([tensor])

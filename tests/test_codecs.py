@@ -1,0 +1,139 @@
+"""Each codec alone: round-trip error within its stated bound, wire bytes = payload bytes."""
+
+import math
+
+import pytest
+import torch
+
+from shoal.comm import bitpack
+from shoal.comm.codecs import build_codec
+from shoal.comm.memory import ErrorFeedback
+from shoal.registry import CODECS, load_builtins
+
+load_builtins()
+
+
+def codec(spec, rank=0):
+    return build_codec(CODECS.resolve(spec), rank=rank)
+
+
+@pytest.fixture
+def grad():
+    return torch.randn(10_001, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_bitpack_round_trip_and_size(bits):
+    codes = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
+    packed = bitpack.pack(codes, bits)
+    assert packed.numel() == math.ceil(1001 * bits / 8)
+    assert torch.equal(bitpack.unpack(packed, bits, 1001), codes)
+
+
+def test_none_is_exact(grad):
+    c = codec("none")
+    payload = c.encode(grad)
+    assert torch.equal(c.decode(payload), grad) and payload.wire_bytes == grad.numel() * 4
+
+
+@pytest.mark.parametrize("spec, rel_bound, bytes_per_value", [("fp16", 1e-3, 2), ("bf16", 8e-3, 2)])
+def test_half_precision(grad, spec, rel_bound, bytes_per_value):
+    c = codec(spec)
+    payload = c.encode(grad)
+    out = c.decode(payload)
+    assert out.dtype == torch.float32 and payload.wire_bytes == grad.numel() * bytes_per_value
+    assert ((out - grad).abs() <= rel_bound * grad.abs() + 1e-6).all()
+
+
+def test_int8_error_at_most_half_a_step(grad):
+    c = codec("int8")
+    payload = c.encode(grad)
+    scale = grad.abs().max() / 127
+    assert (c.decode(payload) - grad).abs().max() <= scale / 2 + 1e-6
+    assert payload.wire_bytes == grad.numel() + 4
+
+
+def test_signsgd_one_bit_per_value(grad):
+    c = codec("signsgd")
+    payload = c.encode(grad)
+    out = c.decode(payload)
+    assert payload.wire_bytes == math.ceil(grad.numel() / 8) + 4
+    assert torch.equal(torch.sign(out), torch.where(grad >= 0, 1.0, -1.0))
+    assert out.abs().mean() == pytest.approx(grad.abs().mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["terngrad", "qsgd:levels=7", "qsgd:levels=16"])
+def test_stochastic_quantisers_are_unbiased(spec):
+    g = torch.randn(512, generator=torch.Generator().manual_seed(1))
+    c = codec(spec)
+    mean = torch.stack([c.decode(c.encode(g)) for _ in range(4000)]).mean(0)
+    scale = g.abs().max() if spec == "terngrad" else g.norm() / int(spec.split("=")[1])
+    assert (mean - g).abs().max() < 0.1 * scale  # ~5 sigma of the Monte-Carlo error
+
+
+def test_quantiser_wire_bytes(grad):
+    n = grad.numel()
+    assert codec("terngrad").encode(grad).wire_bytes == math.ceil(n / 4) + 4
+    assert codec("qsgd:levels=7").encode(grad).wire_bytes == math.ceil(n / 2) + 4
+    assert codec("qsgd:levels=100").encode(grad).wire_bytes == n + 4
+
+
+def test_qsgd_variance_bound(grad):
+    c = codec("qsgd:levels=7")
+    errors = [((c.decode(c.encode(grad)) - grad) ** 2).sum() for _ in range(20)]
+    n, s = grad.numel(), 7
+    assert torch.stack(errors).mean() <= min(n / s**2, math.sqrt(n) / s) * (grad**2).sum()
+
+
+@pytest.mark.parametrize("sample", [0.0, 0.05])
+def test_topk_keeps_the_largest_values(grad, sample):
+    c = codec(f"topk:ratio=0.01,sample={sample}")
+    payload = c.encode(grad)
+    k = round(0.01 * grad.numel())
+    out = c.decode(payload)
+    kept = out != 0
+    assert kept.sum() == k
+    assert torch.equal(out[kept], grad[kept])
+    threshold = grad.abs().topk(k).values.min()
+    assert (grad[kept].abs() >= threshold).all()
+    assert payload.tensors[1].dtype == torch.int16  # 10,001 values: 2-byte indices
+    assert payload.wire_bytes == k * (4 + 2)
+
+
+def test_randk_positions_agree_across_workers_and_only_values_travel(grad):
+    a, b = codec("randk:ratio=0.05", rank=0), codec("randk:ratio=0.05", rank=1)
+    pa, pb = a.encode(grad), b.encode(grad * 2)
+    assert torch.equal(pa.ctx["idx"], pb.ctx["idx"])
+    assert pa.wire_bytes == round(0.05 * grad.numel()) * 4 and len(pa.tensors) == 1
+    assert torch.equal(a.decode(pa)[pa.ctx["idx"]], grad[pa.ctx["idx"]])
+
+
+def test_payload_bytes_round_trip(grad):
+    c = codec("topk:ratio=0.01")
+    payload = c.encode(grad)
+    again = payload.from_bytes(payload.to_bytes())
+    assert torch.equal(c.decode(again), c.decode(payload))
+    assert payload.to_bytes().numel() == payload.wire_bytes
+
+
+def test_error_feedback_carries_the_residual(grad):
+    c, memory = codec("topk:ratio=0.01"), ErrorFeedback()
+    sent = torch.zeros_like(grad)
+    norms = []
+    for step in range(1, 601):
+        compensated = memory.compensate(0, grad)
+        decoded = c.decode(c.encode(compensated))
+        memory.update(0, compensated, decoded)
+        sent += decoded
+        if step in (300, 600):
+            norms.append(memory.residuals[0].norm())
+    # Nothing is lost: what went out plus what is held back is every gradient.
+    torch.testing.assert_close(sent + memory.residuals[0], 600 * grad, rtol=1e-4, atol=1e-2)
+    # And what is held back stays bounded, so the average sent converges to the gradient.
+    assert norms[1] <= 1.2 * norms[0]
+
+
+@pytest.mark.parametrize("spec", ["topk:ratio=0", "qsgd:levels=0", "powersgd:rank=0", "randk:ratio=2", "fp16:memory=maybe"])
+def test_bad_codec_options_are_rejected(spec):
+    with pytest.raises(ValueError):
+        CODECS.resolve(spec)
