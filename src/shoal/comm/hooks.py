@@ -1,16 +1,17 @@
-"""DDP communication hook that sends each gradient bucket through a codec.
+"""Sending a tensor through a codec across workers: a DDP communication hook
+for gradient buckets, and a blocking form for anything else (model deltas).
 
-Follows the shape of PyTorch's ``ddp_comm_hooks``: a state object plus a plain
-function ``hook(state, bucket) -> Future[Tensor]``, so DDP keeps its bucketing
-and backward overlap. Per bucket:
+The hook follows the shape of PyTorch's ``ddp_comm_hooks``: a state object plus
+a plain function ``hook(state, bucket) -> Future[Tensor]``, so DDP keeps its
+bucketing and backward overlap. Per tensor:
 
 1. compensate with the error-feedback residual (``memory=ef``)
-2. encode; remember what the local payload decodes to, for the residual
+2. encode; what the local payload decodes to updates the residual
 3. summable payloads: all-reduce each tensor, decode the sum, divide by N;
    others: all-gather the payload's bytes in one collective, decode each
    worker's payload, average
-4. codecs with several dependent rounds (PowerSGD) run them inside the hook
-   call, blocking, so every rank issues its collectives in the same order
+4. codecs with several dependent rounds (PowerSGD) run them inside the call,
+   blocking, so every rank issues its collectives in the same order
 """
 
 # No "from __future__ import annotations": DDP checks the hook's real annotations.
@@ -33,65 +34,45 @@ class CodecHookState:
         self.memory = ErrorFeedback() if codec.options.memory == "ef" else None
 
 
-def _done(value: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(value)
-    return fut
+class _Round:
+    """One encoded tensor on its way: the collective in flight and how to finish it."""
 
+    def __init__(self, state: CodecHookState, name: int, tensor: torch.Tensor):
+        self.state, self.like = state, tensor
+        codec, world, memory = state.codec, state.world_size, state.memory
+        compensated = memory.compensate(name, tensor) if memory is not None else tensor
+        if codec.summable:
+            # Scale before the sum, as DDP's own hook does: no overflow in low precision.
+            self.payload = codec.encode(compensated / world)
+            local = codec.decode(self.payload) * world if memory is not None else None
+            self.started = state.meter.sent(self.payload.tensors, tensor.numel())
+            futures = [dist.all_reduce(t, group=state.group, async_op=True).get_future() for t in self.payload.tensors]
+            # One payload tensor (fp32, fp16, ...) needs no collect_all round.
+            self.future = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
+        else:
+            self.payload = codec.encode(compensated)
+            local = codec.decode(self.payload) if memory is not None else None
+            send = self.payload.to_bytes()
+            self.gathered = send.new_empty(world * send.numel())
+            self.started = state.meter.sent([send], tensor.numel())
+            self.future = dist.all_gather_single(self.gathered, send, group=state.group, async_op=True).get_future()
+        if memory is not None:
+            memory.update(name, compensated, local)
 
-def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    grad = bucket.buffer()
-    name = bucket.index()
-    world = state.world_size
-    compensated = state.memory.compensate(name, grad) if state.memory is not None else grad
-
-    if hasattr(state.codec, "exchange"):
-        result, local = state.codec.exchange(name, compensated, _MeteredComm(state))
-        if state.memory is not None:
-            state.memory.update(name, compensated, local)
-        grad.copy_(result)
-        return _done(grad)
-
-    if state.codec.summable:
-        # Scale before the sum, as DDP's own hook does: no overflow in low precision.
-        payload = state.codec.encode(compensated / world)
-        if state.memory is not None:
-            state.memory.update(name, compensated, state.codec.decode(payload) * world)
-        started = state.meter.sent(payload.tensors, grad.numel())
-        futures = [dist.all_reduce(t, group=state.group, async_op=True).get_future() for t in payload.tensors]
-
-        def finish_sum(_: torch.futures.Future) -> torch.Tensor:
-            state.meter.done(started)
-            decoded = state.codec.decode(payload)
-            if decoded.data_ptr() != grad.data_ptr():
-                grad.copy_(decoded)
-            return grad
-
-        # One payload tensor (fp32, fp16, ...) needs no collect_all round.
-        joined = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
-        return joined.then(finish_sum)
-
-    payload = state.codec.encode(compensated)
-    if state.memory is not None:
-        state.memory.update(name, compensated, state.codec.decode(payload))
-    send = payload.to_bytes()
-    gathered = send.new_empty(world * send.numel())
-    started = state.meter.sent([send], grad.numel())
-    fut = dist.all_gather_single(gathered, send, group=state.group, async_op=True).get_future()
-
-    def finish_gather(_: torch.futures.Future) -> torch.Tensor:
-        state.meter.done(started)
-        total = torch.zeros_like(grad)
-        for part in gathered.view(world, -1):
-            total += state.codec.decode(payload.from_bytes(part)).view_as(grad)
-        grad.copy_(total.div_(world))
-        return grad
-
-    return fut.then(finish_gather)
+    def result(self) -> torch.Tensor:
+        """The mean over workers, once the collective has completed."""
+        state = self.state
+        state.meter.done(self.started)
+        if state.codec.summable:
+            return state.codec.decode(self.payload).view_as(self.like)
+        total = torch.zeros_like(self.like)
+        for part in self.gathered.view(state.world_size, -1):
+            total += state.codec.decode(self.payload.from_bytes(part)).view_as(self.like)
+        return total.div_(state.world_size)
 
 
 class _MeteredComm:
-    """Blocking, metered collectives for codecs that run their own rounds."""
+    """Blocking, metered all-reduce for codecs that run their own rounds."""
 
     def __init__(self, state: CodecHookState):
         self.state = state
@@ -104,3 +85,37 @@ class _MeteredComm:
         return tensor
 
 
+def _multi_round(state: CodecHookState, name: int, tensor: torch.Tensor) -> torch.Tensor:
+    memory = state.memory
+    compensated = memory.compensate(name, tensor) if memory is not None else tensor
+    result, local = state.codec.exchange(name, compensated, _MeteredComm(state))
+    if memory is not None:
+        memory.update(name, compensated, local)
+    return result
+
+
+def exchange(state: CodecHookState, name: int, tensor: torch.Tensor) -> torch.Tensor:
+    """Blocking: the mean over workers of ``tensor``, sent through the codec."""
+    if hasattr(state.codec, "exchange"):
+        return _multi_round(state, name, tensor)
+    pending = _Round(state, name, tensor)
+    pending.future.wait()
+    return pending.result()
+
+
+def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    grad = bucket.buffer()
+    if hasattr(state.codec, "exchange"):
+        grad.copy_(_multi_round(state, bucket.index(), grad))
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(grad)
+        return done
+    pending = _Round(state, bucket.index(), grad)
+
+    def finish(_: torch.futures.Future) -> torch.Tensor:
+        result = pending.result()
+        if result.data_ptr() != grad.data_ptr():
+            grad.copy_(result)
+        return grad
+
+    return pending.future.then(finish)

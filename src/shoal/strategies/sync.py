@@ -48,6 +48,10 @@ class SyncStrategy(Strategy):
         loss = self.loss_fn(self.ddp(inputs), targets)
         loss.backward()  # returns once DDP's hook futures have all completed
         self.optimizer.step()
+        return self.stats(loss, started, len(targets))
+
+    def stats(self, loss: torch.Tensor, started: float, samples: int) -> StepStats:
+        """Close a step: its wall time split into communication and the rest."""
         wall = time.perf_counter() - started
         wire = self.meter.take()
         return StepStats(
@@ -56,7 +60,7 @@ class SyncStrategy(Strategy):
             comm_s=wire.comm_s,
             wire_bytes=wire.wire_bytes,
             dense_bytes=wire.dense_bytes,
-            samples=len(targets),
+            samples=samples,
         )
 
     def state_dict(self) -> dict[str, Any]:

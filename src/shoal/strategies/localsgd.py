@@ -1,0 +1,82 @@
+"""Local SGD with post-local warm-up (Lin et al. 2020, "Don't use large mini-batches, use local SGD").
+
+1. for the first ``warmup`` steps: synchronous data parallel, gradients
+   all-reduced every step (DDP with the codec hook, exactly as ``sync``)
+2. then each worker steps on its own; every ``period`` steps the workers
+   average their models: the change since the last average (the delta) goes
+   through the codec, with error feedback if the codec asks for it, and every
+   worker adds the mean delta to the last averaged model
+Averaging deltas rather than weights is what lets a lossy codec apply: the
+delta is small and gradient-like, and with ``codec: none`` the result is the
+plain parameter average. Optimizer state (momentum) stays local, as in the paper.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from pydantic import ConfigDict, Field
+from torch.nn.utils import parameters_to_vector
+
+from shoal.comm.hooks import exchange
+from shoal.registry import STRATEGIES
+from shoal.strategies.base import StepStats
+from shoal.strategies.sync import SyncOptions, SyncStrategy
+
+
+class LocalSgdOptions(SyncOptions):
+    model_config = ConfigDict(extra="forbid")
+    period: int = Field(8, ge=1, description="H: local steps between model averages")
+    warmup: int = Field(0, ge=0, description="W: synchronous steps before local SGD starts")
+
+
+@STRATEGIES.register("localsgd", LocalSgdOptions)
+class LocalSgdStrategy(SyncStrategy):
+    """Post-local SGD: synchronous for ``warmup`` steps, then average models every ``period`` steps."""
+
+    def __init__(self, model, optimizer, **kwargs: Any):
+        super().__init__(model, optimizer, **kwargs)
+        self.steps_done = 0
+        self.anchor: torch.Tensor | None = None  # the last averaged model, flat
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        if self.steps_done < self.options.warmup:
+            self.steps_done += 1
+            return super().step(inputs, targets)
+        started = time.perf_counter()
+        if self.anchor is None:
+            self.anchor = parameters_to_vector(self.model.parameters()).detach().clone()
+        # Local step: no gradient all-reduce (nanoGPT's flag, rather than no_sync()).
+        self.ddp.require_backward_grad_sync = False
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.ddp(inputs), targets)
+        loss.backward()
+        self.optimizer.step()
+        self.steps_done += 1
+        if (self.steps_done - self.options.warmup) % self.options.period == 0:
+            self._average()
+        return self.stats(loss, started, len(targets))
+
+    @torch.no_grad()
+    def _average(self) -> None:
+        params = list(self.model.parameters())
+        delta = parameters_to_vector(params) - self.anchor
+        mean_delta = exchange(self.hook_state, -1, delta)
+        self.anchor += mean_delta
+        # copy_, not vector_to_parameters: that would make the parameters views
+        # of the anchor (and DDP's buckets would lose them).
+        offset = 0
+        for p in params:
+            p.copy_(self.anchor[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "steps_done": self.steps_done, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.steps_done = state.get("steps_done", 0)
+        anchor = state.get("anchor")
+        self.anchor = anchor.to(self.context.device) if anchor is not None else None
