@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,3 +128,48 @@ def test_torchrun_two_namespace_hosts(tmp_path: Path):
     assert summary["final_accuracy"] > 0.5, summary
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     assert metrics and json.loads(metrics[0]), output
+
+
+def test_netem_cli_up_holds_the_testbed_until_interrupted(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shoal.cli", "netem", "up", "--hosts", "3", "--rate", "1gbit,1gbit,100mbit"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("ready"):
+                break
+        text = "".join(lines)
+        run_id = re.search(r"shoal testbed ([0-9a-f]{6})", text).group(1)
+        namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert all(f"shoal-{run_id}-{i}" in namespaces for i in range(3))
+        assert "198.18.0.3" in text and "100mbit" in text
+        qdisc = subprocess.run(["ip", "netns", "exec", f"shoal-{run_id}-2", "tc", "qdisc", "show", "dev", "eth0"],
+                               capture_output=True, text=True).stdout
+        assert "tbf" in qdisc and "100Mbit" in qdisc
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert run_id not in namespaces
+
+
+def test_netem_cli_down_clears_a_leftover_testbed():
+    # (Not "--all" here: that would also take down testbeds of runs beside this one.)
+    leftover = Testbed(2).up()  # never taken down: as if its owner had crashed
+    result = subprocess.run([sys.executable, "-m", "shoal.cli", "netem", "down", leftover.run_id],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and f"testbed {leftover.run_id} removed" in result.stdout
+    assert leftover.run_id not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_netem_cli_rejects_bad_input():
+    bad_rate = subprocess.run([sys.executable, "-m", "shoal.cli", "netem", "up", "--rate", "fast"],
+                              capture_output=True, text=True)
+    bad_id = subprocess.run([sys.executable, "-m", "shoal.cli", "netem", "down", "zz"], capture_output=True, text=True)
+    assert bad_rate.returncode == 2 and "rate 'fast'" in bad_rate.stderr
+    assert bad_id.returncode == 2 and "6 hex digits" in bad_id.stderr

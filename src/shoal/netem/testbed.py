@@ -98,6 +98,15 @@ def _remove(run_id: str = "") -> None:
         _sh(["ip", "link", "delete", link], check=False)
 
 
+def down_one(run_id: str) -> list[str]:
+    """Remove the testbed with this id; return what was found (empty: none)."""
+    if not re.fullmatch(r"[0-9a-f]{6}", run_id):
+        raise ValueError(f"testbed id {run_id!r}: expected the 6 hex digits 'netem up' printed")
+    found = _stale_namespaces(run_id) + _stale_links(run_id)
+    _remove(run_id)
+    return found
+
+
 def down_all() -> list[str]:
     """Remove every shoal testbed on this machine (any run id); return what was found."""
     found = _stale_namespaces() + _stale_links()
