@@ -42,16 +42,21 @@ class _Round:
         codec, world, memory = state.codec, state.world_size, state.memory
         compensated = memory.compensate(name, tensor) if memory is not None else tensor
         if codec.summable:
-            # Scale before the sum, as DDP's own hook does: no overflow in low precision.
-            self.payload = codec.encode(compensated / world)
-            local = codec.decode(self.payload) * world if memory is not None else None
+            # Scale before the sum, as DDP's own hook does: no overflow in low
+            # precision. In place: ``compensated`` is the bucket (ours to change)
+            # or a fresh tensor from the memory.
+            scaled = compensated.div_(world)
+            self.payload = codec.encode(scaled)
+            if memory is not None:
+                compensated, local = scaled * world, codec.decode(self.payload) * world
             self.started = state.meter.sent(self.payload.tensors, tensor.numel())
             futures = [dist.all_reduce(t, group=state.group, async_op=True).get_future() for t in self.payload.tensors]
             # One payload tensor (fp32, fp16, ...) needs no collect_all round.
             self.future = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
         else:
             self.payload = codec.encode(compensated)
-            local = codec.decode(self.payload) if memory is not None else None
+            if memory is not None:
+                local = codec.decode(self.payload)
             send = self.payload.to_bytes()
             self.gathered = send.new_empty(world * send.numel())
             self.started = state.meter.sent([send], tensor.numel())
