@@ -137,6 +137,46 @@ def list_components() -> None:
         console.print(table)
 
 
+bench_app = typer.Typer(help="Benchmarks; each writes DIR/bench.json and compares against its baseline in the same run.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("codecs")
+def bench_codecs(
+    numel: int = typer.Option(25_000_000, help="elements of the fp32 test tensor"),
+    repeats: int = typer.Option(5, help="timed repetitions per codec (median reported)"),
+    codec: list[str] = typer.Option([], "--codec", "-c", help="codec spec to time (repeatable; default: all)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="write DIR/bench.json"),
+) -> None:
+    """Encode+decode throughput (GB/s of fp32 input) and compression of each codec, and the
+    speed-up of DGC's sampled top-k over exact torch.topk."""
+    from shoal.bench.codecs import run
+
+    if numel < 1000 or repeats < 1:
+        _fail_config("--numel must be >= 1000 and --repeats >= 1")
+    try:
+        report = run(numel=numel, repeats=repeats, specs=codec or None)
+    except ValueError as err:
+        _fail_config(str(err))
+    table = Table(title=f"codec throughput, {numel:,} fp32 elements, {report['threads']} threads")
+    for column in ("codec", "encode+decode", "GB/s", "wire bytes", "compression"):
+        table.add_column(column, justify="left" if column == "codec" else "right")
+    for row in report["rows"]:
+        table.add_row(
+            row["codec"], f"{row['median_s'] * 1000:.1f} ms", f"{row['gb_per_s']:.2f}",
+            _bytes(row["wire_bytes"]), f"{row['compression']:.0f}x",
+        )
+    console = Console()
+    console.print(table)
+    if report["sampled_topk_speedup"] is not None:
+        console.print(f"sampled top-k (DGC) vs exact torch.topk at ratio 0.001: {report['sampled_topk_speedup']:.2f}x faster")
+    if out is not None:
+        from shoal.metrics.summary import write_json_atomic
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "bench.json", report)
+
+
 netem_app = typer.Typer(help="Emulated cluster: network-namespace hosts on shaped links (needs root and iproute2).")
 app.add_typer(netem_app, name="netem")
 

@@ -22,9 +22,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-codes.numel()) % per_byte
     if pad:
         codes = torch.cat([codes, codes.new_zeros(pad)])
-    groups = codes.view(-1, per_byte).to(torch.int32)
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=codes.device) * bits
-    return (groups << shifts).sum(dim=1).to(torch.uint8)
+    groups = codes.view(-1, per_byte)
+    # Byte-wide shifts and ors, one pass per slot: no widening to int32.
+    packed = groups[:, 0].clone()
+    for slot in range(1, per_byte):
+        packed |= groups[:, slot] << (slot * bits)
+    return packed
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -34,9 +37,9 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     if bits == 8:
         return packed[:numel]
     per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
-    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
+    mask = (1 << bits) - 1
+    slots = [(packed >> (slot * bits)) & mask for slot in range(per_byte)]
+    return torch.stack(slots, dim=1).reshape(-1)[:numel]
 
 
 def index_dtype(numel: int) -> torch.dtype:

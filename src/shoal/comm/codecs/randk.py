@@ -17,7 +17,7 @@ class RandkOptions(CodecOptions):
 
 @CODECS.register("randk", RandkOptions)
 class RandkCodec(Codec):
-    """Same random k positions on every worker each call; only the values are sent.
+    """Same random k positions on every worker each call (drawn with replacement); only the values are sent.
 
     Decoding scatters without rescaling (a biased estimate); use it with
     ``memory=ef`` so the values not sent are carried to later steps.
@@ -33,7 +33,9 @@ class RandkCodec(Codec):
     def encode(self, tensor: torch.Tensor) -> Payload:
         flat = tensor.reshape(-1)
         k = max(1, int(round(self.options.ratio * flat.numel())))
-        idx = torch.randperm(flat.numel(), generator=self.generator)[:k].to(flat.device)
+        # Drawn with replacement: a full permutation of n would cost O(n) per call.
+        # A repeated position carries the same value twice and decodes the same.
+        idx = torch.randint(0, flat.numel(), (k,), generator=self.generator).to(flat.device)
         return Payload([flat[idx]], {"idx": idx, "numel": flat.numel(), "shape": tensor.shape})
 
     def decode(self, payload: Payload) -> torch.Tensor:
