@@ -137,3 +137,18 @@ def test_error_feedback_carries_the_residual(grad):
 def test_bad_codec_options_are_rejected(spec):
     with pytest.raises(ValueError):
         CODECS.resolve(spec)
+
+
+def test_sampled_topk_rarely_needs_the_exact_fallback(monkeypatch):
+    # Regression: a threshold taken at the sample's k-th value gave too few
+    # candidates half the time, and the fallback made "sampled" slower than exact.
+    from shoal.comm.codecs import topk as topk_module
+
+    def no_fallback(*_):
+        raise AssertionError("fell back to exact topk")
+
+    monkeypatch.setattr(topk_module, "topk_select", no_fallback)
+    for seed in range(20):
+        flat = torch.randn(200_000, generator=torch.Generator().manual_seed(seed))
+        idx = topk_module.sampled_topk_select(flat, 200, 0.01, torch.Generator().manual_seed(seed))
+        assert idx.numel() == 200 and idx.unique().numel() == 200

@@ -27,20 +27,24 @@ def topk_select(flat: torch.Tensor, k: int) -> torch.Tensor:
 def sampled_topk_select(flat: torch.Tensor, k: int, sample: float, generator: torch.Generator) -> torch.Tensor:
     """DGC's cheaper selection: estimate the k-th largest |value| on a random sample.
 
-    1. draw m = sample * n random positions; take the (k m / n)-th largest |value| there as threshold
-    2. candidates = positions above the threshold (one pass, no sort of n values)
-    3. exactly k: the top k among candidates if there are enough, else fall back to exact topk
+    1. draw m = sample * n random positions; take the (1.3 k m / n)-th largest
+       |value| there as threshold, 30% low so that one pass almost always
+       yields at least k candidates
+    2. candidates = positions at or above the threshold (one pass, no sort of n values)
+    3. exactly k: the top k among the candidates; with too few, lower the
+       threshold once more (2x the sample rank), then fall back to exact topk
     """
     n = flat.numel()
     mags = flat.abs()
     m = max(int(n * sample), 1)
-    picks = torch.randint(0, n, (m,), generator=generator).to(flat.device)
-    k_sample = max(int(math.ceil(k * m / n)), 1)
-    threshold = mags[picks].topk(k_sample, sorted=False).values.min()
-    candidates = (mags >= threshold).nonzero().squeeze(1)
-    if candidates.numel() < k:
-        return topk_select(flat, k)
-    return candidates[mags[candidates].topk(k, sorted=False).indices]
+    sampled = mags[torch.randint(0, n, (m,), generator=generator).to(flat.device)]
+    for slack in (1.3, 2.6):
+        rank = min(max(int(math.ceil(slack * k * m / n)), 1), m)
+        threshold = sampled.topk(rank, sorted=False).values.min()
+        candidates = (mags >= threshold).nonzero().squeeze(1)
+        if candidates.numel() >= k:
+            return candidates[mags[candidates].topk(k, sorted=False).indices]
+    return topk_select(flat, k)
 
 
 @CODECS.register("topk", TopkOptions)
