@@ -86,3 +86,8 @@ def test_cli_not_yaml_mapping(tmp_path):
     cfg.write_text("- 1\n- 2\n")
     result = run_cli("train", str(cfg))
     assert result.returncode == 2 and "top level must be a mapping" in result.stderr
+
+
+def test_codec_with_a_strategy_that_takes_none():
+    with pytest.raises(ConfigError, match="codec: strategy 'ddp' takes no codec"):
+        load_config(None, ["strategy=ddp:hook=fp16", "codec=topk"])

@@ -106,6 +106,12 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     out: str = "runs/latest"
 
+    @model_validator(mode="after")
+    def _codec_fits_strategy(self) -> "RunConfig":
+        if self.codec.name != "none" and not getattr(self.strategy.target, "accepts_codec", True):
+            raise ValueError(f"codec: strategy {self.strategy.name!r} takes no codec (allowed: none)")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -114,13 +120,13 @@ def format_error(err: ValidationError) -> str:
     """One line per problem: ``field.path: what is wrong``."""
     lines = []
     for item in err.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "config"
+        where = ".".join(str(p) for p in item["loc"])
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             msg = "unknown key"
         elif item["type"] == "literal_error":
             msg = msg.replace("Input should be", "allowed:")
-        lines.append(f"{where}: {msg}")
+        lines.append(f"{where}: {msg}" if where else msg)  # whole-config checks name their field
     return "; ".join(lines)
 
 

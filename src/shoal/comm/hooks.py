@@ -124,3 +124,10 @@ def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.
         return grad
 
     return pending.future.then(finish)
+
+
+def local_gradient_hook(_: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """No communication at all: each worker keeps its own gradient (compute-only baseline)."""
+    done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    done.set_result(bucket.buffer())
+    return done
