@@ -177,6 +177,51 @@ def bench_codecs(
         write_json_atomic(out / "bench.json", report)
 
 
+@bench_app.command("comm")
+def bench_comm(
+    workers: int = typer.Option(4, help="namespace hosts, one worker each"),
+    rate: str = typer.Option("100mbit,1gbit,none", help="link rates to run, comma-separated ('none' = unshaped)"),
+    out: Path = typer.Option(Path("runs/bench-comm"), "--out", "-o", help="writes bench.json, report.html, PNGs"),
+    config: Path = typer.Option(Path("examples/bench_comm.yaml"), help="the training workload"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key (repeatable)"),
+    quick: bool = typer.Option(False, help="a reduced run (small model, 2 workers' worth of steps, 4 rows) for tests"),
+    timeout: float = typer.Option(1800, help="seconds before one run is killed"),
+) -> None:
+    """Strategies and codecs as real training runs on shaped links, against PyTorch DDP and its own hooks."""
+    from shoal.bench import comm, report
+    from shoal.netem import check_available
+
+    reason = check_available()
+    if reason:
+        err_console.print(f"[red]bench comm:[/] needs the emulated cluster: {reason}", highlight=False)
+        raise typer.Exit(2)
+    rates = [None if r.strip() in ("", "none") else r.strip() for r in rate.split(",")]
+    overrides = [*(comm.QUICK_OVERRIDES if quick else []), *set_]
+    try:
+        load_config(config, overrides)
+        from shoal.netem.testbed import rate_bits
+
+        for r in rates:
+            if r is not None:
+                rate_bits(r)
+    except (ConfigError, ValueError) as err:
+        _fail_config(str(err))
+    if workers < 2:
+        _fail_config("--workers must be at least 2")
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    results = comm.run_bench(
+        workers=workers, rates=rates, out=out, config=config, rows=comm.QUICK_ROWS if quick else comm.FULL_ROWS,
+        extra_overrides=overrides, timeout_s=timeout, log=lambda line: console.print(line, highlight=False),
+    )
+    images = [*report.plot_accuracy(results, out), report.plot_bytes(results, out)]
+    command = "shoal " + " ".join(sys.argv[1:])
+    page = report.write_html(results, out, images, "shoal bench comm", command)
+    console.print(f"wrote {out / 'bench.json'}, {page} and {len(images)} plots")
+    if any(r["failed"] for r in results):
+        raise typer.Exit(1)
+
+
 netem_app = typer.Typer(help="Emulated cluster: network-namespace hosts on shaped links (needs root and iproute2).")
 app.add_typer(netem_app, name="netem")
 

@@ -38,23 +38,28 @@ class DdpOptions(BaseModel):
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP bucket size (powersgd uses one big bucket)")
 
 
-_METER: WireMeter | None = None
+_METER: WireMeter | None = None  # set only while a training step runs
 
 
-def _count_all_reduce(meter: WireMeter) -> None:
-    """Route ``torch.distributed.all_reduce`` through a byte counter (once per process)."""
-    global _METER
-    if _METER is None:
-        original = dist.all_reduce
+def _count_all_reduce() -> None:
+    """Route ``torch.distributed.all_reduce`` through a byte counter (once per process).
 
-        @functools.wraps(original)
-        def counted(tensor, *args, **kwargs):
-            if _METER is not None:
-                _METER.sent([tensor], tensor.numel())
-            return original(tensor, *args, **kwargs)
+    Calls count only while a step is running (``_METER`` set), so evaluation's
+    own all-reduces are not taken for gradient traffic. PowerSGD's later
+    rounds run in future callbacks, but those complete inside ``backward()``.
+    """
+    if getattr(dist.all_reduce, "_shoal_counted", False):
+        return
+    original = dist.all_reduce
 
-        dist.all_reduce = counted
-    _METER = meter
+    @functools.wraps(original)
+    def counted(tensor, *args, **kwargs):
+        if _METER is not None:
+            _METER.sent([tensor], tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    counted._shoal_counted = True  # type: ignore[attr-defined]
+    dist.all_reduce = counted
 
 
 @STRATEGIES.register("ddp", DdpOptions)
@@ -86,14 +91,19 @@ class DdpBaseline(Strategy):
         elif opts.hook == "local":
             self.ddp.register_comm_hook(None, local_gradient_hook)
         if opts.hook in ("fp16", "powersgd"):
-            _count_all_reduce(self.meter)
+            _count_all_reduce()
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        global _METER
         started = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.ddp(inputs), targets)
-        loss.backward()
-        self.optimizer.step()
+        _METER = self.meter
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.ddp(inputs), targets)
+            loss.backward()
+            self.optimizer.step()
+        finally:
+            _METER = None
         wall = time.perf_counter() - started
         wire = self.meter.take()
         if self.options.hook == "builtin":
