@@ -33,8 +33,9 @@ CASES = {
     "topk:ratio=0.3,sample=0.1": 0.9,
     "randk:ratio=0.5": 0.9,
     "powersgd:rank=4": 1.0,
+    "threshold:tau=0.001": 0.9,
 }
-LOSSY_WITHOUT_SHARED_DECODE = {"powersgd:rank=4"}
+LOSSY_WITHOUT_SHARED_DECODE = {"powersgd:rank=4", "threshold:tau=0.001"}
 
 
 def _model():

@@ -152,3 +152,18 @@ def test_sampled_topk_rarely_needs_the_exact_fallback(monkeypatch):
         flat = torch.randn(200_000, generator=torch.Generator().manual_seed(seed))
         idx = topk_module.sampled_topk_select(flat, 200, 0.01, torch.Generator().manual_seed(seed))
         assert idx.numel() == 200 and idx.unique().numel() == 200
+
+
+class _OneWorker:
+    world_size = 1
+
+    def all_gather(self, tensor, dense_numel=0):
+        return tensor.unsqueeze(0)
+
+
+def test_threshold_sends_exactly_the_values_past_tau(grad):
+    c = codec("threshold:tau=1.5")
+    result, local = c.exchange(0, grad, _OneWorker())
+    kept = grad.abs() >= 1.5
+    assert torch.equal(result[kept], grad[kept]) and (result[~kept] == 0).all()
+    assert torch.equal(local, result)

@@ -19,7 +19,7 @@ from shoal.registry import CODECS, load_builtins
 
 DEFAULT_SPECS = [
     "none", "fp16", "bf16", "int8", "qsgd:levels=7", "terngrad", "signsgd",
-    "topk:ratio=0.001", "topk:ratio=0.001,sample=0.01", "randk:ratio=0.001", "powersgd:rank=4",
+    "topk:ratio=0.001", "topk:ratio=0.001,sample=0.01", "randk:ratio=0.001", "threshold:tau=3.0", "powersgd:rank=4",
 ]
 
 
@@ -31,6 +31,10 @@ class _LocalComm:
     def all_reduce(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
         return tensor
 
+    def all_gather(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
+        self.sent = getattr(self, "sent", 0) + tensor.numel() * tensor.element_size()
+        return tensor.unsqueeze(0)
+
 
 def time_codec(spec: str, x: torch.Tensor, repeats: int) -> dict[str, Any]:
     codec = build_codec(CODECS.resolve(spec))
@@ -38,8 +42,9 @@ def time_codec(spec: str, x: torch.Tensor, repeats: int) -> dict[str, Any]:
     for i in range(repeats + 1):
         started = time.perf_counter()
         if hasattr(codec, "exchange"):
-            codec.exchange(0, x, _LocalComm())
-            wire = _powersgd_bytes(codec, x.numel())
+            comm = _LocalComm()
+            codec.exchange(0, x, comm)
+            wire = getattr(comm, "sent", None) or _powersgd_bytes(codec, x.numel())
         else:
             payload = codec.encode(x)
             codec.decode(payload)

@@ -10,7 +10,7 @@ bucketing and backward overlap. Per tensor:
 3. summable payloads: all-reduce each tensor, decode the sum, divide by N;
    others: all-gather the payload's bytes in one collective, decode each
    worker's payload, average
-4. codecs with several dependent rounds (PowerSGD) run them inside the call,
+4. codecs with several dependent rounds (PowerSGD, threshold) run them inside the call,
    blocking, so every rank issues its collectives in the same order
 """
 
@@ -88,6 +88,14 @@ class _MeteredComm:
         dist.all_reduce(tensor, group=self.state.group)
         self.state.meter.done(started)
         return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
+        """Every worker's ``tensor`` (same shape on all), stacked along a new first axis."""
+        gathered = tensor.new_empty((self.world_size, *tensor.shape))
+        started = self.state.meter.sent([tensor], dense_numel)
+        dist.all_gather_single(gathered.view(-1), tensor.reshape(-1), group=self.state.group)
+        self.state.meter.done(started)
+        return gathered
 
 
 def _multi_round(state: CodecHookState, name: int, tensor: torch.Tensor) -> torch.Tensor:
