@@ -212,7 +212,7 @@ def bench_comm(
     console = Console()
     results = comm.run_bench(
         workers=workers, rates=rates, out=out, config=config, rows=comm.QUICK_ROWS if quick else comm.FULL_ROWS,
-        extra_overrides=overrides, timeout_s=timeout, log=lambda line: console.print(line, highlight=False),
+        extra_overrides=overrides, timeout_s=timeout, log=lambda line: console.print(line, highlight=False, markup=False),
     )
     images = [*report.plot_accuracy(results, out), report.plot_bytes(results, out)]
     command = "shoal " + " ".join(sys.argv[1:])

@@ -58,6 +58,17 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
     )
 
 
+def cpu_threads() -> int:
+    """Intra-op threads for a CPU worker: the node's cores shared among its workers.
+
+    ``SHOAL_NUM_THREADS`` overrides it, for when several "nodes" share one
+    machine (the emulated cluster), where LOCAL_WORLD_SIZE undercounts.
+    """
+    if os.environ.get("SHOAL_NUM_THREADS"):
+        return max(1, int(os.environ["SHOAL_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 @record
 def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] | None:
     """Run one worker of a job; rank 0 returns the summary as a dict."""
@@ -71,8 +82,7 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        # Workers share the node's cores; one intra-op thread each avoids oversubscription.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        torch.set_num_threads(cpu_threads())
     _init_process_group(backend, timeout=timedelta(minutes=10))
     try:
         ctx = WorkerContext(

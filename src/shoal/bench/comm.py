@@ -15,6 +15,7 @@ of any codec on this workload follows:
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -87,7 +88,9 @@ def run_on_testbed(
             argv += ["--set", item]
         log = open(out / f"host{i}.log", "w")
         logs.append(log)
-        procs.append(testbed.popen(i, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        # All hosts share this machine's cores: size each worker's threads for that.
+        env = dict(os.environ, SHOAL_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // hosts)))
+        procs.append(testbed.popen(i, argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     deadline = time.monotonic() + timeout_s
     try:
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
