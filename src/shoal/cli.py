@@ -148,8 +148,7 @@ def bench_codecs(
     codec: list[str] = typer.Option([], "--codec", "-c", help="codec spec to time (repeatable; default: all)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write DIR/bench.json"),
 ) -> None:
-    """Encode+decode throughput (GB/s of fp32 input) and compression of each codec, and the
-    speed-up of DGC's sampled top-k over exact torch.topk."""
+    """Encode+decode throughput (GB/s of fp32 input) and compression of each codec; sampled vs exact top-k."""
     from shoal.bench.codecs import run
 
     if numel < 1000 or repeats < 1:
