@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,10 +77,15 @@ def test_checkpoint_is_atomic_and_checksummed(tmp_path):
         load_checkpoint(path)
 
 
+def train_from_tests(tmp_path, cfg: dict, *args: str):
+    """`shoal train` on ``cfg`` from tests/, where the failing_entry module lives."""
+    path = tmp_path / f"{Path(cfg['out']).name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run_cli("train", str(path), *args, cwd=ROOT / "tests")
+
+
 def test_a_failing_rank_is_reported_with_its_error(tmp_path):
-    cfg = tmp_path / "fail.yaml"
-    cfg.write_text(yaml.safe_dump(small_config(tmp_path / "out", model="failing_entry:make_model")))
-    result = run_cli("train", str(cfg), cwd=ROOT / "tests")
+    result = train_from_tests(tmp_path, small_config(tmp_path / "out", model="failing_entry:make_model"))
     assert result.returncode == 1
     assert "rank 1 failed" in result.stderr
     assert "injected failure on rank 1" in result.stderr
@@ -92,12 +98,9 @@ def test_launcher_restart_resumes_from_the_last_checkpoint(tmp_path):
         cfg["train"]["checkpoint_every"] = 20
         return cfg
 
-    reference = tmp_path / "reference.yaml"
-    reference.write_text(yaml.safe_dump(config(tmp_path / "ref", "failing_entry:make_plain_model")))
-    faulty = tmp_path / "faulty.yaml"
-    faulty.write_text(yaml.safe_dump(config(tmp_path / "faulty", "failing_entry:make_model_that_dies_once:die_at=50")))
-    assert run_cli("train", str(reference), cwd=ROOT / "tests").returncode == 0
-    result = run_cli("train", str(faulty), "--max-restarts", "1", cwd=ROOT / "tests")
+    assert train_from_tests(tmp_path, config(tmp_path / "ref", "failing_entry:make_plain_model")).returncode == 0
+    faulty = config(tmp_path / "faulty", "failing_entry:make_model_that_dies_once:die_at=50")
+    result = train_from_tests(tmp_path, faulty, "--max-restarts", "1")
     assert result.returncode == 0, result.stderr
 
     summary = shoal.Summary.model_validate_json((tmp_path / "faulty" / "summary.json").read_text())
@@ -109,8 +112,7 @@ def test_launcher_restart_resumes_from_the_last_checkpoint(tmp_path):
 
 
 def test_without_restarts_a_killed_rank_fails_the_job(tmp_path):
-    cfg = tmp_path / "faulty.yaml"
-    cfg.write_text(yaml.safe_dump(small_config(tmp_path / "out", model="failing_entry:make_model_that_dies_once:die_at=5")))
-    result = run_cli("train", str(cfg), cwd=ROOT / "tests")
+    cfg = small_config(tmp_path / "out", model="failing_entry:make_model_that_dies_once:die_at=5")
+    result = train_from_tests(tmp_path, cfg)
     assert result.returncode == 1
     assert "rank 1 failed (exit code -9): killed by signal SIGKILL" in result.stderr

@@ -15,7 +15,7 @@ from typing import Any
 from shoal.config import ConfigError, RunConfig, load_config, validate_config
 from shoal.metrics.summary import Summary
 
-__all__ = ["train", "RunConfig", "Summary", "ConfigError", "load_config"]
+__all__ = ["train", "RunConfig", "Summary", "ConfigError", "load_config", "validate_config"]
 __version__ = "0.1.0"
 
 
