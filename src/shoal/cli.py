@@ -95,7 +95,8 @@ def print_summary(summary: dict) -> None:
         ("time to target", "not reached" if ttt is None else f"{ttt:.1f} s (step {summary['steps_to_target']})"),
         ("steps", str(summary["steps"])),
         ("workers", str(summary["workers"])),
-        ("strategy / codec", f"{summary['strategy']} / {summary['codec']}"),
+        ("strategy / codec", f"{summary['strategy']} / {summary['codec']}"
+         + (f" -> {summary['codec_chosen']}" if summary.get("codec_chosen") else "")),
         ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
         ("training time", f"{summary['train_time_s']:.1f} s"),
         ("wall time (after setup)", f"{summary['wall_time_s']:.1f} s"),

@@ -26,6 +26,8 @@ class Summary(BaseModel):
     workers: int
     strategy: str
     codec: str
+    codec_chosen: str | None = None  # codec: auto's choice
+    codec_auto: dict[str, Any] | None = None  # what auto measured and predicted
     model: str
     dataset: str
     parameters: int

@@ -40,12 +40,14 @@ class LocalSgdStrategy(SyncStrategy):
         super().__init__(model, optimizer, **kwargs)
         self.steps_done = 0
         self.anchor: torch.Tensor | None = None  # the last averaged model, flat
+        self.comm_period = self.options.period
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         if self.steps_done < self.options.warmup:
             self.steps_done += 1
             return super().step(inputs, targets)
         started = time.perf_counter()
+        self.choose_codec(inputs, targets)
         if self.anchor is None:
             self.anchor = parameters_to_vector(self.model.parameters()).detach().clone()
         # Local step: no gradient all-reduce (nanoGPT's flag, rather than no_sync()).

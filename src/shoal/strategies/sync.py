@@ -15,10 +15,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from shoal.comm.auto import AutoChoice, choose_codec
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, codec_hook
+from shoal.comm.memory import ErrorFeedback
 from shoal.comm.wire import WireMeter
-from shoal.registry import STRATEGIES
+from shoal.registry import CODECS, STRATEGIES, Component
 from shoal.strategies.base import StepStats, Strategy
 
 
@@ -37,13 +39,39 @@ class SyncStrategy(Strategy):
         self.ddp = DDP(
             model, device_ids=device_ids, bucket_cap_mb=self.options.bucket_cap_mb, process_group=self.group
         )
+        # codec: auto is decided at the first step; until then nothing is sent.
+        self.auto = self.codec_spec.options if self.codec_spec.name == "auto" else None
+        self.codec_choice: AutoChoice | None = None
+        if self.auto is not None:
+            self.codec_spec = CODECS.resolve("none")
         self.codec = build_codec(self.codec_spec, rank=self.context.rank)
         self.meter = WireMeter()
         self.hook_state = CodecHookState(self.codec, self.meter, self.group)
         self.ddp.register_comm_hook(self.hook_state, codec_hook)
 
+    comm_period = 1  # steps between communications, for codec: auto's cost model
+
+    def choose_codec(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """``codec: auto``: probe and choose before the first gradient is sent."""
+        if self.auto is None or self.codec_choice is not None:
+            return
+        component, self.codec_choice = choose_codec(
+            self.model, self.loss_fn, inputs, targets, self.auto, group=self.group, rank=self.context.rank,
+            period=self.comm_period, bucket_cap_mb=self.options.bucket_cap_mb,
+        )
+        self._use_codec(component)
+        if self.context.rank == 0:
+            print(self.codec_choice.reason(), flush=True)
+
+    def _use_codec(self, component: Component) -> None:
+        self.codec_spec = component
+        self.codec = build_codec(component, rank=self.context.rank)
+        self.hook_state.codec = self.codec
+        self.hook_state.memory = ErrorFeedback() if self.codec.options.memory == "ef" else None
+
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         started = time.perf_counter()
+        self.choose_codec(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.ddp(inputs), targets)
         loss.backward()  # returns once DDP's hook futures have all completed
@@ -65,9 +93,14 @@ class SyncStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         memory = self.hook_state.memory
-        return {"codec": self.codec.state_dict(), "memory": memory.state_dict() if memory else {}}
+        choice = self.codec_choice.as_dict() if self.codec_choice is not None else None
+        return {"codec": self.codec.state_dict(), "memory": memory.state_dict() if memory else {}, "auto": choice}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.auto is not None and state.get("auto"):
+            # Keep the first session's choice: its residuals belong to that codec.
+            self.codec_choice = AutoChoice(**state["auto"])
+            self._use_codec(CODECS.resolve(self.codec_choice.codec))
         self.codec.load_state_dict(state.get("codec", {}))
         if self.hook_state.memory is not None:
             self.hook_state.memory.load_state_dict(state.get("memory", {}))

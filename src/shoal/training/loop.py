@@ -177,6 +177,7 @@ def run_training(cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False) ->
         return None
 
     wall = state.wall_before + time.perf_counter() - loop_started
+    choice = getattr(strategy, "codec_choice", None)  # codec: auto
     summary = Summary(
         final_accuracy=acc,
         best_accuracy=state.best_accuracy,
@@ -191,6 +192,8 @@ def run_training(cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False) ->
         workers=ctx.world_size,
         strategy=cfg.strategy.name,
         codec=cfg.codec.name,
+        codec_chosen=choice.codec if choice else None,
+        codec_auto=choice.as_dict() if choice else None,
         model=cfg.model.name,
         dataset=cfg.data.dataset.name,
         parameters=count_parameters(strategy.eval_model),
