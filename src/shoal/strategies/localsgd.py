@@ -9,6 +9,12 @@
 Averaging deltas rather than weights is what lets a lossy codec apply: the
 delta is small and gradient-like, and with ``codec: none`` the result is the
 plain parameter average. Optimizer state (momentum) stays local, as in the paper.
+
+Hierarchical (the paper's section 3.2): with ``group_size=G`` the workers form
+groups of G consecutive ranks (a node's processes, a site's machines). Every
+``period`` local steps each group averages its models exactly, over its own
+fast links; every ``global_period``-th of those averages is global instead,
+through the codec, across the slow links between groups.
 """
 
 from __future__ import annotations
@@ -17,11 +23,13 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from pydantic import ConfigDict, Field
 from torch.nn.utils import parameters_to_vector
 
-from shoal.comm.hooks import exchange
-from shoal.registry import STRATEGIES
+from shoal.comm.codecs.base import build_codec
+from shoal.comm.hooks import CodecHookState, exchange
+from shoal.registry import CODECS, STRATEGIES
 from shoal.strategies.base import StepStats
 from shoal.strategies.sync import SyncOptions, SyncStrategy
 
@@ -30,6 +38,8 @@ class LocalSgdOptions(SyncOptions):
     model_config = ConfigDict(extra="forbid")
     period: int = Field(8, ge=1, description="H: local steps between model averages")
     warmup: int = Field(0, ge=0, description="W: synchronous steps before local SGD starts")
+    group_size: int = Field(0, ge=0, description="G: workers per group for hierarchical averaging; 0 = flat")
+    global_period: int = Field(4, ge=1, description="K: group averages per global average (hierarchical only)")
 
 
 @STRATEGIES.register("localsgd", LocalSgdOptions)
@@ -41,6 +51,18 @@ class LocalSgdStrategy(SyncStrategy):
         self.steps_done = 0
         self.anchor: torch.Tensor | None = None  # the last averaged model, flat
         self.comm_period = self.options.period
+        self.group_state: CodecHookState | None = None
+        if self.options.group_size:
+            self.group_state = self._make_groups(self.options.group_size)
+            self.comm_period = self.options.period * self.options.global_period
+
+    def _make_groups(self, size: int) -> CodecHookState:
+        world = self.context.world_size
+        if world % size:
+            raise ValueError(f"localsgd: group_size={size} does not divide the {world} workers")
+        # Every rank creates every group (a collective call), then keeps its own.
+        mine, _ = dist.new_subgroups(group_size=size, group=self.group)
+        return CodecHookState(build_codec(CODECS.resolve("none")), self.meter, mine)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         if self.steps_done < self.options.warmup:
@@ -57,8 +79,12 @@ class LocalSgdStrategy(SyncStrategy):
         loss.backward()
         self.optimizer.step()
         self.steps_done += 1
-        if (self.steps_done - self.options.warmup) % self.options.period == 0:
-            self._average()
+        local = self.steps_done - self.options.warmup
+        if local % self.options.period == 0:
+            if self.group_state is None or local % self.comm_period == 0:
+                self._average()
+            else:
+                self._average_group()
         return self.stats(loss, started, len(targets))
 
     @torch.no_grad()
@@ -67,12 +93,13 @@ class LocalSgdStrategy(SyncStrategy):
         delta = parameters_to_vector(params) - self.anchor
         mean_delta = exchange(self.hook_state, -1, delta)
         self.anchor += mean_delta
-        # copy_, not vector_to_parameters: that would make the parameters views
-        # of the anchor (and DDP's buckets would lose them).
-        offset = 0
-        for p in params:
-            p.copy_(self.anchor[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        _copy_into(params, self.anchor)
+
+    @torch.no_grad()
+    def _average_group(self) -> None:
+        """The exact mean of the group's models; the global anchor stays as it is."""
+        params = list(self.model.parameters())
+        _copy_into(params, exchange(self.group_state, -2, parameters_to_vector(params)))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "steps_done": self.steps_done, "anchor": self.anchor}
@@ -82,3 +109,12 @@ class LocalSgdStrategy(SyncStrategy):
         self.steps_done = state.get("steps_done", 0)
         anchor = state.get("anchor")
         self.anchor = anchor.to(self.context.device) if anchor is not None else None
+
+
+def _copy_into(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    # copy_, not vector_to_parameters: that would make the parameters views of
+    # ``flat`` (and DDP's buckets would lose them).
+    offset = 0
+    for p in params:
+        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
