@@ -167,3 +167,28 @@ def test_threshold_sends_exactly_the_values_past_tau(grad):
     kept = grad.abs() >= 1.5
     assert torch.equal(result[kept], grad[kept]) and (result[~kept] == 0).all()
     assert torch.equal(local, result)
+
+
+class _OneWorkerSum(_OneWorker):
+    def __init__(self):
+        self.sent = []
+
+    def all_reduce(self, tensor, dense_numel=0):
+        self.sent.append(tensor.numel())
+        return tensor
+
+
+def test_powersgd_compresses_each_matrix_on_its_own():
+    # A rank-2 weight matrix and a bias, concatenated as in a DDP bucket: given
+    # the shapes, rank 2 recovers the matrix exactly and sends the bias as it is.
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, 2, generator=gen) @ torch.randn(2, 60, generator=gen)
+    bias = torch.randn(40, generator=gen)
+    flat = torch.cat([weight.reshape(-1), bias])
+    comm = _OneWorkerSum()
+    result, _ = codec("powersgd:rank=2").exchange(0, flat, comm, shapes=[weight.shape, bias.shape])
+    torch.testing.assert_close(result, flat, rtol=1e-4, atol=1e-4)
+    assert comm.sent == [40, 40 * 2, 60 * 2]  # the bias, then P, then Q
+    # Without shapes the same bytes are one padded near-square matrix: no longer exact.
+    whole, _ = codec("powersgd:rank=2").exchange(0, flat, _OneWorkerSum())
+    assert (whole - flat).norm() / flat.norm() > 0.05

@@ -98,19 +98,22 @@ class _MeteredComm:
         return gathered
 
 
-def _multi_round(state: CodecHookState, name: int, tensor: torch.Tensor) -> torch.Tensor:
+def _multi_round(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None) -> torch.Tensor:
     memory = state.memory
     compensated = memory.compensate(name, tensor) if memory is not None else tensor
-    result, local = state.codec.exchange(name, compensated, _MeteredComm(state))
+    result, local = state.codec.exchange(name, compensated, _MeteredComm(state), shapes=shapes)
     if memory is not None:
         memory.update(name, compensated, local)
     return result
 
 
-def exchange(state: CodecHookState, name: int, tensor: torch.Tensor) -> torch.Tensor:
-    """Blocking: the mean over workers of ``tensor``, sent through the codec."""
+def exchange(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None) -> torch.Tensor:
+    """Blocking: the mean over workers of ``tensor``, sent through the codec.
+
+    ``shapes``: the tensors ``tensor`` concatenates, for codecs that treat
+    each one apart (PowerSGD's matrices)."""
     if hasattr(state.codec, "exchange"):
-        return _multi_round(state, name, tensor)
+        return _multi_round(state, name, tensor, shapes)
     pending = _Round(state, name, tensor)
     pending.future.wait()
     return pending.result()
@@ -119,7 +122,8 @@ def exchange(state: CodecHookState, name: int, tensor: torch.Tensor) -> torch.Te
 def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     grad = bucket.buffer()
     if hasattr(state.codec, "exchange"):
-        grad.copy_(_multi_round(state, bucket.index(), grad))
+        shapes = [p.shape for p in bucket.parameters()]
+        grad.copy_(_multi_round(state, bucket.index(), grad, shapes))
         done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         done.set_result(grad)
         return done

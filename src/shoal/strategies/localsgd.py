@@ -91,7 +91,7 @@ class LocalSgdStrategy(SyncStrategy):
     def _average(self) -> None:
         params = list(self.model.parameters())
         delta = parameters_to_vector(params) - self.anchor
-        mean_delta = exchange(self.hook_state, -1, delta)
+        mean_delta = exchange(self.hook_state, -1, delta, shapes=[p.shape for p in params])
         self.anchor += mean_delta
         _copy_into(params, self.anchor)
 

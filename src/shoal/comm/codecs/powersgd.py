@@ -21,14 +21,17 @@ class PowerSgdOptions(CodecOptions):
 
 @CODECS.register("powersgd", PowerSgdOptions)
 class PowerSgdCodec(Codec):
-    """Each bucket viewed as an a x b matrix M (padded), per step:
+    """Each gradient tensor of 2 or more dimensions viewed as a matrix M
+    (first dimension x the rest, as PyTorch's hook does), per step:
 
-    1. P = mean_workers(M Q)            (all-reduce, a x r)
-    2. P = orthonormal basis of P        (QR)
-    3. Q = mean_workers(M^T P)          (all-reduce, b x r)
-    4. result = P Q^T, the rank-r estimate of mean M
-    Buckets too small to gain are all-reduced as they are. Use with
-    ``memory=ef``, as the paper does.
+    1. everything not worth compressing (biases, norms, small matrices):
+       one plain all-reduce
+    2. P = mean_workers(M Q) for every M     (one all-reduce, a x r each)
+    3. P = orthonormal basis of P             (QR)
+    4. Q = mean_workers(M^T P)               (one all-reduce, b x r each)
+    5. result = P Q^T, the rank-r estimate of mean M
+    Without tensor shapes (a bare flat tensor) the whole tensor is one
+    near-square matrix, zero-padded. Use with ``memory=ef``, as the paper does.
     """
 
     summable = True
@@ -36,36 +39,81 @@ class PowerSgdCodec(Codec):
     def __init__(self, options: PowerSgdOptions, *, rank: int = 0):
         super().__init__(options, rank=rank)
         self.generator = torch.Generator().manual_seed(options.seed)  # same on every worker
-        self.q: dict[int, torch.Tensor] = {}
+        self.q: dict[str, torch.Tensor] = {}
 
     @staticmethod
     def shape_for(numel: int) -> tuple[int, int]:
         cols = max(1, math.isqrt(numel))
         return math.ceil(numel / cols), cols
 
-    def exchange(self, name: int, tensor: torch.Tensor, comm: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        n, r = tensor.numel(), self.options.rank
-        rows, cols = self.shape_for(n)
-        if (rows + cols) * r >= n:
-            out = comm.all_reduce(tensor.clone(), dense_numel=n).div_(comm.world_size)
-            return out, out
-        matrix = torch.zeros(rows * cols, dtype=torch.float32, device=tensor.device)
-        matrix[:n] = tensor.reshape(-1)
-        matrix = matrix.view(rows, cols)
-        q = self.q.get(name)
-        if q is None or q.shape != (cols, r) or not self.options.warm_start:
-            q = torch.randn(cols, r, generator=self.generator).to(tensor.device)
-        p = comm.all_reduce(matrix @ q, dense_numel=n).div_(comm.world_size)
-        p = torch.linalg.qr(p).Q
-        q = comm.all_reduce(matrix.T @ p, dense_numel=0).div_(comm.world_size)
-        self.q[name] = q
-        out = (p @ q.T).reshape(-1)[:n].view_as(tensor).to(tensor.dtype)
-        return out, out
+    def _layout(self, numel: int, shapes: list[torch.Size] | None) -> list[tuple[int, int, int, int]]:
+        """(offset, numel, rows, cols) per piece of the flat tensor; rows = 0: sent as it is."""
+        if not shapes or sum(math.prod(s) for s in shapes) != numel:
+            rows, cols = self.shape_for(numel)
+            return [(0, numel, rows, cols)] if self._worth(rows, cols, numel) else [(0, numel, 0, 0)]
+        pieces, offset = [], 0
+        for shape in shapes:
+            n = math.prod(shape)
+            rows = shape[0] if len(shape) >= 2 else 0
+            cols = n // rows if rows else 0
+            pieces.append((offset, n, rows, cols) if rows and self._worth(rows, cols, n) else (offset, n, 0, 0))
+            offset += n
+        return pieces
+
+    def _worth(self, rows: int, cols: int, numel: int) -> bool:
+        return (rows + cols) * self.options.rank < numel
+
+    def exchange(
+        self, name: int, tensor: torch.Tensor, comm: Any, shapes: list[torch.Size] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = tensor.reshape(-1).float()
+        world, r = comm.world_size, self.options.rank
+        pieces = self._layout(flat.numel(), shapes)
+        out = torch.empty_like(flat)
+        dense = [(o, n) for o, n, rows, _ in pieces if not rows]
+        if dense:
+            sent = torch.cat([flat[o : o + n] for o, n in dense])
+            mean = comm.all_reduce(sent, dense_numel=sent.numel()).div_(world)
+            at = 0
+            for o, n in dense:
+                out[o : o + n] = mean[at : at + n]
+                at += n
+        matrices = [(o, n, rows, cols) for o, n, rows, cols in pieces if rows]
+        if matrices:
+            ms, qs = [], []
+            for i, (o, n, rows, cols) in enumerate(matrices):
+                m = flat[o : o + n]
+                if rows * cols > n:  # the padded whole-tensor matrix
+                    m = torch.cat([m, m.new_zeros(rows * cols - n)])
+                ms.append(m.view(rows, cols))
+                q = self.q.get(f"{name}.{i}")
+                if q is None or q.shape != (cols, r) or not self.options.warm_start:
+                    q = torch.randn(cols, r, generator=self.generator).to(flat.device)
+                qs.append(q)
+            ps = self._mean_round([m @ q for m, q in zip(ms, qs)], comm, sum(n for _, n, _, _ in matrices))
+            ps = [torch.linalg.qr(p).Q for p in ps]
+            qs = self._mean_round([m.T @ p for m, p in zip(ms, ps)], comm, 0)
+            for i, ((o, n, _, _), p, q) in enumerate(zip(matrices, ps, qs)):
+                self.q[f"{name}.{i}"] = q
+                out[o : o + n] = (p @ q.T).reshape(-1)[:n]
+        result = out.view_as(tensor).to(tensor.dtype)
+        return result, result
+
+    @staticmethod
+    def _mean_round(parts: list[torch.Tensor], comm: Any, dense_numel: int) -> list[torch.Tensor]:
+        """Mean over workers of several small matrices in one all-reduce."""
+        mean = comm.all_reduce(torch.cat([p.reshape(-1) for p in parts]), dense_numel=dense_numel)
+        mean.div_(comm.world_size)
+        out, at = [], 0
+        for p in parts:
+            out.append(mean[at : at + p.numel()].view_as(p))
+            at += p.numel()
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"q": {k: v.cpu() for k, v in self.q.items()}, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.q = dict(state.get("q", {}))
+        self.q = {str(k): v for k, v in state.get("q", {}).items()}
         if "generator" in state:
             self.generator.set_state(state["generator"])

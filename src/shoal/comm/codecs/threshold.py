@@ -29,7 +29,9 @@ class ThresholdCodec(Codec):
 
     summable = False
 
-    def exchange(self, name: int, tensor: torch.Tensor, comm: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def exchange(
+        self, name: int, tensor: torch.Tensor, comm: Any, shapes: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         flat = tensor.reshape(-1)
         idx = (flat.abs() >= self.options.tau).nonzero().squeeze(1)
         local = torch.zeros_like(flat)
