@@ -54,8 +54,12 @@ def test_best_weighs_step_time_by_the_steps_a_codec_needs():
 
 
 def test_candidates_come_with_their_options():
-    specs = candidate_specs(AutoOptions(candidates=["none", "topk", "int8"], topk_ratio=0.05, topk_steps=1.5))
-    assert specs == [("none", 1.0), ("topk:ratio=0.05,sample=0.01,memory=ef", 1.5), ("int8:memory=ef", 1.05)]
+    specs = candidate_specs(AutoOptions(candidates=["none", "topk", "int8", "powersgd"], topk_ratio=0.05,
+                                        topk_steps=1.5, powersgd_rank=2))
+    assert specs == [("none", 1.0), ("topk:ratio=0.05,sample=0.01,memory=ef", 1.5), ("int8:memory=ef", 1.05),
+                     ("powersgd:rank=2,memory=ef", 1.25)]
+    assert [s for s, _ in candidate_specs(AutoOptions())] == [
+        "none", "fp16", "topk:ratio=0.01,sample=0.01,memory=ef", "powersgd:rank=4,memory=ef"]
 
 
 @pytest.mark.parametrize("model", [

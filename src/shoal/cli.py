@@ -185,9 +185,19 @@ def bench_comm(
     config: Path = typer.Option(Path("examples/bench_comm.yaml"), help="the training workload"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key (repeatable)"),
     quick: bool = typer.Option(False, help="a reduced run (small model, 2 workers' worth of steps, 4 rows) for tests"),
+    rows: Optional[str] = typer.Option(None, help="only these configurations, comma-separated labels (default: all)"),
+    repeat: int = typer.Option(1, min=1, help="runs of each configuration; bench.json holds the medians"),
     timeout: float = typer.Option(1800, help="seconds before one run is killed"),
 ) -> None:
-    """Strategies and codecs as real training runs on shaped links, against PyTorch DDP and its own hooks."""
+    """Strategies and codecs as real training runs on shaped links, against PyTorch DDP and its own hooks.
+
+    Configurations (labels for --rows): ddp-fp32, ddp-fp16-hook, ddp-powersgd-hook (rank 2),
+    ddp-powersgd-hook-r4, compute-only (no communication: the ceiling), shoal-fp16, shoal-topk-ef,
+    shoal-powersgd-ef, shoal-localsgd-8-fp16, shoal-localsgd-4-powersgd, shoal-auto.
+
+    Choosing a codec, from the medians in BENCHMARKS.md (4 hosts, 2.5 M parameters): see the README's
+    "Which codec?" table.
+    """
     from shoal.bench import comm, report
     from shoal.netem import check_available
 
@@ -208,11 +218,19 @@ def bench_comm(
         _fail_config(str(err))
     if workers < 2:
         _fail_config("--workers must be at least 2")
+    selected = comm.QUICK_ROWS if quick else comm.FULL_ROWS
+    if rows:
+        by_label = {r.label: r for r in [*comm.FULL_ROWS, *comm.QUICK_ROWS]}
+        labels = [label.strip() for label in rows.split(",") if label.strip()]
+        unknown = [label for label in labels if label not in by_label]
+        if unknown or not labels:
+            _fail_config(f"--rows: unknown label {', '.join(unknown) or repr(rows)}; allowed: {', '.join(by_label)}")
+        selected = [by_label[label] for label in labels]
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
     results = comm.run_bench(
-        workers=workers, rates=rates, out=out, config=config, rows=comm.QUICK_ROWS if quick else comm.FULL_ROWS,
-        extra_overrides=overrides, timeout_s=timeout, log=lambda line: console.print(line, highlight=False, markup=False),
+        workers=workers, rates=rates, out=out, config=config, rows=selected, extra_overrides=overrides,
+        timeout_s=timeout, repeat=repeat, log=lambda line: console.print(line, highlight=False, markup=False),
     )
     images = [*report.plot_accuracy(results, out), report.plot_bytes(results, out)]
     command = "shoal " + " ".join(sys.argv[1:])

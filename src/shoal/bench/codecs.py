@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from shoal.comm.codecs import build_codec
+from shoal.comm.hooks import LocalComm
 from shoal.registry import CODECS, load_builtins
 
 DEFAULT_SPECS = [
@@ -23,28 +24,15 @@ DEFAULT_SPECS = [
 ]
 
 
-class _LocalComm:
-    """A one-worker stand-in for codecs with their own rounds (PowerSGD)."""
-
-    world_size = 1
-
-    def all_reduce(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
-        return tensor
-
-    def all_gather(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
-        self.sent = getattr(self, "sent", 0) + tensor.numel() * tensor.element_size()
-        return tensor.unsqueeze(0)
-
-
 def time_codec(spec: str, x: torch.Tensor, repeats: int) -> dict[str, Any]:
     codec = build_codec(CODECS.resolve(spec))
     times, wire = [], 0
     for i in range(repeats + 1):
         started = time.perf_counter()
         if hasattr(codec, "exchange"):
-            comm = _LocalComm()
+            comm = LocalComm()  # PowerSGD, threshold: their own rounds, on one worker
             codec.exchange(0, x, comm)
-            wire = getattr(comm, "sent", None) or _powersgd_bytes(codec, x.numel())
+            wire = comm.sent
         else:
             payload = codec.encode(x)
             codec.decode(payload)
@@ -60,11 +48,6 @@ def time_codec(spec: str, x: torch.Tensor, repeats: int) -> dict[str, Any]:
         "wire_bytes": wire,
         "compression": dense / wire,
     }
-
-
-def _powersgd_bytes(codec: Any, numel: int) -> int:
-    rows, cols = codec.shape_for(numel)
-    return (rows + cols) * codec.options.rank * 4
 
 
 def run(numel: int = 25_000_000, repeats: int = 5, specs: list[str] | None = None, seed: int = 0) -> dict[str, Any]:

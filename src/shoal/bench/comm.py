@@ -15,6 +15,7 @@ of any codec on this workload follows:
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -46,15 +47,16 @@ FULL_ROWS = [
     BenchRow("shoal-fp16", "sync", "fp16"),
     BenchRow("shoal-topk-ef", "sync", "topk:ratio=0.01,sample=0.01,memory=ef"),
     BenchRow("shoal-powersgd-ef", "sync", "powersgd:rank=4,memory=ef"),
-    BenchRow("shoal-signsgd-ef", "sync", "signsgd:memory=ef"),
-    BenchRow("shoal-localsgd-8", "localsgd:period=8,warmup=40"),
     BenchRow("shoal-localsgd-8-fp16", "localsgd:period=8,warmup=40", "fp16"),
+    BenchRow("shoal-localsgd-4-powersgd", "localsgd:period=4", "powersgd:rank=4,memory=ef"),
+    BenchRow("shoal-auto", "sync", "auto"),
 ]
 QUICK_ROWS = [
     BenchRow("ddp-fp32", "ddp"),
     BenchRow("ddp-fp16-hook", "ddp:hook=fp16"),
     BenchRow("compute-only", "ddp:hook=local"),
     BenchRow("shoal-topk-ef", "sync", "topk:ratio=0.01,sample=0.01,memory=ef"),
+    BenchRow("shoal-auto", "sync", "auto"),
 ]
 QUICK_OVERRIDES = [
     "model=cnn1d",
@@ -119,54 +121,102 @@ def run_bench(
     rows: list[BenchRow],
     extra_overrides: list[str],
     timeout_s: float,
+    repeat: int = 1,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = []
+    """Every row at every rate, ``repeat`` times (rows interleaved within a
+    repetition, so slow drifts of the machine hit all alike). Writes each run
+    to ``runs.json`` as it ends and the per-configuration medians to
+    ``bench.json``; returns the medians."""
+    runs: list[dict[str, Any]] = []
     for rate in rates:
         rate_name = rate or "none"
         with Testbed(workers, rate=rate) as testbed:
-            for row in rows:
-                run_dir = out / "runs" / rate_name / row.label
-                overrides = [*extra_overrides, f"strategy={row.strategy}", f"codec={row.codec}"]
-                if row.label == "compute-only":
-                    # Its workers never agree on a model, so it rarely reaches the
-                    # target: it only has to measure a step, and 100 are plenty.
-                    overrides += ["train.steps=100", "train.stop_at_target=false"]
-                started = time.monotonic()
-                summary, tail = run_on_testbed(testbed, config, overrides, run_dir, timeout_s)
-                if summary is None:
-                    log(f"[{rate_name}] {row.label}: FAILED after {time.monotonic() - started:.0f} s\n{tail}")
-                    results.append({"label": row.label, "strategy": row.strategy, "codec": row.codec,
-                                    "rate": rate_name, "failed": True})
-                    continue
-                result = {
-                    "label": row.label,
-                    "strategy": row.strategy,
-                    "codec": row.codec,
-                    "rate": rate_name,
-                    "time_to_target_s": summary["time_to_target_s"],
-                    "steps_to_target": summary["steps_to_target"],
-                    "final_accuracy": summary["final_accuracy"],
-                    "wire_bytes_per_worker": summary["wire_bytes_per_worker"],
-                    "wire_bytes_per_step": summary["wire_bytes_per_worker"] / summary["steps"],
-                    "steps": summary["steps"],
-                    "train_time_s": summary["train_time_s"],
-                    "steps_per_s": summary["steps"] / summary["train_time_s"],
-                    "median_step_s": median_step_s(run_dir / "metrics.jsonl"),
-                    "metrics": str(run_dir / "metrics.jsonl"),
-                    "failed": False,
-                }
-                results.append(result)
-                ttt = result["time_to_target_s"]
-                log(
-                    f"[{rate_name}] {row.label}: accuracy {result['final_accuracy']:.3f}, "
-                    f"time to target {'not reached' if ttt is None else f'{ttt:.1f} s'}, "
-                    f"{result['steps_per_s']:.2f} steps/s, {result['wire_bytes_per_step'] / 1e6:.3f} MB/step"
-                )
-                write_json_atomic(out / "bench.json", results)
+            for k in range(repeat):
+                for row in rows:
+                    run_dir = out / "runs" / rate_name / row.label
+                    if repeat > 1:
+                        run_dir = run_dir / f"r{k}"
+                    runs.append(_run_row(testbed, row, rate_name, run_dir, config, extra_overrides, timeout_s, log))
+                    runs[-1]["repeat"] = k
+                    write_json_atomic(out / "runs.json", runs)
+    results = medians(runs)
     add_ceilings(results)
     write_json_atomic(out / "bench.json", results)
     return results
+
+
+def _run_row(
+    testbed: Testbed, row: BenchRow, rate_name: str, run_dir: Path, config: Path, extra_overrides: list[str],
+    timeout_s: float, log: Callable[[str], None],
+) -> dict[str, Any]:
+    overrides = [*extra_overrides, f"strategy={row.strategy}", f"codec={row.codec}"]
+    if row.label == "compute-only":
+        # Its workers never agree on a model, so it rarely reaches the
+        # target: it only has to measure a step, and 100 are plenty.
+        overrides += ["train.steps=100", "train.stop_at_target=false"]
+    started = time.monotonic()
+    summary, tail = run_on_testbed(testbed, config, overrides, run_dir, timeout_s)
+    base = {"label": row.label, "strategy": row.strategy, "codec": row.codec, "rate": rate_name}
+    if summary is None:
+        log(f"[{rate_name}] {row.label}: FAILED after {time.monotonic() - started:.0f} s\n{tail}")
+        return {**base, "failed": True}
+    result = {
+        **base,
+        "codec_chosen": summary.get("codec_chosen"),
+        "time_to_target_s": summary["time_to_target_s"],
+        "steps_to_target": summary["steps_to_target"],
+        "final_accuracy": summary["final_accuracy"],
+        "wire_bytes_per_worker": summary["wire_bytes_per_worker"],
+        "wire_bytes_per_step": summary["wire_bytes_per_worker"] / summary["steps"],
+        "steps": summary["steps"],
+        "train_time_s": summary["train_time_s"],
+        "steps_per_s": summary["steps"] / summary["train_time_s"],
+        "median_step_s": median_step_s(run_dir / "metrics.jsonl"),
+        "metrics": str(run_dir / "metrics.jsonl"),
+        "failed": False,
+    }
+    ttt = result["time_to_target_s"]
+    chosen = f" (auto chose {result['codec_chosen']})" if result["codec_chosen"] else ""
+    log(
+        f"[{rate_name}] {row.label}: accuracy {result['final_accuracy']:.3f}, "
+        f"time to target {'not reached' if ttt is None else f'{ttt:.1f} s'}, "
+        f"{result['steps_per_s']:.2f} steps/s, {result['wire_bytes_per_step'] / 1e6:.3f} MB/step{chosen}"
+    )
+    return result
+
+
+MEDIAN_KEYS = ("final_accuracy", "wire_bytes_per_worker", "wire_bytes_per_step", "steps", "train_time_s",
+               "steps_per_s", "median_step_s")
+
+
+def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (rate, label): medians over its repetitions.
+
+    A run that never reached the target counts as slower than every run that
+    did, so the median time is None only if at least half never reached it.
+    The row keeps every run's time (``time_to_target_runs``) and the metrics
+    of the run whose time is the median, for the plots.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["rate"], r["label"]), []).append(r)
+    rows = []
+    for group in groups.values():
+        ok = [r for r in group if not r["failed"]]
+        if not ok:
+            rows.append({**group[0], "repeats": len(group), "failed_runs": len(group)})
+            continue
+        by_time = sorted(ok, key=lambda r: math.inf if r["time_to_target_s"] is None else r["time_to_target_s"])
+        middle = by_time[(len(by_time) - 1) // 2]  # the lower median: an actual run
+        row = dict(middle)
+        row.pop("repeat", None)
+        for key in MEDIAN_KEYS:
+            row[key] = statistics.median(r[key] for r in ok)
+        row.update(repeats=len(group), failed_runs=len(group) - len(ok),
+                   time_to_target_runs=[r["time_to_target_s"] for r in ok])
+        rows.append(row)
+    return rows
 
 
 def median_step_s(metrics: Path) -> float:

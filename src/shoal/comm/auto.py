@@ -35,6 +35,7 @@ from torch import nn
 from shoal.comm import costmodel
 from shoal.comm.codecs.auto import AutoOptions
 from shoal.comm.codecs.base import build_codec
+from shoal.comm.hooks import LocalComm
 from shoal.registry import CODECS, Component
 
 
@@ -81,6 +82,7 @@ def candidate_specs(options: AutoOptions) -> list[tuple[str, float]]:
         "bf16": ("bf16", 1.0),
         "int8": (f"int8:memory={options.memory}", options.int8_steps),
         "topk": (f"topk:ratio={options.topk_ratio},sample=0.01{ef}", options.topk_steps),
+        "powersgd": (f"powersgd:rank={options.powersgd_rank}{ef}", options.powersgd_steps),
     }
     return [table[name] for name in dict.fromkeys(options.candidates)]
 
@@ -119,11 +121,18 @@ def _probe_compute(model: nn.Module, loss_fn, inputs, targets, repeats: int) -> 
     return compute_s, grad
 
 
-def _probe_codec(spec: str, grad: torch.Tensor, workers: int, rank: int, repeats: int) -> tuple[float, int, bool]:
+def _probe_codec(
+    spec: str, grad: torch.Tensor, shapes: list[torch.Size], workers: int, rank: int, repeats: int
+) -> tuple[float, int, bool]:
     """Seconds of encode + decode(s) for one step's gradient, wire bytes, summable."""
     codec = build_codec(CODECS.resolve(spec), rank=rank)
     if spec == "none":
         return 0.0, grad.numel() * grad.element_size(), True
+    if hasattr(codec, "exchange"):  # its own all-reduce rounds: time them on one worker
+        comm = LocalComm()
+        codec.exchange(0, grad.clone(), comm, shapes=shapes)
+        seconds = _median_time(lambda: codec.exchange(0, grad.clone(), LocalComm(), shapes=shapes), repeats)
+        return seconds, comm.sent, True
     payload = codec.encode(grad)
     decodes = 1 if codec.summable else workers  # an all-gather decodes every worker's payload
 
@@ -168,7 +177,8 @@ def choose_codec(
     workers = dist.get_world_size(group) if dist.is_initialized() else 1
     compute_s, grad = _probe_compute(model, loss_fn, inputs, targets, options.probe_steps)
     specs = candidate_specs(options)
-    probes = [_probe_codec(spec, grad, workers, rank, repeats=3) for spec, _ in specs]
+    shapes = [p.shape for p in model.parameters() if p.requires_grad]
+    probes = [_probe_codec(spec, grad, shapes, workers, rank, repeats=3) for spec, _ in specs]
     probe_bytes = int(options.probe_mb * 2**20)
     if workers > 1:
         small_s, large_s = _probe_link(group, probe_bytes, repeats=3, device=grad.device)
@@ -181,10 +191,11 @@ def choose_codec(
         codec_times = [p[0] for p in probes]
         link = costmodel.Link(alpha_s=0.0, beta_bytes_per_s=math.inf)
     gradient_bytes = grad.numel() * grad.element_size()
-    messages = max(1, math.ceil(gradient_bytes / (bucket_cap_mb * 2**20)))
+    buckets = max(1, math.ceil(gradient_bytes / (bucket_cap_mb * 2**20)))
     costs = []
     for (spec, steps), (_, wire, summable), codec_s in zip(specs, probes, codec_times):
-        comm = costmodel.comm_s(wire, summable, workers, link, messages)
+        rounds = 3 if spec.startswith("powersgd") else 1  # plain part, P, Q
+        comm = costmodel.comm_s(wire, summable, workers, link, buckets * rounds)
         costs.append(costmodel.CodecCost(spec, compute_s, codec_s, comm, steps, period))
     chosen = costmodel.best(costs)
     choice = AutoChoice(

@@ -98,6 +98,26 @@ class _MeteredComm:
         return gathered
 
 
+class LocalComm:
+    """A one-worker stand-in for :class:`_MeteredComm`: no network, bytes counted.
+
+    For timing a multi-round codec's own compute (``shoal bench codecs``,
+    ``codec: auto``'s probe) and reading what it would send."""
+
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def all_reduce(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
+        self.sent += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
+        self.sent += tensor.numel() * tensor.element_size()
+        return tensor.unsqueeze(0)
+
+
 def _multi_round(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None) -> torch.Tensor:
     memory = state.memory
     compensated = memory.compensate(name, tensor) if memory is not None else tensor

@@ -15,17 +15,22 @@ from pydantic import Field
 from shoal.comm.codecs.base import Codec, CodecOptions, Payload
 from shoal.registry import CODECS
 
-Candidate = Literal["none", "fp16", "bf16", "int8", "topk"]
+Candidate = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"]
 
 
 class AutoOptions(CodecOptions):
-    memory: Literal["none", "ef"] = Field("ef", description="error feedback for the lossy candidates (int8, topk)")
+    memory: Literal["none", "ef"] = Field("ef", description="error feedback for the lossy candidates")
     candidates: list[Candidate] = Field(
-        default_factory=lambda: ["none", "fp16", "topk"], min_length=1, description="codecs to choose between"
+        default_factory=lambda: ["none", "fp16", "topk", "powersgd"], min_length=1,
+        description="codecs to choose between",
     )
     topk_ratio: float = Field(0.01, gt=0, le=1, description="fraction of values the topk candidate sends")
     topk_steps: float = Field(
         1.35, ge=1, description="steps to a target with topk relative to fp32 (1.35 measured at ratio 0.01 with EF)"
+    )
+    powersgd_rank: int = Field(4, ge=1, le=64, description="rank of the powersgd candidate")
+    powersgd_steps: float = Field(
+        1.25, ge=1, description="steps to a target with powersgd relative to fp32 (1.25 measured at rank 4 with EF)"
     )
     int8_steps: float = Field(1.05, ge=1, description="steps to a target with int8 relative to fp32")
     probe_mb: float = Field(2.0, gt=0, le=256, description="size of the timed all-reduce that measures bandwidth")
