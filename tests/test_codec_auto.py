@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import shoal
-from shoal.comm import costmodel
+from shoal.netem import costmodel
 from shoal.comm.codecs.auto import AutoOptions
 from shoal.comm.auto import candidate_specs
 from shoal.netem import Testbed, check_available

@@ -9,7 +9,7 @@ At the first step, on every worker:
 2. codecs: encode+decode of that gradient with each candidate, timed; its
    wire bytes read from the payload
 3. link: two timed all-reduces (a few bytes and ``probe_mb``) fitted to
-   ``shoal.comm.costmodel.fit_allreduce``
+   ``shoal.netem.costmodel.fit_allreduce``
 4. the slowest worker's figures (an all-reduce of MAX) decide, so every
    worker computes the same prediction and picks the same codec
 
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal.comm import costmodel
+from shoal.netem import costmodel
 from shoal.comm.codecs.auto import AutoOptions
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import LocalComm
