@@ -41,6 +41,9 @@ def train(
     is_host: Optional[bool] = typer.Option(None, "--is-host/--not-host", help="this node hosts the rendezvous store"),
     local_addr: Optional[str] = typer.Option(None, help="this node's address as the others reach it"),
     max_restarts: int = typer.Option(0, help="times the launcher may restart a failed worker group"),
+    slowdown: list[str] = typer.Option(
+        [], "--slowdown", help="RANK:FACTOR — make that worker's compute FACTOR times slower (repeatable)"
+    ),
 ) -> None:
     """Train a model on one or many workers; writes metrics.jsonl, summary.json, curves.png and checkpoint.pt to OUT."""
     from shoal.launch import JobFailed, launch
@@ -55,7 +58,7 @@ def train(
     if nnodes > 1 and not rdzv_endpoint:
         _fail_config("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
     try:
-        cfg = load_config(config, set_, workers=workers, out=str(out) if out else None)
+        cfg = load_config(config, [*set_, *_slowdown_overrides(slowdown)], workers=workers, out=str(out) if out else None)
     except ConfigError as err:
         _fail_config(str(err))
     try:
@@ -81,6 +84,21 @@ def train(
         raise typer.Exit(1)
     if summary is not None:
         print_summary(summary.model_dump())
+
+
+def _slowdown_overrides(items: list[str]) -> list[str]:
+    """``--slowdown 3:3.0`` -> ``--set slowdown.factors.3=3.0``."""
+    overrides = []
+    for item in items:
+        rank, sep, factor = item.partition(":")
+        if not sep or not rank.strip().isdigit():
+            _fail_config(f"--slowdown {item!r}: expected RANK:FACTOR, e.g. 3:3.0")
+        try:
+            float(factor)
+        except ValueError:
+            _fail_config(f"--slowdown {item!r}: FACTOR must be a number >= 1")
+        overrides.append(f"slowdown.factors.{int(rank)}={factor}")
+    return overrides
 
 
 def print_summary(summary: dict) -> None:

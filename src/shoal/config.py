@@ -91,6 +91,22 @@ class TrainConfig(_Strict):
         return self
 
 
+class SlowdownConfig(_Strict):
+    """Emulated unequal hardware (see shoal.netem.slowdown)."""
+
+    factors: dict[int, float] = Field(default_factory=dict, description="global rank -> compute slowdown >= 1")
+    method: Literal["auto", "cgroup", "busy"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> "SlowdownConfig":
+        for rank, factor in self.factors.items():
+            if rank < 0:
+                raise ValueError(f"factors: rank {rank} must be >= 0")
+            if not 1 <= factor <= 100:
+                raise ValueError(f"factors: rank {rank}'s factor {factor} must be in [1, 100]")
+        return self
+
+
 class RunConfig(_Strict):
     """One training run."""
 
@@ -104,6 +120,7 @@ class RunConfig(_Strict):
     strategy: StrategySpec = "sync"
     codec: CodecSpec = "none"
     train: TrainConfig = Field(default_factory=TrainConfig)
+    slowdown: SlowdownConfig = Field(default_factory=SlowdownConfig)
     out: str = "runs/latest"
 
     @model_validator(mode="after")

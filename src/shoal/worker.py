@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from shoal.config import ConfigError, RunConfig, load_config, validate_config
+from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import WorkerContext
 
 
@@ -92,7 +93,14 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
             device=device,
             backend=backend,
         )
-        summary = run_training(cfg, ctx, resume=resume)
+        beyond = [r for r in cfg.slowdown.factors if r >= ctx.world_size]
+        if beyond:
+            raise ValueError(f"slowdown.factors: rank {beyond[0]} does not exist in a job of {ctx.world_size} workers")
+        factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
+        with Slowdown(factor, threads=torch.get_num_threads(), method=cfg.slowdown.method) as slowdown:
+            if factor > 1:
+                print(f"rank {ctx.rank}: {slowdown.describe()}", file=sys.stderr, flush=True)
+            summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown)
         # Without this barrier a rank can reach interpreter shutdown while a gloo
         # thread still frees the last all-reduce's tensors, and abort (SIGABRT):
         # seen in about 1 run in 8 on a loaded machine.

@@ -27,6 +27,7 @@ from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import Summary
 from shoal.metrics.writer import MetricsWriter
 from shoal.models import build_model, count_parameters
+from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import StepStats, Strategy, WorkerContext
 from shoal.training.checkpoint import load_checkpoint, save_checkpoint
 from shoal.training.evaluate import evaluate
@@ -75,8 +76,13 @@ class _Progress:
             self.console.print(f"step {step:>6}  test loss {loss:.4f}  test acc {acc:.4f}  {clock:7.1f}s")
 
 
-def run_training(cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False) -> Summary | None:
-    """Train on this worker; rank 0 returns the :class:`Summary`, others ``None``."""
+def run_training(
+    cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False, slowdown: Slowdown | None = None
+) -> Summary | None:
+    """Train on this worker; rank 0 returns the :class:`Summary`, others ``None``.
+
+    ``slowdown``: this worker's emulated slower hardware (busy-waiting is
+    added to each step here; a cgroup quota needs nothing from the loop)."""
     setup_started = time.perf_counter()
     out = Path(cfg.out)
     is_main = ctx.rank == 0
@@ -131,6 +137,8 @@ def run_training(cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False) ->
             step_started = time.perf_counter()
             x, y = next(batch_iter)
             stats = strategy.step(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
+            if slowdown is not None:
+                slowdown.after_step(stats.compute_s)
             scheduler.step()
             now = time.perf_counter()
             state.add(stats, step_s=now - step_started, wall=state.wall_before + now - loop_started)

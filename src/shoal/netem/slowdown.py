@@ -1,0 +1,131 @@
+"""Emulated unequal hardware: make one worker's compute FACTOR times slower.
+
+Two ways, chosen by ``method``:
+
+- ``cgroup``: the worker process moves into its own CPU cgroup whose quota is
+  its fair share of the machine divided by FACTOR (cgroup v2 ``cpu.max``, or
+  v1 ``cpu.cfs_quota_us``). The kernel throttles it like a slower CPU: the
+  worker cannot tell, and its idle waits (network, barriers) cost nothing.
+  Needs root and a writable cgroup hierarchy.
+- ``busy``: after each step the worker spins for ``(FACTOR - 1)`` times the
+  step's measured compute time, holding the CPU as a slow core would.
+
+``auto`` takes the cgroup where it can be made, else busy-waiting. The
+worker's fair share is its intra-op threads, capped by the machine's cores
+divided by the workers sharing them (``SHOAL_MACHINE_WORKERS`` when several
+emulated hosts share one machine, else the launcher's ``LOCAL_WORLD_SIZE``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PERIOD_US = 100_000
+
+
+def fair_share(threads: int) -> float:
+    """Cores this worker would get with every worker on the machine busy."""
+    workers = int(os.environ.get("SHOAL_MACHINE_WORKERS") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return min(float(threads), (os.cpu_count() or 1) / max(workers, 1))
+
+
+def _cpu_hierarchy() -> tuple[Path, str] | None:
+    """(directory new cgroups go under, 'v2' or 'v1') if this process may make one."""
+    v2 = CGROUP_ROOT / "cgroup.controllers"
+    if v2.is_file() and "cpu" in v2.read_text().split() and os.access(CGROUP_ROOT, os.W_OK):
+        return CGROUP_ROOT, "v2"
+    v1 = CGROUP_ROOT / "cpu"
+    if (v1 / "cpu.cfs_quota_us").is_file() and os.access(v1, os.W_OK):
+        return v1, "v1"
+    return None
+
+
+def remove_stale_cgroups() -> None:
+    """Remove ``shoal-slow-*`` cgroups left by killed workers (empty ones only)."""
+    found = _cpu_hierarchy()
+    if found is None:
+        return
+    for group in found[0].glob("shoal-slow-*"):
+        try:
+            group.rmdir()  # fails while a live process is inside: then it is not stale
+        except OSError:
+            pass
+
+
+class Slowdown:
+    """``with Slowdown(3.0, threads=1): train()``; call :meth:`after_step` each step."""
+
+    def __init__(self, factor: float, *, threads: int, method: str = "auto"):
+        if factor < 1:
+            raise ValueError(f"slowdown factor must be >= 1, got {factor}")
+        if method not in ("auto", "cgroup", "busy"):
+            raise ValueError(f"slowdown method {method!r}: allowed auto, cgroup, busy")
+        self.factor = factor
+        self.threads = threads
+        self.requested = method
+        self.method = "none" if factor == 1 else method
+        self.cgroup: Path | None = None
+        self._parent: Path | None = None
+
+    def __enter__(self) -> "Slowdown":
+        if self.method in ("auto", "cgroup"):
+            reason = self._enter_cgroup()
+            if reason and self.method == "cgroup":
+                raise RuntimeError(f"slowdown by cgroup: {reason}")
+            self.method = "busy" if reason else "cgroup"
+        return self
+
+    def _enter_cgroup(self) -> str | None:
+        found = _cpu_hierarchy()
+        if found is None:
+            return "no writable cgroup cpu controller (needs root and cgroup v1 or v2 with cpu)"
+        parent, version = found
+        remove_stale_cgroups()
+        quota_us = max(1000, int(PERIOD_US * fair_share(self.threads) / self.factor))
+        group = parent / f"shoal-slow-{os.getpid()}"
+        try:
+            group.mkdir(exist_ok=True)
+            if version == "v2":
+                (group / "cpu.max").write_text(f"{quota_us} {PERIOD_US}")
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota_us))
+            # All of this process's threads move with it; threads started later inherit.
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+        except OSError as err:
+            try:
+                group.rmdir()
+            except OSError:
+                pass
+            return str(err)
+        self.cgroup, self._parent = group, parent
+        self.quota_cores = quota_us / PERIOD_US
+        return None
+
+    def after_step(self, compute_s: float) -> None:
+        """Busy-waiting: spin for what a FACTOR-times slower core would have added."""
+        if self.method != "busy":
+            return
+        until = time.perf_counter() + (self.factor - 1) * compute_s
+        while time.perf_counter() < until:
+            pass
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cgroup is None or self._parent is None:
+            return
+        try:
+            (self._parent / "cgroup.procs").write_text(str(os.getpid()))
+            self.cgroup.rmdir()
+        except OSError:
+            pass  # a later worker's remove_stale_cgroups() takes it
+        self.cgroup = None
+
+    def describe(self) -> str:
+        if self.method == "cgroup":
+            return f"{self.factor:g}x slower by a CPU quota of {self.quota_cores:.3f} cores ({self.cgroup})"
+        if self.method == "busy":
+            return f"{self.factor:g}x slower by busy-waiting after each step"
+        return "full speed"
