@@ -8,11 +8,16 @@ step means that at step k the N workers together hold exactly positions
 process with batch ``N*b`` would see. That is what makes N-worker synchronous
 training equal to single-process training, and a resumed run equal to an
 unbroken one.
+
+A strategy may split each global batch unequally (``split``: a callable giving
+every worker's share for the next step). The global batch is then taken as
+that contiguous slice of the permutation, and worker r takes its share of it:
+the same samples in every step as with equal shards, divided differently.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler, TensorDataset
@@ -24,10 +29,15 @@ class ShardedBatches:
 
     def __init__(self, dataset: Dataset, *, rank: int, world_size: int, batch_size: int, seed: int):
         self.dataset = dataset
+        self.rank = rank
+        self.world_size = world_size
         self.batch_size = batch_size
+        self.split: Callable[[], list[int]] | None = None
         self.sampler = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
+        # The whole permutation (DistributedSampler's, before it deals it out) for split batches.
+        self.whole = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
         self.steps_per_epoch = len(self.sampler) // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -39,9 +49,21 @@ class ShardedBatches:
         epoch, offset = divmod(start_step, self.steps_per_epoch)
         while True:
             self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)
+            self.whole.set_epoch(epoch)
+            if self.split is None:
+                indices = list(self.sampler)
+            else:
+                everything = list(self.whole)
             for i in range(offset, self.steps_per_epoch):
-                yield fetch(self.dataset, indices[i * self.batch_size : (i + 1) * self.batch_size])
+                if self.split is None:
+                    yield fetch(self.dataset, indices[i * self.batch_size : (i + 1) * self.batch_size])
+                    continue
+                sizes = self.split()
+                if len(sizes) != self.world_size or sum(sizes) != self.world_size * self.batch_size:
+                    raise ValueError(f"split {sizes}: expected {self.world_size} shares of "
+                                     f"{self.world_size * self.batch_size} samples")
+                start = i * self.world_size * self.batch_size + sum(sizes[: self.rank])
+                yield fetch(self.dataset, everything[start : start + sizes[self.rank]])
             epoch, offset = epoch + 1, 0
 
 

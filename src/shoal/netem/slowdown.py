@@ -7,8 +7,10 @@ Two ways, chosen by ``method``:
   v1 ``cpu.cfs_quota_us``). The kernel throttles it like a slower CPU: the
   worker cannot tell, and its idle waits (network, barriers) cost nothing.
   Needs root and a writable cgroup hierarchy.
-- ``busy``: after each step the worker spins for ``(FACTOR - 1)`` times the
-  step's measured compute time, holding the CPU as a slow core would.
+- ``busy``: at the start of each training forward pass the worker spins for
+  ``(FACTOR - 1)`` times the last step's own compute time, holding the CPU as
+  a slow core would. The wait falls inside the step, before any gradient is
+  sent, so timing, DDP and the strategies see it as compute.
 
 ``auto`` takes the cgroup where it can be made, else busy-waiting. The
 worker's fair share is its intra-op threads, capped by the machine's cores
@@ -21,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 100_000
@@ -56,7 +59,7 @@ def remove_stale_cgroups() -> None:
 
 
 class Slowdown:
-    """``with Slowdown(3.0, threads=1): train()``; call :meth:`after_step` each step."""
+    """``with Slowdown(3.0, threads=1) as s: s.attach(model); ...; s.after_step(compute_s)``."""
 
     def __init__(self, factor: float, *, threads: int, method: str = "auto"):
         if factor < 1:
@@ -69,6 +72,8 @@ class Slowdown:
         self.method = "none" if factor == 1 else method
         self.cgroup: Path | None = None
         self._parent: Path | None = None
+        self._base_s = 0.0  # the last step's compute without the added wait
+        self._spun_s = 0.0
 
     def __enter__(self) -> "Slowdown":
         if self.method in ("auto", "cgroup"):
@@ -105,13 +110,24 @@ class Slowdown:
         self.quota_cores = quota_us / PERIOD_US
         return None
 
-    def after_step(self, compute_s: float) -> None:
-        """Busy-waiting: spin for what a FACTOR-times slower core would have added."""
-        if self.method != "busy":
-            return
-        until = time.perf_counter() + (self.factor - 1) * compute_s
+    def attach(self, module: Any) -> None:
+        """Busy-waiting: spin at the start of each training forward of ``module``."""
+        if self.method == "busy":
+            module.register_forward_pre_hook(self._spin)
+
+    def _spin(self, module: Any, args: Any) -> None:
+        if not module.training:
+            return  # evaluation is not what the slowdown emulates
+        wait = (self.factor - 1) * self._base_s
+        until = time.perf_counter() + wait
         while time.perf_counter() < until:
             pass
+        self._spun_s += wait
+
+    def after_step(self, compute_s: float) -> None:
+        """The step's measured compute, for the next step's wait."""
+        self._base_s = max(compute_s - self._spun_s, 0.0)
+        self._spun_s = 0.0
 
     def __exit__(self, *exc: object) -> None:
         if self.cgroup is None or self._parent is None:
@@ -127,5 +143,5 @@ class Slowdown:
         if self.method == "cgroup":
             return f"{self.factor:g}x slower by a CPU quota of {self.quota_cores:.3f} cores ({self.cgroup})"
         if self.method == "busy":
-            return f"{self.factor:g}x slower by busy-waiting after each step"
+            return f"{self.factor:g}x slower by busy-waiting in each step"
         return "full speed"

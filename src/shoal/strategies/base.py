@@ -66,6 +66,10 @@ class Strategy(ABC):
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         """One optimisation step on this worker's batch."""
 
+    def split_batch(self, batch_size: int) -> Callable[[], list[int]] | None:
+        """Every worker's share of the next global batch, or None for equal shares."""
+        return None
+
     @property
     def eval_model(self) -> nn.Module:
         """The plain module to evaluate and checkpoint (no wrappers)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 from torch.nn.utils import parameters_to_vector
 
 from shoal.comm.codecs.base import build_codec
@@ -40,6 +40,12 @@ class LocalSgdOptions(SyncOptions):
     warmup: int = Field(0, ge=0, description="W: synchronous steps before local SGD starts")
     group_size: int = Field(0, ge=0, description="G: workers per group for hierarchical averaging; 0 = flat")
     global_period: int = Field(4, ge=1, description="K: group averages per global average (hierarchical only)")
+
+    @model_validator(mode="after")
+    def _no_balance(self) -> "LocalSgdOptions":
+        if self.balance != "none":
+            raise ValueError("balance: local steps are not averaged per sample (allowed: none)")
+        return self
 
 
 @STRATEGIES.register("localsgd", LocalSgdOptions)

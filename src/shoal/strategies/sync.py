@@ -9,7 +9,7 @@ bucketing and overlap.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,12 +21,17 @@ from shoal.comm.hooks import CodecHookState, codec_hook
 from shoal.comm.memory import ErrorFeedback
 from shoal.comm.wire import WireMeter
 from shoal.registry import CODECS, STRATEGIES, Component
+from shoal.strategies.balance import ThroughputBalancer
 from shoal.strategies.base import StepStats, Strategy
 
 
 class SyncOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     bucket_cap_mb: float = Field(25.0, gt=0, description="DDP gradient bucket size")
+    balance: Literal["none", "throughput"] = Field(
+        "none", description="throughput: batch shares proportional to each worker's measured speed"
+    )
+    rebalance_every: int = Field(20, ge=1, description="steps between re-measuring speeds (balance=throughput)")
 
 
 @STRATEGIES.register("sync", SyncOptions)
@@ -48,6 +53,7 @@ class SyncStrategy(Strategy):
         self.meter = WireMeter()
         self.hook_state = CodecHookState(self.codec, self.meter, self.group)
         self.ddp.register_comm_hook(self.hook_state, codec_hook)
+        self.balancer: ThroughputBalancer | None = None
 
     comm_period = 1  # steps between communications, for codec: auto's cost model
 
@@ -69,14 +75,27 @@ class SyncStrategy(Strategy):
         self.hook_state.codec = self.codec
         self.hook_state.memory = ErrorFeedback() if self.codec.options.memory == "ef" else None
 
+    def split_batch(self, batch_size: int) -> Callable[[], list[int]] | None:
+        if self.options.balance == "none":
+            return None
+        self.balancer = ThroughputBalancer(
+            world_size=self.context.world_size, batch_size=batch_size, every=self.options.rebalance_every
+        )
+        return lambda: self.balancer.sizes
+
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         started = time.perf_counter()
         self.choose_codec(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.ddp(inputs), targets)
-        loss.backward()  # returns once DDP's hook futures have all completed
+        # Unequal shares: weight by samples so DDP's mean is the per-sample mean.
+        weight = self.balancer.loss_weight(self.context.rank) if self.balancer else 1.0
+        (loss * weight if weight != 1.0 else loss).backward()  # returns once DDP's hook futures have completed
         self.optimizer.step()
-        return self.stats(loss, started, len(targets))
+        stats = self.stats(loss, started, len(targets))
+        if self.balancer is not None:
+            self.balancer.record(stats.compute_s, stats.samples, self.group)
+        return stats
 
     def stats(self, loss: torch.Tensor, started: float, samples: int) -> StepStats:
         """Close a step: its wall time split into communication and the rest."""
@@ -94,13 +113,17 @@ class SyncStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         memory = self.hook_state.memory
         choice = self.codec_choice.as_dict() if self.codec_choice is not None else None
-        return {"codec": self.codec.state_dict(), "memory": memory.state_dict() if memory else {}, "auto": choice}
+        balance = self.balancer.state_dict() if self.balancer is not None else None
+        return {"codec": self.codec.state_dict(), "memory": memory.state_dict() if memory else {}, "auto": choice,
+                "balance": balance}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.auto is not None and state.get("auto"):
             # Keep the first session's choice: its residuals belong to that codec.
             self.codec_choice = AutoChoice(**state["auto"])
             self._use_codec(CODECS.resolve(self.codec_choice.codec))
+        if self.balancer is not None and state.get("balance"):
+            self.balancer.load_state_dict(state["balance"])
         self.codec.load_state_dict(state.get("codec", {}))
         if self.hook_state.memory is not None:
             self.hook_state.memory.load_state_dict(state.get("memory", {}))

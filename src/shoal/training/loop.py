@@ -81,8 +81,8 @@ def run_training(
 ) -> Summary | None:
     """Train on this worker; rank 0 returns the :class:`Summary`, others ``None``.
 
-    ``slowdown``: this worker's emulated slower hardware (busy-waiting is
-    added to each step here; a cgroup quota needs nothing from the loop)."""
+    ``slowdown``: this worker's emulated slower hardware (busy-waiting hooks
+    the model's forward; a cgroup quota needs nothing from the loop)."""
     setup_started = time.perf_counter()
     out = Path(cfg.out)
     is_main = ctx.rank == 0
@@ -92,6 +92,8 @@ def run_training(
     data = build_dataset(cfg.data.dataset)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, data).to(ctx.device)
+    if slowdown is not None:
+        slowdown.attach(model)
     torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-worker stream for dropout and the like
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     batches = ShardedBatches(
@@ -107,6 +109,7 @@ def run_training(
         context=ctx,
         loss_fn=F.cross_entropy,
     )
+    batches.split = strategy.split_batch(cfg.data.batch_size)
 
     def run_eval() -> tuple[float, float]:
         return evaluate(
@@ -175,7 +178,8 @@ def run_training(
         loss_eval, acc = run_eval()
     _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx)
     # Mean over workers of what each one handed to the process group.
-    totals = torch.tensor([state.wire_bytes, state.dense_bytes, state.comm_s], dtype=torch.float64, device=ctx.device)
+    totals = torch.tensor([state.wire_bytes, state.dense_bytes, state.comm_s, state.samples], dtype=torch.float64,
+                          device=ctx.device)
     if ctx.world_size > 1:
         dist.all_reduce(totals)
     per_worker = (totals / ctx.world_size).tolist()
@@ -205,7 +209,7 @@ def run_training(
         model=cfg.model.name,
         dataset=cfg.data.dataset.name,
         parameters=count_parameters(strategy.eval_model),
-        samples_per_s=state.samples * ctx.world_size / max(state.clock, 1e-9),
+        samples_per_s=per_worker[3] * ctx.world_size / max(state.clock, 1e-9),
         wire_bytes_per_worker=per_worker[0],
         dense_bytes_per_worker=per_worker[1],
         comm_s_per_worker=per_worker[2],
