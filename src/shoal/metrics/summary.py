@@ -36,6 +36,9 @@ class Summary(BaseModel):
     dense_bytes_per_worker: float
     comm_s_per_worker: float
     resumed_from_step: int | None
+    updates: float | None = None  # parameter servers: pushes applied per shard
+    mean_staleness: float | None = None  # parameter servers: over all applied pushes
+    dropped_pushes: float | None = None  # sync:backup=b: late gradients dropped, per shard
     restarts: int
     out: str
 

@@ -38,6 +38,7 @@ class StepStats:
     wire_bytes: int
     dense_bytes: int
     samples: int
+    staleness: float | None = None  # parameter-server strategies: versions between pull and apply
 
 
 class Strategy(ABC):
@@ -65,6 +66,19 @@ class Strategy(ABC):
     @abstractmethod
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         """One optimisation step on this worker's batch."""
+
+    collective_eval = True  # every rank evaluates its share; False: rank 0 alone, nobody waits
+
+    def finished(self) -> bool:
+        """True when the job was told to stop (parameter servers' stop at target)."""
+        return False
+
+    def request_stop(self) -> None:
+        """Rank 0 reached the target: tell the other workers (strategies without collective eval)."""
+
+    def close(self) -> dict[str, float]:
+        """After the last step, on every rank: release what the strategy holds; extra summary fields."""
+        return {}
 
     def split_batch(self, batch_size: int) -> Callable[[], list[int]] | None:
         """Every worker's share of the next global batch, or None for equal shares."""

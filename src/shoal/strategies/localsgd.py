@@ -42,9 +42,11 @@ class LocalSgdOptions(SyncOptions):
     global_period: int = Field(4, ge=1, description="K: group averages per global average (hierarchical only)")
 
     @model_validator(mode="after")
-    def _no_balance(self) -> "LocalSgdOptions":
+    def _sync_only_options(self) -> "LocalSgdOptions":
         if self.balance != "none":
             raise ValueError("balance: local steps are not averaged per sample (allowed: none)")
+        if self.backup:
+            raise ValueError("backup: local SGD has no per-step gradient exchange to cut short (allowed: 0)")
         return self
 
 

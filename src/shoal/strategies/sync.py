@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shoal.comm.auto import AutoChoice, choose_codec
@@ -32,9 +32,25 @@ class SyncOptions(BaseModel):
         "none", description="throughput: batch shares proportional to each worker's measured speed"
     )
     rebalance_every: int = Field(20, ge=1, description="steps between re-measuring speeds (balance=throughput)")
+    backup: int = Field(0, ge=0, description="b: each update takes the first N-b gradients, drops the rest")
+
+    @model_validator(mode="after")
+    def _one_straggler_remedy(self) -> "SyncOptions":
+        if self.backup and self.balance != "none":
+            raise ValueError("backup and balance=throughput do not combine (choose one)")
+        return self
 
 
 @STRATEGIES.register("sync", SyncOptions)
+def sync(model, optimizer, **kwargs: Any) -> Strategy:
+    """Synchronous data parallel: DDP all-reduce through the codec hook (backup=b: first N-b gradients)."""
+    if kwargs["options"].backup:
+        from shoal.strategies.backup import BackupSyncStrategy
+
+        return BackupSyncStrategy(model, optimizer, **kwargs)
+    return SyncStrategy(model, optimizer, **kwargs)
+
+
 class SyncStrategy(Strategy):
     """Synchronous all-reduce data parallel (DDP + codec hook)."""
 

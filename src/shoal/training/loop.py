@@ -111,14 +111,18 @@ def run_training(
     )
     batches.split = strategy.split_batch(cfg.data.batch_size)
 
+    collective = strategy.collective_eval
+
     def run_eval() -> tuple[float, float]:
+        if not collective and not is_main:
+            return float("nan"), float("nan")  # rank 0 evaluates alone; nobody waits for it
         return evaluate(
             strategy.eval_model,
             data.test,
             batch_size=cfg.data.eval_batch_size,
             device=ctx.device,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
+            rank=ctx.rank if collective else 0,
+            world_size=ctx.world_size if collective else 1,
         )
 
     if not resume and restarted():
@@ -126,6 +130,8 @@ def run_training(
     state = _RunState()
     if resume:
         state = _restore(out / CHECKPOINT, strategy, optimizer, scheduler, ctx)
+        if ctx.world_size > 1:
+            dist.barrier()  # parameter servers: every shard restored before anyone pushes
     if is_main:
         (out / "config.yaml").write_text(cfg.to_yaml())
     metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state.step if resume else None) if is_main else None
@@ -158,9 +164,11 @@ def run_training(
                     "wire_bytes": stats.wire_bytes,
                     "dense_bytes": stats.dense_bytes,
                 }
+                if stats.staleness is not None:
+                    record["staleness"] = stats.staleness
             if is_main:
                 progress.advance(stats.loss)
-            if state.step % cfg.train.eval_every == 0 or state.step == steps:
+            if (state.step % cfg.train.eval_every == 0 or state.step == steps) and (collective or is_main):
                 loss_eval, acc = run_eval()
                 state.record_eval(acc, loss_eval, cfg.train.target_accuracy)
                 if is_main:
@@ -169,12 +177,17 @@ def run_training(
             if metrics is not None and record:
                 metrics.write(record)
             reached = state.time_to_target is not None and cfg.train.stop_at_target
-            if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0 and state.step < steps:
+            # A checkpoint gathers every worker's state: only where workers keep in step.
+            if (collective and cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
+                    and state.step < steps):
                 _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx)
-            if reached:
+            if reached and not collective:
+                strategy.request_stop()
+            if reached or strategy.finished():
                 break
 
-    if math.isnan(acc):  # resumed a run that had already finished
+    extra = strategy.close()  # parameter servers: wait for all, pull the final model
+    if math.isnan(acc) or not collective:  # resumed a finished run, or the final model was just pulled
         loss_eval, acc = run_eval()
     _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx)
     # Mean over workers of what each one handed to the process group.
@@ -214,6 +227,7 @@ def run_training(
         dense_bytes_per_worker=per_worker[1],
         comm_s_per_worker=per_worker[2],
         resumed_from_step=state.resumed_from,
+        **extra,
         restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         out=str(out),
     )

@@ -1,0 +1,56 @@
+"""``async_ps``: asynchronous parameter-server training (Downpour SGD, Dean et al. 2012).
+
+Each push is applied the moment it arrives and answered at once with the
+shard's current parameters; no worker ever waits for another. The price is
+staleness: a gradient computed on version v lands on version v + k. With
+``staleness_lr=true`` its learning rate is divided by k (Zhang et al. 2016,
+"Staleness-aware async-SGD").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.registry import STRATEGIES
+from shoal.strategies.ps import ParameterShard, PsStrategy, _done_future
+
+
+class AsyncPsOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    servers: int = Field(1, ge=1, le=64, description="S: parameter shards, served by ranks 0..S-1")
+    staleness_lr: bool = Field(False, description="divide a push's learning rate by its staleness")
+
+
+class AsyncPolicy:
+    """Apply on arrival, reply at once."""
+
+    def push(self, shard: ParameterShard, worker: int, version: int, clock: int, grad: torch.Tensor,
+             lr: float) -> torch.futures.Future:
+        with shard.lock:
+            staleness = shard.version - version
+            shard.apply(grad, lr, staleness)
+            return _done_future(shard.reply(staleness))
+
+    def finished(self, shard: ParameterShard, worker: int | None) -> None:
+        pass  # nobody waits on anybody
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@STRATEGIES.register("async_ps", AsyncPsOptions)
+class AsyncPsStrategy(PsStrategy):
+    """Asynchronous parameter server: pushes applied on arrival, staleness recorded."""
+
+    def __init__(self, model, optimizer, **kwargs: Any):
+        self.servers = kwargs["options"].servers
+        super().__init__(model, optimizer, **kwargs)
+
+    def make_policy(self) -> AsyncPolicy:
+        return AsyncPolicy()

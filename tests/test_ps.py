@@ -1,0 +1,113 @@
+"""Parameter-server strategies: async_ps, ssp, sync:backup=b — policies alone, then real runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import shoal
+from shoal.comm.codecs import build_codec
+from shoal.launch import JobFailed
+from shoal.registry import CODECS, load_builtins
+from shoal.strategies.async_ps import AsyncPolicy
+from shoal.strategies.backup import BackupPolicy
+from shoal.strategies.ps import ParameterShard, shard_layout
+from shoal.strategies.ssp import SspPolicy
+from shoal.training.checkpoint import load_checkpoint
+from tests.conftest import small_config
+
+
+def test_shards_are_contiguous_nonempty_and_about_equal():
+    numels = [4096, 64, 4096, 64, 640, 10]
+    for shards in (1, 2, 3, 6):
+        layout = shard_layout(numels, shards)
+        assert len(layout) == shards and all(layout)
+        assert sum(layout, []) == list(range(len(numels)))
+    sizes = [sum(numels[i] for i in s) for s in shard_layout(numels, 2)]
+    assert sizes == [4160, 4810]  # the best contiguous split: no cut makes the larger shard smaller
+    with pytest.raises(ValueError):
+        shard_layout(numels, 7)
+
+
+def _shard(policy, workers=3):
+    load_builtins()
+    params = [torch.zeros(4)]
+    return ParameterShard(params=params, optimizer=torch.optim.SGD(params, lr=1.0), codec=build_codec(
+        CODECS.resolve("none")), policy=policy, workers=workers)
+
+
+def test_async_applies_each_push_at_once_and_measures_staleness():
+    shard = _shard(AsyncPolicy())
+    first = shard.policy.push(shard, 0, 0, 1, torch.ones(4), 1.0).wait()
+    second = shard.policy.push(shard, 1, 0, 1, torch.ones(4), 1.0).wait()  # computed on version 0, lands on 1
+    assert (first.staleness, second.staleness) == (0, 1)
+    assert torch.equal(second.params, torch.full((4,), -2.0)) and second.version == 2
+
+
+def test_ssp_holds_a_worker_that_runs_too_far_ahead():
+    shard = _shard(SspPolicy(staleness=1, workers=2), workers=2)
+    push = shard.policy.push
+    assert push(shard, 0, 0, 1, torch.ones(4), 0.1).done()  # clocks 1, 0: one ahead is allowed
+    held = push(shard, 0, 1, 2, torch.ones(4), 0.1)  # clocks 2, 0: two ahead
+    assert not held.done()
+    push(shard, 1, 0, 1, torch.ones(4), 0.1).wait()  # the slow one finishes a step: 2 - 1 <= 1
+    assert held.done() and held.wait().version == 3
+    parked = push(shard, 0, 3, 3, torch.ones(4), 0.1)
+    assert not parked.done()
+    shard.policy.finished(shard, 1)  # the slow worker's last step: nobody waits for it any more
+    assert parked.done()
+
+
+def test_backup_takes_the_mean_of_the_first_quorum_and_drops_the_late():
+    shard = _shard(BackupPolicy(backup=1, workers=3))
+    push = shard.policy.push
+    a = push(shard, 0, 0, 1, torch.full((4,), 1.0), 1.0)
+    assert not a.done()
+    b = push(shard, 1, 0, 1, torch.full((4,), 3.0), 1.0)
+    assert a.done() and b.done() and shard.version == 1
+    assert torch.equal(a.wait().params, torch.full((4,), -2.0))  # mean of 1 and 3, lr 1
+    late = push(shard, 2, 0, 1, torch.full((4,), 100.0), 1.0).wait()
+    assert late.staleness == -1 and late.version == 1 and shard.policy.dropped == 1
+    assert torch.equal(late.params, torch.full((4,), -2.0))  # dropped: nothing applied
+
+
+def test_one_worker_async_equals_plain_sgd(tmp_path):
+    # The server's optimizer, fed one worker's gradients in order, is plain SGD.
+    cfg = dict(workers=1, train__steps=30, train__eval_every=30)
+    shoal.train(small_config(tmp_path / "sync", **cfg))
+    summary = shoal.train(small_config(tmp_path / "ps", strategy="async_ps", **cfg))
+    assert summary.updates == 30 and summary.mean_staleness == 0
+    plain = load_checkpoint(tmp_path / "sync" / "checkpoint.pt")["model"]
+    served = load_checkpoint(tmp_path / "ps" / "checkpoint.pt")["model"]
+    for name, tensor in plain.items():
+        torch.testing.assert_close(served[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["async_ps:servers=2", "ssp:staleness=1", "sync:backup=1"])
+def test_parameter_server_strategies_learn_on_three_workers(tmp_path, strategy):
+    # Momentum 0.5: staleness acts as extra momentum (Mitliagkas et al. 2016); at
+    # 0.9 asynchronous SGD on this toy problem diverges, as it does for users.
+    summary = shoal.train(small_config(tmp_path / "run", workers=3, strategy=strategy, codec="fp16",
+                                       optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.5},
+                                       train__steps=80, train__eval_every=40))
+    assert summary.final_accuracy > 0.7, summary.final_accuracy
+    assert summary.mean_staleness is not None and summary.updates > 0
+    if strategy.startswith("sync"):
+        # A version needs 2 of the 3 pushes (all that are left, once workers finish); late ones are dropped.
+        assert summary.mean_staleness == 0 and summary.updates <= 3 * 80 / 2 + 2
+    else:
+        assert summary.updates == 3 * 80  # every push of every worker applied
+    assert summary.wire_bytes_per_worker < summary.dense_bytes_per_worker  # fp16 on the push
+
+
+def test_rank_zero_reaching_the_target_stops_everyone(tmp_path):
+    summary = shoal.train(small_config(tmp_path / "run", workers=2, strategy="async_ps", train__steps=2000,
+                                       train__eval_every=10, train__target_accuracy=0.5,
+                                       train__stop_at_target=True))
+    assert summary.steps_to_target is not None and summary.steps < 2000
+    assert summary.updates < 2 * 2000
+
+
+def test_a_codec_a_server_cannot_decode_is_refused(tmp_path):
+    with pytest.raises(JobFailed, match="cannot be decoded by a parameter server"):
+        shoal.train(small_config(tmp_path / "run", strategy="async_ps", codec="powersgd"))
