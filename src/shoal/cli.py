@@ -236,14 +236,7 @@ def bench_comm(
         _fail_config(str(err))
     if workers < 2:
         _fail_config("--workers must be at least 2")
-    selected = comm.QUICK_ROWS if quick else comm.FULL_ROWS
-    if rows:
-        by_label = {r.label: r for r in [*comm.FULL_ROWS, *comm.QUICK_ROWS]}
-        labels = [label.strip() for label in rows.split(",") if label.strip()]
-        unknown = [label for label in labels if label not in by_label]
-        if unknown or not labels:
-            _fail_config(f"--rows: unknown label {', '.join(unknown) or repr(rows)}; allowed: {', '.join(by_label)}")
-        selected = [by_label[label] for label in labels]
+    selected = _select_rows(rows, comm.QUICK_ROWS if quick else comm.FULL_ROWS, [*comm.FULL_ROWS, *comm.QUICK_ROWS])
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
     results = comm.run_bench(
@@ -253,6 +246,61 @@ def bench_comm(
     images = [*report.plot_accuracy(results, out), report.plot_bytes(results, out)]
     command = "shoal " + " ".join(sys.argv[1:])
     page = report.write_html(results, out, images, "shoal bench comm", command)
+    console.print(f"wrote {out / 'bench.json'}, {page} and {len(images)} plots")
+    if any(r["failed"] for r in results):
+        raise typer.Exit(1)
+
+
+def _select_rows(rows: Optional[str], default: list, known: list) -> list:
+    """``--rows a,b``: those benchmark rows by label, or exit 2 naming the allowed labels."""
+    if not rows:
+        return default
+    by_label = {r.label: r for r in known}
+    labels = [label.strip() for label in rows.split(",") if label.strip()]
+    unknown = [label for label in labels if label not in by_label]
+    if unknown or not labels:
+        _fail_config(f"--rows: unknown label {', '.join(unknown) or repr(rows)}; allowed: {', '.join(by_label)}")
+    return [by_label[label] for label in labels]
+
+
+@bench_app.command("straggler")
+def bench_straggler(
+    workers: int = typer.Option(4, help="worker processes on this machine"),
+    slowdown: list[str] = typer.Option(["3:3.0"], help="RANK:FACTOR, repeatable; 'none' for no straggler"),
+    out: Path = typer.Option(Path("runs/bench-straggler"), "--out", "-o", help="writes bench.json, report.html, PNGs"),
+    config: Path = typer.Option(Path("examples/bench_straggler.yaml"), help="the training workload"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key (repeatable)"),
+    quick: bool = typer.Option(False, help="a reduced run (small model on digits, 3 rows) for tests"),
+    rows: Optional[str] = typer.Option(None, help="only these configurations, comma-separated labels (default: all)"),
+    repeat: int = typer.Option(1, min=1, help="runs of each configuration; bench.json holds the medians"),
+    timeout: float = typer.Option(1800, help="seconds before one run is killed"),
+) -> None:
+    """Strategies for unequal workers (sync, backup workers, throughput balance, async PS, SSP) to a target.
+
+    Configurations (labels for --rows): sync, sync-backup-1, sync-balance, async-ps, ssp-2, ssp-8.
+    """
+    from shoal.bench import report, straggler
+
+    slow = [] if slowdown == ["none"] else slowdown
+    overrides = [*(straggler.QUICK_OVERRIDES if quick else []), *set_]
+    try:
+        load_config(config, [*overrides, *_slowdown_overrides(slow)], workers=workers)
+    except ConfigError as err:
+        _fail_config(str(err))
+    if workers < 2:
+        _fail_config("--workers must be at least 2")
+    selected = _select_rows(rows, straggler.QUICK_ROWS if quick else straggler.FULL_ROWS, straggler.FULL_ROWS)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    results = straggler.run_bench(
+        workers=workers, slowdown=slow, out=out, config=config, rows=selected, overrides=overrides,
+        timeout_s=timeout, repeat=repeat, log=lambda line: console.print(line, highlight=False, markup=False),
+    )
+    images = report.plot_accuracy(results, out, group="slowdown", title="slowdown {}")
+    command = "shoal " + " ".join(sys.argv[1:])
+    columns = ["label", "strategy", "slowdown", "time_to_target_s", "speedup_vs_sync", "final_accuracy",
+               "accuracy_vs_sync", "samples_per_s", "throughput_vs_sync", "mean_staleness"]
+    page = report.write_html(results, out, images, "shoal bench straggler", command, columns)
     console.print(f"wrote {out / 'bench.json'}, {page} and {len(images)} plots")
     if any(r["failed"] for r in results):
         raise typer.Exit(1)

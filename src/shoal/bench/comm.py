@@ -190,8 +190,8 @@ MEDIAN_KEYS = ("final_accuracy", "wire_bytes_per_worker", "wire_bytes_per_step",
                "steps_per_s", "median_step_s")
 
 
-def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (rate, label): medians over its repetitions.
+def medians(runs: list[dict[str, Any]], keys: tuple[str, ...] = MEDIAN_KEYS) -> list[dict[str, Any]]:
+    """One row per (rate, label): medians over its repetitions of ``keys``.
 
     A run that never reached the target counts as slower than every run that
     did, so the median time is None only if at least half never reached it.
@@ -211,8 +211,9 @@ def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         middle = by_time[(len(by_time) - 1) // 2]  # the lower median: an actual run
         row = dict(middle)
         row.pop("repeat", None)
-        for key in MEDIAN_KEYS:
-            row[key] = statistics.median(r[key] for r in ok)
+        for key in keys:
+            values = [r[key] for r in ok if r.get(key) is not None]
+            row[key] = statistics.median(values) if values else None
         row.update(repeats=len(group), failed_runs=len(group) - len(ok),
                    time_to_target_runs=[r["time_to_target_s"] for r in ok])
         rows.append(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +15,25 @@ import matplotlib.pyplot as plt  # noqa: E402
 from shoal.metrics.writer import read_metrics  # noqa: E402
 
 
-def plot_accuracy(results: list[dict[str, Any]], out: Path) -> list[Path]:
-    """One PNG per rate: test accuracy against training time, a line per configuration."""
+def plot_accuracy(results: list[dict[str, Any]], out: Path, *, group: str = "rate",
+                  title: str = "link {}") -> list[Path]:
+    """One PNG per value of ``group`` (the link rate): test accuracy against
+    training time, a line per configuration."""
     paths = []
-    for rate in dict.fromkeys(r["rate"] for r in results):
+    for rate in dict.fromkeys(r[group] for r in results):
         fig, ax = plt.subplots(figsize=(8, 5))
         for r in results:
-            if r["rate"] != rate or r["failed"] or not Path(r["metrics"]).is_file():
+            if r[group] != rate or r["failed"] or not Path(r["metrics"]).is_file():
                 continue
             points = [(m["time_s"], m["test_accuracy"]) for m in read_metrics(r["metrics"]) if "test_accuracy" in m]
             if points:
                 ax.plot(*zip(*points), marker=".", label=r["label"])
-        ax.set(title=f"test accuracy against training time, link {rate}", xlabel="training time (s)",
+        ax.set(title=f"test accuracy against training time, {title.format(rate)}", xlabel="training time (s)",
                ylabel="test accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"accuracy-{rate}.png"
+        path = out / f"accuracy-{re.sub(r'[^A-Za-z0-9._-]+', '-', str(rate))}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -56,11 +59,14 @@ def plot_bytes(results: list[dict[str, Any]], out: Path) -> Path:
     return path
 
 
-def write_html(results: list[dict[str, Any]], out: Path, images: list[Path], title: str, command: str) -> Path:
-    columns = [
-        "rate", "label", "strategy", "codec", "time_to_target_s", "speedup_vs_ddp_fp32", "final_accuracy",
-        "steps_to_target", "steps_per_s", "wire_bytes_per_step", "ceiling_vs_ddp_fp32",
-    ]
+COMM_COLUMNS = [
+    "rate", "label", "strategy", "codec", "time_to_target_s", "speedup_vs_ddp_fp32", "final_accuracy",
+    "steps_to_target", "steps_per_s", "wire_bytes_per_step", "ceiling_vs_ddp_fp32",
+]
+
+
+def write_html(results: list[dict[str, Any]], out: Path, images: list[Path], title: str, command: str,
+               columns: list[str] = COMM_COLUMNS) -> Path:
 
     def cell(value: Any) -> str:
         if isinstance(value, float):

@@ -1,0 +1,26 @@
+"""`shoal bench straggler --quick`: real runs with one worker slowed, against plain sync."""
+
+import json
+
+from tests.conftest import run_cli
+
+
+def test_bench_straggler_quick(tmp_path):
+    result = run_cli("bench", "straggler", "--workers", "2", "--slowdown", "1:3.0", "--quick", "--out", str(tmp_path),
+                     timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {r["label"]: r for r in json.loads((tmp_path / "bench.json").read_text())}
+    assert set(rows) == {"sync", "sync-backup-1", "async-ps"}
+    for row in rows.values():
+        assert not row["failed"] and row["slowdown"] == "1:3.0"
+        for key in ("label", "time_to_target_s", "final_accuracy", "mean_staleness"):
+            assert key in row
+    assert rows["sync"]["mean_staleness"] is None and rows["async-ps"]["mean_staleness"] > 0
+    # The fast worker of an asynchronous pair does not wait for the 3x slower one.
+    assert rows["async-ps"]["throughput_vs_sync"] > 1.3
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "accuracy-1-3.0.png").is_file()
+
+
+def test_bench_straggler_rejects_a_bad_slowdown(tmp_path):
+    result = run_cli("bench", "straggler", "--slowdown", "3:0.5", "--out", str(tmp_path))
+    assert result.returncode == 2 and "factor 0.5" in result.stderr
