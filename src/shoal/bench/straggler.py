@@ -44,7 +44,8 @@ FULL_ROWS = [
 QUICK_ROWS = [FULL_ROWS[0], FULL_ROWS[1], FULL_ROWS[3]]
 QUICK_OVERRIDES = [
     "data.dataset=digits",
-    "model=mlp:hidden=[128]",
+    "model=mlp:hidden=[512,512]",
+    "data.batch_size=64",
     "train.steps=150",
     "train.eval_every=15",
     "train.target_accuracy=0.8",
