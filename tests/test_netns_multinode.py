@@ -173,3 +173,47 @@ def test_netem_cli_rejects_bad_input():
     bad_id = subprocess.run([sys.executable, "-m", "shoal.cli", "netem", "down", "zz"], capture_output=True, text=True)
     assert bad_rate.returncode == 2 and "rate 'fast'" in bad_rate.stderr
     assert bad_id.returncode == 2 and "6 hex digits" in bad_id.stderr
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_one_host_restarts_the_whole_job_once(tmp_path: Path):
+    """SIGKILL rank 1 (host 0) mid-run: both hosts' groups restart, agree on the
+    attempt, resume from the last checkpoint, and count one restart for the job."""
+    import yaml
+
+    from tests.conftest import ROOT, small_config
+
+    cfg = small_config(tmp_path / "out", model="failing_entry:make_model_that_dies_once:die_at=50",
+                       train__steps=80, train__eval_every=40)
+    cfg["train"]["checkpoint_every"] = 20
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    rdzv_id = f"shoal-test-{uuid.uuid4().hex[:8]}"
+    with Testbed(2) as tb:
+        procs, logs = [], []
+        try:
+            for i in range(2):
+                argv = [sys.executable, "-m", "shoal.cli", "train", str(config), "--workers", "2", "--nnodes", "2",
+                        "--rdzv-endpoint", f"{tb.host_address(0)}:29400", "--rdzv-id", rdzv_id,
+                        "--is-host" if i == 0 else "--not-host", "--local-addr", tb.host_address(i),
+                        "--max-restarts", "1"]
+                log = open(tmp_path / f"host{i}.log", "w+")
+                logs.append(log)
+                procs.append(tb.popen(i, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                      cwd=ROOT / "tests"))
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+                if any(p.returncode not in (None, 0) for p in procs):
+                    deadline = min(deadline, time.monotonic() + 10)
+                time.sleep(0.5)
+        finally:
+            for p in procs:
+                _kill_group(p)
+            for log in logs:
+                log.close()
+        output = "\n".join(f"--- host {i} (exit {p.returncode}) ---\n{(tmp_path / f'host{i}.log').read_text()[-6000:]}"
+                           for i, p in enumerate(procs))
+        assert [p.returncode for p in procs] == [0, 0], output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] == 40 and summary["steps"] == 80, summary
+    assert summary["workers"] == 4

@@ -34,13 +34,18 @@ def pick_backend(cfg: RunConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _init_process_group(backend: str, timeout: timedelta) -> None:
-    """``init_process_group`` from the launcher's environment, one key space per restart.
+def _init_process_group(backend: str, timeout: timedelta) -> int:
+    """``init_process_group`` from the launcher's environment, one key space per
+    attempt; returns the job-wide attempt number (0 = first start).
 
     Under the elastic agent's c10d rendezvous the workers share the agent's
     TCPStore, and a restarted group gets the same store back: without a
     per-attempt prefix the new ranks read the dead ranks' gloo addresses and
-    fail to connect. The prefix keeps each attempt's keys apart.
+    fail to connect. The attempt cannot be the agent's TORCHELASTIC_RESTART_COUNT:
+    that counts per node, and a node restarted only because another node's
+    worker failed (a membership change) does not count it. Instead each rank
+    counts its own starts in the store, which lives as long as the job: every
+    attempt starts every rank once, so all ranks of an attempt agree.
     """
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
@@ -52,11 +57,22 @@ def _init_process_group(backend: str, timeout: timedelta) -> None:
         timeout=timeout,
         multi_tenant=not agent_store,
     )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = store.add(f"shoal/starts/rank{rank}", 1) - 1
     dist.init_process_group(
         backend, store=dist.PrefixStore(f"shoal/attempt_{attempt}", store), rank=rank, world_size=world_size,
         timeout=timeout,
     )
+    return attempt
+
+
+def check_restart_budget(attempt: int) -> None:
+    """The launcher's ``--max-restarts`` holds for the whole job, not per node:
+    each node's agent has its own budget, so a job of several nodes could
+    otherwise restart several times that."""
+    budget = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if attempt > budget:
+        raise RuntimeError(f"restart budget spent: this would be restart {attempt} of the job, "
+                           f"--max-restarts allows {budget}")
 
 
 def cpu_threads() -> int:
@@ -84,8 +100,9 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cpu_threads())
-    _init_process_group(backend, timeout=timedelta(minutes=10))
+    attempt = _init_process_group(backend, timeout=timedelta(minutes=10))
     try:
+        check_restart_budget(attempt)
         ctx = WorkerContext(
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
@@ -100,7 +117,7 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
         with Slowdown(factor, threads=torch.get_num_threads(), method=cfg.slowdown.method) as slowdown:
             if factor > 1:
                 print(f"rank {ctx.rank}: {slowdown.describe()}", file=sys.stderr, flush=True)
-            summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown)
+            summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt)
         # Without this barrier a rank can reach interpreter shutdown while a gloo
         # thread still frees the last all-reduce's tensors, and abort (SIGABRT):
         # seen in about 1 run in 8 on a loaded machine.

@@ -77,11 +77,14 @@ class _Progress:
 
 
 def run_training(
-    cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False, slowdown: Slowdown | None = None
+    cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False, slowdown: Slowdown | None = None,
+    attempt: int = 0,
 ) -> Summary | None:
     """Train on this worker; rank 0 returns the :class:`Summary`, others ``None``.
 
-    ``slowdown``: this worker's emulated slower hardware (busy-waiting hooks
+    ``attempt``: how many times the job's worker group was restarted before
+    this start (the same on every rank); after a restart the run resumes from
+    its last checkpoint. ``slowdown``: this worker's emulated slower hardware (busy-waiting hooks
     the model's forward; a cgroup quota needs nothing from the loop)."""
     setup_started = time.perf_counter()
     out = Path(cfg.out)
@@ -125,7 +128,7 @@ def run_training(
             world_size=ctx.world_size if collective else 1,
         )
 
-    if not resume and restarted():
+    if not resume and attempt > 0:
         resume = _checkpoint_exists(out / CHECKPOINT, ctx)
     state = _RunState()
     if resume:
@@ -228,7 +231,7 @@ def run_training(
         comm_s_per_worker=per_worker[2],
         resumed_from_step=state.resumed_from,
         **extra,
-        restarts=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        restarts=attempt,
         out=str(out),
     )
     summary.write(out / "summary.json")
@@ -295,11 +298,6 @@ def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, sch
             "workers": workers,
         },
     )
-
-
-def restarted() -> bool:
-    """True when the elastic launcher restarted this worker group after a failure."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def _checkpoint_exists(path: Path, ctx: WorkerContext) -> bool:
