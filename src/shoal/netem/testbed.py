@@ -13,10 +13,11 @@ never collides with this one, and :func:`down_all` can find and remove stale
 ones by prefix. Linux interface names are limited to 15 characters, hence
 ``shoal<id>b`` for the bridge and ``shoal<id>v<i>`` for the root-side veth ends.
 
-Workers started inside a namespace need ``GLOO_SOCKET_IFNAME=eth0``: the
-machine's hostname does not resolve to the namespace's address there, and
-gloo would otherwise pick an address it cannot use. :meth:`Testbed.popen`
-sets it unless the caller's ``env`` already does.
+Workers started inside a namespace need ``GLOO_SOCKET_IFNAME=eth0`` (and
+``TP_SOCKET_IFNAME=eth0`` for RPC's TensorPipe): the machine's hostname does
+not resolve to the namespace's address there, and gloo would otherwise pick an
+address it cannot use. :meth:`Testbed.popen` sets both unless the caller's
+``env`` already does.
 """
 
 from __future__ import annotations
@@ -210,19 +211,24 @@ class Testbed:
     def popen(self, i: int, argv: Sequence[str], env: dict[str, str] | None = None,
               **kw: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` on host ``i``. ``env`` defaults to the current
-        environment; ``GLOO_SOCKET_IFNAME=eth0`` is added unless set."""
-        env = dict(os.environ if env is None else env)
-        env.setdefault("GLOO_SOCKET_IFNAME", "eth0")
+        environment; ``GLOO_SOCKET_IFNAME`` and ``TP_SOCKET_IFNAME`` are set to eth0 unless set."""
+        env = _host_env(env)
         return subprocess.Popen(self.command(i, argv), env=env, **kw)
 
     def run(self, i: int, argv: Sequence[str], check: bool = True,
             timeout: float | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` on host ``i`` to completion, capturing its output."""
-        env = dict(os.environ if env is None else env)
-        env.setdefault("GLOO_SOCKET_IFNAME", "eth0")
+        env = _host_env(env)
         proc = subprocess.run(self.command(i, argv), capture_output=True, text=True,
                               timeout=timeout, env=env)
         if check and proc.returncode != 0:
             raise TestbedError(f"host {i}: command failed ({proc.returncode}): "
                                f"{' '.join(argv)}\n{proc.stderr.strip()}")
         return proc
+
+
+def _host_env(env: dict[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ if env is None else env)
+    env.setdefault("GLOO_SOCKET_IFNAME", "eth0")
+    env.setdefault("TP_SOCKET_IFNAME", "eth0")
+    return env
