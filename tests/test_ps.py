@@ -111,3 +111,24 @@ def test_rank_zero_reaching_the_target_stops_everyone(tmp_path):
 def test_a_codec_a_server_cannot_decode_is_refused(tmp_path):
     with pytest.raises(JobFailed, match="cannot be decoded by a parameter server"):
         shoal.train(small_config(tmp_path / "run", strategy="async_ps", codec="powersgd"))
+
+
+@pytest.mark.netns
+def test_ssp_across_two_namespace_hosts(tmp_path):
+    # RPC (TensorPipe) between emulated hosts: needs TP_SOCKET_IFNAME, which the testbed sets.
+    import yaml
+
+    from shoal.bench.comm import run_on_testbed
+    from shoal.netem import Testbed, check_available
+
+    if check_available() is not None:
+        pytest.skip(check_available())
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small_config(tmp_path / "unused", strategy="ssp:staleness=2",
+                                                  optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.5},
+                                                  train__steps=60, train__eval_every=30)))
+    with Testbed(2, rate="100mbit") as testbed:
+        summary, tail = run_on_testbed(testbed, config, [], tmp_path / "run", timeout_s=180)
+    assert summary is not None, tail
+    assert summary["workers"] == 2 and summary["updates"] == 2 * 60 and summary["final_accuracy"] > 0.7
+    assert 0 <= summary["mean_staleness"] <= 2 * 2  # at most s ahead: bounded staleness
