@@ -116,3 +116,13 @@ def test_without_restarts_a_killed_rank_fails_the_job(tmp_path):
     result = train_from_tests(tmp_path, cfg)
     assert result.returncode == 1
     assert "rank 1 failed (exit code -9): killed by signal SIGKILL" in result.stderr
+
+
+def test_restart_budget_counts_the_whole_job(monkeypatch):
+    from shoal.worker import check_restart_budget
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    check_restart_budget(0)
+    check_restart_budget(1)
+    with pytest.raises(RuntimeError, match="restart budget spent: this would be restart 2 of the job"):
+        check_restart_budget(2)
