@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
-PERIOD_US = 100_000
+# CFS enforces the quota per period: with the default 100 ms a worker runs at
+# full speed for its quota, then freezes for the rest, and the freeze lands in
+# whatever the step was doing (often a collective, where it reads as waiting).
+# A 10 ms period spreads the slowdown evenly over a step's compute.
+PERIOD_US = 10_000
+MIN_QUOTA_US = 1_000  # the kernel's floor
 
 
 def fair_share(threads: int) -> float:
@@ -89,14 +94,16 @@ class Slowdown:
             return "no writable cgroup cpu controller (needs root and cgroup v1 or v2 with cpu)"
         parent, version = found
         remove_stale_cgroups()
-        quota_us = max(1000, int(PERIOD_US * fair_share(self.threads) / self.factor))
+        share = fair_share(self.threads) / self.factor  # cores
+        period_us = max(PERIOD_US, int(MIN_QUOTA_US / share) + 1)
+        quota_us = int(period_us * share)
         group = parent / f"shoal-slow-{os.getpid()}"
         try:
             group.mkdir(exist_ok=True)
             if version == "v2":
-                (group / "cpu.max").write_text(f"{quota_us} {PERIOD_US}")
+                (group / "cpu.max").write_text(f"{quota_us} {period_us}")
             else:
-                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (group / "cpu.cfs_period_us").write_text(str(period_us))
                 (group / "cpu.cfs_quota_us").write_text(str(quota_us))
             # All of this process's threads move with it; threads started later inherit.
             (group / "cgroup.procs").write_text(str(os.getpid()))
@@ -107,7 +114,7 @@ class Slowdown:
                 pass
             return str(err)
         self.cgroup, self._parent = group, parent
-        self.quota_cores = quota_us / PERIOD_US
+        self.quota_cores = quota_us / period_us
         return None
 
     def attach(self, module: Any) -> None:
