@@ -37,7 +37,6 @@ from torch import nn
 
 from shoal.comm.codecs.base import Payload, build_codec
 from shoal.comm.memory import ErrorFeedback
-from shoal.registry import CODECS
 from shoal.strategies.base import StepStats, Strategy
 
 # Codecs whose decode needs nothing but the payload (no shared random stream,

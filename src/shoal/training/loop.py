@@ -8,7 +8,6 @@ strategy-agnostic: all a strategy has to provide is ``step``.
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
 from contextlib import nullcontext
