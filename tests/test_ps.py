@@ -132,3 +132,19 @@ def test_ssp_across_two_namespace_hosts(tmp_path):
     assert summary is not None, tail
     assert summary["workers"] == 2 and summary["updates"] == 2 * 60 and summary["final_accuracy"] > 0.7
     assert 0 <= summary["mean_staleness"] <= 2 * 2  # at most s ahead: bounded staleness
+
+
+def test_a_resumed_parameter_server_run_continues_where_it_stopped(tmp_path):
+    # The servers' parameters, momentum and versions are in the checkpoint: a
+    # one-worker async run stopped and resumed equals the unbroken run.
+    unbroken = small_config(tmp_path / "unbroken", workers=1, strategy="async_ps", train__steps=40,
+                            train__eval_every=20)
+    shoal.train(unbroken)
+    broken = small_config(tmp_path / "broken", workers=1, strategy="async_ps", train__steps=20, train__eval_every=20)
+    shoal.train(broken)
+    resumed = shoal.train({**broken, "train": {"steps": 40, "eval_every": 20}}, resume=True)
+    assert resumed.resumed_from_step == 20 and resumed.mean_staleness == 0
+    a = load_checkpoint(tmp_path / "unbroken" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "broken" / "checkpoint.pt")["model"]
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -126,3 +126,19 @@ def test_restart_budget_counts_the_whole_job(monkeypatch):
     check_restart_budget(1)
     with pytest.raises(RuntimeError, match="restart budget spent: this would be restart 2 of the job"):
         check_restart_budget(2)
+
+
+def test_kill_flag_injects_a_crash_that_a_restart_recovers(tmp_path):
+    cfg = small_config(tmp_path / "out", train__steps=60, train__eval_every=30)
+    cfg["train"]["checkpoint_every"] = 20
+    result = train_from_tests(tmp_path, cfg, "--kill", "1:30", "--max-restarts", "1")
+    assert result.returncode == 0, result.stderr
+    summary = shoal.Summary.model_validate_json((tmp_path / "out" / "summary.json").read_text())
+    assert summary.restarts == 1 and summary.resumed_from_step == 20 and summary.steps == 60
+    assert 0 < summary.restart_s < 120  # from the SIGKILL to the resumed first step
+
+
+@pytest.mark.parametrize("flag", ["1", "a:3", "1:x"])
+def test_bad_kill_flag_exits_2(tmp_path, flag):
+    result = train_from_tests(tmp_path, small_config(tmp_path / "out"), "--kill", flag)
+    assert result.returncode == 2 and "expected RANK:STEP" in result.stderr

@@ -44,6 +44,9 @@ def train(
     slowdown: list[str] = typer.Option(
         [], "--slowdown", help="RANK:FACTOR — make that worker's compute FACTOR times slower (repeatable)"
     ),
+    kill: Optional[str] = typer.Option(
+        None, "--kill", help="RANK:STEP — SIGKILL that worker after that step, first attempt only (tests recovery)"
+    ),
 ) -> None:
     """Train a model on one or many workers; writes metrics.jsonl, summary.json, curves.png and checkpoint.pt to OUT."""
     from shoal.launch import JobFailed, launch
@@ -58,7 +61,9 @@ def train(
     if nnodes > 1 and not rdzv_endpoint:
         _fail_config("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
     try:
-        cfg = load_config(config, [*set_, *_slowdown_overrides(slowdown)], workers=workers, out=str(out) if out else None)
+        faults = _kill_overrides(kill) if kill else []
+        cfg = load_config(config, [*set_, *_slowdown_overrides(slowdown), *faults], workers=workers,
+                          out=str(out) if out else None)
     except ConfigError as err:
         _fail_config(str(err))
     try:
@@ -99,6 +104,14 @@ def _slowdown_overrides(items: list[str]) -> list[str]:
             _fail_config(f"--slowdown {item!r}: FACTOR must be a number >= 1")
         overrides.append(f"slowdown.factors.{int(rank)}={factor}")
     return overrides
+
+
+def _kill_overrides(item: str) -> list[str]:
+    """``--kill 1:50`` -> ``--set fault.kill_rank=1 --set fault.kill_step=50``."""
+    rank, sep, step = item.partition(":")
+    if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
+        _fail_config(f"--kill {item!r}: expected RANK:STEP, e.g. 1:50")
+    return [f"fault.kill_rank={int(rank)}", f"fault.kill_step={int(step)}"]
 
 
 def print_summary(summary: dict) -> None:

@@ -91,6 +91,13 @@ class TrainConfig(_Strict):
         return self
 
 
+class FaultConfig(_Strict):
+    """Injected failure, to test recovery: SIGKILL one worker at one step, first attempt only."""
+
+    kill_rank: int | None = Field(None, ge=0, description="the worker to kill")
+    kill_step: int = Field(1, ge=1, description="after this training step")
+
+
 class SlowdownConfig(_Strict):
     """Emulated unequal hardware (see shoal.netem.slowdown)."""
 
@@ -121,6 +128,7 @@ class RunConfig(_Strict):
     codec: CodecSpec = "none"
     train: TrainConfig = Field(default_factory=TrainConfig)
     slowdown: SlowdownConfig = Field(default_factory=SlowdownConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
     out: str = "runs/latest"
 
     @model_validator(mode="after")

@@ -40,6 +40,7 @@ class Summary(BaseModel):
     mean_staleness: float | None = None  # parameter servers: over all applied pushes
     dropped_pushes: float | None = None  # sync:backup=b: late gradients dropped, per shard
     restarts: int
+    restart_s: float | None = None  # from an injected kill (fault.kill_rank) to the resumed first step
     out: str
 
     def write(self, path: str | Path) -> None:

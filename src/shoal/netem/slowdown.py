@@ -52,15 +52,30 @@ def _cpu_hierarchy() -> tuple[Path, str] | None:
 
 
 def remove_stale_cgroups() -> None:
-    """Remove ``shoal-slow-*`` cgroups left by killed workers (empty ones only)."""
+    """Remove ``shoal-slow-PID`` cgroups whose worker is gone (killed before it could)."""
     found = _cpu_hierarchy()
     if found is None:
         return
     for group in found[0].glob("shoal-slow-*"):
+        pid = group.name.removeprefix("shoal-slow-")
+        if not pid.isdigit() or int(pid) == os.getpid() or Path(f"/proc/{pid}").exists():
+            continue  # a live worker's, perhaps just made and not yet joined
         try:
-            group.rmdir()  # fails while a live process is inside: then it is not stale
+            group.rmdir()
         except OSError:
             pass
+
+
+def _current_cgroup(parent: Path, version: str) -> Path:
+    """The cgroup this process is in now, in the hierarchy at ``parent``."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if (version == "v2" and controllers == "") or (version == "v1" and "cpu" in controllers.split(",")):
+                return parent / path.lstrip("/")
+    except OSError:
+        pass
+    return parent
 
 
 class Slowdown:
@@ -94,6 +109,7 @@ class Slowdown:
             return "no writable cgroup cpu controller (needs root and cgroup v1 or v2 with cpu)"
         parent, version = found
         remove_stale_cgroups()
+        self._parent = _current_cgroup(parent, version)  # where to go back to
         share = fair_share(self.threads) / self.factor  # cores
         period_us = max(PERIOD_US, int(MIN_QUOTA_US / share) + 1)
         quota_us = int(period_us * share)
@@ -113,7 +129,7 @@ class Slowdown:
             except OSError:
                 pass
             return str(err)
-        self.cgroup, self._parent = group, parent
+        self.cgroup = group
         self.quota_cores = quota_us / period_us
         return None
 

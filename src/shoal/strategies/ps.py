@@ -25,9 +25,12 @@ of its last pull, so no worker ever waits for another to evaluate.
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -179,6 +182,48 @@ def worker_name(rank: int) -> str:
     return f"shoal-{rank}"
 
 
+def start_rpc(rank: int, world_size: int) -> None:
+    """``init_rpc`` on a fresh TCP rendezvous that rank 0 hosts.
+
+    Not ``env://``: under the elastic agent that is the job's long-lived store,
+    and RPC's own key prefix restarts at 0 in every process, so a restarted
+    group would read the dead one's addresses. Rank 0 picks a free port on the
+    address it reaches the job's store from (the one the others can reach),
+    and sends ``host:port`` to everyone over the process group.
+    """
+    endpoint: list[Any] = [None]
+    if rank == 0:
+        endpoint[0] = f"{_reachable_address()}:{_free_port()}"
+    dist.broadcast_object_list(endpoint, src=0)
+    options = rpc.TensorPipeRpcBackendOptions(
+        init_method=f"tcp://{endpoint[0]}", num_worker_threads=max(8, 2 * world_size), rpc_timeout=600
+    )
+    # With this variable set, torch's tcp:// rendezvous assumes the agent hosts
+    # every store and only connects: rank 0 would never start this one.
+    agent_store = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    try:
+        rpc.init_rpc(worker_name(rank), rank=rank, world_size=world_size, rpc_backend_options=options)
+    finally:
+        if agent_store is not None:
+            os.environ["TORCHELASTIC_USE_AGENT_STORE"] = agent_store
+
+
+def _reachable_address() -> str:
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((socket.gethostbyname(master), 9))  # no packet is sent: this picks the route
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 class PsStrategy(Strategy):
     """Worker side of a parameter-server strategy; subclasses give the policy."""
 
@@ -207,9 +252,10 @@ class PsStrategy(Strategy):
                 workers=ctx.world_size,
                 staleness_lr=getattr(self.options, "staleness_lr", False),
             )
-        options = rpc.TensorPipeRpcBackendOptions(init_method="env://", num_worker_threads=max(8, 2 * ctx.world_size),
-                                                  rpc_timeout=600)
-        rpc.init_rpc(worker_name(ctx.rank), rank=ctx.rank, world_size=ctx.world_size, rpc_backend_options=options)
+        # Workers finish far apart when one is slow: the final wait gets its own
+        # group with no practical timeout (the default group's is 10 minutes).
+        self.wait_group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+        start_rpc(ctx.rank, ctx.world_size)
         dist.barrier()  # every shard exists before the first push
 
     servers: int = 1
@@ -279,7 +325,7 @@ class PsStrategy(Strategy):
         for shard in range(self.servers):
             rpc.rpc_sync(worker_name(shard), _finish, args=(shard, self.context.rank))
         totals: dict[str, float] = {}
-        dist.barrier()  # nobody leaves while a server may still owe a reply
+        dist.barrier(group=self.wait_group)  # nobody leaves while a server may still owe a reply
         if self.context.rank == 0:
             self.pull()
             stats = [rpc.rpc_sync(worker_name(s), _stats, args=(s,)) for s in range(self.servers)]
@@ -288,8 +334,7 @@ class PsStrategy(Strategy):
                       "mean_staleness": sum(s for _, s, _ in stats) / max(pushes, 1),
                       "dropped_pushes": sum(d for _, _, d in stats) / self.servers}
         rpc.shutdown()
-        _SHARDS.pop(self.context.rank, None)
-        return totals
+        return totals  # the shard stays in _SHARDS: the final checkpoint saves it
 
     def state_dict(self) -> dict[str, Any]:
         shard = _SHARDS.get(self.context.rank)
@@ -305,3 +350,9 @@ class PsStrategy(Strategy):
         shard = _SHARDS.get(self.context.rank)
         if shard is not None and state.get("shard"):
             shard.load_state_dict(state["shard"])
+        elif shard is not None:
+            # No server state saved: serve the restored model, at the workers' version.
+            with torch.no_grad():
+                for p, i in zip(shard.params, self.layout[self.context.rank]):
+                    p.copy_(self.params[i])
+            shard.version = self.versions[self.context.rank]

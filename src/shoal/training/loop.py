@@ -7,7 +7,10 @@ strategy-agnostic: all a strategy has to provide is ``step``.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -23,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shoal.config import RunConfig
 from shoal.data import ShardedBatches, build_dataset
 from shoal.metrics.plots import plot_curves
-from shoal.metrics.summary import Summary
+from shoal.metrics.summary import Summary, write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models import build_model, count_parameters
 from shoal.netem.slowdown import Slowdown
@@ -33,6 +36,7 @@ from shoal.training.evaluate import evaluate
 from shoal.training.optim import build_optimizer, build_scheduler
 
 CHECKPOINT = "checkpoint.pt"
+FAULT = "fault.json"  # written by a worker killed by config fault.kill_rank
 
 
 def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
@@ -140,6 +144,7 @@ def run_training(
 
     setup_s = time.perf_counter() - setup_started
     loop_started = time.perf_counter()
+    restart_s = _restart_time(out) if attempt > 0 and is_main else None
     acc = loss_eval = float("nan")
     batch_iter = batches.iterate(state.step)
     progress = _Progress(is_main, steps, state.step)
@@ -150,6 +155,8 @@ def run_training(
             stats = strategy.step(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
             if slowdown is not None:
                 slowdown.after_step(stats.compute_s)
+            if attempt == 0 and cfg.fault.kill_rank == ctx.rank and state.step + 1 == cfg.fault.kill_step:
+                _die(out)
             scheduler.step()
             now = time.perf_counter()
             state.add(stats, step_s=now - step_started, wall=state.wall_before + now - loop_started)
@@ -198,6 +205,11 @@ def run_training(
     if ctx.world_size > 1:
         dist.all_reduce(totals)
     per_worker = (totals / ctx.world_size).tolist()
+    # Throughput over the longest worker's clock: under the parameter-server
+    # strategies rank 0 may finish well before a slow worker.
+    longest = torch.tensor([state.clock], dtype=torch.float64, device=ctx.device)
+    if ctx.world_size > 1:
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
     if metrics is not None:
         metrics.close()
     if not is_main:
@@ -224,13 +236,14 @@ def run_training(
         model=cfg.model.name,
         dataset=cfg.data.dataset.name,
         parameters=count_parameters(strategy.eval_model),
-        samples_per_s=per_worker[3] * ctx.world_size / max(state.clock, 1e-9),
+        samples_per_s=per_worker[3] * ctx.world_size / max(longest.item(), 1e-9),
         wire_bytes_per_worker=per_worker[0],
         dense_bytes_per_worker=per_worker[1],
         comm_s_per_worker=per_worker[2],
         resumed_from_step=state.resumed_from,
         **extra,
         restarts=attempt,
+        restart_s=restart_s,
         out=str(out),
     )
     summary.write(out / "summary.json")
@@ -277,6 +290,13 @@ class _RunState:
         vars(self).update(saved)
 
 
+def _die(out: Path) -> None:
+    """The injected fault: note when, then SIGKILL this worker (no cleanup, as a crash)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / FAULT, {"rank": dist.get_rank() if dist.is_initialized() else 0, "time": time.time()})
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext) -> None:
     # Random streams and strategy state (error-feedback residuals, codec
     # generators) differ per worker: keep every worker's.
@@ -297,6 +317,14 @@ def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, sch
             "workers": workers,
         },
     )
+
+
+def _restart_time(out: Path) -> float | None:
+    """Seconds from an injected kill to this attempt's first step (same machine only)."""
+    try:
+        return time.time() - json.loads((out / FAULT).read_text())["time"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _checkpoint_exists(path: Path, ctx: WorkerContext) -> bool:
