@@ -55,6 +55,32 @@ def _kill_group(proc: subprocess.Popen) -> None:
             pass
 
 
+def _run_on_hosts(tb: Testbed, argvs: list[list[str]], tmp_path: Path, timeout_s: float,
+                  **popen_kw) -> tuple[list[int | None], str]:
+    """Start ``argvs[i]`` on host i, wait for all (stopping early once one has
+    failed: the survivor would otherwise sit in the launcher's exit barrier,
+    300 s, waiting for the dead one); returns the exit codes and the logs."""
+    procs, logs = [], []
+    try:
+        for i, argv in enumerate(argvs):
+            log = open(tmp_path / f"host{i}.log", "w+")
+            logs.append(log)
+            procs.append(tb.popen(i, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen_kw))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            if any(p.returncode not in (None, 0) for p in procs):
+                deadline = min(deadline, time.monotonic() + 10)
+            time.sleep(0.5)
+    finally:
+        for p in procs:
+            _kill_group(p)
+        for log in logs:
+            log.close()
+    output = "\n".join(f"--- host {i} (exit {p.returncode}) ---\n{(tmp_path / f'host{i}.log').read_text()[-6000:]}"
+                       for i, p in enumerate(procs))
+    return [p.returncode for p in procs], output
+
+
 def test_shaped_testbed_connects_and_cleans_up():
     with Testbed(2, rate="100mbit") as tb:
         run_id = tb.run_id
@@ -91,37 +117,16 @@ def test_torchrun_two_namespace_hosts(tmp_path: Path):
     out = tmp_path / "out"
     rdzv_id = f"shoal-test-{uuid.uuid4().hex[:8]}"
     with Testbed(2) as tb:
-        procs, logs = [], []
-        try:
-            for i in range(2):
-                argv = [
-                    sys.executable, "-m", "torch.distributed.run",
-                    "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
-                    f"--rdzv-endpoint={tb.host_address(0)}:29400", f"--rdzv-id={rdzv_id}",
-                    f"--rdzv-conf=is_host={1 if i == 0 else 0}",
-                    "--local-addr", tb.host_address(i),
-                    "-m", "shoal.worker", str(config), "--out", str(out),
-                ]
-                log = open(tmp_path / f"host{i}.log", "w+")
-                logs.append(log)
-                env = dict(os.environ, GLOO_SOCKET_IFNAME="eth0")
-                procs.append(tb.popen(i, argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-            # Stop early once a node has failed: the survivor would otherwise
-            # sit in torchrun's exit barrier (300 s) waiting for the dead one.
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-                if any(p.returncode not in (None, 0) for p in procs):
-                    deadline = min(deadline, time.monotonic() + 10)
-                time.sleep(0.5)
-        finally:
-            for p in procs:
-                _kill_group(p)
-            for log in logs:
-                log.close()
-        output = "\n".join(f"--- host {i} (exit {p.returncode}) ---\n{(tmp_path / f'host{i}.log').read_text()[-6000:]}"
-                           for i, p in enumerate(procs))
-        assert [p.returncode for p in procs] == [0, 0], output
+        argvs = [[
+            sys.executable, "-m", "torch.distributed.run",
+            "--nnodes=2", "--nproc-per-node=2", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={tb.host_address(0)}:29400", f"--rdzv-id={rdzv_id}",
+            f"--rdzv-conf=is_host={1 if i == 0 else 0}",
+            "--local-addr", tb.host_address(i),
+            "-m", "shoal.worker", str(config), "--out", str(out),
+        ] for i in range(2)]
+        codes, output = _run_on_hosts(tb, argvs, tmp_path, 240, env=dict(os.environ, GLOO_SOCKET_IFNAME="eth0"))
+        assert codes == [0, 0], output
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 4, output
@@ -190,30 +195,12 @@ def test_a_rank_killed_on_one_host_restarts_the_whole_job_once(tmp_path: Path):
     config.write_text(yaml.safe_dump(cfg))
     rdzv_id = f"shoal-test-{uuid.uuid4().hex[:8]}"
     with Testbed(2) as tb:
-        procs, logs = [], []
-        try:
-            for i in range(2):
-                argv = [sys.executable, "-m", "shoal.cli", "train", str(config), "--workers", "2", "--nnodes", "2",
-                        "--rdzv-endpoint", f"{tb.host_address(0)}:29400", "--rdzv-id", rdzv_id,
-                        "--is-host" if i == 0 else "--not-host", "--local-addr", tb.host_address(i),
-                        "--max-restarts", "1"]
-                log = open(tmp_path / f"host{i}.log", "w+")
-                logs.append(log)
-                procs.append(tb.popen(i, argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                      cwd=ROOT / "tests"))
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-                if any(p.returncode not in (None, 0) for p in procs):
-                    deadline = min(deadline, time.monotonic() + 10)
-                time.sleep(0.5)
-        finally:
-            for p in procs:
-                _kill_group(p)
-            for log in logs:
-                log.close()
-        output = "\n".join(f"--- host {i} (exit {p.returncode}) ---\n{(tmp_path / f'host{i}.log').read_text()[-6000:]}"
-                           for i, p in enumerate(procs))
-        assert [p.returncode for p in procs] == [0, 0], output
+        argvs = [[sys.executable, "-m", "shoal.cli", "train", str(config), "--workers", "2", "--nnodes", "2",
+                  "--rdzv-endpoint", f"{tb.host_address(0)}:29400", "--rdzv-id", rdzv_id,
+                  "--is-host" if i == 0 else "--not-host", "--local-addr", tb.host_address(i),
+                  "--max-restarts", "1"] for i in range(2)]
+        codes, output = _run_on_hosts(tb, argvs, tmp_path, 300, cwd=ROOT / "tests")
+        assert codes == [0, 0], output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["resumed_from_step"] == 40 and summary["steps"] == 80, summary
     assert summary["workers"] == 4
