@@ -26,16 +26,19 @@ def train(
     out: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     resume: bool = False,
+    max_restarts: int = 0,
 ) -> Summary:
     """Train as ``shoal train`` does and return the run's :class:`Summary`.
 
     ``config`` is a :class:`RunConfig`, a mapping of config keys, or a YAML
     path. Raises :class:`ConfigError` for a bad config (before any process
     starts) and :class:`shoal.launch.JobFailed` when a worker fails.
+    ``max_restarts``: restarts allowed to the whole job (group restarts, and
+    single workers restarted under the parameter-server strategies).
     """
     from shoal.launch import launch
 
     cfg = load_config(config, overrides, workers=workers, out=str(out) if out is not None else None)
-    summary = launch(cfg, resume=resume)
+    summary = launch(cfg, resume=resume, max_restarts=max_restarts)
     assert summary is not None  # a single-node job always holds rank 0
     return summary

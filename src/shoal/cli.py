@@ -45,7 +45,8 @@ def train(
         [], "--slowdown", help="RANK:FACTOR — make that worker's compute FACTOR times slower (repeatable)"
     ),
     kill: Optional[str] = typer.Option(
-        None, "--kill", help="RANK:STEP — SIGKILL that worker after that step, first attempt only (tests recovery)"
+        None, "--kill", help="RANK:STEP — SIGKILL that worker after that step, first attempt only (tests recovery); "
+        "RANK:STEP:server — the process serving its parameter shard (parameter-server strategies)"
     ),
 ) -> None:
     """Train a model on one or many workers; writes metrics.jsonl, summary.json, curves.png and checkpoint.pt to OUT."""
@@ -107,11 +108,13 @@ def _slowdown_overrides(items: list[str]) -> list[str]:
 
 
 def _kill_overrides(item: str) -> list[str]:
-    """``--kill 1:50`` -> ``--set fault.kill_rank=1 --set fault.kill_step=50``."""
-    rank, sep, step = item.partition(":")
-    if not sep or not rank.strip().isdigit() or not step.strip().isdigit():
-        _fail_config(f"--kill {item!r}: expected RANK:STEP, e.g. 1:50")
-    return [f"fault.kill_rank={int(rank)}", f"fault.kill_step={int(step)}"]
+    """``--kill 1:50`` -> ``--set fault.kill_rank=1 --set fault.kill_step=50``; ``1:50:server``
+    kills the process serving rank 1's parameter shard instead."""
+    rank, _, rest = item.partition(":")
+    step, _, target = rest.partition(":")
+    if not rank.strip().isdigit() or not step.strip().isdigit() or target not in ("", "worker", "server"):
+        _fail_config(f"--kill {item!r}: expected RANK:STEP or RANK:STEP:server, e.g. 1:50")
+    return [f"fault.kill_rank={int(rank)}", f"fault.kill_step={int(step)}", f"fault.target={target or 'worker'}"]
 
 
 def print_summary(summary: dict) -> None:

@@ -96,6 +96,9 @@ class FaultConfig(_Strict):
 
     kill_rank: int | None = Field(None, ge=0, description="the worker to kill")
     kill_step: int = Field(1, ge=1, description="after this training step")
+    target: Literal["worker", "server"] = Field(
+        "worker", description="worker: the training process; server: the process serving its parameter shard "
+        "(parameter-server strategies)")
 
 
 class SlowdownConfig(_Strict):

@@ -26,6 +26,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from shoal.config import ConfigError, RunConfig, load_config, validate_config
 from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import WorkerContext
+from shoal.strategies.ps import parameter_server_class
+from shoal.training.supervisor import RESTARTS_KEY, supervise
 
 
 def pick_backend(cfg: RunConfig) -> str:
@@ -34,7 +36,7 @@ def pick_backend(cfg: RunConfig) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _init_process_group(backend: str, timeout: timedelta) -> int:
+def _init_process_group(backend: str, timeout: timedelta) -> tuple[int, dist.Store]:
     """``init_process_group`` from the launcher's environment, one key space per
     attempt; returns the job-wide attempt number (0 = first start).
 
@@ -62,16 +64,17 @@ def _init_process_group(backend: str, timeout: timedelta) -> int:
         backend, store=dist.PrefixStore(f"shoal/attempt_{attempt}", store), rank=rank, world_size=world_size,
         timeout=timeout,
     )
-    return attempt
+    return attempt, store
 
 
-def check_restart_budget(attempt: int) -> None:
+def check_restart_budget(attempt: int, worker_restarts: int = 0) -> None:
     """The launcher's ``--max-restarts`` holds for the whole job, not per node:
     each node's agent has its own budget, so a job of several nodes could
-    otherwise restart several times that."""
+    otherwise restart several times that. Single workers restarted under a
+    supervisor (parameter-server strategies) count against the same budget."""
     budget = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    if attempt > budget:
-        raise RuntimeError(f"restart budget spent: this would be restart {attempt} of the job, "
+    if attempt + worker_restarts > budget:
+        raise RuntimeError(f"restart budget spent: this would be restart {attempt + worker_restarts} of the job, "
                            f"--max-restarts allows {budget}")
 
 
@@ -100,9 +103,9 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cpu_threads())
-    attempt = _init_process_group(backend, timeout=timedelta(minutes=10))
+    attempt, store = _init_process_group(backend, timeout=timedelta(minutes=10))
     try:
-        check_restart_budget(attempt)
+        check_restart_budget(attempt, store.add(RESTARTS_KEY, 0))
         ctx = WorkerContext(
             rank=dist.get_rank(),
             world_size=dist.get_world_size(),
@@ -113,6 +116,13 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
         beyond = [r for r in cfg.slowdown.factors if r >= ctx.world_size]
         if beyond:
             raise ValueError(f"slowdown.factors: rank {beyond[0]} does not exist in a job of {ctx.world_size} workers")
+        ps_strategy = parameter_server_class(cfg.strategy)
+        if ps_strategy is not None:  # a worker process that may die and rejoin, under this one
+            result = supervise(cfg, ctx, ps_strategy, store=store, attempt=attempt, resume=resume)
+            dist.barrier()
+            return result
+        if cfg.fault.target == "server":
+            raise ValueError(f"fault.target=server: strategy {cfg.strategy.name!r} has no parameter server")
         factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
         with Slowdown(factor, threads=torch.get_num_threads(), method=cfg.slowdown.method) as slowdown:
             if factor > 1:

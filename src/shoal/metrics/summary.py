@@ -39,6 +39,7 @@ class Summary(BaseModel):
     updates: float | None = None  # parameter servers: pushes applied per shard
     mean_staleness: float | None = None  # parameter servers: over all applied pushes
     dropped_pushes: float | None = None  # sync:backup=b: late gradients dropped, per shard
+    worker_restarts: int | None = None  # parameter servers: worker processes restarted while the rest trained on
     restarts: int
     restart_s: float | None = None  # from an injected kill (fault.kill_rank) to the resumed first step
     out: str

@@ -48,9 +48,6 @@ class AsyncPolicy:
 class AsyncPsStrategy(PsStrategy):
     """Asynchronous parameter server: pushes applied on arrival, staleness recorded."""
 
-    def __init__(self, model, optimizer, **kwargs: Any):
-        self.servers = kwargs["options"].servers
-        super().__init__(model, optimizer, **kwargs)
-
-    def make_policy(self) -> AsyncPolicy:
+    @classmethod
+    def make_policy(cls, options: AsyncPsOptions, workers: int) -> AsyncPolicy:
         return AsyncPolicy()

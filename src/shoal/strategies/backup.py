@@ -73,12 +73,16 @@ class BackupPolicy:
 class BackupSyncStrategy(PsStrategy):
     """``sync`` with ``backup=b``: each update is the mean of the first N - b gradients."""
 
-    def __init__(self, model, optimizer, **kwargs: Any):
-        options, world = kwargs["options"], kwargs["context"].world_size
-        if not 1 <= options.backup < world:
-            raise ValueError(f"sync: backup={options.backup} must leave at least one of the {world} workers")
-        self.servers = 1
-        super().__init__(model, optimizer, **kwargs)
+    @classmethod
+    def server_count(cls, options: Any) -> int:
+        return 1
 
-    def make_policy(self) -> BackupPolicy:
-        return BackupPolicy(self.options.backup, self.context.world_size)
+    @classmethod
+    def check(cls, options: Any, codec: Any, world_size: int) -> None:
+        if not 1 <= options.backup < world_size:
+            raise ValueError(f"sync: backup={options.backup} must leave at least one of the {world_size} workers")
+        super().check(options, codec, world_size)
+
+    @classmethod
+    def make_policy(cls, options: Any, workers: int) -> BackupPolicy:
+        return BackupPolicy(options.backup, workers)

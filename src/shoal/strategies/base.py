@@ -80,6 +80,18 @@ class Strategy(ABC):
         """After the last step, on every rank: release what the strategy holds; extra summary fields."""
         return {}
 
+    def progress(self, counters: dict[str, Any]) -> None:
+        """After every step: the run's counters so far (a supervised worker hands
+        them to its supervisor, to rejoin from if it dies)."""
+
+    def rejoin(self, steps_done: int) -> None:
+        """This worker was restarted while the others trained on: catch up with them."""
+        raise NotImplementedError(f"{type(self).__name__} cannot rejoin a running job")
+
+    def kill_server(self) -> None:
+        """The injected fault ``fault.target=server``: kill the process serving this rank's shard."""
+        raise NotImplementedError(f"{type(self).__name__} has no parameter server")
+
     def split_batch(self, batch_size: int) -> Callable[[], list[int]] | None:
         """Every worker's share of the next global batch, or None for equal shares."""
         return None

@@ -18,6 +18,16 @@ et al. 2013) or ``backup`` (apply the mean of the first N-b pushes of a version,
 drop the rest; Chen et al. 2016). A policy is a small object; the shard and the
 RPC plumbing are the same for all.
 
+Processes: each rank is a supervising process (the elastic launcher's
+worker) that hosts the rank's shard and RPC membership (:class:`PsHost`), and
+a worker process it starts and restarts (``shoal.training.supervisor``). A
+worker that dies is restarted and rejoins at its step count with the current
+parameters while the others go on; a host that dies takes the launcher's
+group restart, and its shard comes back from its last shard checkpoint.
+PyTorch RPC's membership is fixed at start (a replacement cannot take a dead
+member's place), which is why the part that may die and come back is kept
+outside it.
+
 Staleness of a push = versions the shard advanced between the worker's pull
 and the push's application. Evaluation runs on rank 0 alone, on its replica as
 of its last pull, so no worker ever waits for another to evaluate.
@@ -31,6 +41,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,6 +52,8 @@ from torch import nn
 from shoal.comm.codecs.base import Payload, build_codec
 from shoal.comm.memory import ErrorFeedback
 from shoal.strategies.base import StepStats, Strategy
+from shoal.training.checkpoint import load_checkpoint, save_checkpoint
+from shoal.training.optim import build_optimizer
 
 # Codecs whose decode needs nothing but the payload (no shared random stream,
 # no extra rounds): those a server can decode alone.
@@ -102,6 +115,8 @@ class ParameterShard:
     clocks: dict[int, float] = field(default_factory=dict)
     pushes: int = 0
     staleness_sum: int = 0
+    checkpoint_every: int = 0  # versions between shard checkpoints; 0: none
+    checkpoint_path: Path | None = None
 
     def flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -122,10 +137,14 @@ class ParameterShard:
         self.version += 1
         self.pushes += 1
         self.staleness_sum += max(staleness, 0)
+        if self.checkpoint_path is not None and self.checkpoint_every and self.version % self.checkpoint_every == 0:
+            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.checkpoint_path, self.state_dict())  # atomic: temp file + rename
 
     def state_dict(self) -> dict[str, Any]:
         return {"params": [p.detach().clone() for p in self.params], "optimizer": self.optimizer.state_dict(),
-                "version": self.version, "policy": self.policy.state_dict()}
+                "version": self.version, "policy": self.policy.state_dict(),
+                "pushes": self.pushes, "staleness_sum": self.staleness_sum}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -133,6 +152,8 @@ class ParameterShard:
                 p.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = state["version"]
+        self.pushes = state.get("pushes", self.pushes)
+        self.staleness_sum = state.get("staleness_sum", self.staleness_sum)
         self.policy.load_state_dict(state.get("policy", {}))
 
 
@@ -224,43 +245,156 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class PsHost:
+    """The server side of a parameter-server job, in a rank's supervising process.
+
+    It serves shard ``rank`` (when ``rank < servers``), is this rank's member of
+    the RPC group, and forwards its worker's pushes and pulls. The worker runs
+    in a child process (``shoal.training.supervisor``) and talks to it over a
+    pipe, so a worker that dies takes neither the shard nor the RPC group with
+    it: the others keep training, and a restarted worker rejoins through the
+    same host. Shard ``j`` is written to ``OUT/shards/shard{j}.pt`` (atomic,
+    checksummed) every ``checkpoint_every`` versions; a host restarted after
+    its process died loads it.
+    """
+
+    def __init__(self, strategy: type[PsStrategy], cfg: Any, context: Any, model: nn.Module, *,
+                 restore_shard: bool = False, worker_restarts: Any = None):
+        self.strategy = strategy
+        self.worker_restarts = worker_restarts  # () -> the job's worker restarts so far
+        self.context = context
+        self.world_size = context.world_size
+        options = cfg.strategy.options
+        self.servers = strategy.server_count(options)
+        strategy.check(options, cfg.codec, context.world_size)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.layout = shard_layout([p.numel() for p in params], self.servers)
+        self.shard: ParameterShard | None = None
+        self.shard_path = Path(cfg.out) / "shards" / f"shard{context.rank}.pt"
+        self.restored_version: int | None = None
+        if context.rank < self.servers:
+            shard_params = [params[i].detach().clone() for i in self.layout[context.rank]]
+            optimizer = build_optimizer(cfg.optimizer, shard_params)
+            self.shard = ParameterShard(
+                params=shard_params,
+                optimizer=optimizer,
+                codec=build_codec(cfg.codec, rank=context.rank),
+                policy=strategy.make_policy(options, context.world_size),
+                workers=context.world_size,
+                staleness_lr=getattr(options, "staleness_lr", False),
+                checkpoint_every=cfg.train.checkpoint_every,
+                checkpoint_path=self.shard_path,
+            )
+            if restore_shard and self.shard_path.is_file():
+                self.shard.load_state_dict(load_checkpoint(self.shard_path))  # checksum verified
+                self.restored_version = self.shard.version
+            _SHARDS[context.rank] = self.shard
+        # Workers finish far apart when one is slow: the final wait gets its own
+        # group with no practical timeout (the default group's is 10 minutes).
+        self.wait_group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+        start_rpc(context.rank, context.world_size)
+        dist.barrier()  # every shard exists before the first push
+
+    def push(self, pushes: list[tuple[list[torch.Tensor], dict[str, Any]]], worker: int, versions: list[int],
+             clock: int, lr: float) -> list[Reply]:
+        futures = [
+            rpc.rpc_async(worker_name(shard), _push, args=(shard, worker, versions[shard], clock, tensors, ctx, lr))
+            for shard, (tensors, ctx) in enumerate(pushes)
+        ]
+        return [f.wait() for f in futures]
+
+    def pull(self) -> list[Reply]:
+        return [rpc.rpc_sync(worker_name(shard), _pull, args=(shard,)) for shard in range(self.servers)]
+
+    def request_stop(self) -> None:
+        for shard in range(self.servers):
+            rpc.rpc_sync(worker_name(shard), _request_stop, args=(shard,))
+
+    def close(self, worker: int) -> tuple[list[Reply], dict[str, float]]:
+        """The worker is done: wait for every worker, then (rank 0) pull the
+        final model and the servers' totals; leave RPC."""
+        for shard in range(self.servers):
+            rpc.rpc_sync(worker_name(shard), _finish, args=(shard, worker))
+        dist.barrier(group=self.wait_group)  # nobody leaves while a server may still owe a reply
+        replies: list[Reply] = []
+        totals: dict[str, float] = {}
+        if self.context.rank == 0:
+            replies = self.pull()
+            stats = [rpc.rpc_sync(worker_name(s), _stats, args=(s,)) for s in range(self.servers)]
+            pushes = sum(p for p, _, _ in stats)
+            totals = {"updates": pushes / self.servers,
+                      "mean_staleness": sum(s for _, s, _ in stats) / max(pushes, 1),
+                      "dropped_pushes": sum(d for _, _, d in stats) / self.servers}
+            if self.worker_restarts is not None:
+                totals["worker_restarts"] = self.worker_restarts()
+        rpc.shutdown()
+        return replies, totals
+
+    def shard_state(self) -> dict[str, Any] | None:
+        if self.shard is None:
+            return None
+        with self.shard.lock:
+            return self.shard.state_dict()
+
+    def load_shard_state(self, state: dict[str, Any] | None, versions: list[int]) -> None:
+        """Restore the shard from a run checkpoint (or, without saved server
+        state, serve the restored model at the workers' version)."""
+        if self.shard is None:
+            return
+        with self.shard.lock:
+            if state:
+                self.shard.load_state_dict(state)
+            else:
+                self.shard.version = versions[self.context.rank]
+
+    def load_shard_params(self, flat: torch.Tensor) -> None:
+        if self.shard is None:
+            return
+        with self.shard.lock, torch.no_grad():
+            offset = 0
+            for p in self.shard.params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+
 class PsStrategy(Strategy):
-    """Worker side of a parameter-server strategy; subclasses give the policy."""
+    """Worker side of a parameter-server strategy; subclasses give the policy.
+
+    Runs in the worker process under ``shoal.training.supervisor``: the
+    gradient, the codec and its error feedback are computed here, and
+    :class:`PsHost` in the supervising process sends them to the shards.
+    """
 
     collective_eval = False
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any):
         super().__init__(model, optimizer, **kwargs)
-        ctx = self.context
-        if self.codec_spec.name not in PUSHABLE_CODECS:
-            raise ValueError(f"codec {self.codec_spec.name!r} cannot be decoded by a parameter server; "
-                             f"allowed: {', '.join(sorted(PUSHABLE_CODECS))}")
+        self.servers = self.server_count(self.options)
+        self.check(self.options, self.codec_spec, self.context.world_size)
+        if _LINK is None:
+            raise RuntimeError(f"{type(self).__name__} runs under shoal's worker supervisor (shoal train / shoal.train)")
+        self.link = _LINK
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.layout = shard_layout([p.numel() for p in self.params], self.servers)
-        self.codec = build_codec(self.codec_spec, rank=ctx.rank)
+        self.codec = build_codec(self.codec_spec, rank=self.context.rank)
         self.memory = ErrorFeedback() if self.codec.options.memory == "ef" else None
         self.versions = [0] * self.servers
         self.clock = 0
         self.stopped = False
-        if ctx.rank < self.servers:
-            shard_params = [self.params[i].detach().clone() for i in self.layout[ctx.rank]]
-            _SHARDS[ctx.rank] = ParameterShard(
-                params=shard_params,
-                optimizer=type(optimizer)(shard_params, **optimizer.defaults),
-                codec=build_codec(self.codec_spec, rank=ctx.rank),
-                policy=self.make_policy(),
-                workers=ctx.world_size,
-                staleness_lr=getattr(self.options, "staleness_lr", False),
-            )
-        # Workers finish far apart when one is slow: the final wait gets its own
-        # group with no practical timeout (the default group's is 10 minutes).
-        self.wait_group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
-        start_rpc(ctx.rank, ctx.world_size)
-        dist.barrier()  # every shard exists before the first push
 
-    servers: int = 1
+    @classmethod
+    def server_count(cls, options: Any) -> int:
+        return options.servers
 
-    def make_policy(self) -> Any:
+    @classmethod
+    def check(cls, options: Any, codec: Any, world_size: int) -> None:
+        """Refuse what this strategy cannot run (before any process is started)."""
+        if codec.name not in PUSHABLE_CODECS:
+            raise ValueError(f"codec {codec.name!r} cannot be decoded by a parameter server; "
+                             f"allowed: {', '.join(sorted(PUSHABLE_CODECS))}")
+
+    @classmethod
+    def make_policy(cls, options: Any, workers: int) -> Any:
         raise NotImplementedError
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
@@ -272,7 +406,7 @@ class PsStrategy(Strategy):
         compute_s = time.perf_counter() - started
         lr = self.optimizer.param_groups[0]["lr"]
         self.clock += 1
-        futures, wire, dense = [], 0, 0
+        pushes, wire, dense = [], 0, 0
         for shard, indices in enumerate(self.layout):
             grad = torch.cat([self.params[i].grad.reshape(-1) for i in indices])
             compensated = self.memory.compensate(shard, grad) if self.memory is not None else grad
@@ -281,11 +415,8 @@ class PsStrategy(Strategy):
                 self.memory.update(shard, compensated, self.codec.decode(payload).reshape(-1))
             wire += payload.wire_bytes
             dense += grad.numel() * 4
-            futures.append(rpc.rpc_async(
-                worker_name(shard), _push,
-                args=(shard, self.context.rank, self.versions[shard], self.clock, payload.tensors, payload.ctx, lr),
-            ))
-        replies = [f.wait() for f in futures]
+            pushes.append((payload.tensors, payload.ctx))
+        replies = self.link.call("ps", "push", pushes, self.context.rank, list(self.versions), self.clock, lr)
         staleness = [r.staleness for r in replies if r.staleness >= 0]
         for shard, reply in enumerate(replies):
             self._load(shard, reply)
@@ -310,49 +441,65 @@ class PsStrategy(Strategy):
         return self.stopped
 
     def request_stop(self) -> None:
-        for shard in range(self.servers):
-            rpc.rpc_sync(worker_name(shard), _request_stop, args=(shard,))
+        self.link.call("ps", "request_stop")
 
     def pull(self) -> None:
         """Bring the replica up to the servers' current parameters."""
-        for shard in range(self.servers):
-            self._load(shard, rpc.rpc_sync(worker_name(shard), _pull, args=(shard,)))
+        for shard, reply in enumerate(self.link.call("ps", "pull")):
+            self._load(shard, reply)
+
+    def progress(self, counters: dict[str, Any]) -> None:
+        self.link.tell("progress", counters)
+
+    def kill_server(self) -> None:
+        self.link.tell("die")
+        time.sleep(600)  # the supervisor kills this process with itself
+
+    def rejoin(self, steps_done: int) -> None:
+        """A restarted worker: continue at its step count from the servers' parameters."""
+        self.clock = steps_done
+        self.pull()
 
     def close(self) -> dict[str, float]:
         """Tell the servers this worker is done, wait for everyone, leave RPC.
 
         Returns the servers' totals (pushes applied, mean staleness) on rank 0."""
-        for shard in range(self.servers):
-            rpc.rpc_sync(worker_name(shard), _finish, args=(shard, self.context.rank))
-        totals: dict[str, float] = {}
-        dist.barrier(group=self.wait_group)  # nobody leaves while a server may still owe a reply
-        if self.context.rank == 0:
-            self.pull()
-            stats = [rpc.rpc_sync(worker_name(s), _stats, args=(s,)) for s in range(self.servers)]
-            pushes = sum(p for p, _, _ in stats)
-            totals = {"updates": pushes / self.servers,
-                      "mean_staleness": sum(s for _, s, _ in stats) / max(pushes, 1),
-                      "dropped_pushes": sum(d for _, _, d in stats) / self.servers}
-        rpc.shutdown()
-        return totals  # the shard stays in _SHARDS: the final checkpoint saves it
+        replies, totals = self.link.call("ps", "close", self.context.rank)
+        for shard, reply in enumerate(replies):
+            self._load(shard, reply)
+        return totals
 
     def state_dict(self) -> dict[str, Any]:
-        shard = _SHARDS.get(self.context.rank)
         return {"clock": self.clock, "versions": list(self.versions),
                 "memory": self.memory.state_dict() if self.memory else {},
-                "shard": shard.state_dict() if shard is not None else None}
+                "shard": self.link.call("ps", "shard_state")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clock = state.get("clock", 0)
         self.versions = list(state.get("versions", self.versions))
         if self.memory is not None:
             self.memory.load_state_dict(state.get("memory", {}))
-        shard = _SHARDS.get(self.context.rank)
-        if shard is not None and state.get("shard"):
-            shard.load_state_dict(state["shard"])
-        elif shard is not None:
+        if state.get("shard"):
+            self.link.call("ps", "load_shard_state", state["shard"], self.versions)
+        elif self.context.rank < self.servers:
             # No server state saved: serve the restored model, at the workers' version.
-            with torch.no_grad():
-                for p, i in zip(shard.params, self.layout[self.context.rank]):
-                    p.copy_(self.params[i])
-            shard.version = self.versions[self.context.rank]
+            flat = torch.cat([self.params[i].detach().reshape(-1) for i in self.layout[self.context.rank]])
+            self.link.call("ps", "load_shard_params", flat)
+            self.link.call("ps", "load_shard_state", None, self.versions)
+
+
+_LINK: Any = None  # the worker process's pipe to its supervisor (shoal.training.supervisor)
+
+
+def set_link(link: Any) -> None:
+    global _LINK
+    _LINK = link
+
+
+def parameter_server_class(component: Any) -> type[PsStrategy] | None:
+    """The :class:`PsStrategy` subclass a strategy spec resolves to, else None
+    (a factory such as ``sync`` says through its ``resolve`` attribute)."""
+    target = component.target
+    resolve = getattr(target, "resolve", None)
+    cls = resolve(component.options) if resolve is not None else target
+    return cls if isinstance(cls, type) and issubclass(cls, PsStrategy) else None

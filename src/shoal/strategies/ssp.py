@@ -79,9 +79,6 @@ class SspPolicy:
 class SspStrategy(PsStrategy):
     """Stale-synchronous parallel: a worker runs at most ``staleness`` steps ahead of the slowest."""
 
-    def __init__(self, model, optimizer, **kwargs: Any):
-        self.servers = kwargs["options"].servers
-        super().__init__(model, optimizer, **kwargs)
-
-    def make_policy(self) -> SspPolicy:
-        return SspPolicy(self.options.staleness, self.context.world_size)
+    @classmethod
+    def make_policy(cls, options: SspOptions, workers: int) -> SspPolicy:
+        return SspPolicy(options.staleness, workers)

@@ -44,11 +44,19 @@ class SyncOptions(BaseModel):
 @STRATEGIES.register("sync", SyncOptions)
 def sync(model, optimizer, **kwargs: Any) -> Strategy:
     """Synchronous data parallel: DDP all-reduce through the codec hook (backup=b: first N-b gradients)."""
-    if kwargs["options"].backup:
+    return _resolve(kwargs["options"])(model, optimizer, **kwargs)
+
+
+def _resolve(options: SyncOptions) -> type[Strategy]:
+    """The class ``sync`` runs with these options (backup=b is a parameter-server strategy)."""
+    if options.backup:
         from shoal.strategies.backup import BackupSyncStrategy
 
-        return BackupSyncStrategy(model, optimizer, **kwargs)
-    return SyncStrategy(model, optimizer, **kwargs)
+        return BackupSyncStrategy
+    return SyncStrategy
+
+
+sync.resolve = _resolve  # type: ignore[attr-defined]
 
 
 class SyncStrategy(Strategy):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -33,6 +32,7 @@ from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import StepStats, Strategy, WorkerContext
 from shoal.training.checkpoint import load_checkpoint, save_checkpoint
 from shoal.training.evaluate import evaluate
+from shoal.training.group import Group, TorchGroup
 from shoal.training.optim import build_optimizer, build_scheduler
 
 CHECKPOINT = "checkpoint.pt"
@@ -81,14 +81,18 @@ class _Progress:
 
 def run_training(
     cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False, slowdown: Slowdown | None = None,
-    attempt: int = 0,
+    attempt: int = 0, group: Group | None = None, rejoin: dict[str, Any] | None = None,
 ) -> Summary | None:
     """Train on this worker; rank 0 returns the :class:`Summary`, others ``None``.
 
     ``attempt``: how many times the job's worker group was restarted before
     this start (the same on every rank); after a restart the run resumes from
     its last checkpoint. ``slowdown``: this worker's emulated slower hardware (busy-waiting hooks
-    the model's forward; a cgroup quota needs nothing from the loop)."""
+    the model's forward; a cgroup quota needs nothing from the loop). ``group``: the
+    collectives the loop needs (default: the process group). ``rejoin``: a worker
+    restarted under a supervisor while the others train on: its counters when it
+    died; it continues from there with the servers' current parameters."""
+    group = group or TorchGroup(ctx.world_size, ctx.device)
     setup_started = time.perf_counter()
     out = Path(cfg.out)
     is_main = ctx.rank == 0
@@ -131,16 +135,25 @@ def run_training(
             world_size=ctx.world_size if collective else 1,
         )
 
-    if not resume and attempt > 0:
-        resume = _checkpoint_exists(out / CHECKPOINT, ctx)
+    if rejoin is not None:
+        resume = False
+    elif not resume and attempt > 0:
+        resume = group.broadcast_object((out / CHECKPOINT).is_file() if is_main else None)
     state = _RunState()
     if resume:
-        state = _restore(out / CHECKPOINT, strategy, optimizer, scheduler, ctx)
-        if ctx.world_size > 1:
-            dist.barrier()  # parameter servers: every shard restored before anyone pushes
+        state = _restore(out / CHECKPOINT, strategy, optimizer, scheduler, ctx, group)
+        group.barrier()  # parameter servers: every shard restored before anyone pushes
+    elif rejoin is not None:
+        state.load(rejoin)
+        state.wall_before = state.wall
+        state.resumed_from = state.step
+        strategy.rejoin(state.step)
+    else:
+        group.barrier()  # start together (parameter servers: no worker runs alone while others still load)
     if is_main:
         (out / "config.yaml").write_text(cfg.to_yaml())
-    metrics = MetricsWriter(out / "metrics.jsonl", resume_step=state.step if resume else None) if is_main else None
+    metrics = (MetricsWriter(out / "metrics.jsonl", resume_step=state.step if state.resumed_from is not None else None)
+               if is_main else None)
 
     setup_s = time.perf_counter() - setup_started
     loop_started = time.perf_counter()
@@ -155,8 +168,9 @@ def run_training(
             stats = strategy.step(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
             if slowdown is not None:
                 slowdown.after_step(stats.compute_s)
-            if attempt == 0 and cfg.fault.kill_rank == ctx.rank and state.step + 1 == cfg.fault.kill_step:
-                _die(out)
+            if (attempt == 0 and rejoin is None and cfg.fault.kill_rank == ctx.rank
+                    and state.step + 1 == cfg.fault.kill_step):
+                _die(out, ctx.rank, strategy, cfg.fault.target)
             scheduler.step()
             now = time.perf_counter()
             state.add(stats, step_s=now - step_started, wall=state.wall_before + now - loop_started)
@@ -177,6 +191,7 @@ def run_training(
                     record["staleness"] = stats.staleness
             if is_main:
                 progress.advance(stats.loss)
+            strategy.progress(state.state_dict())
             if (state.step % cfg.train.eval_every == 0 or state.step == steps) and (collective or is_main):
                 loss_eval, acc = run_eval()
                 state.record_eval(acc, loss_eval, cfg.train.target_accuracy)
@@ -189,7 +204,7 @@ def run_training(
             # A checkpoint gathers every worker's state: only where workers keep in step.
             if (collective and cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0
                     and state.step < steps):
-                _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx)
+                _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx, group)
             if reached and not collective:
                 strategy.request_stop()
             if reached or strategy.finished():
@@ -198,18 +213,13 @@ def run_training(
     extra = strategy.close()  # parameter servers: wait for all, pull the final model
     if math.isnan(acc) or not collective:  # resumed a finished run, or the final model was just pulled
         loss_eval, acc = run_eval()
-    _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx)
+    _checkpoint(out / CHECKPOINT, state, strategy, optimizer, scheduler, ctx, group)
     # Mean over workers of what each one handed to the process group.
-    totals = torch.tensor([state.wire_bytes, state.dense_bytes, state.comm_s, state.samples], dtype=torch.float64,
-                          device=ctx.device)
-    if ctx.world_size > 1:
-        dist.all_reduce(totals)
-    per_worker = (totals / ctx.world_size).tolist()
+    totals = group.all_reduce([state.wire_bytes, state.dense_bytes, state.comm_s, state.samples])
+    per_worker = [value / ctx.world_size for value in totals]
     # Throughput over the longest worker's clock: under the parameter-server
     # strategies rank 0 may finish well before a slow worker.
-    longest = torch.tensor([state.clock], dtype=torch.float64, device=ctx.device)
-    if ctx.world_size > 1:
-        dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    longest = group.all_reduce([state.clock], op="max")[0]
     if metrics is not None:
         metrics.close()
     if not is_main:
@@ -236,7 +246,7 @@ def run_training(
         model=cfg.model.name,
         dataset=cfg.data.dataset.name,
         parameters=count_parameters(strategy.eval_model),
-        samples_per_s=per_worker[3] * ctx.world_size / max(longest.item(), 1e-9),
+        samples_per_s=per_worker[3] * ctx.world_size / max(longest, 1e-9),
         wire_bytes_per_worker=per_worker[0],
         dense_bytes_per_worker=per_worker[1],
         comm_s_per_worker=per_worker[2],
@@ -290,21 +300,22 @@ class _RunState:
         vars(self).update(saved)
 
 
-def _die(out: Path) -> None:
-    """The injected fault: note when, then SIGKILL this worker (no cleanup, as a crash)."""
+def _die(out: Path, rank: int, strategy: Strategy, target: str) -> None:
+    """The injected fault: note when, then SIGKILL this worker (no cleanup, as a
+    crash); ``target="server"``: the process serving its parameter shard instead."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / FAULT, {"rank": dist.get_rank() if dist.is_initialized() else 0, "time": time.time()})
+    write_json_atomic(out / FAULT, {"rank": rank, "target": target, "time": time.time()})
+    if target == "server":
+        strategy.kill_server()  # does not return
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext) -> None:
+def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext,
+                group: Group) -> None:
     # Random streams and strategy state (error-feedback residuals, codec
     # generators) differ per worker: keep every worker's.
     mine = {"rng": torch.get_rng_state(), "strategy": strategy.state_dict()}
-    workers: list[Any] = [mine]
-    if ctx.world_size > 1:
-        workers = [None] * ctx.world_size
-        dist.all_gather_object(workers, mine)
+    workers = group.all_gather_object(mine)
     if ctx.rank != 0:
         return
     save_checkpoint(
@@ -327,22 +338,9 @@ def _restart_time(out: Path) -> float | None:
         return None
 
 
-def _checkpoint_exists(path: Path, ctx: WorkerContext) -> bool:
-    """Rank 0's answer for every rank: only it needs to see the file."""
-    flag = torch.tensor([float(path.is_file()) if ctx.rank == 0 else 0.0], device=ctx.device)
-    if ctx.world_size > 1:
-        dist.broadcast(flag, src=0)
-    return bool(flag.item())
-
-
-def _restore(path: Path, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext) -> _RunState:
+def _restore(path: Path, strategy: Strategy, optimizer, scheduler, ctx: WorkerContext, group: Group) -> _RunState:
     """Rank 0 reads the checkpoint and sends it to the others (no shared disk needed)."""
-    holder: list[Any] = [None]
-    if ctx.rank == 0:
-        holder[0] = load_checkpoint(path)
-    if ctx.world_size > 1:
-        dist.broadcast_object_list(holder, src=0)
-    saved = holder[0]
+    saved = group.broadcast_object(load_checkpoint(path) if ctx.rank == 0 else None)
     strategy.eval_model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

@@ -1,0 +1,228 @@
+"""A rank whose training process may die without taking the job down.
+
+Under the parameter-server strategies a rank is two processes. The one the
+elastic launcher starts (the *supervisor*) holds what must outlive a crash:
+the process group, the RPC membership and the rank's parameter shard
+(:class:`~shoal.strategies.ps.PsHost`). It starts the *worker*, a child that
+runs the ordinary training loop and reaches everything outside itself through
+one pipe to its supervisor: pushes and pulls, the loop's few collectives
+(:class:`PipeGroup`), its counters after every step.
+
+When the worker dies (a crash, SIGKILL, the OOM killer) the other ranks train
+on; the supervisor starts a new worker, which rejoins at the dead one's step
+count with the servers' current parameters (what is lost: the step in flight
+and its error-feedback residual). Restarts are counted job-wide against the
+launcher's ``--max-restarts``, together with group restarts. A worker that
+*raises* is not restarted: an error is a bug or a bad input, not a crash, and
+fails the job with its message. When a supervisor dies, its shard goes with
+it: the launcher restarts the group, every shard reloads its last shard
+checkpoint and every worker resumes at the step count its supervisor last
+published in the job's store.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import sys
+import traceback
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from shoal.config import RunConfig, validate_config
+from shoal.strategies.base import WorkerContext
+from shoal.training.group import Group, TorchGroup
+
+RESTARTS_KEY = "shoal/worker_restarts"  # job-wide count of worker (not group) restarts
+
+_HOST_CALLS = {"push", "pull", "request_stop", "close", "shard_state", "load_shard_state", "load_shard_params"}
+_GROUP_CALLS = {"barrier", "broadcast_object", "all_gather_object", "all_reduce"}
+
+
+class LinkClosed(RuntimeError):
+    """The supervisor is gone (it died, or is killing this process)."""
+
+
+class Link:
+    """The worker's end of the pipe: ``call`` waits for the answer, ``tell`` does not."""
+
+    def __init__(self, conn: Any):
+        self.conn = conn
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, EOFError) as err:
+            raise LinkClosed("the supervising process is gone") from err
+
+    def call(self, target: str, method: str, *args: Any) -> Any:
+        self._send(("call", target, method, args))
+        try:
+            status, value = pickle.loads(self.conn.recv_bytes())
+        except (OSError, EOFError) as err:
+            raise LinkClosed("the supervising process is gone") from err
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def tell(self, what: str, *args: Any) -> None:
+        self._send(("tell", what, None, args))
+
+
+class PipeGroup(Group):
+    """The loop's collectives, done by the supervisor on its process group."""
+
+    def __init__(self, link: Link):
+        self.link = link
+
+    def barrier(self) -> None:
+        self.link.call("group", "barrier")
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return self.link.call("group", "broadcast_object", obj)
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return self.link.call("group", "all_gather_object", obj)
+
+    def all_reduce(self, values: list[float], op: Literal["sum", "max"] = "sum") -> list[float]:
+        return self.link.call("group", "all_reduce", values, op)
+
+
+def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist.Store, attempt: int,
+              resume: bool) -> dict[str, Any] | None:
+    """Host this rank's shard, run its worker to the end (restarting it when it
+    dies, while the budget lasts); rank 0 returns the run's summary."""
+    from shoal.data import build_dataset
+    from shoal.models import build_model
+    from shoal.strategies.ps import PsHost
+
+    if cfg.fault.target == "server" and cfg.fault.kill_rank is not None:
+        servers = strategy.server_count(cfg.strategy.options)
+        if cfg.fault.kill_rank >= servers:
+            raise ValueError(f"fault.kill_rank={cfg.fault.kill_rank} with fault.target=server: "
+                             f"only ranks 0..{servers - 1} serve a shard")
+    torch.manual_seed(cfg.seed)  # the workers' initial weights: the shards start from them
+    model = build_model(cfg.model, build_dataset(cfg.data.dataset))
+    host = PsHost(strategy, cfg, ctx, model, restore_shard=attempt > 0,
+                  worker_restarts=lambda: store.add(RESTARTS_KEY, 0))
+    if host.restored_version is not None:
+        print(f"rank {ctx.rank}: shard {ctx.rank} restored from its checkpoint at version {host.restored_version}",
+              file=sys.stderr, flush=True)
+    group = TorchGroup(ctx.world_size, ctx.device)
+    progress_key = f"shoal/progress/rank{ctx.rank}"
+    rejoin: dict[str, Any] | None = None
+    if attempt > 0 and not resume:  # the group was restarted: carry on from the published counters
+        rejoin = json.loads(store.get(progress_key)) if store.check([progress_key]) else {}
+    budget = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    spawn = mp.get_context("spawn")
+    config = cfg.model_dump(mode="json")
+    threads = torch.get_num_threads()
+    while True:
+        parent, child = spawn.Pipe()
+        worker = spawn.Process(target=_worker_main, args=(child, config, ctx, resume, attempt, rejoin, threads),
+                               name=f"shoal-worker-{ctx.rank}", daemon=True)
+        worker.start()
+        child.close()
+        outcome, value = _serve(parent, worker, host, group, store, progress_key)
+        parent.close()
+        worker.join()
+        if outcome == "result":
+            return value
+        if outcome == "error":
+            message, trace = value
+            print(f"rank {ctx.rank}: worker process failed:\n{trace}", file=sys.stderr, flush=True)
+            raise RuntimeError(message)
+        # Died without a word: a crash. Start another while the job's budget lasts.
+        restarts = store.add(RESTARTS_KEY, 1)
+        how = _exit_reason(worker.exitcode)
+        step = int(value.get("step", 0)) if value else 0
+        if attempt + restarts > budget:
+            message = (f"rank {ctx.rank}'s worker process {how} after step {step}; restart budget spent "
+                       f"(--max-restarts {budget}, job-wide: {attempt} group and {restarts} worker restarts)")
+            print(message, file=sys.stderr, flush=True)  # the other ranks may fail first, on its absence
+            raise RuntimeError(message)
+        print(f"rank {ctx.rank}: worker process {how} after step {step}; starting it again "
+              f"(restart {attempt + restarts} of {budget}), the others train on", file=sys.stderr, flush=True)
+        rejoin, resume = value or {}, False
+
+
+def _serve(conn: Any, worker: Any, host: Any, group: Group, store: dist.Store,
+           progress_key: str) -> tuple[str, Any]:
+    """Answer the worker until it finishes, fails or dies. Returns ``("result",
+    summary)``, ``("error", message)`` or ``("died", last counters)``."""
+    last: dict[str, Any] | None = None
+    while True:
+        try:
+            kind, name, method, args = pickle.loads(conn.recv_bytes())
+        except (OSError, EOFError):
+            return "died", last
+        if kind == "tell":
+            if name == "progress":
+                last = args[0]
+                store.set(progress_key, json.dumps(_jsonable(last)))
+            elif name == "result":
+                return "result", args[0]
+            elif name == "error":
+                return "error", args[0]
+            elif name == "die":  # fault.target=server: this process, with its shard
+                worker.kill()
+                os.kill(os.getpid(), signal.SIGKILL)
+            continue
+        allowed = _HOST_CALLS if name == "ps" else _GROUP_CALLS if name == "group" else set()
+        if method not in allowed:
+            reply: tuple[str, Any] = ("error", f"unknown call {name}.{method}")
+        else:
+            try:
+                reply = ("ok", getattr(host if name == "ps" else group, method)(*args))
+            except Exception as err:  # the worker raises it; the job fails with its message
+                reply = ("error", f"{type(err).__name__}: {err}")
+        try:
+            conn.send_bytes(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL))
+        except (OSError, EOFError):
+            return "died", last
+
+
+def _worker_main(conn: Any, config: dict[str, Any], ctx: WorkerContext, resume: bool, attempt: int,
+                 rejoin: dict[str, Any] | None, threads: int) -> None:
+    """The worker process: the ordinary training loop, linked to its supervisor."""
+    from shoal.netem.slowdown import Slowdown
+    from shoal.strategies.ps import set_link
+    from shoal.training.loop import run_training
+
+    link = Link(conn)
+    try:
+        torch.set_num_threads(threads)
+        cfg = validate_config(config)
+        set_link(link)
+        factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
+        with Slowdown(factor, threads=threads, method=cfg.slowdown.method) as slowdown:
+            if factor > 1:
+                print(f"rank {ctx.rank}: {slowdown.describe()}", file=sys.stderr, flush=True)
+            summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt,
+                                   group=PipeGroup(link), rejoin=rejoin)
+        link.tell("result", summary.model_dump() if summary is not None else None)
+    except LinkClosed:
+        os._exit(1)  # the supervisor died: nothing to report to
+    except BaseException as err:  # noqa: BLE001 - reported to the supervisor, which fails the job
+        try:
+            link.tell("error", (f"{type(err).__name__}: {err}", traceback.format_exc()))
+        except LinkClosed:
+            pass
+        os._exit(1)
+    conn.close()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code} without a result"
+
+
+def _jsonable(counters: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in counters.items()}
