@@ -71,6 +71,8 @@ def test_cli_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path):
         (["CFG", "--set", "optimizer.lr=-3"], "optimizer.lr"),
         (["CFG", "--set", "noequals"], "expected key=value"),
         (["--resume", "no/such/run"], "no checkpoint.pt"),
+        (["CFG", "--workers", "16", "--set", "backend=nccl"], "nccl needs one GPU per worker"),
+        (["CFG", "--kill", "1:5:disk"], "expected RANK:STEP or RANK:STEP:server"),
     ],
 )
 def test_cli_errors_exit_2(tmp_path, args, words):

@@ -67,6 +67,13 @@ def train(
                           out=str(out) if out else None)
     except ConfigError as err:
         _fail_config(str(err))
+    if cfg.backend == "nccl":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus < cfg.workers:
+            _fail_config(f"backend: nccl needs one GPU per worker; {cfg.workers} workers on this node, {gpus} GPU(s) "
+                         "(allowed: backend gloo or auto, or fewer workers)")
     try:
         summary = launch(
             cfg,

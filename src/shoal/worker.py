@@ -31,9 +31,15 @@ from shoal.training.supervisor import RESTARTS_KEY, supervise
 
 
 def pick_backend(cfg: RunConfig) -> str:
+    """``auto``: NCCL on GPUs when this node has one for each of its workers, else gloo on CPUs."""
+    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.backend == "nccl" and gpus < local_workers:
+        raise ValueError(f"backend: nccl needs one GPU per worker; this node runs {local_workers} workers "
+                         f"and has {gpus} GPU(s) (set backend: gloo to train on CPUs)")
     if cfg.backend != "auto":
         return cfg.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if gpus >= local_workers else "gloo"
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> tuple[int, dist.Store]:

@@ -415,7 +415,7 @@ class PsStrategy(Strategy):
                 self.memory.update(shard, compensated, self.codec.decode(payload).reshape(-1))
             wire += payload.wire_bytes
             dense += grad.numel() * 4
-            pushes.append((payload.tensors, payload.ctx))
+            pushes.append(([t.cpu() for t in payload.tensors], payload.ctx))  # the servers hold CPU tensors
         replies = self.link.call("ps", "push", pushes, self.context.rank, list(self.versions), self.clock, lr)
         staleness = [r.staleness for r in replies if r.staleness >= 0]
         for shard, reply in enumerate(replies):
@@ -483,7 +483,7 @@ class PsStrategy(Strategy):
             self.link.call("ps", "load_shard_state", state["shard"], self.versions)
         elif self.context.rank < self.servers:
             # No server state saved: serve the restored model, at the workers' version.
-            flat = torch.cat([self.params[i].detach().reshape(-1) for i in self.layout[self.context.rank]])
+            flat = torch.cat([self.params[i].detach().cpu().reshape(-1) for i in self.layout[self.context.rank]])
             self.link.call("ps", "load_shard_params", flat)
             self.link.call("ps", "load_shard_state", None, self.versions)
 
