@@ -80,6 +80,15 @@ class Strategy(ABC):
         """After the last step, on every rank: release what the strategy holds; extra summary fields."""
         return {}
 
+    def data_shard(self) -> tuple[int, int]:
+        """(which share of the training data this rank reads, how many shares):
+        one per worker, unless several ranks work on the same batch (pipeline stages)."""
+        return self.context.rank, self.context.world_size
+
+    def prepare_eval(self) -> None:
+        """Before an evaluation or a checkpoint, on every rank that takes part:
+        make :attr:`eval_model` the whole, current model."""
+
     def progress(self, counters: dict[str, Any]) -> None:
         """After every step: the run's counters so far (a supervised worker hands
         them to its supervisor, to rejoin from if it dies)."""

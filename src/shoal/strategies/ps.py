@@ -51,6 +51,7 @@ from torch import nn
 
 from shoal.comm.codecs.base import Payload, build_codec
 from shoal.comm.memory import ErrorFeedback
+from shoal.parallel.partition import min_max_split
 from shoal.strategies.base import StepStats, Strategy
 from shoal.training.checkpoint import load_checkpoint, save_checkpoint
 from shoal.training.optim import build_optimizer
@@ -61,32 +62,10 @@ PUSHABLE_CODECS = {"none", "fp16", "bf16", "int8", "qsgd", "terngrad", "signsgd"
 
 
 def shard_layout(numels: list[int], shards: int) -> list[list[int]]:
-    """Parameter indices per shard: contiguous runs minimising the largest shard
-    (exact, by dynamic programming over split points; models have at most a
-    few hundred tensors)."""
-    n = len(numels)
-    if not 1 <= shards <= n:
-        raise ValueError(f"servers={shards}: must be between 1 and the model's {n} parameter tensors")
-    prefix = [0]
-    for size in numels:
-        prefix.append(prefix[-1] + size)
-    inf = float("inf")
-    # cost[k][i]: the largest shard when the first i tensors make k shards; cut[k][i]: where the last one starts
-    cost = [[inf] * (n + 1) for _ in range(shards + 1)]
-    cut = [[0] * (n + 1) for _ in range(shards + 1)]
-    cost[0][0] = 0
-    for k in range(1, shards + 1):
-        for i in range(k, n + 1):
-            for j in range(k - 1, i):
-                candidate = max(cost[k - 1][j], prefix[i] - prefix[j])
-                if candidate < cost[k][i]:
-                    cost[k][i], cut[k][i] = candidate, j
-    layout, end = [], n
-    for k in range(shards, 0, -1):
-        start = cut[k][end]
-        layout.append(list(range(start, end)))
-        end = start
-    return layout[::-1]
+    """Parameter indices per shard: contiguous runs minimising the largest shard (exact)."""
+    if not 1 <= shards <= len(numels):
+        raise ValueError(f"servers={shards}: must be between 1 and the model's {len(numels)} parameter tensors")
+    return [list(part) for part in min_max_split(numels, shards)]
 
 
 @dataclass

@@ -106,11 +106,6 @@ def run_training(
         slowdown.attach(model)
     torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-worker stream for dropout and the like
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    batches = ShardedBatches(
-        data.train, rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.data.batch_size, seed=cfg.seed
-    )
-    steps = total_steps(cfg, batches.steps_per_epoch)
-    scheduler = build_scheduler(cfg.schedule, optimizer, steps)
     strategy: Strategy = cfg.strategy.target(
         model,
         optimizer,
@@ -119,13 +114,18 @@ def run_training(
         context=ctx,
         loss_fn=F.cross_entropy,
     )
+    shard, shards = strategy.data_shard()
+    batches = ShardedBatches(data.train, rank=shard, world_size=shards, batch_size=cfg.data.batch_size, seed=cfg.seed)
     batches.split = strategy.split_batch(cfg.data.batch_size)
+    steps = total_steps(cfg, batches.steps_per_epoch)
+    scheduler = build_scheduler(cfg.schedule, optimizer, steps)
 
     collective = strategy.collective_eval
 
     def run_eval() -> tuple[float, float]:
         if not collective and not is_main:
             return float("nan"), float("nan")  # rank 0 evaluates alone; nobody waits for it
+        strategy.prepare_eval()
         return evaluate(
             strategy.eval_model,
             data.test,
@@ -314,6 +314,7 @@ def _checkpoint(path: Path, state: _RunState, strategy: Strategy, optimizer, sch
                 group: Group) -> None:
     # Random streams and strategy state (error-feedback residuals, codec
     # generators) differ per worker: keep every worker's.
+    strategy.prepare_eval()
     mine = {"rng": torch.get_rng_state(), "strategy": strategy.state_dict()}
     workers = group.all_gather_object(mine)
     if ctx.rank != 0:

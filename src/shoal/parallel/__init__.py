@@ -1,0 +1,1 @@
+"""Model parallelism: partitioning, profiling and planning."""

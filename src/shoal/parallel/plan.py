@@ -1,0 +1,206 @@
+"""Predicting the step time and memory of data-parallel, pipeline and hybrid
+layouts from measured layer profiles and the alpha-beta link model (pure
+arithmetic once the profile is taken).
+
+Compute: each layer's forward+backward time is measured at two batch sizes
+and fitted as ``t(b) = fixed + per_sample * b`` (small microbatches pay the
+fixed part every time, which is why very fine pipelines disappoint).
+Communication: ring all-reduce ``2(N-1)/N * S/B + 2(N-1) alpha`` for data
+parallel gradients (:mod:`shoal.netem.costmodel`), one message per stage
+boundary and microbatch each way for pipelines. Pipeline step time: ``(M + P
+- 1)`` microbatch slots of the slowest stage (its compute plus its sends),
+so the idle share is the bubble ``(P-1)/(M+P-1)``. Every layout is compared
+on the same global batch: N workers x the config's per-worker batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from shoal.netem.costmodel import Link, allgather_s, allreduce_s
+from shoal.parallel.partition import min_max_split
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    fixed_s: float  # per call, whatever the batch
+    per_sample_s: float
+    param_bytes: int
+    activation_bytes_per_sample: float
+    matrices: tuple[tuple[int, int], ...] = ()  # weight matrices (rows, cols), for PowerSGD's factor sizes
+
+    def time_s(self, batch: float) -> float:
+        return max(self.fixed_s + self.per_sample_s * batch, 0.0)
+
+
+def fit_layer(t_small: float, b_small: int, t_large: float, b_large: int) -> tuple[float, float]:
+    """``(fixed, per_sample)`` through two timings (never negative)."""
+    per_sample = max((t_large - t_small) / (b_large - b_small), 0.0)
+    return max(t_small - per_sample * b_small, 0.0), per_sample
+
+
+@dataclass(frozen=True)
+class CodecModel:
+    """What a codec sends for ``numel`` gradient values."""
+
+    name: str
+    summable: bool
+    messages: int = 1
+
+    def wire_bytes(self, layers: list[LayerCost]) -> float:
+        params = sum(layer.param_bytes for layer in layers) / 4  # fp32 values
+        if self.name == "fp16":
+            return 2 * params
+        if self.name.startswith("topk"):
+            return max(1.0, 0.01 * params) * 8  # value + 32-bit index
+        if self.name.startswith("powersgd"):
+            rank = 4
+            in_matrices = sum(r * c for layer in layers for r, c in layer.matrices)
+            factors = sum(rank * (r + c) for layer in layers for r, c in layer.matrices)
+            return 4 * (params - in_matrices + factors)
+        return 4 * params
+
+
+CODECS = [CodecModel("none", True), CodecModel("fp16", True), CodecModel("powersgd:rank=4", True, messages=3),
+          CodecModel("topk:ratio=0.01", False)]
+
+
+@dataclass
+class Layout:
+    label: str
+    kind: str  # data, pipeline, hybrid
+    workers: int
+    stages: int = 1
+    replicas: int = 1
+    microbatches: int = 1
+    codec: str = "none"
+    step_s: float = 0.0
+    compute_s: float = 0.0
+    comm_s: float = 0.0
+    bubble_fraction: float = 0.0
+    memory_bytes: float = 0.0
+    wire_bytes: float = 0.0  # per worker per step
+    fits: bool = True
+    partition: list[list[int]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def memory_factor(optimizer_states: int) -> int:
+    return 2 + optimizer_states  # parameters, gradients, optimizer moments
+
+
+def data_parallel(layers: list[LayerCost], workers: int, batch: int, link: Link, codec: CodecModel,
+                  optimizer_states: int, cap: float | None) -> Layout:
+    compute = sum(layer.time_s(batch) for layer in layers)
+    wire = codec.wire_bytes(layers)
+    comm = (allreduce_s if codec.summable else allgather_s)(wire, workers, link, codec.messages)
+    memory = sum(layer.param_bytes for layer in layers) * memory_factor(optimizer_states) \
+        + sum(layer.activation_bytes_per_sample for layer in layers) * batch
+    return Layout(label=f"data x{workers} {codec.name}", kind="data", workers=workers, replicas=workers,
+                  codec=codec.name, step_s=compute + comm, compute_s=compute, comm_s=comm, memory_bytes=memory,
+                  wire_bytes=wire if workers > 1 else 0.0, fits=cap is None or memory <= cap)
+
+
+def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: int, global_batch: int, link: Link,
+             optimizer_states: int, cap: float | None, schedule: str = "1f1b") -> Layout:
+    """``stages`` x ``replicas`` workers; each replica runs global_batch / replicas in M microbatches."""
+    micro = global_batch / (replicas * microbatches)
+    times = [layer.time_s(micro) for layer in layers]
+    in_flight = microbatches if schedule == "gpipe" else min(microbatches, stages)
+    state = memory_factor(optimizer_states)
+    sizes = [layer.param_bytes * state + layer.activation_bytes_per_sample * micro * in_flight for layer in layers]
+    bounds = min_max_split(times, stages)
+    slot, memory, wire = 0.0, 0.0, 0.0
+    for s, part in enumerate(bounds):
+        compute = sum(times[i] for i in part)
+        cut_out = layers[part[-1]].activation_bytes_per_sample * micro if s < stages - 1 else 0.0
+        cut_in = layers[part[0] - 1].activation_bytes_per_sample * micro if s > 0 else 0.0
+        sends = (link.alpha_s + cut_out / link.beta_bytes_per_s if cut_out else 0.0) \
+            + (link.alpha_s + cut_in / link.beta_bytes_per_s if cut_in else 0.0)  # activations out, grads back
+        slot = max(slot, compute + sends)
+        memory = max(memory, sum(sizes[i] for i in part))
+        wire = max(wire, (cut_out + cut_in) * microbatches)
+    stage_params = max(sum(layers[i].param_bytes for i in part) for part in bounds)
+    dp_comm = allreduce_s(stage_params, replicas, link)
+    step = (microbatches + stages - 1) * slot + dp_comm
+    compute = sum(times) / stages * microbatches
+    kind = "pipeline" if replicas == 1 else "hybrid"
+    label = f"pipeline P={stages} M={microbatches}" + (f" x dp {replicas}" if replicas > 1 else "")
+    return Layout(label=label, kind=kind, workers=stages * replicas, stages=stages, replicas=replicas,
+                  microbatches=microbatches, step_s=step, compute_s=compute, comm_s=step - compute,
+                  bubble_fraction=(stages - 1) / (microbatches + stages - 1), memory_bytes=memory,
+                  wire_bytes=wire + (stage_params if replicas > 1 else 0.0), fits=cap is None or memory <= cap,
+                  partition=[[r.start, r.stop] for r in bounds])
+
+
+def candidates(layers: list[LayerCost], workers: int, batch: int, link: Link, optimizer_states: int,
+               cap: float | None, microbatches: tuple[int, ...] = (4, 8, 16, 32)) -> list[Layout]:
+    """Every layout of ``workers`` workers worth predicting, fastest first."""
+    out = [data_parallel(layers, workers, batch, link, codec, optimizer_states, cap) for codec in CODECS]
+    global_batch = workers * batch
+    for stages in range(2, min(workers, len(layers)) + 1):
+        if workers % stages:
+            continue
+        replicas = workers // stages
+        for m in microbatches:
+            if global_batch % (replicas * m):
+                continue
+            out.append(pipeline(layers, stages, replicas, m, global_batch, link, optimizer_states, cap))
+    return sorted(out, key=lambda layout: (not layout.fits, layout.step_s))
+
+
+def recommend(layouts: list[Layout]) -> tuple[Layout | None, str]:
+    """The fastest layout that fits, and why."""
+    fitting = [layout for layout in layouts if layout.fits]
+    if not fitting:
+        smallest = min(layouts, key=lambda layout: layout.memory_bytes)
+        return None, (f"nothing fits the memory cap; the smallest footprint is {smallest.label} "
+                      f"at {smallest.memory_bytes / 2**20:,.1f} MiB per worker")
+    best = fitting[0]
+    reason = f"fastest predicted step ({best.step_s * 1e3:,.2f} ms) among layouts that fit"
+    if best.codec.startswith(("topk", "powersgd")):
+        reason += " (a lossy codec: it may need more steps to the same accuracy; `shoal bench comm` measures that)"
+    if len(fitting) > 1:
+        reason += f", {fitting[1].step_s / best.step_s:,.2f}x ahead of {fitting[1].label}"
+    unfit = [layout for layout in layouts if not layout.fits and layout.step_s < best.step_s]
+    if unfit:
+        reason += f"; {unfit[0].label} would be faster but needs {unfit[0].memory_bytes / 2**20:,.1f} MiB"
+    return best, reason
+
+
+def parse_bytes(text: str) -> float:
+    """``16GiB``, ``512MB``, ``1e9`` -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+             "b": 1}
+    lowered = text.strip().lower()
+    for unit, scale in units.items():
+        if lowered.endswith(unit):
+            number = lowered[: -len(unit)]
+            break
+    else:
+        number, scale = lowered, 1
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"{text!r}: expected a size such as 16GiB or 512MB") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text!r}: must be a positive size")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    """``50us``, ``1ms``, ``0.2s`` -> seconds."""
+    units = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+    lowered = text.strip().lower()
+    for unit, scale in units.items():
+        if lowered.endswith(unit):
+            try:
+                value = float(lowered[: -len(unit)]) * scale
+            except ValueError:
+                break
+            if value >= 0:
+                return value
+    raise ValueError(f"{text!r}: expected a latency such as 50us or 1ms")

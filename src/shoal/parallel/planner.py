@@ -1,0 +1,82 @@
+"""``shoal plan``: measure the config's model here, predict every layout, recommend one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from shoal.config import RunConfig
+from shoal.netem.costmodel import Link
+from shoal.parallel.plan import candidates, recommend
+from shoal.parallel.profile import layer_costs, sequential_layers
+
+SCALES = (64, 256, 1024)
+RATES = {"1gbit": 1e9, "10gbit": 1e10, "100gbit": 1e11}
+
+
+def optimizer_states(name: str, momentum: float) -> int:
+    if name in ("adam", "adamw"):
+        return 2
+    return 1 if momentum else 0
+
+
+def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) -> dict[str, Any]:
+    from shoal.data import build_dataset
+    from shoal.models import build_model
+
+    data = build_dataset(cfg.data.dataset)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data)
+    layers = sequential_layers(model)
+    batch = cfg.data.batch_size
+    inputs = data.train.tensors[0][: max(batch, 4)] if hasattr(data.train, "tensors") else \
+        torch.stack([data.train[i][0] for i in range(max(batch, 4))])
+    costs = layer_costs(layers, inputs)
+    states = optimizer_states(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))
+    layouts = candidates(costs, workers, batch, link, states, cap)
+    best, reason = recommend(layouts)
+    scaled = []
+    for n in SCALES:
+        for rate, bits in RATES.items():
+            wide = Link(alpha_s=link.alpha_s, beta_bytes_per_s=bits / 8)
+            options = candidates(costs, n, batch, wide, states, cap)
+            data_best = min((o for o in options if o.kind == "data"), key=lambda o: o.step_s)
+            pick, _ = recommend(options)
+            scaled.append({"workers": n, "rate": rate, "best": pick.label if pick else None,
+                           "step_s": pick.step_s if pick else None, "best_data_parallel": data_best.label,
+                           "data_parallel_step_s": data_best.step_s})
+    return {
+        "model": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters()),
+        "layers": len(layers), "batch_per_worker": batch, "workers": workers,
+        "link": {"latency_s": link.alpha_s, "mbit_per_s": link.mbit_per_s}, "memory_cap_bytes": cap,
+        "layouts": [layout.as_dict() for layout in layouts],
+        "recommended": best.label if best else None, "reason": reason, "scaled": scaled,
+    }
+
+
+def print_plan(report: dict[str, Any], console: Console) -> None:
+    link = report["link"]
+    table = Table(title=f"{report['model']} ({report['parameters']:,} parameters, {report['layers']} layers), "
+                        f"{report['workers']} workers x batch {report['batch_per_worker']}, "
+                        f"{link['mbit_per_s']:,.0f} Mbit/s, {link['latency_s'] * 1e6:,.0f} us")
+    for column in ("layout", "step ms", "compute ms", "comm+idle ms", "bubble", "memory MiB", "wire MB/step", "fits"):
+        table.add_column(column, justify="left" if column == "layout" else "right")
+    for row in report["layouts"]:
+        table.add_row(row["label"], f"{row['step_s'] * 1e3:,.2f}", f"{row['compute_s'] * 1e3:,.2f}",
+                      f"{row['comm_s'] * 1e3:,.2f}", f"{row['bubble_fraction']:.2f}",
+                      f"{row['memory_bytes'] / 2**20:,.1f}", f"{row['wire_bytes'] / 1e6:,.2f}",
+                      "yes" if row["fits"] else "[red]no[/]")
+    console.print(table)
+    console.print(f"[bold]recommended:[/] {report['recommended'] or 'none'} — {report['reason']}")
+    scaled = Table(title="best layout at scale (same per-worker batch, same latency)")
+    scaled.add_column("workers", justify="right")
+    for rate in RATES:
+        scaled.add_column(rate)
+    for n in SCALES:
+        cells = [r for r in report["scaled"] if r["workers"] == n]
+        scaled.add_row(str(n), *(f"{c['best']} ({c['step_s'] * 1e3:,.1f} ms)" if c["best"] else "none fits"
+                                 for c in cells))
+    console.print(scaled)

@@ -1,0 +1,91 @@
+"""Per-layer measurements that pipeline partitioning and planning start from.
+
+A model is split at the boundaries of a plain layer sequence: an
+``nn.Sequential`` (nested ones flattened). Each layer is run on the output of
+the one before, on a sample batch, forward then backward, a few times; its
+median time, its parameters' bytes and its output's bytes are recorded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerProfile:
+    index: int
+    kind: str
+    time_s: float  # forward + backward on the sample batch, median
+    param_bytes: int
+    activation_bytes: int  # the layer's output for the sample batch (what crosses a cut after it)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sequential_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's layers in order, for models that are a plain sequence."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"pipeline needs a model that is a layer sequence (nn.Sequential); "
+                         f"{type(model).__name__} is not")
+    layers: list[nn.Module] = []
+    for child in model:
+        layers.extend(sequential_layers(child) if isinstance(child, nn.Sequential) else [child])
+    return layers
+
+
+def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int = 5) -> list[LayerProfile]:
+    """Measure each layer on ``sample`` (a batch of inputs), in order."""
+    profiles = []
+    x = sample
+    for index, layer in enumerate(layers):
+        times = []
+        out = None
+        for _ in range(max(1, repeats) + 1):  # the first run warms up (allocations, kernels)
+            inp = x.detach().requires_grad_(x.is_floating_point())
+            started = time.perf_counter()
+            out = layer(inp)
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+            times.append(time.perf_counter() - started)
+        layer.zero_grad(set_to_none=True)
+        assert out is not None
+        profiles.append(LayerProfile(
+            index=index,
+            kind=type(layer).__name__,
+            time_s=statistics.median(times[1:]),
+            param_bytes=sum(p.numel() * p.element_size() for p in layer.parameters()),
+            activation_bytes=out.numel() * out.element_size(),
+        ))
+        x = out.detach()
+    return profiles
+
+
+def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5) -> list:
+    """Each layer's cost model (:class:`shoal.parallel.plan.LayerCost`), from
+    profiles at two batch sizes: ``inputs`` and its first quarter."""
+    from shoal.parallel.plan import LayerCost, fit_layer
+
+    large = len(inputs)
+    small = max(1, large // 4)
+    if small == large:
+        raise ValueError("profiling needs a batch of at least 2 samples")
+    buffers = [[b.clone() for b in layer.buffers()] for layer in layers]
+    big = profile_layers(layers, inputs, repeats)
+    little = profile_layers(layers, inputs[:small], repeats)
+    with torch.no_grad():  # running statistics as they were
+        for layer, saved in zip(layers, buffers):
+            for b, s in zip(layer.buffers(), saved):
+                b.copy_(s)
+    costs = []
+    for layer, p_big, p_small in zip(layers, big, little):
+        fixed, per_sample = fit_layer(p_small.time_s, small, p_big.time_s, large)
+        matrices = tuple((p.shape[0], p[0].numel()) for p in layer.parameters() if p.dim() >= 2)
+        costs.append(LayerCost(fixed_s=fixed, per_sample_s=per_sample, param_bytes=p_big.param_bytes,
+                               activation_bytes_per_sample=p_big.activation_bytes / large, matrices=matrices))
+    return costs

@@ -1,0 +1,266 @@
+"""``pipeline``: pipeline (model) parallelism on ``torch.distributed.pipelining``,
+with an automatic balanced partition and optional data parallel replicas.
+
+The model, a layer sequence, is cut into P contiguous stages, one per rank of
+a pipeline; each step's batch is split into M microbatches that flow through
+the stages under PyTorch's GPipe or 1F1B schedule (PyTorch does the
+schedules, the stages and the send/recv). ``dp=D`` runs D such pipelines on
+P*D ranks, rank = replica*P + stage, each replica on its own share of the
+data; after the backward pass each stage's gradients are averaged over the D
+replicas of that stage through the codec.
+
+Partition (``partition=auto``): rank 0 times every layer's forward+backward on
+the first microbatch, with its parameter and output bytes
+(:mod:`shoal.parallel.profile`), then takes the contiguous split that
+minimises the slowest stage (:func:`shoal.parallel.partition.min_max_split`),
+under ``max_memory_per_worker`` when given: a stage's estimate is its
+parameters, gradients and optimizer state plus its outputs for the
+microbatches in flight (M under GPipe, P under 1F1B). ``partition=equal`` is
+the naive same-number-of-layers split, for comparison.
+
+Every rank keeps the whole model object (its stage's layers are the same
+module objects); before an evaluation or checkpoint each stage's parameters
+are broadcast from replica 0, so evaluation runs data parallel on the whole
+model. Parameters other than a rank's own stage take memory, never compute.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ByteSize, ConfigDict, Field
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from shoal.comm.codecs.base import build_codec
+from shoal.comm.hooks import CodecHookState, exchange
+from shoal.comm.wire import WireMeter
+from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
+from shoal.parallel.profile import LayerProfile, profile_layers, sequential_layers
+from shoal.registry import STRATEGIES
+from shoal.strategies.base import StepStats, Strategy
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class PipelineOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    stages: int = Field(2, ge=2, le=64, description="P: pipeline stages (ranks per pipeline)")
+    microbatches: int = Field(4, ge=1, le=1024, description="M: microbatches per step (must divide the batch)")
+    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="PyTorch's schedule")
+    partition: Literal["auto", "equal"] = Field("auto", description="auto: balance measured layer times; "
+                                                "equal: the same number of layers per stage")
+    dp: int = Field(1, ge=1, le=1024, description="D: data-parallel replicas of the pipeline (P*D workers)")
+    max_memory_per_worker: ByteSize | None = Field(None, description="cap on a stage's estimated memory, "
+                                                   "e.g. 64MiB (auto partition)")
+    profile_repeats: int = Field(5, ge=1, description="timed runs per layer when profiling")
+
+
+@STRATEGIES.register("pipeline", PipelineOptions)
+class PipelineStrategy(Strategy):
+    """Pipeline parallel (GPipe / 1F1B) with a balanced partition; ``dp`` replicas."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any):
+        super().__init__(model, optimizer, **kwargs)
+        o, ctx = self.options, self.context
+        self.P, self.D, self.M = o.stages, o.dp, o.microbatches
+        if ctx.world_size != self.P * self.D:
+            raise ValueError(f"pipeline: stages={self.P} x dp={self.D} needs {self.P * self.D} workers; "
+                             f"the job has {ctx.world_size}")
+        self.layers = sequential_layers(model)
+        if len(self.layers) < self.P:
+            raise ValueError(f"pipeline: stages={self.P} but the model has only {len(self.layers)} layers")
+        self.stage_index, self.replica = ctx.rank % self.P, ctx.rank // self.P
+        # Every rank creates every group (a collective call), then keeps its own.
+        pp = [dist.new_group([r * self.P + s for s in range(self.P)]) for r in range(self.D)]
+        dp = [dist.new_group([r * self.P + s for r in range(self.D)]) for s in range(self.P)]
+        self.pp_group, self.dp_group = pp[self.replica], dp[self.stage_index]
+        self.meter = WireMeter()
+        self.dp_state = CodecHookState(build_codec(self.codec_spec, rank=ctx.rank), self.meter, self.dp_group) \
+            if self.D > 1 else None
+        self.schedule: Any = None  # built at the first step, once a batch shows the shapes
+        self.bounds: list[range] = []
+        self.profiles: list[LayerProfile] = []
+        self.busy_s = 0.0  # this rank's forward/backward compute, all steps
+        self.pipeline_s = 0.0  # the schedules' wall time, all steps
+        self.steps = 0
+        self.in_flight = self.peak_in_flight = 0
+        self.activation_bytes = 0  # sent to the neighbouring stages, all steps
+
+    # --- set-up -----------------------------------------------------------
+    def data_shard(self) -> tuple[int, int]:
+        return self.context.rank // self.options.stages, self.options.dp
+
+    def _setup(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if len(inputs) % self.M:
+            raise ValueError(f"pipeline: microbatches={self.M} must divide the batch of {len(inputs)}")
+        plan: list[Any] = [None]
+        if self.context.rank == 0:
+            plan[0] = self._partition(inputs[: len(inputs) // self.M])
+        dist.broadcast_object_list(plan, src=0)
+        bounds, profiles = plan[0]
+        self.bounds = [range(a, b) for a, b in bounds]
+        self.profiles = [LayerProfile(**p) for p in profiles]
+        mine = self.bounds[self.stage_index]
+        self.stage_module = nn.Sequential(*(self.layers[i] for i in mine))
+        stage = PipelineStage(self.stage_module, self.stage_index, self.P, self.context.device, group=self.pp_group)
+        self._time(stage)
+        self.schedule = SCHEDULES[self.options.schedule](stage, n_microbatches=self.M, loss_fn=self.loss_fn)
+        self.stage_params = [p for p in self.stage_module.parameters() if p.requires_grad]
+        self.out_bytes = self.profiles[mine[-1]].activation_bytes  # per microbatch, to the next stage
+        self.in_bytes = self.profiles[mine[0] - 1].activation_bytes if mine[0] > 0 else 0
+
+    def _partition(self, microbatch: torch.Tensor) -> tuple[list[tuple[int, int]], list[dict]]:
+        """Rank 0: profile the layers and choose the stages (everyone gets the answer)."""
+        buffers = [b.clone() for b in self.model.buffers()]  # running statistics: profiling must not move them
+        rng = torch.get_rng_state()
+        profiles = profile_layers(self.layers, microbatch.to(self.context.device), self.options.profile_repeats)
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers):
+                b.copy_(saved)
+        if self.options.partition == "equal":
+            bounds = equal_split(len(self.layers), self.P)
+        else:
+            cap = self.options.max_memory_per_worker
+            in_flight = self.M if self.options.schedule == "gpipe" else min(self.M, self.P)
+            state = 2 + optimizer_states(self.optimizer)  # parameters, gradients, optimizer moments
+            sizes = [p.param_bytes * state + p.activation_bytes * in_flight for p in profiles]
+            try:
+                bounds = min_max_split([p.time_s for p in profiles], self.P,
+                                       sizes=sizes if cap else None, cap=float(cap) if cap else None)
+            except NoFeasibleSplit as err:
+                raise ValueError(f"pipeline: max_memory_per_worker={cap.human_readable()}: {err}") from None
+        return [(r.start, r.stop) for r in bounds], [p.as_dict() for p in profiles]
+
+    def _time(self, stage: PipelineStage) -> None:
+        """Count this stage's compute and the microbatches it holds activations for."""
+        def timed(method, delta: int):
+            def run(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return method(*args, **kwargs)
+                finally:
+                    self.busy_s += time.perf_counter() - started
+                    self.in_flight += delta
+                    self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            return run
+
+        stage.forward_one_chunk = timed(stage.forward_one_chunk, +1)
+        stage.backward_one_chunk = timed(stage.backward_one_chunk, -1)
+
+    # --- a step -------------------------------------------------------------
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        if self.schedule is None:
+            self._setup(inputs, targets)
+        started = time.perf_counter()
+        busy_before = self.busy_s
+        self.optimizer.zero_grad(set_to_none=True)
+        first, last = self.stage_index == 0, self.stage_index == self.P - 1
+        losses: list[torch.Tensor] = []
+        if first:
+            self.schedule.step(inputs)
+        elif last:
+            self.schedule.step(target=targets, losses=losses)
+        else:
+            self.schedule.step()
+        self.pipeline_s += time.perf_counter() - started
+        sent = (self.out_bytes if not last else 0) + (self.in_bytes if not first else 0)  # activations, their grads
+        self.activation_bytes += sent * self.M
+        if self.dp_state is not None:
+            self._average_gradients()
+        self.optimizer.step()
+        self.steps += 1
+        loss = torch.tensor([torch.stack(losses).mean().item() if last else 0.0])
+        dist.all_reduce(loss, group=self.pp_group)  # the last stage's loss, for rank 0's log
+        wire = self.meter.take()
+        return StepStats(
+            loss=loss.item(), compute_s=self.busy_s - busy_before,
+            comm_s=time.perf_counter() - started - (self.busy_s - busy_before),
+            wire_bytes=sent * self.M + wire.wire_bytes, dense_bytes=sent * self.M + wire.dense_bytes,
+            samples=len(targets) if last else 0,  # each sample counted once, by the stage that finishes it
+        )
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.stage_params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        mean = exchange(self.dp_state, self.stage_index, flat, shapes=[p.shape for p in self.stage_params])
+        offset = 0
+        for p in self.stage_params:
+            p.grad = mean[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    # --- evaluation, checkpoints, summary -------------------------------------
+    @torch.no_grad()
+    def prepare_eval(self) -> None:
+        """Every rank gets every stage's current parameters (from replica 0)."""
+        if self.schedule is None:
+            return  # nothing trained yet: every rank holds the same initial model
+        for stage, part in enumerate(self.bounds):
+            params = [p for i in part for p in self.layers[i].parameters()]
+            params += [b for i in part for b in self.layers[i].buffers()]
+            if not params:
+                continue
+            flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+            dist.broadcast(flat, src=stage)  # rank `stage` is replica 0's stage
+            offset = 0
+            for p in params:
+                p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
+                offset += p.numel()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()}  # each rank's own stage's moments
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def close(self) -> dict[str, Any]:
+        """Per-stage compute, bubble, memory and partition figures, gathered on every rank."""
+        steps = max(self.steps, 1)
+        mine = {
+            "stage": self.stage_index,
+            "busy_s": self.busy_s / steps,
+            "pipeline_s": self.pipeline_s / steps,
+            "peak_in_flight": self.peak_in_flight,
+            "peak_memory_bytes": peak_memory_bytes(self.context.device),
+            "activation_bytes": self.activation_bytes,
+        }
+        everyone: list[Any] = [None] * self.context.world_size
+        dist.all_gather_object(everyone, mine)
+        stages = [w for w in everyone[: self.P]]  # replica 0
+        busy = [w["busy_s"] for w in stages]
+        bubble = [1 - w["busy_s"] / w["pipeline_s"] if w["pipeline_s"] > 0 else 0.0 for w in stages]
+        stage_act = [sum(self.profiles[i].activation_bytes for i in part) for part in self.bounds] \
+            if self.profiles else [0] * self.P
+        return {
+            "partition": [[r.start, r.stop] for r in self.bounds],
+            "stage_compute_s": busy,
+            "stage_imbalance": max(busy) / (sum(busy) / len(busy)) if sum(busy) > 0 else None,
+            "predicted_stage_imbalance": imbalance([p.time_s for p in self.profiles], self.bounds)
+            if self.profiles else None,
+            "bubble_fraction": sum(bubble) / len(bubble),
+            "bubble_fraction_theory": (self.P - 1) / (self.M + self.P - 1),
+            "peak_memory_bytes": max(w["peak_memory_bytes"] for w in everyone),
+            "peak_activation_bytes": max(w["peak_in_flight"] * a for w, a in zip(stages, stage_act)),
+            "activation_bytes_per_worker": sum(w["activation_bytes"] for w in everyone) / len(everyone),
+        }
+
+
+def optimizer_states(optimizer: torch.optim.Optimizer) -> int:
+    """Tensors of state the optimizer keeps per parameter (momentum: 1, Adam: 2)."""
+    defaults = optimizer.defaults
+    if "betas" in defaults:
+        return 2
+    return 1 if defaults.get("momentum", 0) else 0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

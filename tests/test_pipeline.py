@@ -1,0 +1,116 @@
+"""Pipeline parallelism: partitioning maths, and real gloo pipelines that train
+exactly as one process would on the same batches."""
+
+import itertools
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import shoal
+from shoal.launch import JobFailed
+from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
+from shoal.parallel.profile import profile_layers, sequential_layers
+from shoal.training.checkpoint import load_checkpoint
+from tests.conftest import small_config
+
+
+def brute_force(weights, parts, sizes=None, cap=None):
+    n, best = len(weights), None
+    for cuts in itertools.combinations(range(1, n), parts - 1):
+        edges = [0, *cuts, n]
+        runs = [range(a, b) for a, b in zip(edges, edges[1:])]
+        if sizes is not None and any(sum(sizes[i] for i in r) > cap for r in runs):
+            continue
+        heaviest = max(sum(weights[i] for i in r) for r in runs)
+        best = heaviest if best is None else min(best, heaviest)
+    return best
+
+
+def test_min_max_split_is_optimal_with_and_without_a_cap():
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(2, 9)
+        parts = rng.randint(1, n)
+        weights = [rng.uniform(0.1, 10) for _ in range(n)]
+        sizes = [rng.uniform(1, 5) for _ in range(n)]
+        cap = rng.uniform(3, 20)
+        split = min_max_split(weights, parts)
+        assert [i for r in split for i in r] == list(range(n)) and all(len(r) for r in split)
+        assert max(sum(weights[i] for i in r) for r in split) == pytest.approx(brute_force(weights, parts))
+        expected = brute_force(weights, parts, sizes, cap)
+        if expected is None:
+            with pytest.raises(NoFeasibleSplit):
+                min_max_split(weights, parts, sizes=sizes, cap=cap)
+        else:
+            capped = min_max_split(weights, parts, sizes=sizes, cap=cap)
+            assert all(sum(sizes[i] for i in r) <= cap for r in capped)
+            assert max(sum(weights[i] for i in r) for r in capped) == pytest.approx(expected)
+
+
+def test_equal_split_and_imbalance():
+    assert equal_split(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    weights = [8, 1, 1, 1, 1, 1, 1, 1]
+    assert imbalance(weights, equal_split(8, 2)) == pytest.approx(11 / 7.5)
+    assert imbalance(weights, min_max_split(weights, 2)) == pytest.approx(8 / 7.5)
+
+
+def test_layers_are_profiled_in_order_on_their_real_inputs():
+    model = nn.Sequential(nn.Flatten(), nn.Sequential(nn.Linear(64, 32), nn.ReLU()), nn.Linear(32, 10))
+    layers = sequential_layers(model)
+    assert [type(m).__name__ for m in layers] == ["Flatten", "Linear", "ReLU", "Linear"]
+    profiles = profile_layers(layers, torch.randn(8, 1, 64), repeats=2)
+    assert [p.activation_bytes for p in profiles] == [8 * 64 * 4, 8 * 32 * 4, 8 * 32 * 4, 8 * 10 * 4]
+    assert profiles[1].param_bytes == (64 * 32 + 32) * 4 and profiles[2].param_bytes == 0
+    assert all(p.time_s > 0 for p in profiles)
+    assert all(p.grad is None for p in model.parameters())  # profiling leaves no gradients behind
+    with pytest.raises(ValueError, match="layer sequence"):
+        sequential_layers(nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1))
+
+
+def assert_same_weights(a, b):
+    wa, wb = load_checkpoint(a / "checkpoint.pt")["model"], load_checkpoint(b / "checkpoint.pt")["model"]
+    for name, tensor in wa.items():
+        torch.testing.assert_close(wb[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+MODEL = "mlp:hidden=[64, 32, 32]"
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_a_two_stage_pipeline_trains_exactly_as_one_process(tmp_path, schedule):
+    # M equal microbatches of a batch: the mean of their mean losses is the batch's mean loss.
+    common = dict(model=MODEL, train__steps=30, train__eval_every=15)
+    shoal.train(small_config(tmp_path / "one", workers=1, **common))
+    summary = shoal.train(small_config(tmp_path / "pp", workers=2,
+                                       strategy=f"pipeline:stages=2,microbatches=4,schedule={schedule}", **common))
+    assert_same_weights(tmp_path / "one", tmp_path / "pp")
+    assert len(summary.partition) == 2 and summary.partition[0][0] == 0 and summary.partition[-1][1] == 8
+    assert summary.bubble_fraction_theory == pytest.approx(1 / 5)
+    assert 0 < summary.bubble_fraction < 1 and summary.stage_imbalance >= 1
+    assert summary.activation_bytes_per_worker > 0 and summary.peak_activation_bytes > 0
+
+
+def test_hybrid_two_stages_by_two_replicas_equals_two_worker_data_parallel(tmp_path):
+    common = dict(model=MODEL, train__steps=30, train__eval_every=15)
+    dp = shoal.train(small_config(tmp_path / "dp", workers=2, **common))
+    hybrid = shoal.train(small_config(tmp_path / "hybrid", workers=4, strategy="pipeline:stages=2,microbatches=2,dp=2",
+                                      **common))
+    assert_same_weights(tmp_path / "dp", tmp_path / "hybrid")
+    assert hybrid.final_accuracy == pytest.approx(dp.final_accuracy, abs=0.01)
+    assert hybrid.wire_bytes_per_worker > 0
+
+
+@pytest.mark.parametrize("strategy, words", [
+    ("pipeline:stages=3", "needs 3 workers"),
+    ("pipeline:stages=2,microbatches=5", "must divide the batch of 16"),
+    ("pipeline:stages=2,max_memory_per_worker=1KiB", "max_memory_per_worker=1.0KiB"),
+])
+def test_impossible_pipelines_fail_with_a_clear_error(tmp_path, strategy, words):
+    with pytest.raises(JobFailed, match="pipeline"):
+        try:
+            shoal.train(small_config(tmp_path / "run", model=MODEL, strategy=strategy, train__steps=2))
+        except JobFailed as err:
+            assert any(words in f.message for f in err.failures), [f.message for f in err.failures]
+            raise

@@ -1,0 +1,93 @@
+"""The planner's arithmetic, and `shoal plan` end to end."""
+
+import json
+
+import pytest
+
+from shoal.netem.costmodel import Link, allreduce_s
+from shoal.parallel.plan import (CODECS, LayerCost, candidates, data_parallel, fit_layer, parse_bytes,
+                                 parse_seconds, pipeline, recommend)
+from tests.conftest import run_cli
+
+LINK = Link(alpha_s=50e-6, beta_bytes_per_s=1.25e9)  # 10 Gbit/s
+
+
+def uniform(n=8, per_sample=1e-4, params=4_000_000, act=4096):
+    return [LayerCost(fixed_s=0.0, per_sample_s=per_sample, param_bytes=params, activation_bytes_per_sample=act,
+                      matrices=((1000, 1000),)) for _ in range(n)]
+
+
+def test_fit_layer_recovers_a_line_and_never_goes_negative():
+    assert fit_layer(0.002, 8, 0.005, 32) == pytest.approx((0.001, 0.000125))
+    assert fit_layer(0.005, 8, 0.004, 32) == (0.005, 0.0)  # noise: a flat line, not a negative slope
+
+
+def test_data_parallel_is_compute_plus_ring_all_reduce():
+    layers = uniform()
+    none = data_parallel(layers, 4, 32, LINK, CODECS[0], optimizer_states=1, cap=None)
+    assert none.compute_s == pytest.approx(8 * 32 * 1e-4)
+    assert none.comm_s == pytest.approx(allreduce_s(8 * 4_000_000, 4, LINK))
+    assert none.memory_bytes == pytest.approx(8 * 4_000_000 * 3 + 8 * 4096 * 32)
+    fp16 = data_parallel(layers, 4, 32, LINK, CODECS[1], optimizer_states=1, cap=None)
+    assert fp16.wire_bytes == pytest.approx(none.wire_bytes / 2)
+    powersgd = data_parallel(layers, 4, 32, LINK, CODECS[2], optimizer_states=1, cap=None)
+    assert powersgd.wire_bytes < none.wire_bytes / 50  # rank 4 of 1000 x 1000 matrices
+
+
+def test_pipeline_step_is_m_plus_p_minus_one_slots_of_the_slowest_stage():
+    layers = uniform(per_sample=1e-4, act=0)  # no activation traffic: pure compute slots
+    layout = pipeline(layers, stages=4, replicas=1, microbatches=8, global_batch=64, link=LINK,
+                      optimizer_states=0, cap=None)
+    slot = 2 * 1e-4 * 8  # 2 layers per stage, microbatch of 8
+    assert layout.step_s == pytest.approx((8 + 4 - 1) * slot)
+    assert layout.bubble_fraction == pytest.approx(3 / 11)
+    assert layout.partition == [[0, 2], [2, 4], [4, 6], [6, 8]]
+    gpipe = pipeline(layers, 4, 1, 8, 64, LINK, 0, None, schedule="gpipe")
+    assert gpipe.memory_bytes == layout.memory_bytes  # no activations here; see below with them
+    with_act = uniform(act=1e6)
+    assert pipeline(with_act, 4, 1, 8, 64, LINK, 0, None, "gpipe").memory_bytes > \
+        pipeline(with_act, 4, 1, 8, 64, LINK, 0, None, "1f1b").memory_bytes  # 1F1B holds at most P microbatches
+
+
+def test_recommendation_respects_the_memory_cap_and_says_why():
+    layers = uniform()
+    everything = candidates(layers, 4, 32, LINK, 1, cap=None)
+    assert [x.step_s for x in everything] == sorted(x.step_s for x in everything)
+    dp_memory = everything[0].memory_bytes
+    capped = candidates(layers, 4, 32, LINK, 1, cap=dp_memory * 0.6)
+    best, reason = recommend(capped)
+    assert best is not None and best.kind in ("pipeline", "hybrid") and best.memory_bytes <= dp_memory * 0.6
+    assert "would be faster but needs" in reason
+    nothing, why = recommend(candidates(layers, 4, 32, LINK, 1, cap=1.0))
+    assert nothing is None and "nothing fits" in why
+
+
+@pytest.mark.parametrize("text, value", [("16GiB", 16 * 2**30), ("512MB", 512e6), ("1000", 1000.0)])
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_parse_errors():
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_bytes("lots")
+    assert parse_seconds("50us") == pytest.approx(50e-6) and parse_seconds("2ms") == pytest.approx(2e-3)
+    with pytest.raises(ValueError, match="expected a latency"):
+        parse_seconds("fast")
+
+
+def test_plan_cli_prints_and_writes_the_plan(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run_cli("plan", "examples/mnist1d.yaml", "--workers", "4", "--rate", "1gbit", "--latency", "100us",
+                     "--memory", "64MiB", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "recommended:" in result.stdout and "best layout at scale" in result.stdout
+    report = json.loads(out.read_text())
+    labels = [row["label"] for row in report["layouts"]]
+    assert "data x4 none" in labels and any(label.startswith("pipeline P=2") for label in labels)
+    assert report["recommended"] in labels and len(report["scaled"]) == 9
+    assert all(row["step_s"] > 0 for row in report["layouts"])
+
+
+def test_plan_cli_bad_rate_exits_2(tmp_path):
+    result = run_cli("plan", "examples/mnist1d.yaml", "--rate", "fast")
+    assert result.returncode == 2 and "expected a tc rate" in result.stderr
