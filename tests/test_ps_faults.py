@@ -22,6 +22,7 @@ def ps_config(out, strategy="async_ps:servers=2", **fault):
     return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rank", [2, 1])  # rank 1 also serves shard 1: its shard outlives its worker
 def test_a_killed_async_worker_rejoins_while_the_others_train_on(tmp_path, rank):
     summary = shoal.train(ps_config(tmp_path / "run", kill_rank=rank, kill_step=40), max_restarts=1)
@@ -34,6 +35,7 @@ def test_a_killed_async_worker_rejoins_while_the_others_train_on(tmp_path, rank)
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # rank 0 went through without a break
 
 
+@pytest.mark.slow
 def test_ssp_waits_for_a_dead_worker_to_rejoin(tmp_path):
     summary = shoal.train(ps_config(tmp_path / "run", "ssp:staleness=2", kill_rank=2, kill_step=30),
                           max_restarts=1)
@@ -41,6 +43,7 @@ def test_ssp_waits_for_a_dead_worker_to_rejoin(tmp_path):
     assert summary.final_accuracy > 0.7 and summary.mean_staleness <= 2 * 2
 
 
+@pytest.mark.slow
 def test_a_killed_parameter_server_comes_back_from_its_shard_checkpoint(tmp_path):
     result = train_from_tests(tmp_path, ps_config(tmp_path / "run"), "--kill", "1:45:server", "--max-restarts", "1")
     assert result.returncode == 0, result.stderr

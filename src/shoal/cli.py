@@ -369,6 +369,53 @@ def bench_straggler(
         raise typer.Exit(1)
 
 
+@bench_app.command("parallel")
+def bench_parallel(
+    out: Path = typer.Option(Path("runs/bench-parallel"), "--out", "-o", help="writes bench.json"),
+    config: Path = typer.Option(Path("examples/bench_parallel.yaml"), help="the workload"),
+    rate: str = typer.Option("1gbit,100mbit", help="link rates to run at, comma-separated"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key (repeatable)"),
+    rows: Optional[str] = typer.Option(None, help="only these layouts, comma-separated labels (default: all)"),
+    quick: bool = typer.Option(False, help="a reduced run (smaller model, 2 rows, 20 steps) for tests"),
+    timeout: float = typer.Option(600, help="seconds before one run is killed"),
+) -> None:
+    """Pipeline (equal vs automatic partition, 1F1B vs GPipe) and hybrid layouts on the emulated cluster, against the planner.
+
+    Layouts (labels for --rows): data-parallel-2, pp2-equal-1f1b, pp2-auto-1f1b,
+    pp2-auto-gpipe, hybrid-2x2. Needs root (network namespaces).
+    """
+    from shoal.bench import parallel
+    from shoal.netem import check_available
+    from shoal.netem.testbed import rate_bits
+
+    rates = [r.strip() for r in rate.split(",") if r.strip()]
+    overrides = [*(parallel.QUICK_OVERRIDES if quick else []), *set_]
+    try:
+        load_config(config, overrides)
+        for r in rates:
+            rate_bits(r)
+    except (ConfigError, ValueError) as err:
+        _fail_config(str(err))
+    if not rates:
+        _fail_config("--rate: give at least one link rate")
+    reason = check_available()
+    if reason is not None:
+        err_console.print(f"[red]bench parallel:[/] needs the emulated cluster: {reason}", highlight=False)
+        raise typer.Exit(2)
+    selected = _select_rows(rows, parallel.QUICK_ROWS if quick else parallel.FULL_ROWS, parallel.FULL_ROWS)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    results = parallel.run_bench(rates=rates, out=out, config=config, rows=selected, overrides=overrides,
+                                 timeout_s=timeout, log=lambda line: console.print(line, highlight=False, markup=False))
+    summary = parallel.summarize(results)
+    if summary["median_prediction_error"] is not None:
+        console.print(f"planner: median |predicted - measured| / measured = {summary['median_prediction_error']:.1%}; "
+                      f"fastest layout ranked first at {summary['rates_ranked_right']} of {summary['rates']} rates")
+    console.print(f"wrote {out / 'bench.json'}")
+    if any(r["failed"] for r in results):
+        raise typer.Exit(1)
+
+
 netem_app = typer.Typer(help="Emulated cluster: network-namespace hosts on shaped links (needs root and iproute2).")
 app.add_typer(netem_app, name="netem")
 

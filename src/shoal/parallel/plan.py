@@ -105,14 +105,16 @@ def data_parallel(layers: list[LayerCost], workers: int, batch: int, link: Link,
 
 
 def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: int, global_batch: int, link: Link,
-             optimizer_states: int, cap: float | None, schedule: str = "1f1b") -> Layout:
-    """``stages`` x ``replicas`` workers; each replica runs global_batch / replicas in M microbatches."""
+             optimizer_states: int, cap: float | None, schedule: str = "1f1b",
+             bounds: list[range] | None = None) -> Layout:
+    """``stages`` x ``replicas`` workers; each replica runs global_batch / replicas in M microbatches,
+    on the balanced partition unless ``bounds`` gives one."""
     micro = global_batch / (replicas * microbatches)
     times = [layer.time_s(micro) for layer in layers]
     in_flight = microbatches if schedule == "gpipe" else min(microbatches, stages)
     state = memory_factor(optimizer_states)
     sizes = [layer.param_bytes * state + layer.activation_bytes_per_sample * micro * in_flight for layer in layers]
-    bounds = min_max_split(times, stages)
+    bounds = bounds or min_max_split(times, stages)
     slot, memory, wire = 0.0, 0.0, 0.0
     for s, part in enumerate(bounds):
         compute = sum(times[i] for i in part)
