@@ -71,6 +71,9 @@ class PipelineStrategy(Strategy):
         if ctx.world_size != self.P * self.D:
             raise ValueError(f"pipeline: stages={self.P} x dp={self.D} needs {self.P * self.D} workers; "
                              f"the job has {ctx.world_size}")
+        if self.codec_spec.name == "auto":
+            raise ValueError("pipeline: codec auto chooses per gradient bucket of data parallel; name a codec "
+                             "for the replicas' gradient average (e.g. none, fp16)")
         self.layers = sequential_layers(model)
         if len(self.layers) < self.P:
             raise ValueError(f"pipeline: stages={self.P} but the model has only {len(self.layers)} layers")
