@@ -195,6 +195,7 @@ def _worker_main(conn: Any, config: dict[str, Any], ctx: WorkerContext, resume: 
     from shoal.strategies.ps import set_link
     from shoal.training.loop import run_training
 
+    _die_with_parent()
     link = Link(conn)
     try:
         torch.set_num_threads(threads)
@@ -216,6 +217,20 @@ def _worker_main(conn: Any, config: dict[str, Any], ctx: WorkerContext, resume: 
             pass
         os._exit(1)
     conn.close()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its supervisor dies, so no orphan trains on
+    beside the worker a restarted group starts (elsewhere: it exits at its next call)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the supervisor was already gone
+            os._exit(1)
+    except (OSError, AttributeError):
+        pass
 
 
 def _exit_reason(code: int | None) -> str:
