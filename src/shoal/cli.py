@@ -373,7 +373,7 @@ def bench_straggler(
 def bench_parallel(
     out: Path = typer.Option(Path("runs/bench-parallel"), "--out", "-o", help="writes bench.json"),
     config: Path = typer.Option(Path("examples/bench_parallel.yaml"), help="the workload"),
-    rate: str = typer.Option("1gbit,100mbit", help="link rates to run at, comma-separated"),
+    rate: str = typer.Option("none,1gbit,100mbit", help="link rates to run at, comma-separated ('none': unshaped)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key (repeatable)"),
     rows: Optional[str] = typer.Option(None, help="only these layouts, comma-separated labels (default: all)"),
     quick: bool = typer.Option(False, help="a reduced run (smaller model, 2 rows, 20 steps) for tests"),
@@ -393,7 +393,8 @@ def bench_parallel(
     try:
         load_config(config, overrides)
         for r in rates:
-            rate_bits(r)
+            if r != "none":
+                rate_bits(r)
     except (ConfigError, ValueError) as err:
         _fail_config(str(err))
     if not rates:
