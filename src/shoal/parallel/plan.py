@@ -4,7 +4,8 @@ arithmetic once the profile is taken).
 
 Compute: each layer's forward+backward time is measured at two batch sizes
 and fitted as ``t(b) = fixed + per_sample * b`` (small microbatches pay the
-fixed part every time, which is why very fine pipelines disappoint).
+fixed part every time, which is why very fine pipelines disappoint); the
+optimizer's step is timed on the whole model and shared out per parameter.
 Communication: ring all-reduce ``2(N-1)/N * S/B + 2(N-1) alpha`` for data
 parallel gradients (:mod:`shoal.netem.costmodel`), one message per stage
 boundary and microbatch each way for pipelines. Pipeline step time: ``(M + P
@@ -29,6 +30,7 @@ class LayerCost:
     param_bytes: int
     activation_bytes_per_sample: float
     matrices: tuple[tuple[int, int], ...] = ()  # weight matrices (rows, cols), for PowerSGD's factor sizes
+    update_s: float = 0.0  # the optimizer's step on this layer's parameters
 
     def time_s(self, batch: float) -> float:
         return max(self.fixed_s + self.per_sample_s * batch, 0.0)
@@ -94,7 +96,7 @@ def memory_factor(optimizer_states: int) -> int:
 
 def data_parallel(layers: list[LayerCost], workers: int, batch: int, link: Link, codec: CodecModel,
                   optimizer_states: int, cap: float | None) -> Layout:
-    compute = sum(layer.time_s(batch) for layer in layers)
+    compute = sum(layer.time_s(batch) + layer.update_s for layer in layers)
     wire = codec.wire_bytes(layers)
     comm = (allreduce_s if codec.summable else allgather_s)(wire, workers, link, codec.messages)
     memory = sum(layer.param_bytes for layer in layers) * memory_factor(optimizer_states) \
@@ -127,8 +129,9 @@ def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: 
         wire = max(wire, (cut_out + cut_in) * microbatches)
     stage_params = max(sum(layers[i].param_bytes for i in part) for part in bounds)
     dp_comm = allreduce_s(stage_params, replicas, link)
-    step = (microbatches + stages - 1) * slot + dp_comm
-    compute = sum(times) / stages * microbatches
+    update = max(sum(layers[i].update_s for i in part) for part in bounds)  # after the flush, not overlapped
+    step = (microbatches + stages - 1) * slot + dp_comm + update
+    compute = sum(times) / stages * microbatches + update
     kind = "pipeline" if replicas == 1 else "hybrid"
     label = f"pipeline P={stages} M={microbatches}" + (f" x dp {replicas}" if replicas > 1 else "")
     return Layout(label=label, kind=kind, workers=stages * replicas, stages=stages, replicas=replicas,

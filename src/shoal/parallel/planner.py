@@ -11,7 +11,8 @@ from rich.table import Table
 from shoal.config import RunConfig
 from shoal.netem.costmodel import Link
 from shoal.parallel.plan import candidates, recommend
-from shoal.parallel.profile import layer_costs, sequential_layers
+from shoal.parallel.profile import layer_costs, sequential_layers, update_seconds_per_parameter
+from shoal.training.optim import build_optimizer
 
 SCALES = (64, 256, 1024)
 RATES = {"1gbit": 1e9, "10gbit": 1e10, "100gbit": 1e11}
@@ -34,7 +35,8 @@ def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) ->
     batch = cfg.data.batch_size
     inputs = data.train.tensors[0][: max(batch, 4)] if hasattr(data.train, "tensors") else \
         torch.stack([data.train[i][0] for i in range(max(batch, 4))])
-    costs = layer_costs(layers, inputs)
+    per_param = update_seconds_per_parameter(model, lambda params: build_optimizer(cfg.optimizer, params))
+    costs = layer_costs(layers, inputs, update_s_per_param=per_param)
     states = optimizer_states(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))
     layouts = candidates(costs, workers, batch, link, states, cap)
     best, reason = recommend(layouts)

@@ -66,13 +66,15 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
     return profiles
 
 
-def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5) -> list:
+def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5,
+                update_s_per_param: float = 0.0) -> list:
     """Each layer's cost model (:class:`shoal.parallel.plan.LayerCost`), from
-    profiles at two batch sizes: ``inputs`` and its first quarter."""
+    profiles at two batch sizes: ``inputs`` and its first eighth; the
+    optimizer's step costs ``update_s_per_param`` per parameter."""
     from shoal.parallel.plan import LayerCost, fit_layer
 
     large = len(inputs)
-    small = max(1, large // 4)
+    small = max(1, large // 8)
     if small == large:
         raise ValueError("profiling needs a batch of at least 2 samples")
     buffers = [[b.clone() for b in layer.buffers()] for layer in layers]
@@ -87,5 +89,26 @@ def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5)
         fixed, per_sample = fit_layer(p_small.time_s, small, p_big.time_s, large)
         matrices = tuple((p.shape[0], p[0].numel()) for p in layer.parameters() if p.dim() >= 2)
         costs.append(LayerCost(fixed_s=fixed, per_sample_s=per_sample, param_bytes=p_big.param_bytes,
-                               activation_bytes_per_sample=p_big.activation_bytes / large, matrices=matrices))
+                               activation_bytes_per_sample=p_big.activation_bytes / large, matrices=matrices,
+                               update_s=update_s_per_param * sum(p.numel() for p in layer.parameters())))
     return costs
+
+
+def update_seconds_per_parameter(model: nn.Module, make_optimizer, repeats: int = 3) -> float:
+    """Median time of one optimizer step on ``model``'s parameters (random
+    gradients), per parameter; the model is left as it was."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.detach().clone() for p in params]
+    optimizer = make_optimizer(params)
+    times = []
+    for _ in range(repeats + 1):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        started = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - started)
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+            p.grad = None
+    return statistics.median(times[1:]) / max(1, sum(p.numel() for p in params))
