@@ -92,6 +92,16 @@ def test_a_two_stage_pipeline_trains_exactly_as_one_process(tmp_path, schedule):
     assert summary.activation_bytes_per_worker > 0 and summary.peak_activation_bytes > 0
 
 
+def test_interleaved_1f1b_holds_two_stages_per_rank_and_trains_exactly_as_one_process(tmp_path):
+    common = dict(model=MODEL, train__steps=20, train__eval_every=20)
+    shoal.train(small_config(tmp_path / "one", workers=1, **common))
+    summary = shoal.train(small_config(tmp_path / "pp", workers=2, strategy="pipeline:stages=2,microbatches=4,"
+                                       "schedule=interleaved,virtual=2", **common))
+    assert_same_weights(tmp_path / "one", tmp_path / "pp")
+    assert len(summary.partition) == 4  # 2 ranks x 2 stages, rank r holding stages r and r + 2
+    assert summary.bubble_fraction_theory == pytest.approx(1 / (2 * 4 + 1))
+
+
 def test_hybrid_two_stages_by_two_replicas_equals_two_worker_data_parallel(tmp_path):
     common = dict(model=MODEL, train__steps=30, train__eval_every=15)
     dp = shoal.train(small_config(tmp_path / "dp", workers=2, **common))

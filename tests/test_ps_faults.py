@@ -12,19 +12,19 @@ from shoal.training.checkpoint import load_checkpoint
 from tests.conftest import small_config
 from tests.test_resume_and_failures import train_from_tests
 
-STEPS = 120
+STEPS = 80
 
 
 def ps_config(out, strategy="async_ps:servers=2", **fault):
     cfg = small_config(out, workers=3, strategy=strategy, optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.5},
-                       train__steps=STEPS, train__eval_every=60, train__checkpoint_every=10)
+                       train__steps=STEPS, train__eval_every=40, train__checkpoint_every=10)
     cfg["fault"] = fault
     return cfg
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank", [2, 1])  # rank 1 also serves shard 1: its shard outlives its worker
-def test_a_killed_async_worker_rejoins_while_the_others_train_on(tmp_path, rank):
+def test_a_killed_async_worker_rejoins_while_the_others_train_on(tmp_path):
+    rank = 1  # it also serves shard 1: the shard outlives its worker
     summary = shoal.train(ps_config(tmp_path / "run", kill_rank=rank, kill_step=40), max_restarts=1)
     assert summary.restarts == 0  # the group was never restarted: the other workers never stopped
     assert summary.worker_restarts == 1 and summary.final_accuracy > 0.7

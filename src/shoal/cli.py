@@ -333,7 +333,7 @@ def bench_straggler(
     out: Path = typer.Option(Path("runs/bench-straggler"), "--out", "-o", help="writes bench.json, report.html, PNGs"),
     config: Path = typer.Option(Path("examples/bench_straggler.yaml"), help="the training workload"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key (repeatable)"),
-    quick: bool = typer.Option(False, help="a reduced run (small model on digits, 3 rows) for tests"),
+    quick: bool = typer.Option(False, help="a reduced run (small model on digits, sync and async-ps) for tests"),
     rows: Optional[str] = typer.Option(None, help="only these configurations, comma-separated labels (default: all)"),
     repeat: int = typer.Option(1, min=1, help="runs of each configuration; bench.json holds the medians"),
     timeout: float = typer.Option(1800, help="seconds before one run is killed"),

@@ -92,12 +92,13 @@ def _failures(err: ChildFailedError) -> list[RankFailure]:
     for rank, failure in sorted(err.failures.items()):
         data = failure.error_file_data or {}
         message = data.get("message", {}) if isinstance(data, dict) else {}
+        recorded = isinstance(message, dict) and bool(message.get("message"))
         if isinstance(message, dict):
             text = message.get("message", failure.message)
             trace = message.get("extraInfo", {}).get("py_callstack", "")
         else:
             text, trace = str(message or failure.message), ""
-        if failure.exitcode < 0:  # died by a signal: no error file was written
+        if failure.exitcode < 0 and not recorded:  # died by a signal before it could say why
             text = f"killed by signal {failure.signal_name()}"
         failures.append(RankFailure(rank, failure.exitcode, str(text).strip(), str(trace)))
     return failures

@@ -98,8 +98,6 @@ def cpu_threads() -> int:
 @record
 def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] | None:
     """Run one worker of a job; rank 0 returns the summary as a dict."""
-    from shoal.training.loop import run_training
-
     cfg = validate_config(config)
     backend = pick_backend(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -110,37 +108,46 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
         device = torch.device("cpu")
         torch.set_num_threads(cpu_threads())
     attempt, store = _init_process_group(backend, timeout=timedelta(minutes=10))
-    try:
-        check_restart_budget(attempt, store.add(RESTARTS_KEY, 0))
-        ctx = WorkerContext(
-            rank=dist.get_rank(),
-            world_size=dist.get_world_size(),
-            local_rank=local_rank,
-            device=device,
-            backend=backend,
-        )
-        beyond = [r for r in cfg.slowdown.factors if r >= ctx.world_size]
-        if beyond:
-            raise ValueError(f"slowdown.factors: rank {beyond[0]} does not exist in a job of {ctx.world_size} workers")
-        ps_strategy = parameter_server_class(cfg.strategy)
-        if ps_strategy is not None:  # a worker process that may die and rejoin, under this one
-            result = supervise(cfg, ctx, ps_strategy, store=store, attempt=attempt, resume=resume)
-            dist.barrier()
-            return result
-        if cfg.fault.target == "server":
-            raise ValueError(f"fault.target=server: strategy {cfg.strategy.name!r} has no parameter server")
-        factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
-        with Slowdown(factor, threads=torch.get_num_threads(), method=cfg.slowdown.method) as slowdown:
-            if factor > 1:
-                print(f"rank {ctx.rank}: {slowdown.describe()}", file=sys.stderr, flush=True)
-            summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt)
-        # Without this barrier a rank can reach interpreter shutdown while a gloo
-        # thread still frees the last all-reduce's tensors, and abort (SIGABRT):
-        # seen in about 1 run in 8 on a loaded machine.
+    # No teardown on an error: the process exits at once, and the launcher sees
+    # the rank that failed first, before the others fail on its closed sockets.
+    result = _run(cfg, backend, device, local_rank, attempt, store, resume)
+    dist.destroy_process_group()
+    return result
+
+
+def _run(cfg: RunConfig, backend: str, device: torch.device, local_rank: int, attempt: int, store: dist.Store,
+         resume: bool) -> dict[str, Any] | None:
+    """The worker's part of the job, once the process group is up."""
+    from shoal.training.loop import run_training
+
+    check_restart_budget(attempt, store.add(RESTARTS_KEY, 0))
+    ctx = WorkerContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+    )
+    beyond = [r for r in cfg.slowdown.factors if r >= ctx.world_size]
+    if beyond:
+        raise ValueError(f"slowdown.factors: rank {beyond[0]} does not exist in a job of {ctx.world_size} workers")
+    ps_strategy = parameter_server_class(cfg.strategy)
+    if ps_strategy is not None:  # a worker process that may die and rejoin, under this one
+        result = supervise(cfg, ctx, ps_strategy, store=store, attempt=attempt, resume=resume)
         dist.barrier()
-        return summary.model_dump() if summary is not None else None
-    finally:
-        dist.destroy_process_group()
+        return result
+    if cfg.fault.target == "server":
+        raise ValueError(f"fault.target=server: strategy {cfg.strategy.name!r} has no parameter server")
+    factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
+    with Slowdown(factor, threads=torch.get_num_threads(), method=cfg.slowdown.method) as slowdown:
+        if factor > 1:
+            print(f"rank {ctx.rank}: {slowdown.describe()}", file=sys.stderr, flush=True)
+        summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt)
+    # Without this barrier a rank can reach interpreter shutdown while a gloo
+    # thread still frees the last all-reduce's tensors, and abort (SIGABRT):
+    # seen in about 1 run in 8 on a loaded machine.
+    dist.barrier()
+    return summary.model_dump() if summary is not None else None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ FULL_ROWS = [
     StragglerRow("ssp-2", "ssp:staleness=2"),
     StragglerRow("ssp-8", "ssp:staleness=8"),
 ]
-QUICK_ROWS = [FULL_ROWS[0], FULL_ROWS[1], FULL_ROWS[3]]
+QUICK_ROWS = [FULL_ROWS[0], FULL_ROWS[3]]
 QUICK_OVERRIDES = [
     "data.dataset=digits",
     "model=mlp:hidden=[512,512]",

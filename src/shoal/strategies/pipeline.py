@@ -4,7 +4,10 @@ with an automatic balanced partition and optional data parallel replicas.
 The model, a layer sequence, is cut into P contiguous stages, one per rank of
 a pipeline; each step's batch is split into M microbatches that flow through
 the stages under PyTorch's GPipe or 1F1B schedule (PyTorch does the
-schedules, the stages and the send/recv). ``dp=D`` runs D such pipelines on
+schedules, the stages and the send/recv). ``schedule=interleaved`` cuts P*V
+stages and gives rank r the stages r, r+P, r+2P, ... (PyTorch's interleaved
+1F1B, Narayanan et al. 2021), which shrinks the bubble to (P-1)/(V*M+P-1)
+for V times the sends. ``dp=D`` runs D such pipelines on
 P*D ranks, rank = replica*P + stage, each replica on its own share of the
 data; after the backward pass each stage's gradients are averaged over the D
 replicas of that stage through the codec.
@@ -34,7 +37,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, exchange
@@ -44,14 +47,16 @@ from shoal.parallel.profile import LayerProfile, profile_layers, sequential_laye
 from shoal.registry import STRATEGIES
 from shoal.strategies.base import StepStats, Strategy
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 
 
 class PipelineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     stages: int = Field(2, ge=2, le=64, description="P: pipeline stages (ranks per pipeline)")
     microbatches: int = Field(4, ge=1, le=1024, description="M: microbatches per step (must divide the batch)")
-    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="PyTorch's schedule")
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = Field(
+        "1f1b", description="PyTorch's schedule; interleaved: 1F1B over `virtual` stages per rank")
+    virtual: int = Field(2, ge=1, le=16, description="stages per rank under schedule=interleaved (looped placement)")
     partition: Literal["auto", "equal"] = Field("auto", description="auto: balance measured layer times; "
                                                 "equal: the same number of layers per stage")
     dp: int = Field(1, ge=1, le=1024, description="D: data-parallel replicas of the pipeline (P*D workers)")
@@ -74,10 +79,14 @@ class PipelineStrategy(Strategy):
         if self.codec_spec.name == "auto":
             raise ValueError("pipeline: codec auto chooses per gradient bucket of data parallel; name a codec "
                              "for the replicas' gradient average (e.g. none, fp16)")
+        self.V = o.virtual if o.schedule == "interleaved" else 1  # stages per rank
+        self.S = self.P * self.V  # stages in all
         self.layers = sequential_layers(model)
-        if len(self.layers) < self.P:
-            raise ValueError(f"pipeline: stages={self.P} but the model has only {len(self.layers)} layers")
+        if len(self.layers) < self.S:
+            raise ValueError(f"pipeline: {self.S} stages ({self.P} ranks x {self.V}) but the model has only "
+                             f"{len(self.layers)} layers")
         self.stage_index, self.replica = ctx.rank % self.P, ctx.rank // self.P
+        self.local = [self.stage_index + k * self.P for k in range(self.V)]  # this rank's stages (looped)
         # Every rank creates every group (a collective call), then keeps its own.
         pp = [dist.new_group([r * self.P + s for s in range(self.P)]) for r in range(self.D)]
         dp = [dist.new_group([r * self.P + s for r in range(self.D)]) for s in range(self.P)]
@@ -108,14 +117,22 @@ class PipelineStrategy(Strategy):
         bounds, profiles = plan[0]
         self.bounds = [range(a, b) for a, b in bounds]
         self.profiles = [LayerProfile(**p) for p in profiles]
-        mine = self.bounds[self.stage_index]
-        self.stage_module = nn.Sequential(*(self.layers[i] for i in mine))
-        stage = PipelineStage(self.stage_module, self.stage_index, self.P, self.context.device, group=self.pp_group)
-        self._time(stage)
-        self.schedule = SCHEDULES[self.options.schedule](stage, n_microbatches=self.M, loss_fn=self.loss_fn)
-        self.stage_params = [p for p in self.stage_module.parameters() if p.requires_grad]
-        self.out_bytes = self.profiles[mine[-1]].activation_bytes  # per microbatch, to the next stage
-        self.in_bytes = self.profiles[mine[0] - 1].activation_bytes if mine[0] > 0 else 0
+        stages, self.out_bytes, self.in_bytes = [], 0, 0
+        for index in self.local:
+            part = self.bounds[index]
+            module = nn.Sequential(*(self.layers[i] for i in part))
+            stage = PipelineStage(module, index, self.S, self.context.device, group=self.pp_group)
+            self._time(stage)
+            stages.append(stage)
+            if index < self.S - 1:
+                self.out_bytes += self.profiles[part[-1]].activation_bytes  # per microbatch, to the next stage
+            if index > 0:
+                self.in_bytes += self.profiles[part[0] - 1].activation_bytes  # gradients back to the previous
+        schedule = SCHEDULES[self.options.schedule]
+        self.schedule = schedule(stages if self.options.schedule == "interleaved" else stages[0],
+                                 n_microbatches=self.M, loss_fn=self.loss_fn)
+        self.stage_params = [p for index in self.local for i in self.bounds[index]
+                             for p in self.layers[i].parameters() if p.requires_grad]
 
     def _partition(self, microbatch: torch.Tensor) -> tuple[list[tuple[int, int]], list[dict]]:
         """Rank 0: profile the layers and choose the stages (everyone gets the answer)."""
@@ -127,17 +144,19 @@ class PipelineStrategy(Strategy):
             for b, saved in zip(self.model.buffers(), buffers):
                 b.copy_(saved)
         if self.options.partition == "equal":
-            bounds = equal_split(len(self.layers), self.P)
+            bounds = equal_split(len(self.layers), self.S)
         else:
             cap = self.options.max_memory_per_worker
             in_flight = self.M if self.options.schedule == "gpipe" else min(self.M, self.P)
+            cap = cap / self.V if cap else cap  # a rank holds V stages: each gets its share
             state = 2 + optimizer_states(self.optimizer)  # parameters, gradients, optimizer moments
             sizes = [p.param_bytes * state + p.activation_bytes * in_flight for p in profiles]
             try:
-                bounds = min_max_split([p.time_s for p in profiles], self.P,
+                bounds = min_max_split([p.time_s for p in profiles], self.S,
                                        sizes=sizes if cap else None, cap=float(cap) if cap else None)
             except NoFeasibleSplit as err:
-                raise ValueError(f"pipeline: max_memory_per_worker={cap.human_readable()}: {err}") from None
+                raise ValueError(f"pipeline: max_memory_per_worker="
+                                 f"{self.options.max_memory_per_worker.human_readable()}: {err}") from None
         return [(r.start, r.stop) for r in bounds], [p.as_dict() for p in profiles]
 
     def _time(self, stage: PipelineStage) -> None:
@@ -172,7 +191,7 @@ class PipelineStrategy(Strategy):
         else:
             self.schedule.step()
         self.pipeline_s += time.perf_counter() - started
-        sent = (self.out_bytes if not last else 0) + (self.in_bytes if not first else 0)  # activations, their grads
+        sent = self.out_bytes + self.in_bytes  # activations forward, their gradients back
         self.activation_bytes += sent * self.M
         if self.dp_state is not None:
             self._average_gradients()
@@ -204,13 +223,13 @@ class PipelineStrategy(Strategy):
         """Every rank gets every stage's current parameters (from replica 0)."""
         if self.schedule is None:
             return  # nothing trained yet: every rank holds the same initial model
-        for stage, part in enumerate(self.bounds):
+        for stage, part in enumerate(self.bounds):  # stage s lives on replica 0's rank s % P
             params = [p for i in part for p in self.layers[i].parameters()]
             params += [b for i in part for b in self.layers[i].buffers()]
             if not params:
                 continue
             flat = torch.cat([p.detach().reshape(-1).float() for p in params])
-            dist.broadcast(flat, src=stage)  # rank `stage` is replica 0's stage
+            dist.broadcast(flat, src=stage % self.P)
             offset = 0
             for p in params:
                 p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
@@ -239,8 +258,8 @@ class PipelineStrategy(Strategy):
         stages = [w for w in everyone[: self.P]]  # replica 0
         busy = [w["busy_s"] for w in stages]
         bubble = [1 - w["busy_s"] / w["pipeline_s"] if w["pipeline_s"] > 0 else 0.0 for w in stages]
-        stage_act = [sum(self.profiles[i].activation_bytes for i in part) for part in self.bounds] \
-            if self.profiles else [0] * self.P
+        stage_act = [sum(self.profiles[i].activation_bytes for k in range(self.V) for i in self.bounds[r + k * self.P])
+                     for r in range(self.P)] if self.profiles else [0] * self.P  # per rank
         return {
             "partition": [[r.start, r.stop] for r in self.bounds],
             "stage_compute_s": busy,
@@ -248,7 +267,7 @@ class PipelineStrategy(Strategy):
             "predicted_stage_imbalance": imbalance([p.time_s for p in self.profiles], self.bounds)
             if self.profiles else None,
             "bubble_fraction": sum(bubble) / len(bubble),
-            "bubble_fraction_theory": (self.P - 1) / (self.M + self.P - 1),
+            "bubble_fraction_theory": (self.P - 1) / (self.V * self.M + self.P - 1),
             "peak_memory_bytes": max(w["peak_memory_bytes"] for w in everyone),
             "peak_activation_bytes": max(w["peak_in_flight"] * a for w, a in zip(stages, stage_act)),
             "activation_bytes_per_worker": sum(w["activation_bytes"] for w in everyone) / len(everyone),

@@ -107,14 +107,6 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
         if cfg.fault.kill_rank >= servers:
             raise ValueError(f"fault.kill_rank={cfg.fault.kill_rank} with fault.target=server: "
                              f"only ranks 0..{servers - 1} serve a shard")
-    torch.manual_seed(cfg.seed)  # the workers' initial weights: the shards start from them
-    model = build_model(cfg.model, build_dataset(cfg.data.dataset))
-    host = PsHost(strategy, cfg, ctx, model, restore_shard=attempt > 0,
-                  worker_restarts=lambda: store.add(RESTARTS_KEY, 0))
-    if host.restored_version is not None:
-        print(f"rank {ctx.rank}: shard {ctx.rank} restored from its checkpoint at version {host.restored_version}",
-              file=sys.stderr, flush=True)
-    group = TorchGroup(ctx.world_size, ctx.device)
     progress_key = f"shoal/progress/rank{ctx.rank}"
     rejoin: dict[str, Any] | None = None
     if attempt > 0 and not resume:  # the group was restarted: carry on from the published counters
@@ -123,12 +115,25 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
     spawn = mp.get_context("spawn")
     config = cfg.model_dump(mode="json")
     threads = torch.get_num_threads()
-    while True:
+
+    def start(rejoin: dict[str, Any] | None, resume: bool) -> tuple[Any, Any]:
         parent, child = spawn.Pipe()
         worker = spawn.Process(target=_worker_main, args=(child, config, ctx, resume, attempt, rejoin, threads),
                                name=f"shoal-worker-{ctx.rank}", daemon=True)
         worker.start()
         child.close()
+        return parent, worker
+
+    parent, worker = start(rejoin, resume)  # it imports and builds while the shard is set up here
+    torch.manual_seed(cfg.seed)  # the workers' initial weights: the shards start from them
+    model = build_model(cfg.model, build_dataset(cfg.data.dataset))
+    host = PsHost(strategy, cfg, ctx, model, restore_shard=attempt > 0,
+                  worker_restarts=lambda: store.add(RESTARTS_KEY, 0))
+    if host.restored_version is not None:
+        print(f"rank {ctx.rank}: shard {ctx.rank} restored from its checkpoint at version {host.restored_version}",
+              file=sys.stderr, flush=True)
+    group = TorchGroup(ctx.world_size, ctx.device)
+    while True:
         outcome, value = _serve(parent, worker, host, group, store, progress_key)
         parent.close()
         worker.join()
@@ -149,7 +154,7 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
             raise RuntimeError(message)
         print(f"rank {ctx.rank}: worker process {how} after step {step}; starting it again "
               f"(restart {attempt + restarts} of {budget}), the others train on", file=sys.stderr, flush=True)
-        rejoin, resume = value or {}, False
+        parent, worker = start(value or {}, False)
 
 
 def _serve(conn: Any, worker: Any, host: Any, group: Group, store: dist.Store,
