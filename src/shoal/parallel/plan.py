@@ -20,7 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from shoal.netem.costmodel import Link, allgather_s, allreduce_s
-from shoal.parallel.partition import min_max_split
+from shoal.parallel.partition import NoFeasibleSplit, min_max_split
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,12 @@ def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: 
     in_flight = microbatches if schedule == "gpipe" else min(microbatches, stages)
     state = memory_factor(optimizer_states)
     sizes = [layer.param_bytes * state + layer.activation_bytes_per_sample * micro * in_flight for layer in layers]
-    bounds = bounds or min_max_split(times, stages)
+    fits = True
+    if bounds is None:  # the balanced partition, under the cap as partition=auto takes it
+        try:
+            bounds = min_max_split(times, stages, sizes=sizes if cap else None, cap=cap)
+        except NoFeasibleSplit:
+            bounds, fits = min_max_split(times, stages), False
     slot, memory, wire = 0.0, 0.0, 0.0
     for s, part in enumerate(bounds):
         compute = sum(times[i] for i in part)
@@ -137,7 +142,8 @@ def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: 
     return Layout(label=label, kind=kind, workers=stages * replicas, stages=stages, replicas=replicas,
                   microbatches=microbatches, step_s=step, compute_s=compute, comm_s=step - compute,
                   bubble_fraction=(stages - 1) / (microbatches + stages - 1), memory_bytes=memory,
-                  wire_bytes=wire + (stage_params if replicas > 1 else 0.0), fits=cap is None or memory <= cap,
+                  wire_bytes=wire + (stage_params if replicas > 1 else 0.0),
+                  fits=fits and (cap is None or memory <= cap),
                   partition=[[r.start, r.stop] for r in bounds])
 
 

@@ -48,10 +48,12 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
         out = None
         for _ in range(max(1, repeats) + 1):  # the first run warms up (allocations, kernels)
             inp = x.detach().requires_grad_(x.is_floating_point())
+            _sync(x)
             started = time.perf_counter()
             out = layer(inp)
             if out.requires_grad:
                 out.backward(torch.ones_like(out))
+            _sync(x)  # GPU kernels run asynchronously: time them to their end
             times.append(time.perf_counter() - started)
         layer.zero_grad(set_to_none=True)
         assert out is not None
@@ -112,3 +114,8 @@ def update_seconds_per_parameter(model: nn.Module, make_optimizer, repeats: int 
             p.copy_(s)
             p.grad = None
     return statistics.median(times[1:]) / max(1, sum(p.numel() for p in params))
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)

@@ -95,6 +95,7 @@ class PipelineStrategy(Strategy):
         self.dp_state = CodecHookState(build_codec(self.codec_spec, rank=ctx.rank), self.meter, self.dp_group) \
             if self.D > 1 else None
         self.schedule: Any = None  # built at the first step, once a batch shows the shapes
+        self._saved_plan: Any = None  # a resumed run keeps its partition (optimizer state follows the layers)
         self.bounds: list[range] = []
         self.profiles: list[LayerProfile] = []
         self.busy_s = 0.0  # this rank's forward/backward compute, all steps
@@ -107,12 +108,12 @@ class PipelineStrategy(Strategy):
     def data_shard(self) -> tuple[int, int]:
         return self.context.rank // self.options.stages, self.options.dp
 
-    def _setup(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def _setup(self, inputs: torch.Tensor) -> None:
         if len(inputs) % self.M:
             raise ValueError(f"pipeline: microbatches={self.M} must divide the batch of {len(inputs)}")
         plan: list[Any] = [None]
         if self.context.rank == 0:
-            plan[0] = self._partition(inputs[: len(inputs) // self.M])
+            plan[0] = self._saved_plan or self._partition(inputs[: len(inputs) // self.M])
         dist.broadcast_object_list(plan, src=0)
         bounds, profiles = plan[0]
         self.bounds = [range(a, b) for a, b in bounds]
@@ -178,7 +179,7 @@ class PipelineStrategy(Strategy):
     # --- a step -------------------------------------------------------------
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         if self.schedule is None:
-            self._setup(inputs, targets)
+            self._setup(inputs)
         started = time.perf_counter()
         busy_before = self.busy_s
         self.optimizer.zero_grad(set_to_none=True)
@@ -197,7 +198,7 @@ class PipelineStrategy(Strategy):
             self._average_gradients()
         self.optimizer.step()
         self.steps += 1
-        loss = torch.tensor([torch.stack(losses).mean().item() if last else 0.0])
+        loss = torch.tensor([torch.stack(losses).mean().item() if last else 0.0], device=self.context.device)
         dist.all_reduce(loss, group=self.pp_group)  # the last stage's loss, for rank 0's log
         wire = self.meter.take()
         return StepStats(
@@ -236,11 +237,14 @@ class PipelineStrategy(Strategy):
                 offset += p.numel()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()}  # each rank's own stage's moments
+        plan = ([(r.start, r.stop) for r in self.bounds], [p.as_dict() for p in self.profiles]) if self.bounds else None
+        return {"optimizer": self.optimizer.state_dict(), "plan": plan}  # each rank's own stages' moments
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("plan") and len(state["plan"][0]) == self.S:
+            self._saved_plan = state["plan"]
 
     def close(self) -> dict[str, Any]:
         """Per-stage compute, bubble, memory and partition figures, gathered on every rank."""

@@ -238,11 +238,9 @@ class PsHost:
     """
 
     def __init__(self, strategy: type[PsStrategy], cfg: Any, context: Any, model: nn.Module, *,
-                 restore_shard: bool = False, worker_restarts: Any = None):
-        self.strategy = strategy
+                 restore_shard: bool = False, fresh: bool = False, worker_restarts: Any = None):
         self.worker_restarts = worker_restarts  # () -> the job's worker restarts so far
         self.context = context
-        self.world_size = context.world_size
         options = cfg.strategy.options
         self.servers = strategy.server_count(options)
         strategy.check(options, cfg.codec, context.world_size)
@@ -264,6 +262,8 @@ class PsHost:
                 checkpoint_every=cfg.train.checkpoint_every,
                 checkpoint_path=self.shard_path,
             )
+            if fresh:
+                self.shard_path.unlink(missing_ok=True)  # an earlier run's, in the same directory
             if restore_shard and self.shard_path.is_file():
                 self.shard.load_state_dict(load_checkpoint(self.shard_path))  # checksum verified
                 self.restored_version = self.shard.version

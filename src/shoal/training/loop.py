@@ -147,9 +147,14 @@ def run_training(
         state.load(rejoin)
         state.wall_before = state.wall
         state.resumed_from = state.step
+        with warnings.catch_warnings():  # the schedule where the dead worker left it (no optimizer step here)
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state.step):
+                scheduler.step()
         strategy.rejoin(state.step)
     else:
         group.barrier()  # start together (parameter servers: no worker runs alone while others still load)
+    strategy.progress(state.state_dict())  # past the start-up collectives: from here a restart rejoins
     if is_main:
         (out / "config.yaml").write_text(cfg.to_yaml())
     metrics = (MetricsWriter(out / "metrics.jsonl", resume_step=state.step if state.resumed_from is not None else None)
@@ -191,7 +196,6 @@ def run_training(
                     record["staleness"] = stats.staleness
             if is_main:
                 progress.advance(stats.loss)
-            strategy.progress(state.state_dict())
             if (state.step % cfg.train.eval_every == 0 or state.step == steps) and (collective or is_main):
                 loss_eval, acc = run_eval()
                 state.record_eval(acc, loss_eval, cfg.train.target_accuracy)
@@ -200,6 +204,7 @@ def run_training(
                     progress.evaluated(state.step, loss_eval, acc, state.clock)
             if metrics is not None and record:
                 metrics.write(record)
+            strategy.progress(state.state_dict())
             reached = state.time_to_target is not None and cfg.train.stop_at_target
             # A checkpoint gathers every worker's state: only where workers keep in step.
             if (collective and cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0

@@ -9,12 +9,13 @@ one pipe to its supervisor: pushes and pulls, the loop's few collectives
 (:class:`PipeGroup`), its counters after every step.
 
 When the worker dies (a crash, SIGKILL, the OOM killer) the other ranks train
-on; the supervisor starts a new worker, which rejoins at the dead one's step
-count with the servers' current parameters (what is lost: the step in flight
-and its error-feedback residual). Restarts are counted job-wide against the
-launcher's ``--max-restarts``, together with group restarts. A worker that
-*raises* is not restarted: an error is a bug or a bad input, not a crash, and
-fails the job with its message. When a supervisor dies, its shard goes with
+on; the supervisor starts a new worker, which rejoins at the dead one's last
+published step count, with its learning-rate schedule there, and the servers'
+current parameters (the step in flight is done again; the error-feedback
+residual is lost). Restarts are counted job-wide against the launcher's
+``--max-restarts``, together with group restarts. A worker that *raises* is
+not restarted alone: an error is a bug or a bad input, not a crash; its rank
+fails, as any failing rank does. When a supervisor dies, its shard goes with
 it: the launcher restarts the group, every shard reloads its last shard
 checkpoint and every worker resumes at the step count its supervisor last
 published in the job's store.
@@ -109,8 +110,11 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
                              f"only ranks 0..{servers - 1} serve a shard")
     progress_key = f"shoal/progress/rank{ctx.rank}"
     rejoin: dict[str, Any] | None = None
-    if attempt > 0 and not resume:  # the group was restarted: carry on from the published counters
-        rejoin = json.loads(store.get(progress_key)) if store.check([progress_key]) else {}
+    if attempt > 0 and store.check([progress_key]):  # the group was restarted: go on from the published counters
+        rejoin, resume = json.loads(store.get(progress_key)), False
+    if attempt == 0 and cfg.train.checkpoint_every == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        print(f"rank {ctx.rank}: train.checkpoint_every is 0: no shard checkpoints, so a server that dies "
+              "comes back with the initial weights", file=sys.stderr, flush=True)
     budget = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     spawn = mp.get_context("spawn")
     config = cfg.model_dump(mode="json")
@@ -127,7 +131,7 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
     parent, worker = start(rejoin, resume)  # it imports and builds while the shard is set up here
     torch.manual_seed(cfg.seed)  # the workers' initial weights: the shards start from them
     model = build_model(cfg.model, build_dataset(cfg.data.dataset))
-    host = PsHost(strategy, cfg, ctx, model, restore_shard=attempt > 0,
+    host = PsHost(strategy, cfg, ctx, model, restore_shard=attempt > 0, fresh=attempt == 0 and not resume,
                   worker_restarts=lambda: store.add(RESTARTS_KEY, 0))
     if host.restored_version is not None:
         print(f"rank {ctx.rank}: shard {ctx.rank} restored from its checkpoint at version {host.restored_version}",
@@ -154,7 +158,8 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
             raise RuntimeError(message)
         print(f"rank {ctx.rank}: worker process {how} after step {step}; starting it again "
               f"(restart {attempt + restarts} of {budget}), the others train on", file=sys.stderr, flush=True)
-        parent, worker = start(value or {}, False)
+        # Died before it passed the start-up collectives (no counters yet): start it as the first one was.
+        parent, worker = start(value, False) if value is not None else start(rejoin, resume)
 
 
 def _serve(conn: Any, worker: Any, host: Any, group: Group, store: dist.Store,
