@@ -16,8 +16,9 @@ def test_bench_straggler_quick(tmp_path):
         for key in ("label", "time_to_target_s", "final_accuracy", "mean_staleness"):
             assert key in row
     assert rows["sync"]["mean_staleness"] is None and rows["async-ps"]["mean_staleness"] > 0
-    # The fast worker of an asynchronous pair does not wait for the 3x slower one.
-    assert rows["async-ps"]["speedup_vs_sync"] > 1.3
+    # The fast worker of an asynchronous pair does not wait for the 3x slower one: by the
+    # time it stops, the slow one has pushed far fewer gradients (lockstep would be 2 x steps).
+    assert rows["async-ps"]["updates"] < 1.8 * rows["async-ps"]["steps"]
     assert (tmp_path / "report.html").is_file() and (tmp_path / "accuracy-1-3.0.png").is_file()
 
 

@@ -71,18 +71,6 @@ def test_backup_takes_the_mean_of_the_first_quorum_and_drops_the_late():
     assert torch.equal(late.params, torch.full((4,), -2.0))  # dropped: nothing applied
 
 
-def test_one_worker_async_equals_plain_sgd(tmp_path):
-    # The server's optimizer, fed one worker's gradients in order, is plain SGD.
-    cfg = dict(workers=1, train__steps=30, train__eval_every=30)
-    shoal.train(small_config(tmp_path / "sync", **cfg))
-    summary = shoal.train(small_config(tmp_path / "ps", strategy="async_ps", **cfg))
-    assert summary.updates == 30 and summary.mean_staleness == 0
-    plain = load_checkpoint(tmp_path / "sync" / "checkpoint.pt")["model"]
-    served = load_checkpoint(tmp_path / "ps" / "checkpoint.pt")["model"]
-    for name, tensor in plain.items():
-        torch.testing.assert_close(served[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-
-
 @pytest.mark.parametrize("strategy", ["async_ps:servers=2", "ssp:staleness=1", "sync:backup=1"])
 def test_parameter_server_strategies_learn_on_three_workers(tmp_path, strategy):
     # Momentum 0.5: staleness acts as extra momentum (Mitliagkas et al. 2016); at
@@ -135,11 +123,18 @@ def test_ssp_across_two_namespace_hosts(tmp_path):
 
 
 def test_a_resumed_parameter_server_run_continues_where_it_stopped(tmp_path):
-    # The servers' parameters, momentum and versions are in the checkpoint: a
-    # one-worker async run stopped and resumed equals the unbroken run.
+    # One worker's async run equals plain SGD; the servers' parameters, momentum
+    # and versions are in the checkpoint: stopped and resumed, it equals the unbroken run.
     unbroken = small_config(tmp_path / "unbroken", workers=1, strategy="async_ps", train__steps=40,
                             train__eval_every=20)
-    shoal.train(unbroken)
+    summary = shoal.train(unbroken)
+    assert summary.updates == 40 and summary.mean_staleness == 0
+    # The server's optimizer, fed one worker's gradients in order, is plain SGD.
+    shoal.train({**unbroken, "strategy": "sync", "out": str(tmp_path / "sync")})
+    plain = load_checkpoint(tmp_path / "sync" / "checkpoint.pt")["model"]
+    served = load_checkpoint(tmp_path / "unbroken" / "checkpoint.pt")["model"]
+    for name, tensor in plain.items():
+        torch.testing.assert_close(served[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     broken = small_config(tmp_path / "broken", workers=1, strategy="async_ps", train__steps=20, train__eval_every=20)
     shoal.train(broken)
     resumed = shoal.train({**broken, "train": {"steps": 40, "eval_every": 20}}, resume=True)
