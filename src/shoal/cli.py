@@ -68,12 +68,11 @@ def train(
     except ConfigError as err:
         _fail_config(str(err))
     if cfg.backend == "nccl":
-        import torch
+        from shoal.worker import nccl_shortfall
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if gpus < cfg.workers:
-            _fail_config(f"backend: nccl needs one GPU per worker; {cfg.workers} workers on this node, {gpus} GPU(s) "
-                         "(allowed: backend gloo or auto, or fewer workers)")
+        shortfall = nccl_shortfall(cfg.workers)
+        if shortfall:
+            _fail_config(shortfall)
     try:
         summary = launch(
             cfg,

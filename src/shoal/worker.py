@@ -30,16 +30,23 @@ from shoal.strategies.ps import parameter_server_class
 from shoal.training.supervisor import RESTARTS_KEY, supervise
 
 
+def nccl_shortfall(local_workers: int) -> str | None:
+    """Why NCCL cannot run ``local_workers`` workers on this node, or None if it can."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus >= local_workers:
+        return None
+    return (f"backend: nccl needs one GPU per worker; {local_workers} workers on this node, {gpus} GPU(s) "
+            "(allowed: backend gloo or auto, or fewer workers)")
+
+
 def pick_backend(cfg: RunConfig) -> str:
     """``auto``: NCCL on GPUs when this node has one for each of its workers, else gloo on CPUs."""
-    local_workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if cfg.backend == "nccl" and gpus < local_workers:
-        raise ValueError(f"backend: nccl needs one GPU per worker; this node runs {local_workers} workers "
-                         f"and has {gpus} GPU(s) (set backend: gloo to train on CPUs)")
+    shortfall = nccl_shortfall(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if cfg.backend == "nccl" and shortfall:
+        raise ValueError(shortfall)
     if cfg.backend != "auto":
         return cfg.backend
-    return "nccl" if gpus >= local_workers else "gloo"
+    return "gloo" if shortfall else "nccl"
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> tuple[int, dist.Store]:

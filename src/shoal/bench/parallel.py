@@ -29,7 +29,7 @@ from shoal.netem import Testbed
 from shoal.netem.costmodel import Link
 from shoal.netem.testbed import rate_bits
 from shoal.parallel.partition import equal_split
-from shoal.parallel.plan import CODECS, data_parallel, pipeline
+from shoal.parallel.plan import CODECS, data_parallel, moments_per_parameter, pipeline
 from shoal.parallel.profile import layer_costs, sequential_layers, update_seconds_per_parameter
 from shoal.training.optim import build_optimizer
 
@@ -155,7 +155,6 @@ def _profile(cfg: Any) -> tuple[list, int]:
     """The planner's layer costs, measured here on one thread (as each emulated host's worker runs)."""
     from shoal.data import build_dataset
     from shoal.models import build_model
-    from shoal.parallel.planner import optimizer_states
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -168,7 +167,7 @@ def _profile(cfg: Any) -> tuple[list, int]:
         costs = layer_costs(sequential_layers(model), data.train.tensors[0][:batch], update_s_per_param=per_param)
     finally:
         torch.set_num_threads(threads)
-    return costs, optimizer_states(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))
+    return costs, moments_per_parameter(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))
 
 
 def _cap(options: Any) -> float | None:

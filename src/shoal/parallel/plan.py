@@ -90,6 +90,13 @@ class Layout:
         return asdict(self)
 
 
+def moments_per_parameter(optimizer: str, momentum: float = 0.0) -> int:
+    """Tensors of state an optimizer keeps per parameter: Adam(W) 2, SGD with momentum 1, plain SGD 0."""
+    if optimizer.lower() in ("adam", "adamw"):
+        return 2
+    return 1 if momentum else 0
+
+
 def memory_factor(optimizer_states: int) -> int:
     return 2 + optimizer_states  # parameters, gradients, optimizer moments
 

@@ -10,18 +10,12 @@ from rich.table import Table
 
 from shoal.config import RunConfig
 from shoal.netem.costmodel import Link
-from shoal.parallel.plan import candidates, recommend
+from shoal.parallel.plan import candidates, moments_per_parameter, recommend
 from shoal.parallel.profile import layer_costs, sequential_layers, update_seconds_per_parameter
 from shoal.training.optim import build_optimizer
 
 SCALES = (64, 256, 1024)
 RATES = {"1gbit": 1e9, "10gbit": 1e10, "100gbit": 1e11}
-
-
-def optimizer_states(name: str, momentum: float) -> int:
-    if name in ("adam", "adamw"):
-        return 2
-    return 1 if momentum else 0
 
 
 def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) -> dict[str, Any]:
@@ -37,7 +31,7 @@ def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) ->
         torch.stack([data.train[i][0] for i in range(max(batch, 4))])
     per_param = update_seconds_per_parameter(model, lambda params: build_optimizer(cfg.optimizer, params))
     costs = layer_costs(layers, inputs, update_s_per_param=per_param)
-    states = optimizer_states(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))
+    states = moments_per_parameter(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))
     layouts = candidates(costs, workers, batch, link, states, cap)
     best, reason = recommend(layouts)
     scaled = []

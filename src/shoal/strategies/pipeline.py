@@ -43,6 +43,7 @@ from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, exchange
 from shoal.comm.wire import WireMeter
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
+from shoal.parallel.plan import moments_per_parameter
 from shoal.parallel.profile import LayerProfile, profile_layers, sequential_layers
 from shoal.registry import STRATEGIES
 from shoal.strategies.base import StepStats, Strategy
@@ -150,7 +151,8 @@ class PipelineStrategy(Strategy):
             cap = self.options.max_memory_per_worker
             in_flight = self.M if self.options.schedule == "gpipe" else min(self.M, self.P)
             cap = cap / self.V if cap else cap  # a rank holds V stages: each gets its share
-            state = 2 + optimizer_states(self.optimizer)  # parameters, gradients, optimizer moments
+            state = 2 + moments_per_parameter(type(self.optimizer).__name__,  # parameters, gradients, moments
+                                              self.optimizer.defaults.get("momentum", 0.0))
             sizes = [p.param_bytes * state + p.activation_bytes * in_flight for p in profiles]
             try:
                 bounds = min_max_split([p.time_s for p in profiles], self.S,
@@ -273,17 +275,9 @@ class PipelineStrategy(Strategy):
             "bubble_fraction": sum(bubble) / len(bubble),
             "bubble_fraction_theory": (self.P - 1) / (self.V * self.M + self.P - 1),
             "peak_memory_bytes": max(w["peak_memory_bytes"] for w in everyone),
-            "peak_activation_bytes": max(w["peak_in_flight"] * a for w, a in zip(stages, stage_act)),
+            "peak_activation_bytes": max(w["peak_in_flight"] * a / self.V for w, a in zip(stages, stage_act)),
             "activation_bytes_per_worker": sum(w["activation_bytes"] for w in everyone) / len(everyone),
         }
-
-
-def optimizer_states(optimizer: torch.optim.Optimizer) -> int:
-    """Tensors of state the optimizer keeps per parameter (momentum: 1, Adam: 2)."""
-    defaults = optimizer.defaults
-    if "betas" in defaults:
-        return 2
-    return 1 if defaults.get("momentum", 0) else 0
 
 
 def peak_memory_bytes(device: torch.device) -> int:
