@@ -101,6 +101,16 @@ def memory_factor(optimizer_states: int) -> int:
     return 2 + optimizer_states  # parameters, gradients, optimizer moments
 
 
+def in_flight(schedule: str, microbatches: int, stages: int) -> int:
+    """Microbatches whose activations a stage holds at once: all under GPipe, at most P under 1F1B."""
+    return microbatches if schedule == "gpipe" else min(microbatches, stages)
+
+
+def layer_memory(param_bytes: float, activation_bytes: float, held: int, optimizer_states: int) -> float:
+    """A layer's share of a stage's memory: parameters, gradients, moments, and ``held`` microbatches' outputs."""
+    return param_bytes * memory_factor(optimizer_states) + activation_bytes * held
+
+
 def data_parallel(layers: list[LayerCost], workers: int, batch: int, link: Link, codec: CodecModel,
                   optimizer_states: int, cap: float | None) -> Layout:
     compute = sum(layer.time_s(batch) + layer.update_s for layer in layers)
@@ -120,9 +130,9 @@ def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: 
     on the balanced partition unless ``bounds`` gives one."""
     micro = global_batch / (replicas * microbatches)
     times = [layer.time_s(micro) for layer in layers]
-    in_flight = microbatches if schedule == "gpipe" else min(microbatches, stages)
-    state = memory_factor(optimizer_states)
-    sizes = [layer.param_bytes * state + layer.activation_bytes_per_sample * micro * in_flight for layer in layers]
+    held = in_flight(schedule, microbatches, stages)
+    sizes = [layer_memory(layer.param_bytes, layer.activation_bytes_per_sample * micro, held, optimizer_states)
+             for layer in layers]
     fits = True
     if bounds is None:  # the balanced partition, under the cap as partition=auto takes it
         try:

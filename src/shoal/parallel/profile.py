@@ -40,7 +40,10 @@ def sequential_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int = 5) -> list[LayerProfile]:
-    """Measure each layer on ``sample`` (a batch of inputs), in order."""
+    """Measure each layer on ``sample`` (a batch of inputs), in order; running
+    statistics and the random stream are left as they were."""
+    buffers = [[b.clone() for b in layer.buffers()] for layer in layers]
+    rng = torch.get_rng_state()
     profiles = []
     x = sample
     for index, layer in enumerate(layers):
@@ -65,6 +68,11 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
             activation_bytes=out.numel() * out.element_size(),
         ))
         x = out.detach()
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        for layer, saved in zip(layers, buffers):
+            for b, kept in zip(layer.buffers(), saved):
+                b.copy_(kept)
     return profiles
 
 
@@ -79,13 +87,8 @@ def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5,
     small = max(1, large // 8)
     if small == large:
         raise ValueError("profiling needs a batch of at least 2 samples")
-    buffers = [[b.clone() for b in layer.buffers()] for layer in layers]
     big = profile_layers(layers, inputs, repeats)
     little = profile_layers(layers, inputs[:small], repeats)
-    with torch.no_grad():  # running statistics as they were
-        for layer, saved in zip(layers, buffers):
-            for b, s in zip(layer.buffers(), saved):
-                b.copy_(s)
     costs = []
     for layer, p_big, p_small in zip(layers, big, little):
         fixed, per_sample = fit_layer(p_small.time_s, small, p_big.time_s, large)

@@ -43,7 +43,7 @@ from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, exchange
 from shoal.comm.wire import WireMeter
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
-from shoal.parallel.plan import moments_per_parameter
+from shoal.parallel.plan import in_flight, layer_memory, moments_per_parameter
 from shoal.parallel.profile import LayerProfile, profile_layers, sequential_layers
 from shoal.registry import STRATEGIES
 from shoal.strategies.base import StepStats, Strategy
@@ -138,22 +138,15 @@ class PipelineStrategy(Strategy):
 
     def _partition(self, microbatch: torch.Tensor) -> tuple[list[tuple[int, int]], list[dict]]:
         """Rank 0: profile the layers and choose the stages (everyone gets the answer)."""
-        buffers = [b.clone() for b in self.model.buffers()]  # running statistics: profiling must not move them
-        rng = torch.get_rng_state()
         profiles = profile_layers(self.layers, microbatch.to(self.context.device), self.options.profile_repeats)
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for b, saved in zip(self.model.buffers(), buffers):
-                b.copy_(saved)
         if self.options.partition == "equal":
             bounds = equal_split(len(self.layers), self.S)
         else:
             cap = self.options.max_memory_per_worker
-            in_flight = self.M if self.options.schedule == "gpipe" else min(self.M, self.P)
             cap = cap / self.V if cap else cap  # a rank holds V stages: each gets its share
-            state = 2 + moments_per_parameter(type(self.optimizer).__name__,  # parameters, gradients, moments
-                                              self.optimizer.defaults.get("momentum", 0.0))
-            sizes = [p.param_bytes * state + p.activation_bytes * in_flight for p in profiles]
+            held = in_flight(self.options.schedule, self.M, self.P)
+            moments = moments_per_parameter(type(self.optimizer).__name__, self.optimizer.defaults.get("momentum", 0.0))
+            sizes = [layer_memory(p.param_bytes, p.activation_bytes, held, moments) for p in profiles]
             try:
                 bounds = min_max_split([p.time_s for p in profiles], self.S,
                                        sizes=sizes if cap else None, cap=float(cap) if cap else None)

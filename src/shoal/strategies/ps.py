@@ -348,8 +348,7 @@ class PsStrategy(Strategy):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, **kwargs: Any):
         super().__init__(model, optimizer, **kwargs)
-        self.servers = self.server_count(self.options)
-        self.check(self.options, self.codec_spec, self.context.world_size)
+        self.servers = self.server_count(self.options)  # checked by the supervisor's PsHost, before this started
         if _LINK is None:
             raise RuntimeError(f"{type(self).__name__} runs under shoal's worker supervisor (shoal train / shoal.train)")
         self.link = _LINK
