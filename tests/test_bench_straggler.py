@@ -17,8 +17,10 @@ def test_bench_straggler_quick(tmp_path):
             assert key in row
     assert rows["sync"]["mean_staleness"] is None and rows["async-ps"]["mean_staleness"] > 0
     # The fast worker of an asynchronous pair does not wait for the 3x slower one: by the
-    # time it stops, the slow one has pushed far fewer gradients (lockstep would be 2 x steps).
-    assert rows["async-ps"]["updates"] < 1.8 * rows["async-ps"]["steps"]
+    # time it stops, the slow one has pushed fewer gradients. Lockstep would be 2 x steps (or one
+    # less); on a loaded 2-core machine the gap narrows (pipe and RPC cost as much as compute),
+    # so the bound only asks for 10% fewer.
+    assert rows["async-ps"]["updates"] < 1.9 * rows["async-ps"]["steps"]
     assert (tmp_path / "report.html").is_file() and (tmp_path / "accuracy-1-3.0.png").is_file()
 
 
