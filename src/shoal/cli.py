@@ -499,6 +499,11 @@ def netem_down(
         Console().print(f"testbed {run_id} removed" if found else f"no testbed {run_id} here", highlight=False)
 
 
+from shoal.fl.cli import fl_app  # noqa: E402  (its commands import their modules lazily)
+
+app.add_typer(fl_app, name="fl")
+
+
 def main() -> None:
     # Like ``python -m``, let entry points name modules in the working directory.
     if os.getcwd() not in sys.path:

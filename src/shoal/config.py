@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
 def _component(registry: Registry[Any]) -> Any:
     def validate(value: Any) -> Component:
-        load_builtins()
+        load_builtins(registry)
         return registry.resolve(value)
 
     return Annotated[

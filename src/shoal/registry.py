@@ -63,9 +63,10 @@ class _Entry:
 class Registry(Generic[T]):
     """Implementations of one kind (``"codec"``, ``"model"``, ...) by name."""
 
-    def __init__(self, kind: str, plural: str, *, entry_points: bool = False):
+    def __init__(self, kind: str, plural: str, home: str, *, entry_points: bool = False):
         self.kind = kind
         self.plural = plural
+        self.home = home  # the package whose modules register the built-in ones
         self.entry_points = entry_points
         self._entries: dict[str, _Entry] = {}
 
@@ -200,13 +201,19 @@ def _first_error(err: ValidationError) -> str:
     return f"{where}: {msg}" if where else msg
 
 
-DATASETS: Registry[Any] = Registry("dataset", "datasets", entry_points=True)
-MODELS: Registry[Any] = Registry("model", "models", entry_points=True)
-STRATEGIES: Registry[Any] = Registry("strategy", "strategies")
-CODECS: Registry[Any] = Registry("codec", "codecs")
+DATASETS: Registry[Any] = Registry("dataset", "datasets", "shoal.data", entry_points=True)
+MODELS: Registry[Any] = Registry("model", "models", "shoal.models", entry_points=True)
+STRATEGIES: Registry[Any] = Registry("strategy", "strategies", "shoal.strategies")
+CODECS: Registry[Any] = Registry("codec", "codecs", "shoal.comm.codecs")
+FED_STRATEGIES: Registry[Any] = Registry("federated strategy", "federated strategies", "shoal.fl.strategies")
+PARTITIONS: Registry[Any] = Registry("partition", "partitions", "shoal.data")
+ALL = (DATASETS, MODELS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS)
 
 
-def load_builtins() -> None:
-    """Import the packages whose modules register shoal's own implementations."""
-    for module in ("shoal.data", "shoal.models", "shoal.comm.codecs", "shoal.strategies"):
-        importlib.import_module(module)
+def load_builtins(*registries: Registry[Any]) -> None:
+    """Import the packages whose modules register shoal's own implementations
+    (of the given registries; all when none are given: the training
+    strategies pull in much of torch.distributed, which a federated client
+    does not need)."""
+    for registry in registries or ALL:
+        importlib.import_module(registry.home)

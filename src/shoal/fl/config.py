@@ -1,0 +1,129 @@
+"""The federated run configuration: one YAML file for ``shoal fl simulate``,
+``shoal fl server`` and ``shoal fl client``.
+
+It shares ``data``, ``model`` and ``optimizer`` (the clients' local
+optimiser) with ``shoal train``'s config and adds ``fl`` (the federation:
+clients, rounds, partition, strategy, uplink codec, fleet conditions) and
+``server`` (address, state database, certificates, limits). Bad values are a
+:class:`~shoal.config.ConfigError` naming the field, as for ``shoal train``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ByteSize, Field, ValidationError, model_validator
+
+from shoal.config import (
+    CodecSpec,
+    ConfigError,
+    DataConfig,
+    ModelSpec,
+    OptimizerConfig,
+    _component,
+    _read_yaml,
+    _Strict,
+    format_error,
+    set_dotted,
+)
+from shoal.registry import FED_STRATEGIES, PARTITIONS
+
+FedStrategySpec = _component(FED_STRATEGIES)
+PartitionSpec = _component(PARTITIONS)
+
+# Codecs whose payload a server can decode alone: no random stream shared with
+# the client (randk), no extra rounds of messages (powersgd, threshold).
+UPLINK_CODECS = ("none", "fp16", "bf16", "int8", "qsgd", "terngrad", "signsgd", "topk")
+
+
+class FleetConfig(_Strict):
+    """The messy conditions of a real fleet, emulated."""
+
+    dropout: float = Field(0.0, ge=0, lt=1, description="chance that a selected client never answers a round")
+    slow_fraction: float = Field(0.0, ge=0, le=1, description="share of clients that are slow (fixed by the seed)")
+    slow_factor: float = Field(1.0, ge=1, le=1000, description="how many times slower a slow client computes")
+    local_epochs_max: int | None = Field(None, ge=1, description="if set, each client's local epochs are drawn "
+                                         "once from [fl.local_epochs, this]")
+
+
+class FederationConfig(_Strict):
+    clients: int = Field(100, ge=1, le=100_000, description="clients in the federation")
+    clients_per_round: int = Field(10, ge=1, description="clients selected each round")
+    min_clients: int = Field(1, ge=1, description="fewest results a round aggregates; fewer leave the model as is")
+    rounds: int = Field(100, ge=1)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    partition: PartitionSpec = "iid"
+    strategy: FedStrategySpec = "fedavg"
+    codec: CodecSpec = Field("none", description="uplink compression of each client's update "
+                             f"(allowed: {', '.join(UPLINK_CODECS)}; memory=ef keeps error feedback per client)")
+    eval_every: int = Field(1, ge=1, description="rounds between test-set evaluations")
+    target_accuracy: float | None = Field(None, gt=0, le=1)
+    stop_at_target: bool = False
+    deadline_s: float = Field(60.0, gt=0, description="the server waits this long for a round's results; "
+                              "simulation: a client whose emulated time exceeds it is late")
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FederationConfig":
+        if self.clients_per_round > self.clients:
+            raise ValueError(f"clients_per_round: {self.clients_per_round} exceeds clients={self.clients}")
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(f"min_clients: {self.min_clients} exceeds clients_per_round={self.clients_per_round}")
+        if self.codec.name not in UPLINK_CODECS:
+            raise ValueError(f"codec: {self.codec.name!r} cannot be decoded by the server alone "
+                             f"(allowed: {', '.join(UPLINK_CODECS)})")
+        if self.fleet.local_epochs_max is not None and self.fleet.local_epochs_max < self.local_epochs:
+            raise ValueError(f"fleet.local_epochs_max: {self.fleet.local_epochs_max} is below "
+                             f"local_epochs={self.local_epochs}")
+        return self
+
+
+class ServerConfig(_Strict):
+    address: str = Field("127.0.0.1:8443", description="host:port the server listens on (port 0: any free port)")
+    db: str = Field("shoal-fl.db", description="state database: a file (SQLite) or a SQLAlchemy URL")
+    certs: str = Field("certs", description="directory from `shoal fl certs` (ca.pem, server.pem, server.key)")
+    insecure: bool = Field(False, description="no TLS (tests on loopback only); tokens still required")
+    max_update_bytes: ByteSize = Field(ByteSize(64 << 20), description="largest update message accepted")
+    wait_for_clients_s: float = Field(600.0, gt=0, description="how long a round waits for enough connected "
+                                      "clients before the server gives up")
+
+
+class FlRunConfig(_Strict):
+    """One federated training run."""
+
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSpec = "cnn1d"
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    fl: FederationConfig = Field(default_factory=FederationConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    out: str = "runs/fl"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_fl_config(source: str | Path | dict[str, Any] | FlRunConfig | None = None,
+                   overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> FlRunConfig:
+    """Read a YAML path (or mapping), apply ``--set`` overrides and non-None
+    ``fields``, validate; :class:`ConfigError` names each bad field."""
+    if isinstance(source, FlRunConfig):
+        data = source.model_dump(mode="json")
+    elif isinstance(source, dict):
+        data = copy.deepcopy(source)
+    elif source is None:
+        data = {}
+    else:
+        data = _read_yaml(Path(source))
+    for item in overrides:
+        set_dotted(data, item)
+    for key, value in fields.items():
+        if value is not None:
+            data[key] = value
+    try:
+        return FlRunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_error(err)) from None

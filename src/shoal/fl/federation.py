@@ -1,0 +1,198 @@
+"""What the server side of a federation holds and does each round, shared by
+``shoal fl simulate`` and ``shoal fl server``.
+
+:class:`Federation` owns the global weights, the strategy, the test set and
+the run's outputs. Each round it samples clients (reproducibly: the draw
+depends on the seed, the round and the sorted available clients only),
+validates and decodes their updates, aggregates, evaluates and writes one
+``metrics.jsonl`` line. Fleet conditions are drawn per client and round from
+the seed, so a simulation and a real fleet with the same config drop, slow
+down and size the same clients.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from shoal.comm.codecs.base import Payload, build_codec
+from shoal.data import build_dataset
+from shoal.data.partition import partition
+from shoal.data.shard import fetch
+from shoal.fl.config import FlRunConfig
+from shoal.fl.local import FlatWeights
+from shoal.fl.strategies.base import ClientResult, build_fed_strategy
+from shoal.metrics.plots import plot_curves
+from shoal.metrics.summary import write_json_atomic
+from shoal.metrics.writer import MetricsWriter
+from shoal.models.build import build_model, count_parameters
+from shoal.training.evaluate import evaluate
+
+
+class UpdateRejected(ValueError):
+    """A client update that does not fit the model or the round; the message is the reason."""
+
+
+@dataclass
+class RoundTally:
+    """Who took part in a round and what crossed the network."""
+
+    selected: list[int] = field(default_factory=list)
+    results: list[ClientResult] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)  # never answered (dropout, died, disconnected)
+    late: list[int] = field(default_factory=list)  # answered after the deadline
+    rejected: list[int] = field(default_factory=list)  # answered with an invalid update
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+
+
+class Federation:
+    def __init__(self, cfg: FlRunConfig, out: str | Path, *, start_round: int = 0, console: Console | None = None):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(cfg.to_yaml())
+        self.console = console or Console()
+        self.started = time.perf_counter()
+        self.data = build_dataset(cfg.data.dataset)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.model, self.data)
+        self.flat = FlatWeights(self.model)
+        self.weights = self.flat.get()
+        self.strategy = build_fed_strategy(cfg.fl.strategy)
+        self.codec = build_codec(cfg.fl.codec)
+        self.template = self.codec.encode(torch.zeros(self.flat.numel))  # layout of every client's payload
+        labels = fetch(self.data.train, list(range(len(self.data.train))))[1].numpy()
+        self.parts = partition(cfg.fl.partition, labels, cfg.fl.clients, cfg.seed)
+        fleet, rng = cfg.fl.fleet, np.random.default_rng([cfg.seed, 17])
+        self.slow = set(rng.permutation(cfg.fl.clients)[: round(fleet.slow_fraction * cfg.fl.clients)].tolist())
+        top = fleet.local_epochs_max or cfg.fl.local_epochs
+        self.epochs = rng.integers(cfg.fl.local_epochs, top + 1, size=cfg.fl.clients).tolist()
+        self.round = start_round
+        self.uplink_bytes = self.downlink_bytes = 0
+        self.history: list[dict[str, Any]] = []
+        self.rounds_to_target: int | None = None
+        self.time_to_target_s: float | None = None
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=start_round if start_round else None)
+
+    # --- per client, per round --------------------------------------------------
+    def sample(self, rnd: int, available: list[int]) -> list[int]:
+        rng = np.random.default_rng([self.cfg.seed, rnd])
+        chosen = self.strategy.sample(rnd, [str(c) for c in sorted(available)], self.cfg.fl.clients_per_round, rng)
+        return [int(c) for c in chosen]
+
+    def drops(self, rnd: int, client: int) -> bool:
+        """Whether this client fails to answer this round (fleet.dropout)."""
+        p = self.cfg.fl.fleet.dropout
+        return p > 0 and np.random.default_rng([self.cfg.seed, rnd, client, 1]).random() < p
+
+    def slowness(self, client: int) -> float:
+        return self.cfg.fl.fleet.slow_factor if client in self.slow else 1.0
+
+    def decode(self, client: int, tensors: list[torch.Tensor], num_examples: int) -> torch.Tensor:
+        """Check a client's payload against the model's layout and decode it;
+        :class:`UpdateRejected` says what is wrong."""
+        expected = self.template.tensors
+        if len(tensors) != len(expected):
+            raise UpdateRejected(f"{len(tensors)} tensors, the codec sends {len(expected)}")
+        for k, (got, want) in enumerate(zip(tensors, expected)):
+            if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+                raise UpdateRejected(f"tensor {k} is {got.dtype} {tuple(got.shape)}, the model needs "
+                                     f"{want.dtype} {tuple(want.shape)}")
+            if got.is_floating_point() and not torch.isfinite(got).all():
+                raise UpdateRejected(f"tensor {k} holds NaN or infinite values")
+        if not 0 < num_examples <= len(self.data.train):
+            raise UpdateRejected(f"num_examples {num_examples} is not in [1, {len(self.data.train)}]")
+        delta = self.codec.decode(Payload(list(tensors), self.template.ctx)).reshape(-1).float()
+        if not torch.isfinite(delta).all():
+            raise UpdateRejected("the decoded update holds NaN or infinite values")
+        return delta
+
+    # --- the round's end ----------------------------------------------------------
+    def finish_round(self, rnd: int, tally: RoundTally) -> dict[str, Any]:
+        """Aggregate what arrived, evaluate, log; returns the metrics line."""
+        self.round = rnd
+        aggregated = len(tally.results) >= self.cfg.fl.min_clients
+        if aggregated:
+            self.weights = self.strategy.aggregate(rnd, self.weights, tally.results)
+        self.uplink_bytes += tally.uplink_bytes
+        self.downlink_bytes += tally.downlink_bytes
+        record: dict[str, Any] = {
+            "step": rnd, "round": rnd, "time_s": time.perf_counter() - self.started,
+            "participating": len(tally.results), "selected": len(tally.selected), "dropped": len(tally.dropped),
+            "late": len(tally.late), "rejected": len(tally.rejected), "aggregated": aggregated,
+            "uplink_bytes": tally.uplink_bytes, "downlink_bytes": tally.downlink_bytes,
+            "uplink_bytes_total": self.uplink_bytes, "downlink_bytes_total": self.downlink_bytes,
+        }
+        if tally.results:
+            record["loss"] = sum(r.loss * r.num_examples for r in tally.results) / sum(
+                r.num_examples for r in tally.results)
+        if rnd % self.cfg.fl.eval_every == 0 or rnd == self.cfg.fl.rounds:
+            loss, acc = self.evaluate()
+            record.update(test_loss=loss, test_accuracy=acc)
+            target = self.cfg.fl.target_accuracy
+            if target is not None and acc >= target and self.rounds_to_target is None:
+                self.rounds_to_target, self.time_to_target_s = rnd, record["time_s"]
+        self.history.append(record)
+        self.metrics.write(record)
+        return record
+
+    def evaluate(self) -> tuple[float, float]:
+        self.flat.set(self.weights)
+        return evaluate(self.model, self.data.test, batch_size=self.cfg.data.eval_batch_size,
+                        device=torch.device("cpu"), rank=0, world_size=1)
+
+    def done(self) -> bool:
+        return self.round >= self.cfg.fl.rounds or (self.cfg.fl.stop_at_target and self.rounds_to_target is not None)
+
+    def close(self, **extra: Any) -> dict[str, Any]:
+        """Write summary.json and curves.png; return the summary."""
+        self.metrics.close()
+        evals = [r for r in self.history if "test_accuracy" in r]
+        if not evals or evals[-1]["round"] != self.round:
+            loss, acc = self.evaluate()
+            evals.append({"round": self.round, "test_loss": loss, "test_accuracy": acc})
+        fl = self.cfg.fl
+        summary = {
+            "final_accuracy": evals[-1]["test_accuracy"], "final_loss": evals[-1]["test_loss"],
+            "best_accuracy": max(r["test_accuracy"] for r in evals),
+            "rounds": self.round, "target_accuracy": fl.target_accuracy,
+            "rounds_to_target": self.rounds_to_target, "time_to_target_s": self.time_to_target_s,
+            "uplink_bytes": self.uplink_bytes, "downlink_bytes": self.downlink_bytes,
+            "wall_time_s": time.perf_counter() - self.started,
+            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "clients": fl.clients, "clients_per_round": fl.clients_per_round,
+            "strategy": spec(fl.strategy), "partition": spec(fl.partition), "codec": spec(fl.codec), "model": self.cfg.model.name,
+            "dataset": self.cfg.data.dataset.name, "parameters": count_parameters(self.model),
+            "out": str(self.out), **extra,
+        }
+        write_json_atomic(self.out / "summary.json", summary)
+        plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
+                    title=f"{self.cfg.model.name} / {fl.strategy.name} / {fl.clients} clients")
+        return summary
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        """One printed line per evaluation."""
+        if "test_accuracy" in record:
+            self.console.print(
+                f"round {record['round']:>5}  clients {record['participating']:>3}/{record['selected']:<3}  "
+                f"test loss {record['test_loss']:.4f}  test acc {record['test_accuracy']:.4f}  "
+                f"{record['time_s']:7.1f}s")
+
+
+def client_data(fed: Federation, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return fetch(fed.data.train, fed.parts[client].tolist())
+
+
+def spec(component: Any) -> str:
+    """``name:key=value,...`` of a configured component."""
+    options = component.options.model_dump(exclude_defaults=True) if hasattr(component.options, "model_dump") \
+        else component.option_dict()
+    return component.name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")

@@ -1,0 +1,75 @@
+"""``shoal fl simulate``: every client of a federation in one process.
+
+Clients run one after another on one model object, each from the round's
+global weights on its own partition; nothing is serialised or sent, but the
+uplink and downlink bytes are counted as the real protocol would send them
+(the codec's payload up, the float32 weights down). A client that raises
+stops the run with its error, naming the client and the round. Dropouts,
+slow clients (whose emulated time, measured compute x slow_factor, is
+checked against ``fl.deadline_s``) and per-client local epochs come from
+the seed exactly as on a real fleet (:class:`~shoal.fl.federation.Federation`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shoal.comm.memory import ErrorFeedback
+from shoal.fl.config import FlRunConfig
+from shoal.fl.federation import Federation, RoundTally, client_data
+from shoal.fl.local import LocalTrainer, client_seed
+from shoal.fl.strategies.base import ClientResult
+
+
+class ClientFailed(RuntimeError):
+    """A simulated client raised; the run stops with its error."""
+
+
+def simulate(cfg: FlRunConfig, *, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run ``cfg.fl.rounds`` rounds with ``cfg.fl.clients`` simulated clients; returns the summary."""
+    torch.set_num_threads(1)  # small client batches: threads cost more than they give
+    console = Console()
+    fed = Federation(cfg, out or cfg.out, console=console)
+    trainer = LocalTrainer(fed.model, cfg.optimizer, cfg.data.batch_size, fed.codec)
+    data = [client_data(fed, c) for c in range(cfg.fl.clients)]
+    memories: dict[int, ErrorFeedback] = {}
+    use_memory = cfg.fl.codec.options.memory == "ef"
+    everyone = list(range(cfg.fl.clients))
+    down = fed.flat.numel * 4
+    bar = Progress(TextColumn("[bold]rounds"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("acc {task.fields[acc]}"), TimeElapsedColumn(), console=console, disable=not progress)
+    with bar:
+        task = bar.add_task("rounds", total=cfg.fl.rounds, acc="-")
+        while not fed.done():
+            rnd = fed.round + 1
+            tally = RoundTally(selected=fed.sample(rnd, everyone))
+            tally.downlink_bytes = down * len(tally.selected)
+            config = fed.strategy.client_config(rnd)
+            for client in tally.selected:
+                if fed.drops(rnd, client):
+                    tally.dropped.append(client)
+                    continue
+                x, y = data[client]
+                memory = memories.setdefault(client, ErrorFeedback()) if use_memory else None
+                try:
+                    result = trainer.fit(fed.weights, x, y, epochs=fed.epochs[client], config=config,
+                                         seed=client_seed(cfg.seed, rnd, client), memory=memory)
+                except Exception as err:
+                    raise ClientFailed(f"client {client} failed in round {rnd}: {type(err).__name__}: {err}") from err
+                tally.uplink_bytes += result.payload.wire_bytes
+                if result.compute_s * fed.slowness(client) > cfg.fl.deadline_s:
+                    tally.late.append(client)
+                    continue
+                tally.results.append(ClientResult(str(client), result.delta, result.num_examples, result.loss))
+            record = fed.finish_round(rnd, tally)
+            if "test_accuracy" in record:
+                bar.update(task, acc=f"{record['test_accuracy']:.4f}")
+                if progress and (rnd % max(1, cfg.fl.rounds // 10) == 0 or fed.done()):
+                    fed.log_round(record)
+            bar.update(task, completed=rnd)
+    return fed.close(simulated=True)
