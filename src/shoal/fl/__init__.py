@@ -1,0 +1,1 @@
+"""Federated learning: a server and clients that train one model without pooling their data."""

@@ -1,0 +1,150 @@
+"""Federated-learning plumbing: wire format, certificates, server store, transport."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+
+import pytest
+import torch
+
+from shoal.fl.wire import WireError, pack, payload_bytes, unpack
+
+
+def _raw(header: dict, payload: bytes = b"", *, magic: bytes = b"SHFL", version: int = 1) -> bytes:
+    h = json.dumps(header).encode()
+    return magic + bytes([version]) + struct.pack("<I", len(h)) + h + payload
+
+
+def _entry(name="w", dtype="float32", shape=(2,), offset=0, nbytes=8) -> dict:
+    return {"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": nbytes}
+
+
+def test_wire_round_trip_keeps_dtypes_shapes_and_meta():
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 4, generator=g),
+        "f16": torch.randn(5, generator=g).half(),
+        "bf16": torch.randn(2, 3, generator=g).bfloat16(),
+        "f64": torch.randn(2, generator=g).double(),
+        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "i16": torch.tensor([-300, 300], dtype=torch.int16),
+        "i32": torch.tensor([[1, -2]], dtype=torch.int32),
+        "i64": torch.tensor([2**40, -1]),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 7),
+        "strided": torch.arange(12.0).reshape(3, 4).t(),
+    }
+    meta = {"round": 3, "client": "alice", "metrics": {"loss": 0.25}, "ids": [1, 2]}
+
+    got_meta, got = unpack(pack(meta, tensors))
+
+    assert got_meta == meta
+    assert list(got) == list(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name
+    assert got["scalar"].dim() == 0
+
+
+def test_wire_tensors_own_writable_memory():
+    data = bytearray(pack({}, {"w": torch.ones(4)}))
+
+    _, got = unpack(bytes(data))
+    got["w"].add_(1)  # must not warn or fail: writable
+    data[-1] ^= 0xFF  # must not change the tensor: copied out
+
+    assert torch.equal(got["w"], torch.full((4,), 2.0))
+    assert payload_bytes(got) == 16
+
+
+def test_wire_meta_must_be_a_dict_when_packing():
+    with pytest.raises(TypeError):
+        pack([1, 2], {})
+    with pytest.raises(TypeError, match="dtype"):
+        pack({}, {"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+GOOD = _raw({"meta": {}, "tensors": [_entry()]}, bytes(8))
+
+MALFORMED = [
+    ("empty", b"", "too short"),
+    ("truncated prefix", GOOD[:6], "too short"),
+    ("bad magic", b"NOPE" + GOOD[4:], "bad magic"),
+    ("bad version", GOOD[:4] + b"\x02" + GOOD[5:], "version"),
+    ("header past end", GOOD[:5] + struct.pack("<I", 10_000) + GOOD[9:], "past the end"),
+    ("header over 1 MiB", GOOD[:5] + struct.pack("<I", (1 << 20) + 1) + GOOD[9:], "over the limit"),
+    ("garbage json", b"SHFL\x01" + struct.pack("<I", 5) + b"{nope", "not valid UTF-8 JSON"),
+    ("not utf-8", b"SHFL\x01" + struct.pack("<I", 2) + b"\xff\xfe", "not valid UTF-8 JSON"),
+    ("deeply nested json", b"SHFL\x01" + struct.pack("<I", 100_000) + b"[" * 100_000, "not valid UTF-8 JSON"),
+    ("header is a list", _raw([1, 2]), "exactly the keys"),
+    ("meta not an object", _raw({"meta": [1], "tensors": []}), "meta must be a JSON object"),
+    ("tensors not a list", _raw({"meta": {}, "tensors": {}}), "tensors must be a JSON list"),
+    ("entry missing key", _raw({"meta": {}, "tensors": [{"name": "w"}]}), "entry 0"),
+    ("bad dtype", _raw({"meta": {}, "tensors": [_entry(dtype="object")]}, bytes(8)), "unknown dtype"),
+    ("negative shape", _raw({"meta": {}, "tensors": [_entry(shape=(-2,))]}, bytes(8)), "non-negative"),
+    ("bool in shape", _raw({"meta": {}, "tensors": [_entry(shape=(True,), nbytes=4)]}, bytes(4)), "non-negative"),
+    ("huge shape", _raw({"meta": {}, "tensors": [_entry(shape=(0, 2**63), nbytes=0)]}), "huge"),
+    ("nbytes mismatch", _raw({"meta": {}, "tensors": [_entry(nbytes=6)]}, bytes(6)), "needs 8"),
+    (
+        "overlapping offsets",
+        _raw({"meta": {}, "tensors": [_entry("a"), _entry("b", offset=4)]}, bytes(16)),
+        "overlaps",
+    ),
+    ("gap before tensor", _raw({"meta": {}, "tensors": [_entry(offset=4)]}, bytes(12)), "gap"),
+    ("tensor past end", _raw({"meta": {}, "tensors": [_entry()]}, bytes(4)), "past the 4-byte payload"),
+    ("trailing bytes", GOOD + b"x", "1 trailing bytes"),
+    (
+        "duplicate names",
+        _raw({"meta": {}, "tensors": [_entry("a"), _entry("a", offset=8)]}, bytes(16)),
+        "duplicate",
+    ),
+]
+
+
+@pytest.mark.parametrize("data,reason", [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
+def test_wire_rejects_malformed_message_with_reason(data, reason):
+    with pytest.raises(WireError, match=reason):
+        unpack(data)
+
+
+def test_wire_rejects_message_over_max_bytes():
+    data = pack({}, {"w": torch.zeros(100)})
+
+    unpack(data, max_bytes=len(data))
+    with pytest.raises(WireError, match="over the limit of 100"):
+        unpack(data, max_bytes=100)
+
+
+def test_wire_fuzz_raises_only_wire_error():
+    rng = random.Random(0)
+    good = pack({"round": 1}, {"a": torch.randn(3, 2), "b": torch.tensor(True), "c": torch.arange(4)})
+    candidates = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64))) for _ in range(100)]
+    candidates += [b"SHFL\x01" + bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 64))) for _ in range(100)]
+    for _ in range(300):
+        data = bytearray(good)
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        candidates.append(bytes(data))
+    candidates += [good[:n] for n in range(len(good))]
+    # Well-formed JSON with one field of one entry swapped for a value of the wrong kind.
+    header = {"meta": {}, "tensors": [_entry("a"), _entry("b", dtype="int64", offset=8)]}
+    odd_values = [-1, 2**70, 1.5, "x", None, True, [], {}, [-1], [2**64, 0], "float32"]
+    for _ in range(200):
+        h = json.loads(json.dumps(header))
+        target = h["tensors"][rng.randrange(2)] if rng.random() < 0.9 else h
+        target[rng.choice(sorted(target))] = rng.choice(odd_values)
+        candidates.append(_raw(h, bytes(16)))
+
+    rejected = 0
+    for data in candidates:
+        try:
+            unpack(data)
+        except WireError:
+            rejected += 1
+
+    # Flips inside tensor bytes still parse; the rest must all be rejected cleanly.
+    assert rejected > len(candidates) // 2
