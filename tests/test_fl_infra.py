@@ -8,7 +8,9 @@ import struct
 
 import pytest
 import torch
+from cryptography import x509
 
+from shoal.fl.certs import TlsFiles, make_certs
 from shoal.fl.wire import WireError, pack, payload_bytes, unpack
 
 
@@ -148,3 +150,38 @@ def test_wire_fuzz_raises_only_wire_error():
 
     # Flips inside tensor bytes still parse; the rest must all be rejected cleanly.
     assert rejected > len(candidates) // 2
+
+
+def test_certs_written_with_private_keys_0600_and_server_san(tmp_path):
+    files = make_certs(tmp_path, clients=["alice", "bob"])
+
+    assert set(files) == {f"{s}.{e}" for s in ("ca", "server", "alice", "bob") for e in ("pem", "key")}
+    for name, path in files.items():
+        assert path.is_file()
+        assert (path.stat().st_mode & 0o777 == 0o600) == name.endswith(".key"), name
+    server = x509.load_pem_x509_certificate(files["server.pem"].read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    ca = x509.load_pem_x509_certificate(files["ca.pem"].read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_certs_refuse_to_replace_ca_unless_forced(tmp_path):
+    make_certs(tmp_path)
+    before = (tmp_path / "ca.key").read_bytes()
+
+    with pytest.raises(ValueError, match="force"):
+        make_certs(tmp_path)
+    assert (tmp_path / "ca.key").read_bytes() == before
+    make_certs(tmp_path, force=True)
+    assert (tmp_path / "ca.key").read_bytes() != before
+
+
+def test_tls_files_name_the_missing_file_and_the_command(tmp_path):
+    make_certs(tmp_path, clients=2)
+
+    assert TlsFiles.client(tmp_path, "client2").cert == tmp_path / "client2.pem"
+    with pytest.raises(ValueError, match=r"carol\.pem.*shoal fl certs --out"):
+        TlsFiles.client(tmp_path, "carol")
