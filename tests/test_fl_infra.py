@@ -6,19 +6,23 @@ import json
 import os
 import random
 import signal
+import socket
 import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 from cryptography import x509
 
 from shoal.fl.certs import TlsFiles, make_certs
 from shoal.fl.store import ServerStore
+from shoal.fl.transport import Connection, RpcFailed, peer_identity, serve
 from shoal.fl.wire import WireError, pack, payload_bytes, unpack
 
 
@@ -305,3 +309,115 @@ def test_store_is_consistent_after_sigkill_mid_write(tmp_path):
 
     assert last >= 1
     assert blobs["round"] == str(last).encode() and blobs["model"] == bytes([last % 256]) * 200_000
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    make_certs(d, clients=["alice"])
+    other = d / "other"
+    make_certs(other, clients=["alice"])
+    return d
+
+
+def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return request
+
+
+def _whoami(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return (peer_identity(context) or "").encode()
+
+
+def _deny(request: bytes, context: grpc.ServicerContext) -> bytes:
+    context.abort(grpc.StatusCode.PERMISSION_DENIED, "not on the list")
+
+
+def _crash(request: bytes, context: grpc.ServicerContext) -> bytes:
+    raise KeyError("secret internals")
+
+
+HANDLERS = {"Echo": _echo, "WhoAmI": _whoami, "Deny": _deny, "Crash": _crash}
+
+
+@pytest.fixture(scope="module")
+def server(pki):
+    srv, port = serve("127.0.0.1:0", HANDLERS, TlsFiles.server(pki), max_message_bytes=1 << 20)
+    yield f"127.0.0.1:{port}"
+    srv.stop(None)
+
+
+def test_transport_echo_and_identity_over_mutual_tls(pki, server):
+    with Connection(server, TlsFiles.client(pki, "alice"), retry_for_s=1) as conn:
+        assert conn.call("Echo", b"\x00hello\xff") == b"\x00hello\xff"
+        assert conn.call("WhoAmI", b"") == b"alice"
+
+
+def test_transport_abort_reaches_the_client_as_rpc_failed(pki, server):
+    with Connection(server, TlsFiles.client(pki, "alice"), retry_for_s=1) as conn:
+        with pytest.raises(RpcFailed) as denied:
+            conn.call("Deny", b"")
+        with pytest.raises(RpcFailed) as crashed:
+            conn.call("Crash", b"")
+        with pytest.raises(RpcFailed) as unknown:
+            conn.call("NoSuchMethod", b"")
+
+    assert (denied.value.code, denied.value.details) == ("PERMISSION_DENIED", "not on the list")
+    assert crashed.value.code == "INTERNAL" and "secret" not in crashed.value.details
+    assert unknown.value.code == "UNIMPLEMENTED"
+
+
+def test_transport_refuses_message_over_the_limit(pki, server):
+    with Connection(server, TlsFiles.client(pki, "alice"), max_message_bytes=4 << 20, retry_for_s=1) as conn:
+        assert len(conn.call("Echo", bytes(1000))) == 1000
+        with pytest.raises(RpcFailed) as big:
+            conn.call("Echo", bytes(2 << 20))
+
+    assert big.value.code == "RESOURCE_EXHAUSTED"
+
+
+def test_transport_refuses_a_client_without_certificate(pki, server):
+    credentials = grpc.ssl_channel_credentials(root_certificates=(pki / "ca.pem").read_bytes())
+
+    with grpc.secure_channel(server, credentials) as channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            channel.unary_unary("/shoal.fl.Federation/Echo")(b"hi", timeout=5)
+
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_transport_refuses_a_client_certificate_from_another_ca(pki, server):
+    # The client trusts the right server but presents another federation's certificate.
+    files = TlsFiles(ca=pki / "ca.pem", cert=pki / "other" / "alice.pem", key=pki / "other" / "alice.key")
+    start = time.monotonic()
+
+    with Connection(server, files, retry_for_s=1) as conn:
+        with pytest.raises(RpcFailed) as refused:
+            conn.call("Echo", b"hi", timeout=5)
+
+    assert refused.value.code == "UNAVAILABLE"
+    assert time.monotonic() - start < 5
+
+
+def test_transport_connection_waits_for_a_server_that_starts_late(pki):
+    with socket.socket() as probe:  # a free port, free again once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = []
+
+    def start_late():
+        time.sleep(1.0)
+        started.append(serve(f"127.0.0.1:{port}", HANDLERS, TlsFiles.server(pki))[0])
+
+    thread = threading.Thread(target=start_late)
+    thread.start()
+    try:
+        with Connection(f"127.0.0.1:{port}", TlsFiles.client(pki, "alice"), retry_for_s=15) as conn:
+            t0 = time.monotonic()
+            assert conn.call("Echo", b"late", timeout=5) == b"late"
+            waited = time.monotonic() - t0
+    finally:
+        thread.join()
+        for srv in started:
+            srv.stop(None)
+
+    assert 0.5 < waited < 8
