@@ -81,3 +81,131 @@ def print_fl_summary(summary: dict) -> None:
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
+
+
+@fl_app.command("certs")
+def certs_command(
+    out: Path = typer.Option(..., "--out", "-o", help="directory for ca.pem, server.pem/.key and NAME.pem/.key"),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="a name or address clients dial "
+                                   "the server by (repeatable)"),
+    client: list[str] = typer.Option(["client"], "--client", help="a client certificate to make (repeatable)"),
+    force: bool = typer.Option(False, help="replace an existing CA (every certificate it signed stops working)"),
+) -> None:
+    """Make a federation's CA, the server's certificate and client certificates (mutual TLS)."""
+    from shoal.fl.certs import make_certs
+
+    try:
+        files = make_certs(out, hosts=host, clients=client, force=force)
+    except ValueError as err:
+        _fail(str(err), "certs")
+    Console().print(f"wrote {len(files)} files to {out}: " + ", ".join(sorted(files)), highlight=False)
+
+
+token_app = typer.Typer(help="Enrolment tokens: a client must present one to join (stored hashed).",
+                        no_args_is_help=True)
+fl_app.add_typer(token_app, name="token")
+
+
+def _store(db: Optional[str], config: Optional[Path]):
+    from shoal.fl.config import ServerConfig
+    from shoal.fl.store import ServerStore
+
+    if db is None:
+        db = _load(config, []).server.db if config else ServerConfig().db
+    return ServerStore(db)
+
+
+_DB = typer.Option(None, "--db", help="state database: file or SQLAlchemy URL (default: the config's server.db)")
+_CONFIG = typer.Option(None, "--config", help="take server.db from this federated config")
+
+
+@token_app.command("add")
+def token_add(name: str = typer.Argument(..., help="who the token is for"),
+              db: Optional[str] = _DB, config: Optional[Path] = _CONFIG,
+              replace: bool = typer.Option(False, help="replace this name's token")) -> None:
+    """Issue a token; it is printed once and only its hash is kept."""
+    with _store(db, config) as store:
+        try:
+            token = store.add_token(name, replace=replace)
+        except ValueError as err:
+            _fail(str(err), "token")
+    print(token)
+
+
+@token_app.command("list")
+def token_list(db: Optional[str] = _DB, config: Optional[Path] = _CONFIG) -> None:
+    """Names holding a token, and when it was issued."""
+    import datetime
+
+    with _store(db, config) as store:
+        for name, created in store.list_tokens():
+            print(f"{name}\t{datetime.datetime.fromtimestamp(created).isoformat(timespec='seconds')}")
+
+
+@token_app.command("revoke")
+def token_revoke(name: str, db: Optional[str] = _DB, config: Optional[Path] = _CONFIG) -> None:
+    """Withdraw a name's token: its client is refused from the next call on."""
+    with _store(db, config) as store:
+        if not store.revoke_token(name):
+            _fail(f"no token named {name!r}", "token")
+    print(f"revoked {name}")
+
+
+@fl_app.command("server")
+def server_command(
+    config: Path = typer.Argument(..., help="YAML federated config"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default: the config's 'out')"),
+    address: Optional[str] = typer.Option(None, help="HOST:PORT to listen on (server.address; port 0: any)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log every join, refusal and dropped client"),
+) -> None:
+    """Run the federation's server: rounds over gRPC with mutual TLS, state in server.db, resumable."""
+    import logging
+
+    from shoal.fl.server import FlServer, ServerGaveUp
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = [*set_] + ([f"server.address={address}"] if address else [])
+    cfg = _load(config, overrides, out=str(out) if out else None)
+    try:
+        server = FlServer(cfg, cfg.out)
+        summary = server.run()
+    except (ValueError, ServerGaveUp) as err:
+        _fail(str(err), "server")
+    print_fl_summary(summary)
+
+
+@fl_app.command("client")
+def client_command(
+    config: Path = typer.Argument(..., help="YAML federated config (the server's)"),
+    server: str = typer.Option(..., "--server", help="HOST:PORT of the server"),
+    token: str = typer.Option(..., "--token", envvar="SHOAL_FL_TOKEN", help="enrolment token (or $SHOAL_FL_TOKEN)"),
+    partition: int = typer.Option(..., "--partition", help="which client's share of the data this is"),
+    certs: Optional[Path] = typer.Option(None, help="directory with ca.pem and NAME.pem/.key "
+                                         "(default: the config's server.certs)"),
+    name: str = typer.Option("client", help="which client certificate in --certs to present"),
+    insecure: bool = typer.Option(False, help="no TLS (only against a server run with server.insecure)"),
+    retry_for: float = typer.Option(120.0, help="seconds to keep retrying while the server is unreachable"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
+) -> None:
+    """Join a federation: train on this partition whenever selected, until the server finishes."""
+    import logging
+
+    from shoal.fl.client import run_client
+    from shoal.fl.transport import RpcFailed
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load(config, set_)
+    try:
+        tally = run_client(cfg, server=server, token=token, partition=partition,
+                           certs=None if insecure else (certs or Path(cfg.server.certs)), name=name,
+                           retry_for_s=retry_for)
+    except ValueError as err:
+        _fail(str(err), "client")
+    except RpcFailed as err:
+        err_console.print(f"[red]client:[/] the server refused or failed: {err.code}: {err.details}",
+                          highlight=False)
+        raise typer.Exit(1)
+    Console().print(f"took part in {tally['rounds']} rounds ({tally['accepted']} accepted, {tally['rejected']} "
+                    f"rejected, {tally['skipped']} skipped)", highlight=False)

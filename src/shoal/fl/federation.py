@@ -53,6 +53,31 @@ class RoundTally:
     downlink_bytes: int = 0
 
 
+class Fleet:
+    """Per-client conditions drawn from the seed: the same on the server, in
+    every client process and in a simulation."""
+
+    def __init__(self, cfg: FlRunConfig):
+        fleet, rng = cfg.fl.fleet, np.random.default_rng([cfg.seed, 17])
+        self.seed, self.dropout, self.factor = cfg.seed, fleet.dropout, fleet.slow_factor
+        self.slow = set(rng.permutation(cfg.fl.clients)[: round(fleet.slow_fraction * cfg.fl.clients)].tolist())
+        top = fleet.local_epochs_max or cfg.fl.local_epochs
+        self.epochs = rng.integers(cfg.fl.local_epochs, top + 1, size=cfg.fl.clients).tolist()
+
+    def drops(self, rnd: int, client: int) -> bool:
+        """Whether this client fails to answer this round (fleet.dropout)."""
+        return self.dropout > 0 and np.random.default_rng([self.seed, rnd, client, 1]).random() < self.dropout
+
+    def slowness(self, client: int) -> float:
+        return self.factor if client in self.slow else 1.0
+
+
+def client_partitions(cfg: FlRunConfig, data: Any) -> list[np.ndarray]:
+    """Every client's sample indices (the same wherever the config and data are the same)."""
+    labels = fetch(data.train, list(range(len(data.train))))[1].numpy()
+    return partition(cfg.fl.partition, labels, cfg.fl.clients, cfg.seed)
+
+
 class Federation:
     def __init__(self, cfg: FlRunConfig, out: str | Path, *, start_round: int = 0, console: Console | None = None):
         self.cfg = cfg
@@ -69,12 +94,8 @@ class Federation:
         self.strategy = build_fed_strategy(cfg.fl.strategy)
         self.codec = build_codec(cfg.fl.codec)
         self.template = self.codec.encode(torch.zeros(self.flat.numel))  # layout of every client's payload
-        labels = fetch(self.data.train, list(range(len(self.data.train))))[1].numpy()
-        self.parts = partition(cfg.fl.partition, labels, cfg.fl.clients, cfg.seed)
-        fleet, rng = cfg.fl.fleet, np.random.default_rng([cfg.seed, 17])
-        self.slow = set(rng.permutation(cfg.fl.clients)[: round(fleet.slow_fraction * cfg.fl.clients)].tolist())
-        top = fleet.local_epochs_max or cfg.fl.local_epochs
-        self.epochs = rng.integers(cfg.fl.local_epochs, top + 1, size=cfg.fl.clients).tolist()
+        self.parts = client_partitions(cfg, self.data)
+        self.fleet = Fleet(cfg)
         self.round = start_round
         self.uplink_bytes = self.downlink_bytes = 0
         self.history: list[dict[str, Any]] = []
@@ -82,19 +103,26 @@ class Federation:
         self.time_to_target_s: float | None = None
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=start_round if start_round else None)
 
+    def restore(self, weights: torch.Tensor, history: list[dict[str, Any]]) -> None:
+        """Continue after the last completed round of an earlier server (its weights and metrics)."""
+        self.weights = weights
+        self.history = list(history)
+        if history:
+            last = history[-1]
+            self.round = last["round"]
+            self.uplink_bytes, self.downlink_bytes = last["uplink_bytes_total"], last["downlink_bytes_total"]
+            self.started -= last["time_s"]  # the clock goes on from where it stopped
+            target = self.cfg.fl.target_accuracy
+            for r in history:
+                if target is not None and r.get("test_accuracy", 0) >= target:
+                    self.rounds_to_target, self.time_to_target_s = r["round"], r["time_s"]
+                    break
+
     # --- per client, per round --------------------------------------------------
     def sample(self, rnd: int, available: list[int]) -> list[int]:
         rng = np.random.default_rng([self.cfg.seed, rnd])
         chosen = self.strategy.sample(rnd, [str(c) for c in sorted(available)], self.cfg.fl.clients_per_round, rng)
         return [int(c) for c in chosen]
-
-    def drops(self, rnd: int, client: int) -> bool:
-        """Whether this client fails to answer this round (fleet.dropout)."""
-        p = self.cfg.fl.fleet.dropout
-        return p > 0 and np.random.default_rng([self.cfg.seed, rnd, client, 1]).random() < p
-
-    def slowness(self, client: int) -> float:
-        return self.cfg.fl.fleet.slow_factor if client in self.slow else 1.0
 
     def decode(self, client: int, tensors: list[torch.Tensor], num_examples: int) -> torch.Tensor:
         """Check a client's payload against the model's layout and decode it;

@@ -51,18 +51,18 @@ def simulate(cfg: FlRunConfig, *, out: str | Path | None = None, progress: bool 
             tally.downlink_bytes = down * len(tally.selected)
             config = fed.strategy.client_config(rnd)
             for client in tally.selected:
-                if fed.drops(rnd, client):
+                if fed.fleet.drops(rnd, client):
                     tally.dropped.append(client)
                     continue
                 x, y = data[client]
                 memory = memories.setdefault(client, ErrorFeedback()) if use_memory else None
                 try:
-                    result = trainer.fit(fed.weights, x, y, epochs=fed.epochs[client], config=config,
+                    result = trainer.fit(fed.weights, x, y, epochs=fed.fleet.epochs[client], config=config,
                                          seed=client_seed(cfg.seed, rnd, client), memory=memory)
                 except Exception as err:
                     raise ClientFailed(f"client {client} failed in round {rnd}: {type(err).__name__}: {err}") from err
                 tally.uplink_bytes += result.payload.wire_bytes
-                if result.compute_s * fed.slowness(client) > cfg.fl.deadline_s:
+                if result.compute_s * fed.fleet.slowness(client) > cfg.fl.deadline_s:
                     tally.late.append(client)
                     continue
                 tally.results.append(ClientResult(str(client), result.delta, result.num_examples, result.loss))

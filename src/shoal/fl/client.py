@@ -1,0 +1,90 @@
+"""``shoal fl client``: one client of a federation, over gRPC with mutual TLS.
+
+The client builds the dataset and model from the same config as the server,
+keeps only its own partition of the training data (the partitions depend on
+the config and seed alone, so server and clients agree without sending any
+data), joins with its token, and then repeats: long-poll for a round it is
+selected for, train locally from the round's global weights
+(:class:`~shoal.fl.local.LocalTrainer`, FedProx's term and the uplink codec
+with this client's own error feedback included), send the update. Fleet
+conditions of the config apply to it as in a simulation: it skips the rounds
+``fleet.dropout`` drops it from, and a slow client (``fleet.slow_fraction``)
+sleeps to take ``slow_factor`` times its compute time. A server that goes
+away is waited for (retries with backoff, up to ``retry_for_s``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from shoal.comm.codecs.base import build_codec
+from shoal.comm.memory import ErrorFeedback
+from shoal.data import build_dataset
+from shoal.data.shard import fetch
+from shoal.fl import wire
+from shoal.fl.certs import TlsFiles
+from shoal.fl.config import FlRunConfig
+from shoal.fl.federation import Fleet, client_partitions
+from shoal.fl.local import LocalTrainer, client_seed
+from shoal.fl.transport import Connection
+from shoal.models.build import build_model
+
+log = logging.getLogger("shoal.fl")
+
+
+def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, certs: str | Path | None,
+               name: str = "client", retry_for_s: float = 120.0, console: Console | None = None) -> dict[str, Any]:
+    """Take part until the server says training is over; returns this client's tally."""
+    console = console or Console()
+    if not 0 <= partition < cfg.fl.clients:
+        raise ValueError(f"--partition {partition}: must be in [0, {cfg.fl.clients}) (fl.clients)")
+    torch.set_num_threads(1)
+    data = build_dataset(cfg.data.dataset)
+    x, y = fetch(data.train, client_partitions(cfg, data)[partition].tolist())
+    torch.manual_seed(cfg.seed)
+    trainer = LocalTrainer(build_model(cfg.model, data), cfg.optimizer, cfg.data.batch_size,
+                           build_codec(cfg.fl.codec))
+    memory = ErrorFeedback() if cfg.fl.codec.options.memory == "ef" else None
+    fleet = Fleet(cfg)
+    tls = None if certs is None else TlsFiles.client(Path(certs), name)
+    me = {"token": token, "partition": partition}
+    tally = {"rounds": 0, "accepted": 0, "rejected": 0, "skipped": 0}
+    with Connection(server, tls, retry_for_s=retry_for_s,
+                    max_message_bytes=int(cfg.server.max_update_bytes) + (1 << 20)) as conn:
+        meta, _ = wire.unpack(conn.call("Join", wire.pack(me, {})))
+        console.print(f"joined {server} as partition {partition} ({len(y)} samples); server at round "
+                      f"{meta['round']}", highlight=False)
+        after = 0
+        while True:
+            meta, tensors = wire.unpack(conn.call("Task", wire.pack({**me, "after": after}, {}), timeout=60))
+            if meta.get("done"):
+                console.print(f"training is over (round {meta.get('round')})", highlight=False)
+                break
+            if meta.get("wait"):
+                continue
+            rnd = meta["round"]
+            after = rnd
+            if fleet.drops(rnd, partition):
+                tally["skipped"] += 1
+                log.info("round %d: dropping out (fleet.dropout)", rnd)
+                continue
+            started = time.perf_counter()
+            result = trainer.fit(tensors["weights"], x, y, epochs=meta["epochs"], config=meta["config"],
+                                 seed=client_seed(cfg.seed, rnd, partition), memory=memory)
+            slow = fleet.slowness(partition)
+            if slow > 1:
+                time.sleep((time.perf_counter() - started) * (slow - 1))
+            update = {f"p{k}": t for k, t in enumerate(result.payload.tensors)}
+            reply, _ = wire.unpack(conn.call("Submit", wire.pack(
+                {**me, "round": rnd, "num_examples": result.num_examples, "loss": result.loss}, update)))
+            tally["rounds"] += 1
+            tally["accepted" if reply["accepted"] else "rejected"] += 1
+            console.print(f"round {rnd}: loss {result.loss:.4f}, sent {result.payload.wire_bytes:,} bytes"
+                          + ("" if reply["accepted"] else f" — not accepted: {reply['reason']}"), highlight=False)
+    return tally

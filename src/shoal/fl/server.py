@@ -1,0 +1,225 @@
+"""``shoal fl server``: the federation's server over gRPC with mutual TLS.
+
+Protocol (every message is :mod:`shoal.fl.wire`; every request carries the
+client's token, checked against the hashed tokens in the state store; the
+TLS layer has already checked the client's certificate):
+
+- ``Join``  ``{token, partition}`` -> ``{round, clients}``: the client says
+  which partition of the data it holds;
+- ``Task``  ``{token, partition, after}`` -> ``{done}``, ``{wait}`` or
+  ``{round, epochs, config}`` + the global ``weights``: a long poll (up to
+  :data:`POLL_S`) for a round this client is selected for, newer than ``after``;
+- ``Submit`` ``{token, partition, round, num_examples, loss}`` + the codec's
+  payload tensors -> ``{accepted, reason}``.
+
+A round samples from the clients seen in the last :data:`ALIVE_S` seconds
+(once at least ``fl.min_clients`` are), waits for the selected ones until
+``fl.deadline_s``, aggregates what arrived in time and passed validation
+(:meth:`Federation.decode`), evaluates, and stores the round's metrics, the
+global weights and the strategy's state in one transaction
+(:class:`~shoal.fl.store.ServerStore`). A server started on the same
+database resumes after the last stored round; clients ride out the restart
+by retrying (:class:`~shoal.fl.transport.Connection`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from rich.console import Console
+
+from shoal.fl import wire
+from shoal.fl.certs import TlsFiles
+from shoal.fl.config import FlRunConfig
+from shoal.fl.federation import Federation, RoundTally, UpdateRejected
+from shoal.fl.store import ServerStore
+from shoal.fl.strategies.base import ClientResult
+from shoal.fl.transport import peer_identity, serve
+from shoal.metrics.summary import write_json_atomic
+
+log = logging.getLogger("shoal.fl")
+POLL_S = 2.0  # longest a Task call waits for work
+ALIVE_S = 10.0  # a client not heard from for this long is not sampled
+
+
+class ServerGaveUp(RuntimeError):
+    """Too few clients connected within ``server.wait_for_clients_s``."""
+
+
+class _Round:
+    def __init__(self, number: int, selected: list[int], weights: torch.Tensor, config: dict[str, Any]):
+        self.number = number
+        self.selected = set(selected)
+        self.tally = RoundTally(selected=selected)
+        self.weights = weights
+        self.config = config
+        self.answered: set[int] = set()
+        self.closed = False
+
+
+class FlServer:
+    def __init__(self, cfg: FlRunConfig, out: str | Path, *, console: Console | None = None):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.console = console or Console()
+        self.store = ServerStore(cfg.server.db)
+        start = self.store.last_round()
+        self.fed = Federation(cfg, out, start_round=start, console=self.console)
+        if start:
+            state = self.store.load_state()
+            _, tensors = wire.unpack(state["weights"])
+            _, strategy_state = wire.unpack(state["strategy"])
+            self.fed.restore(tensors["weights"], [r["metrics"] for r in self.store.round_metrics()])
+            self.fed.strategy.load_state_dict(strategy_state)
+            self.console.print(f"resuming after round {start} (state from {cfg.server.db})", highlight=False)
+        self.resumed_from = start or None
+        self.cond = threading.Condition()
+        self.seen: dict[int, float] = {}  # partition -> last time heard from
+        self.current: _Round | None = None
+        self.finished = False
+        self.port = 0
+
+    # --- handlers (gRPC threads) --------------------------------------------------
+    def _auth(self, request: bytes, context: grpc.ServicerContext, limit: int | None = None):
+        try:
+            meta, tensors = wire.unpack(request, max_bytes=limit)
+        except wire.WireError as err:
+            log.warning("rejected a malformed message from %s: %s", context.peer(), err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
+        name = self.store.check_token(meta.get("token", ""))
+        if name is None:
+            log.warning("refused %s (certificate %s): invalid or revoked token", context.peer(),
+                        peer_identity(context))
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or revoked token")
+        part = meta.get("partition")
+        if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < self.cfg.fl.clients:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"partition must be an integer in [0, {self.cfg.fl.clients})")
+        with self.cond:
+            self.seen[part] = time.monotonic()
+            self.cond.notify_all()
+        return name, part, meta, tensors
+
+    def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        name, part, _, _ = self._auth(request, context)
+        self.store.client_seen(name)
+        log.info("client %s joined with partition %d (certificate %s)", name, part, peer_identity(context))
+        return wire.pack({"round": self.fed.round, "clients": self.cfg.fl.clients}, {})
+
+    def task(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        _, part, meta, _ = self._auth(request, context)
+        after = meta.get("after", 0)
+        deadline = time.monotonic() + POLL_S
+        with self.cond:
+            while True:
+                if self.finished:
+                    return wire.pack({"done": True, "round": self.fed.round}, {})
+                r = self.current
+                if r is not None and not r.closed and part in r.selected and r.number > after \
+                        and part not in r.answered:
+                    return wire.pack({"round": r.number, "epochs": self.fed.fleet.epochs[part], "config": r.config},
+                                     {"weights": r.weights})
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return wire.pack({"wait": True}, {})
+                self.cond.wait(left)
+
+    def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        name, part, meta, tensors = self._auth(request, context, int(self.cfg.server.max_update_bytes))
+        rnd, count = meta.get("round"), meta.get("num_examples")
+        with self.cond:
+            r = self.current
+            reason = None
+            if r is None or rnd != r.number or part not in r.selected:
+                reason = f"round {rnd} is not open for partition {part} (open: {r.number if r else None})"
+            elif r.closed:
+                r.tally.late.append(part)
+                reason = f"round {rnd} closed at its deadline"
+            elif part in r.answered:
+                return wire.pack({"accepted": True, "reason": "already received"}, {})  # a retried call
+            if reason is None:
+                try:
+                    if not isinstance(count, int) or isinstance(count, bool):
+                        raise UpdateRejected("num_examples must be an integer")
+                    keys = [f"p{k}" for k in range(len(tensors))]
+                    if sorted(tensors) != sorted(keys):
+                        raise UpdateRejected(f"tensors must be named p0..p{len(tensors) - 1}")
+                    delta = self.fed.decode(part, [tensors[k] for k in keys], count)
+                except UpdateRejected as err:
+                    r.tally.rejected.append(part)
+                    r.answered.add(part)
+                    reason = f"rejected: {err}"
+                else:
+                    loss = float(meta.get("loss", 0.0)) if isinstance(meta.get("loss"), (int, float)) else 0.0
+                    r.tally.results.append(ClientResult(str(part), delta, count, loss))
+                    r.tally.uplink_bytes += wire.payload_bytes(tensors)
+                    r.answered.add(part)
+                    self.cond.notify_all()
+            if reason is not None:
+                log.warning("update from %s (partition %d) for round %s: %s", name, part, rnd, reason)
+        self.store.client_result(name, reason is None)
+        return wire.pack({"accepted": reason is None, "reason": reason or ""}, {})
+
+    # --- the round loop ----------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        tls = None if cfg.server.insecure else TlsFiles.server(Path(cfg.server.certs))
+        handlers = {"Join": self.join, "Task": self.task, "Submit": self.submit}
+        limit = int(cfg.server.max_update_bytes) + (1 << 20)
+        server, self.port = serve(cfg.server.address, handlers, tls, max_message_bytes=limit,
+                                  workers=min(256, cfg.fl.clients + 8))
+        host = cfg.server.address.rpartition(":")[0]
+        write_json_atomic(self.out / "server.json", {"address": f"{host}:{self.port}", "pid": os.getpid()})
+        self.console.print(f"listening on {host}:{self.port} ({'no TLS' if tls is None else 'mutual TLS'}), "
+                           f"round {self.fed.round + 1} of {cfg.fl.rounds}", highlight=False)
+        try:
+            while not self.fed.done():
+                self._round(self.fed.round + 1)
+        finally:
+            with self.cond:
+                self.finished = True
+                self.cond.notify_all()
+            time.sleep(min(POLL_S, 1.0) + 0.5)  # let polling clients hear that training is over
+            server.stop(grace=1.0)
+        summary = self.fed.close(resumed_from_round=self.resumed_from, clients_seen=len(self.store.clients()))
+        self.store.close()
+        return summary
+
+    def _alive(self) -> list[int]:
+        now = time.monotonic()
+        return [p for p, t in self.seen.items() if now - t < ALIVE_S]
+
+    def _round(self, rnd: int) -> None:
+        cfg = self.cfg.fl
+        give_up = time.monotonic() + self.cfg.server.wait_for_clients_s
+        with self.cond:
+            while len(self._alive()) < cfg.min_clients:
+                if time.monotonic() > give_up:
+                    raise ServerGaveUp(f"round {rnd}: fewer than fl.min_clients={cfg.min_clients} clients connected "
+                                       f"within server.wait_for_clients_s={self.cfg.server.wait_for_clients_s:g}")
+                self.cond.wait(0.5)
+            selected = self.fed.sample(rnd, self._alive())
+            r = _Round(rnd, selected, self.fed.weights.clone(), self.fed.strategy.client_config(rnd))
+            r.tally.downlink_bytes = r.weights.numel() * 4 * len(selected)
+            self.current = r
+            self.cond.notify_all()
+            deadline = time.monotonic() + cfg.deadline_s
+            while r.answered != r.selected and time.monotonic() < deadline:
+                self.cond.wait(min(0.5, max(deadline - time.monotonic(), 0.0)))
+            r.closed = True
+            r.tally.dropped = sorted(r.selected - r.answered)
+        record = self.fed.finish_round(rnd, r.tally)
+        blobs = {"weights": wire.pack({}, {"weights": self.fed.weights}),
+                 "strategy": wire.pack({}, self.fed.strategy.state_dict())}
+        self.store.save_round(rnd, record, blobs)
+        if "test_accuracy" in record:
+            self.fed.log_round(record)
+        for part in r.tally.dropped:
+            log.info("round %d: partition %d did not answer by the deadline", rnd, part)
