@@ -46,7 +46,7 @@ from shoal.metrics.summary import write_json_atomic
 
 log = logging.getLogger("shoal.fl")
 POLL_S = 2.0  # longest a Task call waits for work
-ALIVE_S = 10.0  # a client not heard from for this long is not sampled
+ALIVE_S = 6.0  # a client not heard from for this long is not sampled (clients poll every POLL_S)
 
 
 class ServerGaveUp(RuntimeError):
