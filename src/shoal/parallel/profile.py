@@ -1,7 +1,8 @@
 """Per-layer measurements that pipeline partitioning and planning start from.
 
-A model is split at the boundaries of a plain layer sequence: an
-``nn.Sequential`` (nested ones flattened). Each layer is run on the output of
+A layer sequence, an ``nn.Sequential`` (nested ones flattened), is split at
+its layers' boundaries (other models are cut through ``torch.export``:
+:mod:`shoal.parallel.split_points`). Each layer is run on the output of
 the one before, on a sample batch, forward then backward, a few times; its
 median time, its parameters' bytes and its output's bytes are recorded.
 """
@@ -33,7 +34,7 @@ class LayerProfile:
 def sequential_layers(model: nn.Module) -> list[nn.Module]:
     """The model's layers in order, for models that are a plain sequence."""
     if not isinstance(model, nn.Sequential):
-        raise ValueError(f"pipeline needs a model that is a layer sequence (nn.Sequential); "
+        raise ValueError(f"layer-by-layer profiling needs a model that is a layer sequence (nn.Sequential); "
                          f"{type(model).__name__} is not")
     layers: list[nn.Module] = []
     for child in model:
