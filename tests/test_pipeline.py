@@ -10,8 +10,10 @@ from torch import nn
 
 import shoal
 from shoal.launch import JobFailed
+from shoal.models.transformer import TinyTransformer, TransformerOptions
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel.profile import profile_layers, sequential_layers
+from shoal.parallel.split_points import profile_segments, split_candidates
 from shoal.training.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
@@ -112,15 +114,78 @@ def test_hybrid_two_stages_by_two_replicas_equals_two_worker_data_parallel(tmp_p
     assert hybrid.wire_bytes_per_worker > 0
 
 
-@pytest.mark.parametrize("strategy, words", [
-    ("pipeline:stages=3", "needs 3 workers"),
-    ("pipeline:stages=2,microbatches=5", "must divide the batch of 16"),
-    ("pipeline:stages=2,max_memory_per_worker=1KiB", "max_memory_per_worker=1.0KiB"),
+@pytest.mark.parametrize("model, strategy, words", [
+    (MODEL, "pipeline:stages=3", "needs 3 workers"),
+    (MODEL, "pipeline:stages=2,microbatches=5", "must divide the batch of 16"),
+    (MODEL, "pipeline:stages=2,max_memory_per_worker=1KiB", "max_memory_per_worker=1.0KiB"),
+    ("transformer:d_model=16,heads=2,layers=1,ff=32", "pipeline:stages=2,schedule=interleaved,virtual=8",
+     "16 stages but TinyTransformer splits into at most 8"),
 ])
-def test_impossible_pipelines_fail_with_a_clear_error(tmp_path, strategy, words):
+def test_impossible_pipelines_fail_with_a_clear_error(tmp_path, model, strategy, words):
     with pytest.raises(JobFailed, match="pipeline"):
         try:
-            shoal.train(small_config(tmp_path / "run", model=MODEL, strategy=strategy, train__steps=2))
+            shoal.train(small_config(tmp_path / "run", model=model, strategy=strategy, train__steps=2))
         except JobFailed as err:
             assert any(words in f.message for f in err.failures), [f.message for f in err.failures]
             raise
+
+
+TRANSFORMER = "transformer:d_model=16,heads=2,layers=2,ff=32"
+
+
+def test_a_transformer_is_cut_before_its_encoder_layers():
+    torch.manual_seed(0)
+    model = TinyTransformer(TransformerOptions(d_model=16, heads=2, layers=2, ff=32), (1, 8, 8), 10)
+    sample = torch.randn(4, 1, 8, 8)
+    assert split_candidates(model, sample, 2) == ["embed", "encoder.layers.0", "encoder.layers.1", "norm", "head"]
+    names, profiles = profile_segments(model, sample, split_candidates(model, sample, 2), repeats=1)
+    assert names == ["embed", "encoder.layers.0", "encoder.layers.1", "norm", "head"]
+    assert profiles[0].param_bytes == (16 + 16 + 64 * 16) * 4  # the embedding and the model's own position table
+    assert [p.activation_bytes for p in profiles] == [4 * 64 * 16 * 4] * 2 + [4 * 16 * 4] * 2 + [4 * 10 * 4]
+    assert all(p.grad is None for p in model.parameters()) and "forward" not in model.encoder.layers[1].__dict__
+    # Four stages need cuts inside the layers: none may make a residual skip a stage.
+    names, _ = profile_segments(model, sample, split_candidates(model, sample, 4), repeats=1)
+    assert names == ["embed", "encoder.layers.0.norm1", "encoder.layers.0.norm2", "encoder.layers.1.norm1",
+                     "encoder.layers.1.norm2", "norm", "head"]
+
+
+class OneLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) * 2
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        return self.b(h if h.sum() > 0 else -h)  # a branch on values: no single graph
+
+
+def test_models_that_cannot_be_split_fail_with_a_clear_error():
+    sample = torch.randn(4, 1, 8, 8)
+    with pytest.raises(ValueError, match="pipeline: 2 stages but OneLinear splits into at most 1"):
+        split_candidates(OneLinear(), sample, 2)
+    model = DataDependent()
+    with pytest.raises(ValueError, match="pipeline: torch.export cannot trace DataDependent"):
+        profile_segments(model, sample, split_candidates(model, sample, 2))
+    assert "forward" not in model.b.__dict__  # the model is left as it was
+
+
+@pytest.mark.parametrize("schedule, stages", [("1f1b", 2), ("interleaved", 4)])
+def test_a_model_that_is_not_a_layer_sequence_trains_through_export_exactly_as_one_process(tmp_path, schedule,
+                                                                                           stages):
+    # 4 stages of 2 encoder layers cut inside the layers, around their residual connections.
+    common = dict(model=TRANSFORMER, train__steps=20, train__eval_every=10)
+    shoal.train(small_config(tmp_path / "one", workers=1, **common))
+    summary = shoal.train(small_config(tmp_path / "pp", workers=2,
+                                       strategy=f"pipeline:stages=2,microbatches=4,schedule={schedule}", **common))
+    assert_same_weights(tmp_path / "one", tmp_path / "pp")
+    assert len(summary.partition) == stages == len(summary.split_points) + 1
+    assert summary.partition[0][0] == 0 and summary.activation_bytes_per_worker > 0

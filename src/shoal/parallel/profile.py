@@ -1,7 +1,8 @@
 """Per-layer measurements that pipeline partitioning and planning start from.
 
-A model is split at the boundaries of a plain layer sequence: an
-``nn.Sequential`` (nested ones flattened). Each layer is run on the output of
+A layer sequence, an ``nn.Sequential`` (nested ones flattened), is split at
+its layers' boundaries (other models are cut through ``torch.export``:
+:mod:`shoal.parallel.split_points`). Each layer is run on the output of
 the one before, on a sample batch, forward then backward, a few times; its
 median time, its parameters' bytes and its output's bytes are recorded.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,7 +34,7 @@ class LayerProfile:
 def sequential_layers(model: nn.Module) -> list[nn.Module]:
     """The model's layers in order, for models that are a plain sequence."""
     if not isinstance(model, nn.Sequential):
-        raise ValueError(f"pipeline needs a model that is a layer sequence (nn.Sequential); "
+        raise ValueError(f"layer-by-layer profiling needs a model that is a layer sequence (nn.Sequential); "
                          f"{type(model).__name__} is not")
     layers: list[nn.Module] = []
     for child in model:
@@ -42,38 +45,48 @@ def sequential_layers(model: nn.Module) -> list[nn.Module]:
 def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int = 5) -> list[LayerProfile]:
     """Measure each layer on ``sample`` (a batch of inputs), in order; running
     statistics and the random stream are left as they were."""
-    buffers = [[b.clone() for b in layer.buffers()] for layer in layers]
-    rng = torch.get_rng_state()
     profiles = []
-    x = sample
-    for index, layer in enumerate(layers):
-        times = []
-        out = None
-        for _ in range(max(1, repeats) + 1):  # the first run warms up (allocations, kernels)
-            inp = x.detach().requires_grad_(x.is_floating_point())
-            _sync(x)
-            started = time.perf_counter()
-            out = layer(inp)
-            if out.requires_grad:
-                out.backward(torch.ones_like(out))
-            _sync(x)  # GPU kernels run asynchronously: time them to their end
-            times.append(time.perf_counter() - started)
-        layer.zero_grad(set_to_none=True)
-        assert out is not None
-        profiles.append(LayerProfile(
-            index=index,
-            kind=type(layer).__name__,
-            time_s=statistics.median(times[1:]),
-            param_bytes=sum(p.numel() * p.element_size() for p in layer.parameters()),
-            activation_bytes=out.numel() * out.element_size(),
-        ))
-        x = out.detach()
-    torch.set_rng_state(rng)
-    with torch.no_grad():
-        for layer, saved in zip(layers, buffers):
-            for b, kept in zip(layer.buffers(), saved):
-                b.copy_(kept)
+    with kept_state(layers):
+        x = sample
+        for index, layer in enumerate(layers):
+            times = []
+            out = None
+            for _ in range(max(1, repeats) + 1):  # the first run warms up (allocations, kernels)
+                inp = x.detach().requires_grad_(x.is_floating_point())
+                _sync(x)
+                started = time.perf_counter()
+                out = layer(inp)
+                if out.requires_grad:
+                    out.backward(torch.ones_like(out))
+                _sync(x)  # GPU kernels run asynchronously: time them to their end
+                times.append(time.perf_counter() - started)
+            layer.zero_grad(set_to_none=True)
+            assert out is not None
+            profiles.append(LayerProfile(
+                index=index,
+                kind=type(layer).__name__,
+                time_s=statistics.median(times[1:]),
+                param_bytes=sum(p.numel() * p.element_size() for p in layer.parameters()),
+                activation_bytes=out.numel() * out.element_size(),
+            ))
+            x = out.detach()
     return profiles
+
+
+@contextmanager
+def kept_state(modules: list[nn.Module]) -> Iterator[None]:
+    """Whatever runs inside leaves the modules' buffers (running statistics) and the
+    global random stream as they were: measuring must not train."""
+    buffers = [[b.clone() for b in module.buffers()] for module in modules]
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for module, saved in zip(modules, buffers):
+                for b, kept in zip(module.buffers(), saved):
+                    b.copy_(kept)
 
 
 def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5,

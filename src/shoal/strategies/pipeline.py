@@ -1,30 +1,34 @@
 """``pipeline``: pipeline (model) parallelism on ``torch.distributed.pipelining``,
 with an automatic balanced partition and optional data parallel replicas.
 
-The model, a layer sequence, is cut into P contiguous stages, one per rank of
-a pipeline; each step's batch is split into M microbatches that flow through
-the stages under PyTorch's GPipe or 1F1B schedule (PyTorch does the
-schedules, the stages and the send/recv). ``schedule=interleaved`` cuts P*V
-stages and gives rank r the stages r, r+P, r+2P, ... (PyTorch's interleaved
-1F1B, Narayanan et al. 2021), which shrinks the bubble to (P-1)/(V*M+P-1)
-for V times the sends. ``dp=D`` runs D such pipelines on
-P*D ranks, rank = replica*P + stage, each replica on its own share of the
-data; after the backward pass each stage's gradients are averaged over the D
-replicas of that stage through the codec.
+The model is cut into P contiguous stages, one per rank of a pipeline: an
+``nn.Sequential`` (nested ones flattened) between its layers, any other model
+through ``torch.export``, before submodules that its forward calls
+(:mod:`shoal.parallel.split_points`; the model must trace as one graph).
+Each step's batch is split into M microbatches that flow through the stages
+under PyTorch's GPipe or 1F1B schedule (PyTorch does the schedules, the
+stages and the send/recv). ``schedule=interleaved`` cuts P*V stages and gives
+rank r the stages r, r+P, r+2P, ... (PyTorch's interleaved 1F1B, Narayanan et
+al. 2021), which shrinks the bubble to (P-1)/(V*M+P-1) for V times the sends.
+``dp=D`` runs D such pipelines on P*D ranks, rank = replica*P + stage, each
+replica on its own share of the data; after the backward pass each stage's
+gradients are averaged over the D replicas of that stage through the codec.
 
-Partition (``partition=auto``): rank 0 times every layer's forward+backward on
-the first microbatch, with its parameter and output bytes
-(:mod:`shoal.parallel.profile`), then takes the contiguous split that
-minimises the slowest stage (:func:`shoal.parallel.partition.min_max_split`),
-under ``max_memory_per_worker`` when given: a stage's estimate is its
-parameters, gradients and optimizer state plus its outputs for the
-microbatches in flight (M under GPipe, P under 1F1B). ``partition=equal`` is
-the naive same-number-of-layers split, for comparison.
+Partition (``partition=auto``): rank 0 times every layer's (exported models:
+every segment's) forward+backward on the first microbatch, with its
+parameter and output bytes (:mod:`shoal.parallel.profile`), then takes the
+contiguous split that minimises the slowest stage
+(:func:`shoal.parallel.partition.min_max_split`), under
+``max_memory_per_worker`` when given: a stage's estimate is its parameters,
+gradients and optimizer state plus its outputs for the microbatches in
+flight (M under GPipe, P under 1F1B). ``partition=equal`` is the naive
+same-number-of-layers (or segments) split, for comparison.
 
-Every rank keeps the whole model object (its stage's layers are the same
-module objects); before an evaluation or checkpoint each stage's parameters
-are broadcast from replica 0, so evaluation runs data parallel on the whole
-model. Parameters other than a rank's own stage take memory, never compute.
+Every rank keeps the whole model object (its stage's layers, or the
+parameters and buffers of its exported stage, are the model's own objects);
+before an evaluation or checkpoint each stage's parameters are broadcast
+from replica 0, so evaluation runs data parallel on the whole model.
+Parameters other than a rank's own stage take memory, never compute.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from shoal.comm.wire import WireMeter
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel.plan import in_flight, layer_memory, moments_per_parameter
 from shoal.parallel.profile import LayerProfile, profile_layers, sequential_layers
+from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates, stage_tensors
 from shoal.registry import STRATEGIES
 from shoal.strategies.base import StepStats, Strategy
 
@@ -82,8 +87,9 @@ class PipelineStrategy(Strategy):
                              "for the replicas' gradient average (e.g. none, fp16)")
         self.V = o.virtual if o.schedule == "interleaved" else 1  # stages per rank
         self.S = self.P * self.V  # stages in all
-        self.layers = sequential_layers(model)
-        if len(self.layers) < self.S:
+        # A layer sequence is cut between its layers; any other model through torch.export, at its first step.
+        self.layers = sequential_layers(model) if isinstance(model, nn.Sequential) else None
+        if self.layers is not None and len(self.layers) < self.S:
             raise ValueError(f"pipeline: {self.S} stages ({self.P} ranks x {self.V}) but the model has only "
                              f"{len(self.layers)} layers")
         self.stage_index, self.replica = ctx.rank % self.P, ctx.rank // self.P
@@ -99,6 +105,8 @@ class PipelineStrategy(Strategy):
         self._saved_plan: Any = None  # a resumed run keeps its partition (optimizer state follows the layers)
         self.bounds: list[range] = []
         self.profiles: list[LayerProfile] = []
+        self.segments: list[str] | None = None  # exported models: the submodule each segment begins at
+        self.stage_tensors: list[list[torch.Tensor]] = []  # every stage's parameters and buffers
         self.busy_s = 0.0  # this rank's forward/backward compute, all steps
         self.pipeline_s = 0.0  # the schedules' wall time, all steps
         self.steps = 0
@@ -112,18 +120,27 @@ class PipelineStrategy(Strategy):
     def _setup(self, inputs: torch.Tensor) -> None:
         if len(inputs) % self.M:
             raise ValueError(f"pipeline: microbatches={self.M} must divide the batch of {len(inputs)}")
+        microbatch = inputs[: len(inputs) // self.M]
         plan: list[Any] = [None]
         if self.context.rank == 0:
-            plan[0] = self._saved_plan or self._partition(inputs[: len(inputs) // self.M])
+            plan[0] = self._saved_plan or self._partition(microbatch)
         dist.broadcast_object_list(plan, src=0)
-        bounds, profiles = plan[0]
+        bounds, profiles, self.segments = (*plan[0], None)[:3]  # older checkpoints' plans have no segments
         self.bounds = [range(a, b) for a, b in bounds]
         self.profiles = [LayerProfile(**p) for p in profiles]
+        if self.layers is not None:
+            modules = [nn.Sequential(*(self.layers[i] for i in part)) for part in self.bounds]
+            self.stage_tensors = [[*m.parameters(), *m.buffers()] for m in modules]
+            built = [PipelineStage(modules[index], index, self.S, self.context.device, group=self.pp_group)
+                     for index in self.local]
+        else:
+            # Every rank traces the whole model (same graph everywhere) and keeps its own stages.
+            pipe = export_pipe(self.model, microbatch.to(self.context.device), self._split_points())
+            self.stage_tensors = [stage_tensors(self.model, pipe.get_stage_module(s)) for s in range(self.S)]
+            built = [pipe.build_stage(index, self.context.device, group=self.pp_group) for index in self.local]
         stages, self.out_bytes, self.in_bytes = [], 0, 0
-        for index in self.local:
+        for index, stage in zip(self.local, built):
             part = self.bounds[index]
-            module = nn.Sequential(*(self.layers[i] for i in part))
-            stage = PipelineStage(module, index, self.S, self.context.device, group=self.pp_group)
             self._time(stage)
             stages.append(stage)
             if index < self.S - 1:
@@ -133,14 +150,30 @@ class PipelineStrategy(Strategy):
         schedule = SCHEDULES[self.options.schedule]
         self.schedule = schedule(stages if self.options.schedule == "interleaved" else stages[0],
                                  n_microbatches=self.M, loss_fn=self.loss_fn)
-        self.stage_params = [p for index in self.local for i in self.bounds[index]
-                             for p in self.layers[i].parameters() if p.requires_grad]
+        params = {id(p) for p in self.model.parameters()}
+        self.stage_params = [t for index in self.local for t in self.stage_tensors[index]
+                             if id(t) in params and t.requires_grad]
 
-    def _partition(self, microbatch: torch.Tensor) -> tuple[list[tuple[int, int]], list[dict]]:
-        """Rank 0: profile the layers and choose the stages (everyone gets the answer)."""
-        profiles = profile_layers(self.layers, microbatch.to(self.context.device), self.options.profile_repeats)
+    def _split_points(self) -> list[str]:
+        """Exported models: the submodule each stage after the first begins at."""
+        assert self.segments is not None
+        return [self.segments[part.start] for part in self.bounds[1:]]
+
+    def _partition(self, microbatch: torch.Tensor) -> tuple[list[tuple[int, int]], list[dict], list[str] | None]:
+        """Rank 0: profile the layers (or an exported model's segments) and
+        choose the stages (everyone gets the answer)."""
+        sample, repeats = microbatch.to(self.context.device), self.options.profile_repeats
+        names = None
+        if self.layers is not None:
+            profiles = profile_layers(self.layers, sample, repeats)
+        else:
+            names, profiles = profile_segments(self.model, sample, split_candidates(self.model, sample, self.S),
+                                               repeats)
+            if len(names) < self.S:
+                raise ValueError(f"pipeline: {self.S} stages but {type(self.model).__name__} splits into at most "
+                                 f"{len(names)}, beginning at {', '.join(names)}")
         if self.options.partition == "equal":
-            bounds = equal_split(len(self.layers), self.S)
+            bounds = equal_split(len(profiles), self.S)
         else:
             cap = self.options.max_memory_per_worker
             cap = cap / self.V if cap else cap  # a rank holds V stages: each gets its share
@@ -153,7 +186,7 @@ class PipelineStrategy(Strategy):
             except NoFeasibleSplit as err:
                 raise ValueError(f"pipeline: max_memory_per_worker="
                                  f"{self.options.max_memory_per_worker.human_readable()}: {err}") from None
-        return [(r.start, r.stop) for r in bounds], [p.as_dict() for p in profiles]
+        return [(r.start, r.stop) for r in bounds], [p.as_dict() for p in profiles], names
 
     def _time(self, stage: PipelineStage) -> None:
         """Count this stage's compute and the microbatches it holds activations for."""
@@ -219,9 +252,7 @@ class PipelineStrategy(Strategy):
         """Every rank gets every stage's current parameters (from replica 0)."""
         if self.schedule is None:
             return  # nothing trained yet: every rank holds the same initial model
-        for stage, part in enumerate(self.bounds):  # stage s lives on replica 0's rank s % P
-            params = [p for i in part for p in self.layers[i].parameters()]
-            params += [b for i in part for b in self.layers[i].buffers()]
+        for stage, params in enumerate(self.stage_tensors):  # stage s lives on replica 0's rank s % P
             if not params:
                 continue
             flat = torch.cat([p.detach().reshape(-1).float() for p in params])
@@ -232,7 +263,8 @@ class PipelineStrategy(Strategy):
                 offset += p.numel()
 
     def state_dict(self) -> dict[str, Any]:
-        plan = ([(r.start, r.stop) for r in self.bounds], [p.as_dict() for p in self.profiles]) if self.bounds else None
+        plan = ([(r.start, r.stop) for r in self.bounds], [p.as_dict() for p in self.profiles], self.segments) \
+            if self.bounds else None
         return {"optimizer": self.optimizer.state_dict(), "plan": plan}  # each rank's own stages' moments
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -261,6 +293,7 @@ class PipelineStrategy(Strategy):
                      for r in range(self.P)] if self.profiles else [0] * self.P  # per rank
         return {
             "partition": [[r.start, r.stop] for r in self.bounds],
+            **({"split_points": self._split_points()} if self.segments is not None else {}),
             "stage_compute_s": busy,
             "stage_imbalance": max(busy) / (sum(busy) / len(busy)) if sum(busy) > 0 else None,
             "predicted_stage_imbalance": imbalance([p.time_s for p in self.profiles], self.bounds)
