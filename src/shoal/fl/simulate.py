@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shoal.comm.memory import ErrorFeedback
-from shoal.fl.config import FlRunConfig
+from shoal.fl.config import FlRunConfig, load_fl_config
 from shoal.fl.federation import Federation, RoundTally, client_data
 from shoal.fl.local import LocalTrainer, client_seed
 from shoal.fl.strategies.base import ClientResult
@@ -30,8 +30,14 @@ class ClientFailed(RuntimeError):
     """A simulated client raised; the run stops with its error."""
 
 
-def simulate(cfg: FlRunConfig, *, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run ``cfg.fl.rounds`` rounds with ``cfg.fl.clients`` simulated clients; returns the summary."""
+def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[str] | tuple[str, ...] = (),
+             out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run ``fl.rounds`` rounds with ``fl.clients`` simulated clients; returns the summary.
+
+    ``cfg``: a YAML path, a mapping or a :class:`FlRunConfig`; ``overrides``
+    as ``--set`` (``"fl.rounds=50"``)."""
+    if not isinstance(cfg, FlRunConfig) or overrides:
+        cfg = load_fl_config(cfg, overrides)
     torch.set_num_threads(1)  # small client batches: threads cost more than they give
     console = Console()
     fed = Federation(cfg, out or cfg.out, console=console)
