@@ -20,6 +20,7 @@ def bundle(shape, classes=7):
         ("mlp:hidden=[16, 16, 16]", (1, 8, 8)),
         ("cnn1d", (1, 40)),
         ("cnn1d:channels=8,hidden=32,fc_layers=2", (3, 64)),
+        ("cnn1d:channels=25,growth=1,first_stride=2,padding=1,fc_layers=0", (1, 40)),
         ("cnn2d", (1, 8, 8)),
         ("cnn2d", (3, 32, 32)),
         ("resnet", (1, 40)),
@@ -36,6 +37,16 @@ def test_registered_models_classify_and_train(spec, shape):
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
     assert count_parameters(model) > 0
+
+
+def test_cnn1d_options_build_the_mnist1d_papers_cnn_and_keep_the_default():
+    paper = build_model(MODELS.resolve("cnn1d:channels=25,growth=1,first_stride=2,padding=1,fc_layers=0"),
+                        bundle((1, 40), classes=10))
+    convs = [m for m in paper if isinstance(m, nn.Conv1d)]
+    assert [(c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0]) for c in convs] == \
+        [(25, 5, 2, 1), (25, 3, 2, 1), (25, 3, 2, 1)]
+    assert sum(isinstance(m, nn.Linear) for m in paper) == 1 and count_parameters(paper) == 5210
+    assert count_parameters(build_model(MODELS.resolve("cnn1d"), bundle((1, 40), classes=10))) == 185_418
 
 
 @pytest.mark.parametrize("spec, shape", [("cnn1d", (1, 8, 8)), ("cnn2d", (1, 40)), ("resnet", (40,))])

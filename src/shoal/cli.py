@@ -368,6 +368,44 @@ def bench_straggler(
         raise typer.Exit(1)
 
 
+@bench_app.command("fl")
+def bench_fl(
+    out: Path = typer.Option(Path("runs/bench-fl"), "--out", "-o", help="writes bench.json, report.html, PNGs"),
+    config: Path = typer.Option(Path("examples/bench_fl.yaml"), help="the federated workload and its bench: section"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key, or bench.KEY (repeatable)"),
+    rows: Optional[str] = typer.Option(None, help="only these configurations, comma-separated labels (default: all)"),
+    repeat: int = typer.Option(1, min=1, help="runs of each configuration (seeds 0..N-1); bench.json holds medians"),
+    quick: bool = typer.Option(False, help="a reduced run (small MLP on digits, 10 rounds, 4 rows) for tests"),
+) -> None:
+    """Federated strategies in simulation: centralised reference, FedSGD vs FedAvg, FedAvg/FedProx/FedAdam
+    under label skew, FedAvg with uplink compression.
+
+    Labels for --rows: centralised, fedsgd, fedavg-iid, fedprox-iid, fedadam-iid, then the same three
+    per alpha (fedavg-a0.1, ...), and fedavg-CODEC per uplink codec (fedavg-topk, fedavg-int8).
+    """
+    from shoal.bench import fl, report
+
+    overrides = [*(fl.QUICK_OVERRIDES if quick else []), *set_]
+    try:
+        cfg, options = fl.load_bench(config, overrides)
+    except ConfigError as err:
+        _fail_config(str(err))
+    known = fl.all_rows(options)
+    default = [r for r in known if r.label in fl.QUICK_LABELS] if quick else known
+    selected = _select_rows(rows, default, known)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    results = fl.run_bench(cfg, selected, out=out, repeat=repeat,
+                           log=lambda line: console.print(line, highlight=False, markup=False))
+    images = report.plot_accuracy(results, out, group="partition", title="{}", x="round", xlabel="round")
+    command = "shoal " + " ".join(sys.argv[1:])
+    columns = ["label", "partition", "strategy", "codec", "rounds_to_target", "rounds", "rounds_vs_fedavg",
+               "final_accuracy", "accuracy_vs_fedavg", "accuracy_vs_centralised", "uplink_bytes",
+               "uplink_reduction", "note"]
+    page = report.write_html(results, out, images, "shoal bench fl", command, columns)
+    console.print(f"wrote {out / 'bench.json'}, {page} and {len(images)} plots")
+
+
 @bench_app.command("parallel")
 def bench_parallel(
     out: Path = typer.Option(Path("runs/bench-parallel"), "--out", "-o", help="writes bench.json"),

@@ -16,19 +16,19 @@ from shoal.metrics.writer import read_metrics  # noqa: E402
 
 
 def plot_accuracy(results: list[dict[str, Any]], out: Path, *, group: str = "rate",
-                  title: str = "link {}") -> list[Path]:
+                  title: str = "link {}", x: str = "time_s", xlabel: str = "training time (s)") -> list[Path]:
     """One PNG per value of ``group`` (the link rate): test accuracy against
-    training time, a line per configuration."""
+    ``x`` (training time), a line per configuration."""
     paths = []
     for rate in dict.fromkeys(r[group] for r in results):
         fig, ax = plt.subplots(figsize=(8, 5))
         for r in results:
             if r[group] != rate or r["failed"] or not Path(r["metrics"]).is_file():
                 continue
-            points = [(m["time_s"], m["test_accuracy"]) for m in read_metrics(r["metrics"]) if "test_accuracy" in m]
+            points = [(m[x], m["test_accuracy"]) for m in read_metrics(r["metrics"]) if "test_accuracy" in m]
             if points:
                 ax.plot(*zip(*points), marker=".", label=r["label"])
-        ax.set(title=f"test accuracy against training time, {title.format(rate)}", xlabel="training time (s)",
+        ax.set(title=f"test accuracy against {xlabel.split(' (')[0]}, {title.format(rate)}", xlabel=xlabel,
                ylabel="test accuracy", ylim=(0, 1))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -11,9 +11,13 @@ from shoal.registry import MODELS
 
 class Cnn1dOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    channels: int = Field(32, ge=1, description="channels of the first conv; later ones double")
+    channels: int = Field(32, ge=1, description="channels of the first conv")
+    growth: int = Field(2, ge=1, le=8, description="the second and third convs have channels x growth")
+    first_stride: int = Field(1, ge=1, le=4, description="stride of the first conv (the others: 2)")
+    padding: int | None = Field(None, ge=0, le=4, description="padding of every conv (default: kernel // 2)")
     hidden: int = Field(256, ge=1, description="width of the fully connected layer")
-    fc_layers: int = Field(1, ge=1, le=8, description="hidden fully connected layers")
+    fc_layers: int = Field(1, ge=0, le=8, description="hidden fully connected layers (0: the convs feed "
+                           "the output layer)")
 
 
 def _head(features: int, hidden: int, layers: int, num_classes: int) -> list[nn.Module]:
@@ -31,16 +35,26 @@ def _flat_size(body: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 @MODELS.register("cnn1d", Cnn1dOptions)
 def cnn1d(options: Cnn1dOptions, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Three 1-D convolutions (the second and third stride 2) and an MLP head."""
+    """Three 1-D convolutions (kernels 5, 3, 3; the second and third stride 2) and an MLP head.
+
+    ``cnn1d:channels=25,growth=1,first_stride=2,padding=1,fc_layers=0`` is the
+    MNIST-1D paper's small CNN (Greydanus & Kobak 2020, ``ConvBase``: three
+    25-channel stride-2 convs and one linear layer, 5,210 parameters).
+    """
     if len(input_shape) != 2:
         raise ValueError(f"cnn1d needs inputs shaped (channels, length), got {input_shape}")
-    c = options.channels
+    c, wide = options.channels, options.channels * options.growth
+    pad = options.padding
+
+    def conv(cin: int, cout: int, kernel: int, stride: int) -> nn.Conv1d:
+        return nn.Conv1d(cin, cout, kernel, stride=stride, padding=kernel // 2 if pad is None else pad)
+
     body = nn.Sequential(
-        nn.Conv1d(input_shape[0], c, 5, padding=2),
+        conv(input_shape[0], c, 5, options.first_stride),
         nn.ReLU(),
-        nn.Conv1d(c, 2 * c, 3, stride=2, padding=1),
+        conv(c, wide, 3, 2),
         nn.ReLU(),
-        nn.Conv1d(2 * c, 2 * c, 3, stride=2, padding=1),
+        conv(wide, wide, 3, 2),
         nn.ReLU(),
     )
     head = _head(_flat_size(body, input_shape), options.hidden, options.fc_layers, num_classes)

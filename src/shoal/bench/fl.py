@@ -1,0 +1,259 @@
+"""``shoal bench fl``: federated strategies, label skew and uplink compression, in simulation.
+
+Every row is one :func:`shoal.fl.simulate.simulate` run of the same workload
+(``examples/bench_fl.yaml``), in this process, one after another, in its own
+directory ``DIR/runs/LABEL``:
+
+1. ``centralised``: the same model, from the same initial weights, trained on
+   the union of the clients' data by the clients' optimiser (one optimiser for
+   the whole run) for as many sample passes as a FedAvg run of the budget
+   makes (rounds x clients_per_round x local_epochs x samples per client). Its
+   "rounds" are round-equivalents: the samples one FedAvg round processes.
+2. ``fedsgd`` against ``fedavg-iid``: FedSGD runs ``bench.fedsgd_rounds_factor``
+   times the round budget, so that "FedAvg needs at least that factor fewer
+   rounds" is measured, not extrapolated, when FedSGD never gets there.
+3. FedAvg, FedProx and FedAdam at each Dirichlet alpha and IID, at the same
+   round budget.
+4. FedAvg with each uplink codec of ``bench.codecs`` (IID).
+
+Each row reports ``label``, ``alpha`` (None: IID), ``rounds_to_target``,
+``final_accuracy`` and ``uplink_bytes``, and against the FedAvg row of its
+partition ``rounds_vs_fedavg`` (its rounds to target / FedAvg's; when it never
+reached the target, ``budget / FedAvg's`` with ``rounds_vs_fedavg_bound:
+"lower"``), ``accuracy_vs_fedavg`` (points, as a fraction) and
+``uplink_reduction`` (FedAvg's uplink bytes / its own).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shoal.config import ConfigError, _read_yaml, format_error, set_dotted
+from shoal.data import build_dataset
+from shoal.data.shard import fetch
+from shoal.fl.config import FlRunConfig, load_fl_config
+from shoal.fl.simulate import simulate
+from shoal.metrics.summary import write_json_atomic
+from shoal.metrics.writer import MetricsWriter
+from shoal.models.build import build_model
+from shoal.training.evaluate import evaluate
+from shoal.training.optim import build_optimizer
+
+
+class BenchFlOptions(BaseModel):
+    """The ``bench:`` section of the workload file: what the rows vary."""
+
+    model_config = ConfigDict(extra="forbid")
+    alphas: list[float] = Field([0.1, 0.5], description="Dirichlet label-skew alphas (IID is always run)")
+    fedprox: str = Field("fedprox:mu=0.01", description="the FedProx row's strategy spec")
+    fedadam: str = Field("fedadam", description="the FedAdam row's strategy spec")
+    codecs: list[str] = Field(["topk:ratio=0.05,memory=ef", "int8"], description="uplink codecs for FedAvg rows")
+    fedsgd_rounds_factor: int = Field(10, ge=1, description="FedSGD's round budget: fl.rounds x this")
+
+
+@dataclass(frozen=True)
+class FlRow:
+    label: str
+    strategy: str = "fedavg"
+    alpha: float | None = None  # Dirichlet alpha; None: IID
+    codec: str = "none"
+    rounds_factor: int = 1
+    centralised: bool = False
+
+    @property
+    def partition(self) -> str:
+        return "iid" if self.alpha is None else f"dirichlet:alpha={self.alpha:g}"
+
+
+def _suffix(alpha: float | None) -> str:
+    return "iid" if alpha is None else f"a{alpha:g}"
+
+
+def all_rows(options: BenchFlOptions) -> list[FlRow]:
+    rows = [FlRow("centralised", "centralised", centralised=True),
+            FlRow("fedsgd", "fedsgd", rounds_factor=options.fedsgd_rounds_factor)]
+    for alpha in [None, *options.alphas]:
+        rows += [FlRow(f"fedavg-{_suffix(alpha)}", "fedavg", alpha),
+                 FlRow(f"fedprox-{_suffix(alpha)}", options.fedprox, alpha),
+                 FlRow(f"fedadam-{_suffix(alpha)}", options.fedadam, alpha)]
+    for codec in options.codecs:
+        rows.append(FlRow(f"fedavg-{codec.split(':')[0]}", "fedavg", codec=codec))
+    return rows
+
+
+QUICK_LABELS = ["centralised", "fedsgd", "fedavg-iid", "fedavg-topk"]
+QUICK_OVERRIDES = [
+    "data.dataset=digits",
+    "data.batch_size=16",
+    "model=mlp:hidden=[32]",
+    "optimizer.lr=0.1",
+    "fl.clients=10",
+    "fl.clients_per_round=5",
+    "fl.rounds=10",
+    "fl.eval_every=5",
+    "fl.target_accuracy=0.5",
+    "bench.fedsgd_rounds_factor=3",
+]
+MEDIAN_KEYS = ("final_accuracy", "best_accuracy", "rounds_to_target", "uplink_bytes", "wall_time_s")
+
+
+def load_bench(config: Path, overrides: list[str]) -> tuple[FlRunConfig, BenchFlOptions]:
+    """The workload (an ``FlRunConfig`` plus a ``bench:`` section); ``--set bench.x=...`` reaches the latter."""
+    data = _read_yaml(Path(config))
+    for item in overrides:
+        set_dotted(data, item)
+    try:
+        options = BenchFlOptions.model_validate(data.pop("bench", None) or {})
+    except ValidationError as err:
+        raise ConfigError("bench: " + format_error(err)) from None
+    cfg = load_fl_config(data)
+    for spec in (options.fedprox, options.fedadam):  # a bad spec fails here, not after an hour of rows
+        load_fl_config(cfg, [f"fl.strategy={spec}"])
+    for spec in options.codecs:
+        load_fl_config(cfg, [f"fl.codec={spec}"])
+    return cfg, options
+
+
+def row_config(cfg: FlRunConfig, row: FlRow) -> FlRunConfig:
+    return load_fl_config(cfg, [f"fl.strategy={row.strategy}", f"fl.partition={row.partition}",
+                                f"fl.codec={row.codec}", f"fl.rounds={cfg.fl.rounds * row.rounds_factor}"])
+
+
+def train_centralised(cfg: FlRunConfig, out: Path) -> dict[str, Any]:
+    """The reference: the clients' optimiser on the union of their data, for FedAvg's sample passes.
+
+    Evaluated every ``fl.eval_every`` round-equivalents; ``metrics.jsonl``
+    lines carry ``round`` in round-equivalents so they plot with the rest.
+    """
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    data = build_dataset(cfg.data.dataset)
+    torch.manual_seed(cfg.seed)  # the initial weights every federated row starts from
+    model = build_model(cfg.model, data)
+    x, y = fetch(data.train, list(range(len(data.train))))
+    fl = cfg.fl
+    per_round = fl.clients_per_round * fl.local_epochs * len(y) / fl.clients
+    optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    batch = cfg.data.batch_size
+    seen, order, cursor, rounds_to_target = 0, torch.randperm(len(y), generator=shuffle), 0, None
+    accuracy = best = 0.0
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    try:
+        for rnd in range(1, fl.rounds + 1):
+            model.train()
+            while seen < rnd * per_round:
+                if cursor >= len(y):
+                    order, cursor = torch.randperm(len(y), generator=shuffle), 0
+                idx = order[cursor : cursor + batch]
+                cursor += batch
+                seen += len(idx)
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                optimizer.step()
+            if rnd % fl.eval_every == 0 or rnd == fl.rounds:
+                loss, accuracy = evaluate(model, data.test, batch_size=cfg.data.eval_batch_size,
+                                          device=torch.device("cpu"), rank=0, world_size=1)
+                best = max(best, accuracy)
+                if fl.target_accuracy is not None and accuracy >= fl.target_accuracy and rounds_to_target is None:
+                    rounds_to_target = rnd
+                metrics.write({"step": rnd, "round": rnd, "time_s": time.perf_counter() - started,
+                               "samples": seen, "test_loss": loss, "test_accuracy": accuracy})
+    finally:
+        metrics.close()
+    return {"final_accuracy": accuracy, "best_accuracy": best, "rounds": fl.rounds,
+            "rounds_to_target": rounds_to_target, "uplink_bytes": 0, "wall_time_s": time.perf_counter() - started}
+
+
+def run_row(cfg: FlRunConfig, row: FlRow, out: Path) -> dict[str, Any]:
+    if row.centralised:
+        summary = train_centralised(cfg, out)
+    else:
+        summary = simulate(row_config(cfg, row), out=out, progress=False)
+    return {
+        "label": row.label, "strategy": row.strategy, "alpha": row.alpha, "partition": row.partition,
+        "codec": row.codec, "rounds": summary["rounds"], "target_accuracy": cfg.fl.target_accuracy,
+        **{k: summary[k] for k in MEDIAN_KEYS if k in summary}, "metrics": str(out / "metrics.jsonl"),
+        "failed": False,
+    }
+
+
+def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per label, medians over its repetitions; a run that never
+    reached the target counts as slower than any that did."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r["label"], []).append(r)
+    rows = []
+    for group in groups.values():
+        row = dict(group[(len(group) - 1) // 2])  # an actual run, for the plots
+        row.pop("repeat", None)
+        for key in MEDIAN_KEYS:
+            values = [r.get(key) for r in group]
+            if key == "rounds_to_target":
+                ordered = sorted(math.inf if v is None else v for v in values)
+                middle = ordered[(len(ordered) - 1) // 2]
+                row[key] = None if middle == math.inf else middle
+                row["rounds_to_target_runs"] = values
+            elif all(v is not None for v in values):
+                row[key] = statistics.median(values)
+        row["repeats"] = len(group)
+        rows.append(row)
+    return rows
+
+
+def compare(rows: list[dict[str, Any]]) -> None:
+    """Add the comparisons with the FedAvg row of the same partition and with centralised training."""
+    fedavg = {r["partition"]: r for r in rows if r["strategy"] == "fedavg" and r["codec"] == "none"}
+    central = next((r for r in rows if r["label"] == "centralised"), None)
+    for r in rows:
+        if central is not None and r is not central:
+            r["accuracy_vs_centralised"] = r["final_accuracy"] - central["final_accuracy"]
+        base = fedavg.get(r["partition"])
+        if base is None or r is base or r["label"] == "centralised":
+            continue
+        r["accuracy_vs_fedavg"] = r["final_accuracy"] - base["final_accuracy"]
+        if r["codec"] != "none" and r["uplink_bytes"]:
+            r["uplink_reduction"] = base["uplink_bytes"] / r["uplink_bytes"]
+        ours, theirs = r["rounds_to_target"], base["rounds_to_target"]
+        if theirs is None:
+            continue
+        if ours is not None:
+            r["rounds_vs_fedavg"] = ours / theirs
+        else:
+            r["rounds_vs_fedavg"] = r["rounds"] / theirs
+            r["rounds_vs_fedavg_bound"] = "lower"
+            r["note"] = (f"did not reach {r['target_accuracy']} in {r['rounds']} rounds: needs more than "
+                         f"{r['rounds'] / theirs:.1f}x FedAvg's {theirs}")
+
+
+def run_bench(cfg: FlRunConfig, rows: list[FlRow], *, out: Path, repeat: int = 1,
+              log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every row ``repeat`` times (seeds 0..repeat-1, interleaved); ``runs.json`` per run, medians in ``bench.json``."""
+    runs: list[dict[str, Any]] = []
+    for k in range(repeat):
+        seeded = load_fl_config(cfg, [f"seed={k}"]) if repeat > 1 else cfg
+        for row in rows:
+            run_dir = out / "runs" / row.label / (f"r{k}" if repeat > 1 else "")
+            result = {**run_row(copy.deepcopy(seeded), row, run_dir), "repeat": k}
+            runs.append(result)
+            ttt = result["rounds_to_target"]
+            log(f"{row.label}: accuracy {result['final_accuracy']:.3f}, rounds to target "
+                f"{'not reached' if ttt is None else ttt} of {result['rounds']}, uplink "
+                f"{result['uplink_bytes'] / 1e6:,.1f} MB, {result['wall_time_s']:.0f} s")
+            write_json_atomic(out / "runs.json", runs)
+    results = medians(runs)
+    compare(results)
+    write_json_atomic(out / "bench.json", results)
+    return results
