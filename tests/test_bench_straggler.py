@@ -18,9 +18,9 @@ def test_bench_straggler_quick(tmp_path):
     assert rows["sync"]["mean_staleness"] is None and rows["async-ps"]["mean_staleness"] > 0
     # The fast worker of an asynchronous pair does not wait for the 3x slower one: by the
     # time it stops, the slow one has pushed fewer gradients. Lockstep would be 2 x steps (or one
-    # less); on a loaded 2-core machine the gap narrows (pipe and RPC cost as much as compute),
-    # so the bound only asks for 10% fewer.
-    assert rows["async-ps"]["updates"] < 1.9 * rows["async-ps"]["steps"]
+    # less); on a loaded 2-core machine the gap narrows (pipe and RPC cost as much as compute:
+    # 81 and 86 of 90 seen), so the bound only asks for 3 fewer, which lockstep cannot give.
+    assert rows["async-ps"]["updates"] <= 2 * rows["async-ps"]["steps"] - 3
     assert (tmp_path / "report.html").is_file() and (tmp_path / "accuracy-1-3.0.png").is_file()
 
 

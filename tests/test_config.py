@@ -15,8 +15,13 @@ def test_defaults_validate_and_round_trip(tmp_path):
 
 
 def test_example_configs_validate():
+    from shoal.fl.config import FlRunConfig, load_fl_config
+
     for path in sorted((ROOT / "examples").glob("*.yaml")):
-        assert isinstance(load_config(path), RunConfig)
+        if path.name.startswith(("fl_", "bench_fl")):  # federated configs
+            assert isinstance(load_fl_config(path), FlRunConfig)
+        else:
+            assert isinstance(load_config(path), RunConfig)
 
 
 def test_overrides_apply_dotted_keys_with_yaml_values():

@@ -178,7 +178,7 @@ def test_models_that_cannot_be_split_fail_with_a_clear_error():
     assert "forward" not in model.b.__dict__  # the model is left as it was
 
 
-@pytest.mark.parametrize("schedule, stages", [("1f1b", 2), ("interleaved", 4)])
+@pytest.mark.parametrize("schedule, stages", [("interleaved", 4)])  # cuts inside the encoder layers too
 def test_a_model_that_is_not_a_layer_sequence_trains_through_export_exactly_as_one_process(tmp_path, schedule,
                                                                                            stages):
     # 4 stages of 2 encoder layers cut inside the layers, around their residual connections.
