@@ -15,11 +15,14 @@ def test_defaults_validate_and_round_trip(tmp_path):
 
 
 def test_example_configs_validate():
+    from shoal.bench.fl import load_bench
     from shoal.fl.config import FlRunConfig, load_fl_config
 
     for path in sorted((ROOT / "examples").glob("*.yaml")):
-        if path.name.startswith(("fl_", "bench_fl")):  # federated configs
+        if path.name.startswith("fl_"):  # federated configs
             assert isinstance(load_fl_config(path), FlRunConfig)
+        elif path.name == "bench_fl.yaml":
+            assert isinstance(load_bench(path, [])[0], FlRunConfig)
         else:
             assert isinstance(load_config(path), RunConfig)
 
