@@ -185,7 +185,14 @@ def load_config(
 
     Raises :class:`ConfigError` with a message naming each bad field.
     """
-    if isinstance(source, RunConfig):
+    return validate_config(gather(source, overrides, fields))
+
+
+def gather(source: str | Path | dict[str, Any] | BaseModel | None, overrides: list[str] | tuple[str, ...],
+           fields: dict[str, Any]) -> dict[str, Any]:
+    """The raw mapping a config is validated from: a YAML path, a mapping or a
+    validated config, then ``--set`` overrides, then non-None ``fields``."""
+    if isinstance(source, BaseModel):
         data = source.model_dump(mode="json")
     elif isinstance(source, dict):
         data = copy.deepcopy(source)
@@ -198,7 +205,7 @@ def load_config(
     for key, value in fields.items():
         if value is not None:
             data[key] = value
-    return validate_config(data)
+    return data
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -52,6 +52,12 @@ class Component:
         opts = self.option_dict()
         return {"name": self.name, **opts} if opts else self.name
 
+    def spec(self) -> str:
+        """The spec string, with only the options that differ from their defaults: ``topk:ratio=0.01``."""
+        opts = self.options.model_dump(exclude_defaults=True) if isinstance(self.options, BaseModel) \
+            else dict(self.options)
+        return self.name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
+
 
 @dataclass
 class _Entry:

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shoal.config import ConfigError, _read_yaml, format_error, set_dotted
+from shoal.config import ConfigError, format_error, gather
 from shoal.data import build_dataset
 from shoal.data.shard import fetch
 from shoal.fl.config import FlRunConfig, load_fl_config
@@ -109,9 +109,7 @@ MEDIAN_KEYS = ("final_accuracy", "best_accuracy", "rounds_to_target", "uplink_by
 
 def load_bench(config: Path, overrides: list[str]) -> tuple[FlRunConfig, BenchFlOptions]:
     """The workload (an ``FlRunConfig`` plus a ``bench:`` section); ``--set bench.x=...`` reaches the latter."""
-    data = _read_yaml(Path(config))
-    for item in overrides:
-        set_dotted(data, item)
+    data = gather(config, overrides, {})
     try:
         options = BenchFlOptions.model_validate(data.pop("bench", None) or {})
     except ValidationError as err:

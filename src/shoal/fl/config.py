@@ -10,7 +10,6 @@ clients, rounds, partition, strategy, uplink codec, fleet conditions) and
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,9 @@ from shoal.config import (
     ModelSpec,
     OptimizerConfig,
     _component,
-    _read_yaml,
     _Strict,
     format_error,
-    set_dotted,
+    gather,
 )
 from shoal.registry import FED_STRATEGIES, PARTITIONS
 
@@ -110,19 +108,7 @@ def load_fl_config(source: str | Path | dict[str, Any] | FlRunConfig | None = No
                    overrides: list[str] | tuple[str, ...] = (), **fields: Any) -> FlRunConfig:
     """Read a YAML path (or mapping), apply ``--set`` overrides and non-None
     ``fields``, validate; :class:`ConfigError` names each bad field."""
-    if isinstance(source, FlRunConfig):
-        data = source.model_dump(mode="json")
-    elif isinstance(source, dict):
-        data = copy.deepcopy(source)
-    elif source is None:
-        data = {}
-    else:
-        data = _read_yaml(Path(source))
-    for item in overrides:
-        set_dotted(data, item)
-    for key, value in fields.items():
-        if value is not None:
-            data[key] = value
+    data = gather(source, overrides, fields)
     try:
         return FlRunConfig.model_validate(data)
     except ValidationError as err:

@@ -112,11 +112,13 @@ class Federation:
             self.round = last["round"]
             self.uplink_bytes, self.downlink_bytes = last["uplink_bytes_total"], last["downlink_bytes_total"]
             self.started -= last["time_s"]  # the clock goes on from where it stopped
-            target = self.cfg.fl.target_accuracy
-            for r in history:
-                if target is not None and r.get("test_accuracy", 0) >= target:
-                    self.rounds_to_target, self.time_to_target_s = r["round"], r["time_s"]
-                    break
+            for record in history:
+                self._note_target(record)
+
+    def _note_target(self, record: dict[str, Any]) -> None:
+        target = self.cfg.fl.target_accuracy
+        if target is not None and self.rounds_to_target is None and record.get("test_accuracy", 0) >= target:
+            self.rounds_to_target, self.time_to_target_s = record["round"], record["time_s"]
 
     # --- per client, per round --------------------------------------------------
     def sample(self, rnd: int, available: list[int]) -> list[int]:
@@ -165,9 +167,7 @@ class Federation:
         if rnd % self.cfg.fl.eval_every == 0 or rnd == self.cfg.fl.rounds:
             loss, acc = self.evaluate()
             record.update(test_loss=loss, test_accuracy=acc)
-            target = self.cfg.fl.target_accuracy
-            if target is not None and acc >= target and self.rounds_to_target is None:
-                self.rounds_to_target, self.time_to_target_s = rnd, record["time_s"]
+            self._note_target(record)
         self.history.append(record)
         self.metrics.write(record)
         return record
@@ -197,8 +197,8 @@ class Federation:
             "wall_time_s": time.perf_counter() - self.started,
             "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "clients": fl.clients, "clients_per_round": fl.clients_per_round,
-            "strategy": spec(fl.strategy), "partition": spec(fl.partition), "codec": spec(fl.codec), "model": self.cfg.model.name,
-            "dataset": self.cfg.data.dataset.name, "parameters": count_parameters(self.model),
+            "strategy": fl.strategy.spec(), "partition": fl.partition.spec(), "codec": fl.codec.spec(),
+            "model": self.cfg.model.name, "dataset": self.cfg.data.dataset.name, "parameters": count_parameters(self.model),
             "out": str(self.out), **extra,
         }
         write_json_atomic(self.out / "summary.json", summary)
@@ -218,9 +218,3 @@ class Federation:
 def client_data(fed: Federation, client: int) -> tuple[torch.Tensor, torch.Tensor]:
     return fetch(fed.data.train, fed.parts[client].tolist())
 
-
-def spec(component: Any) -> str:
-    """``name:key=value,...`` of a configured component."""
-    options = component.options.model_dump(exclude_defaults=True) if hasattr(component.options, "model_dump") \
-        else component.option_dict()
-    return component.name + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
