@@ -75,7 +75,7 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
                 log.info("round %d: dropping out (fleet.dropout)", rnd)
                 continue
             started = time.perf_counter()
-            result = trainer.fit(tensors["weights"], x, y, epochs=meta["epochs"], config=meta["config"],
+            result = trainer.fit(tensors["weights"], x, y, epochs=fleet.epochs[partition], config=meta["config"],
                                  seed=client_seed(cfg.seed, rnd, partition), memory=memory)
             slow = fleet.slowness(partition)
             if slow > 1:

@@ -7,8 +7,11 @@ TLS layer has already checked the client's certificate):
 - ``Join``  ``{token, partition}`` -> ``{round, clients}``: the client says
   which partition of the data it holds;
 - ``Task``  ``{token, partition, after}`` -> ``{done}``, ``{wait}`` or
-  ``{round, epochs, config}`` + the global ``weights``: a long poll (up to
-  :data:`POLL_S`) for a round this client is selected for, newer than ``after``;
+  ``{round, config}`` + the global ``weights`` (one message per round, packed
+  once; its size is the round's downlink per client that fetched it): a long
+  poll (up to :data:`POLL_S`) for a round this client is selected for, newer
+  than ``after``. A client's local epochs come from the shared config
+  (:class:`~shoal.fl.federation.Fleet`), as its dropouts and slowness do;
 - ``Submit`` ``{token, partition, round, num_examples, loss}`` + the codec's
   payload tensors -> ``{accepted, reason}``.
 
@@ -58,8 +61,7 @@ class _Round:
         self.number = number
         self.selected = set(selected)
         self.tally = RoundTally(selected=selected)
-        self.weights = weights
-        self.config = config
+        self.task = wire.pack({"round": number, "config": config}, {"weights": weights})  # the same for all
         self.answered: set[int] = set()
         self.closed = False
 
@@ -103,8 +105,7 @@ class FlServer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"partition must be an integer in [0, {self.cfg.fl.clients})")
         with self.cond:
-            self.seen[part] = time.monotonic()
-            self.cond.notify_all()
+            self.seen[part] = time.monotonic()  # the round loop polls this; no need to wake anyone
         return name, part, meta, tensors
 
     def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -116,6 +117,8 @@ class FlServer:
     def task(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         _, part, meta, _ = self._auth(request, context)
         after = meta.get("after", 0)
+        if not isinstance(after, int) or isinstance(after, bool):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after must be a round number")
         deadline = time.monotonic() + POLL_S
         with self.cond:
             while True:
@@ -124,8 +127,8 @@ class FlServer:
                 r = self.current
                 if r is not None and not r.closed and part in r.selected and r.number > after \
                         and part not in r.answered:
-                    return wire.pack({"round": r.number, "epochs": self.fed.fleet.epochs[part], "config": r.config},
-                                     {"weights": r.weights})
+                    r.tally.downlink_bytes += len(r.task)
+                    return r.task
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return wire.pack({"wait": True}, {})
@@ -206,8 +209,7 @@ class FlServer:
                                        f"within server.wait_for_clients_s={self.cfg.server.wait_for_clients_s:g}")
                 self.cond.wait(0.5)
             selected = self.fed.sample(rnd, self._alive())
-            r = _Round(rnd, selected, self.fed.weights.clone(), self.fed.strategy.client_config(rnd))
-            r.tally.downlink_bytes = r.weights.numel() * 4 * len(selected)
+            r = _Round(rnd, selected, self.fed.weights, self.fed.strategy.client_config(rnd))
             self.current = r
             self.cond.notify_all()
             deadline = time.monotonic() + cfg.deadline_s
