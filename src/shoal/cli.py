@@ -395,7 +395,7 @@ def bench_fl(
     selected = _select_rows(rows, default, known)
     out.mkdir(parents=True, exist_ok=True)
     console = Console()
-    results = fl.run_bench(cfg, selected, out=out, repeat=repeat,
+    results = fl.run_bench(cfg, selected, options, out=out, repeat=repeat,
                            log=lambda line: console.print(line, highlight=False, markup=False))
     images = report.plot_accuracy(results, out, group="partition", title="{}", x="round", xlabel="round")
     command = "shoal " + " ".join(sys.argv[1:])
@@ -404,6 +404,8 @@ def bench_fl(
                "uplink_reduction", "note"]
     page = report.write_html(results, out, images, "shoal bench fl", command, columns)
     console.print(f"wrote {out / 'bench.json'}, {page} and {len(images)} plots")
+    if any(r["failed"] for r in results):
+        raise typer.Exit(1)
 
 
 @bench_app.command("parallel")

@@ -190,32 +190,34 @@ MEDIAN_KEYS = ("final_accuracy", "wire_bytes_per_worker", "wire_bytes_per_step",
                "steps_per_s", "median_step_s")
 
 
-def medians(runs: list[dict[str, Any]], keys: tuple[str, ...] = MEDIAN_KEYS) -> list[dict[str, Any]]:
-    """One row per (rate, label): medians over its repetitions of ``keys``.
+def medians(runs: list[dict[str, Any]], keys: tuple[str, ...] = MEDIAN_KEYS, *,
+            group_by: tuple[str, ...] = ("rate", "label"), target: str = "time_to_target_s") -> list[dict[str, Any]]:
+    """One row per ``group_by`` value (rate and label): medians over its repetitions of ``keys``.
 
-    A run that never reached the target counts as slower than every run that
-    did, so the median time is None only if at least half never reached it.
-    The row keeps every run's time (``time_to_target_runs``) and the metrics
-    of the run whose time is the median, for the plots.
+    A run that never reached the target (``target`` is None) counts as slower
+    than every run that did; the row's target figure is the upper median, so
+    it is None exactly when at least half the runs never reached it. The row
+    keeps every run's figure (``time_to_target_runs``: the target key without
+    ``_s``, plus ``_runs``) and the metrics of that median run, for the plots.
     """
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["rate"], r["label"]), []).append(r)
+        groups.setdefault(tuple(r[k] for k in group_by), []).append(r)
     rows = []
     for group in groups.values():
         ok = [r for r in group if not r["failed"]]
         if not ok:
             rows.append({**group[0], "repeats": len(group), "failed_runs": len(group)})
             continue
-        by_time = sorted(ok, key=lambda r: math.inf if r["time_to_target_s"] is None else r["time_to_target_s"])
-        middle = by_time[(len(by_time) - 1) // 2]  # the lower median: an actual run
+        by_time = sorted(ok, key=lambda r: math.inf if r[target] is None else r[target])
+        middle = by_time[len(by_time) // 2]  # the upper median: an actual run
         row = dict(middle)
         row.pop("repeat", None)
         for key in keys:
             values = [r[key] for r in ok if r.get(key) is not None]
             row[key] = statistics.median(values) if values else None
-        row.update(repeats=len(group), failed_runs=len(group) - len(ok),
-                   time_to_target_runs=[r["time_to_target_s"] for r in ok])
+        row.update({"repeats": len(group), "failed_runs": len(group) - len(ok),
+                    target.removesuffix("_s") + "_runs": [r[target] for r in ok]})
         rows.append(row)
     return rows
 

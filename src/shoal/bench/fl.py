@@ -4,11 +4,14 @@ Every row is one :func:`shoal.fl.simulate.simulate` run of the same workload
 (``examples/bench_fl.yaml``), in this process, one after another, in its own
 directory ``DIR/runs/LABEL``:
 
-1. ``centralised``: the same model, from the same initial weights, trained on
-   the union of the clients' data by the clients' optimiser (one optimiser for
-   the whole run) for as many sample passes as a FedAvg run of the budget
-   makes (rounds x clients_per_round x local_epochs x samples per client). Its
-   "rounds" are round-equivalents: the samples one FedAvg round processes.
+1. ``centralised``: the same model, from the same initial weights (the same
+   :class:`~shoal.fl.federation.Federation` builds it), trained on the union
+   of the clients' data with the clients' optimiser, one for the whole run,
+   its learning rate decayed to zero on a cosine (``bench.centralised_schedule``:
+   the reference is trained as one would train the model centrally), for as
+   many sample passes as a FedAvg run of the budget makes (rounds x
+   clients_per_round x local_epochs x samples per client). Its "rounds" are
+   round-equivalents: the samples one FedAvg round processes.
 2. ``fedsgd`` against ``fedavg-iid``: FedSGD runs ``bench.fedsgd_rounds_factor``
    times the round budget, so that "FedAvg needs at least that factor fewer
    rounds" is measured, not extrapolated, when FedSGD never gets there.
@@ -26,28 +29,23 @@ reached the target, ``budget / FedAvg's`` with ``rounds_vs_fedavg_bound:
 
 from __future__ import annotations
 
-import copy
 import math
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shoal.config import ConfigError, format_error, gather
-from shoal.data import build_dataset
+from shoal.bench.comm import medians
+from shoal.config import ConfigError, ScheduleConfig, format_error, gather
 from shoal.data.shard import fetch
 from shoal.fl.config import FlRunConfig, load_fl_config
+from shoal.fl.federation import Federation, RoundTally
 from shoal.fl.simulate import simulate
 from shoal.metrics.summary import write_json_atomic
-from shoal.metrics.writer import MetricsWriter
-from shoal.models.build import build_model
-from shoal.training.evaluate import evaluate
-from shoal.training.optim import build_optimizer
+from shoal.training.optim import build_optimizer, lr_factor
 
 
 class BenchFlOptions(BaseModel):
@@ -57,8 +55,11 @@ class BenchFlOptions(BaseModel):
     alphas: list[float] = Field([0.1, 0.5], description="Dirichlet label-skew alphas (IID is always run)")
     fedprox: str = Field("fedprox:mu=0.01", description="the FedProx row's strategy spec")
     fedadam: str = Field("fedadam", description="the FedAdam row's strategy spec")
-    codecs: list[str] = Field(["topk:ratio=0.05,memory=ef", "int8"], description="uplink codecs for FedAvg rows")
+    codecs: list[str] = Field(["topk:ratio=0.05,memory=ef", "int8"], description="uplink codecs for FedAvg rows "
+                              "(one per codec name: rows are labelled fedavg-NAME)")
     fedsgd_rounds_factor: int = Field(10, ge=1, description="FedSGD's round budget: fl.rounds x this")
+    centralised_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="the centralised reference's learning rate over its run")
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,10 @@ class FlRow:
     alpha: float | None = None  # Dirichlet alpha; None: IID
     codec: str = "none"
     rounds_factor: int = 1
-    centralised: bool = False
+
+    @property
+    def centralised(self) -> bool:
+        return self.strategy == "centralised"
 
     @property
     def partition(self) -> str:
@@ -80,7 +84,7 @@ def _suffix(alpha: float | None) -> str:
 
 
 def all_rows(options: BenchFlOptions) -> list[FlRow]:
-    rows = [FlRow("centralised", "centralised", centralised=True),
+    rows = [FlRow("centralised", "centralised"),
             FlRow("fedsgd", "fedsgd", rounds_factor=options.fedsgd_rounds_factor)]
     for alpha in [None, *options.alphas]:
         rows += [FlRow(f"fedavg-{_suffix(alpha)}", "fedavg", alpha),
@@ -91,7 +95,7 @@ def all_rows(options: BenchFlOptions) -> list[FlRow]:
     return rows
 
 
-QUICK_LABELS = ["centralised", "fedsgd", "fedavg-iid", "fedavg-topk"]
+QUICK_LABELS = ["centralised", "fedsgd", "fedavg-iid", "fedavg-topk", "fedavg-a0.5", "fedprox-a0.5"]
 QUICK_OVERRIDES = [
     "data.dataset=digits",
     "data.batch_size=16",
@@ -104,7 +108,7 @@ QUICK_OVERRIDES = [
     "fl.target_accuracy=0.5",
     "bench.fedsgd_rounds_factor=3",
 ]
-MEDIAN_KEYS = ("final_accuracy", "best_accuracy", "rounds_to_target", "uplink_bytes", "wall_time_s")
+MEDIAN_KEYS = ("final_accuracy", "best_accuracy", "uplink_bytes", "wall_time_s")  # rounds_to_target: medians()
 
 
 def load_bench(config: Path, overrides: list[str]) -> tuple[FlRunConfig, BenchFlOptions]:
@@ -117,6 +121,9 @@ def load_bench(config: Path, overrides: list[str]) -> tuple[FlRunConfig, BenchFl
     cfg = load_fl_config(data)
     for spec in (options.fedprox, options.fedadam):  # a bad spec fails here, not after an hour of rows
         load_fl_config(cfg, [f"fl.strategy={spec}"])
+    names = [spec.split(":")[0] for spec in options.codecs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"bench.codecs: {options.codecs} name a codec twice; rows are labelled fedavg-NAME")
     for spec in options.codecs:
         load_fl_config(cfg, [f"fl.codec={spec}"])
     return cfg, options
@@ -127,92 +134,61 @@ def row_config(cfg: FlRunConfig, row: FlRow) -> FlRunConfig:
                                 f"fl.codec={row.codec}", f"fl.rounds={cfg.fl.rounds * row.rounds_factor}"])
 
 
-def train_centralised(cfg: FlRunConfig, out: Path) -> dict[str, Any]:
+def train_centralised(cfg: FlRunConfig, out: Path, schedule: str = "cosine") -> dict[str, Any]:
     """The reference: the clients' optimiser on the union of their data, for FedAvg's sample passes.
 
-    Evaluated every ``fl.eval_every`` round-equivalents; ``metrics.jsonl``
-    lines carry ``round`` in round-equivalents so they plot with the rest.
+    Evaluated every ``fl.eval_every`` round-equivalents through the
+    federation's own bookkeeping, so its outputs are a federated run's
+    (``metrics.jsonl`` in round-equivalents, ``summary.json``, ``curves.png``).
     """
     torch.set_num_threads(1)
-    started = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    data = build_dataset(cfg.data.dataset)
-    torch.manual_seed(cfg.seed)  # the initial weights every federated row starts from
-    model = build_model(cfg.model, data)
-    x, y = fetch(data.train, list(range(len(data.train))))
-    fl = cfg.fl
+    fed = Federation(cfg, out, console=None)
+    model, fl, batch = fed.model, cfg.fl, cfg.data.batch_size
+    x, y = fetch(fed.data.train, list(range(len(fed.data.train))))
     per_round = fl.clients_per_round * fl.local_epochs * len(y) / fl.clients
+    total_steps = math.ceil(fl.rounds * per_round / batch)
     optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+    decay = ScheduleConfig(name=schedule)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    batch = cfg.data.batch_size
-    seen, order, cursor, rounds_to_target = 0, torch.randperm(len(y), generator=shuffle), 0, None
-    accuracy = best = 0.0
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    seen, step, order, cursor = 0, 0, torch.randperm(len(y), generator=shuffle), 0
+    while not fed.done():
+        rnd = fed.round + 1
+        model.train()
+        while seen < rnd * per_round:
+            if cursor >= len(y):
+                order, cursor = torch.randperm(len(y), generator=shuffle), 0
+            idx = order[cursor : cursor + batch]
+            cursor += batch
+            seen += len(idx)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optimizer.lr * lr_factor(decay, step, total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+            step += 1
+        fed.weights = fed.flat.get()
+        fed.finish_round(rnd, RoundTally())
+    return fed.close(strategy="centralised", samples=seen)
+
+
+def run_row(cfg: FlRunConfig, row: FlRow, out: Path, options: BenchFlOptions) -> dict[str, Any]:
+    common = {"label": row.label, "strategy": row.strategy, "alpha": row.alpha, "partition": row.partition,
+              "codec": row.codec, "target_accuracy": cfg.fl.target_accuracy, "metrics": str(out / "metrics.jsonl")}
     try:
-        for rnd in range(1, fl.rounds + 1):
-            model.train()
-            while seen < rnd * per_round:
-                if cursor >= len(y):
-                    order, cursor = torch.randperm(len(y), generator=shuffle), 0
-                idx = order[cursor : cursor + batch]
-                cursor += batch
-                seen += len(idx)
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                optimizer.step()
-            if rnd % fl.eval_every == 0 or rnd == fl.rounds:
-                loss, accuracy = evaluate(model, data.test, batch_size=cfg.data.eval_batch_size,
-                                          device=torch.device("cpu"), rank=0, world_size=1)
-                best = max(best, accuracy)
-                if fl.target_accuracy is not None and accuracy >= fl.target_accuracy and rounds_to_target is None:
-                    rounds_to_target = rnd
-                metrics.write({"step": rnd, "round": rnd, "time_s": time.perf_counter() - started,
-                               "samples": seen, "test_loss": loss, "test_accuracy": accuracy})
-    finally:
-        metrics.close()
-    return {"final_accuracy": accuracy, "best_accuracy": best, "rounds": fl.rounds,
-            "rounds_to_target": rounds_to_target, "uplink_bytes": 0, "wall_time_s": time.perf_counter() - started}
-
-
-def run_row(cfg: FlRunConfig, row: FlRow, out: Path) -> dict[str, Any]:
-    if row.centralised:
-        summary = train_centralised(cfg, out)
-    else:
-        summary = simulate(row_config(cfg, row), out=out, progress=False)
-    return {
-        "label": row.label, "strategy": row.strategy, "alpha": row.alpha, "partition": row.partition,
-        "codec": row.codec, "rounds": summary["rounds"], "target_accuracy": cfg.fl.target_accuracy,
-        **{k: summary[k] for k in MEDIAN_KEYS if k in summary}, "metrics": str(out / "metrics.jsonl"),
-        "failed": False,
-    }
-
-
-def medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per label, medians over its repetitions; a run that never
-    reached the target counts as slower than any that did."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault(r["label"], []).append(r)
-    rows = []
-    for group in groups.values():
-        row = dict(group[(len(group) - 1) // 2])  # an actual run, for the plots
-        row.pop("repeat", None)
-        for key in MEDIAN_KEYS:
-            values = [r.get(key) for r in group]
-            if key == "rounds_to_target":
-                ordered = sorted(math.inf if v is None else v for v in values)
-                middle = ordered[(len(ordered) - 1) // 2]
-                row[key] = None if middle == math.inf else middle
-                row["rounds_to_target_runs"] = values
-            elif all(v is not None for v in values):
-                row[key] = statistics.median(values)
-        row["repeats"] = len(group)
-        rows.append(row)
-    return rows
+        if row.centralised:
+            summary = train_centralised(cfg, out, options.centralised_schedule)
+        else:
+            summary = simulate(row_config(cfg, row), out=out, progress=False)
+    except Exception as err:  # one failed row must not lose the others
+        return {**common, "failed": True, "error": f"{type(err).__name__}: {err}", "rounds": None,
+                "rounds_to_target": None, "final_accuracy": None, "uplink_bytes": None, "wall_time_s": None}
+    return {**common, "rounds": summary["rounds"], "rounds_to_target": summary["rounds_to_target"],
+            **{k: summary[k] for k in MEDIAN_KEYS}, "failed": False}
 
 
 def compare(rows: list[dict[str, Any]]) -> None:
     """Add the comparisons with the FedAvg row of the same partition and with centralised training."""
+    rows = [r for r in rows if not r["failed"]]
     fedavg = {r["partition"]: r for r in rows if r["strategy"] == "fedavg" and r["codec"] == "none"}
     central = next((r for r in rows if r["label"] == "centralised"), None)
     for r in rows:
@@ -236,7 +212,7 @@ def compare(rows: list[dict[str, Any]]) -> None:
                          f"{r['rounds'] / theirs:.1f}x FedAvg's {theirs}")
 
 
-def run_bench(cfg: FlRunConfig, rows: list[FlRow], *, out: Path, repeat: int = 1,
+def run_bench(cfg: FlRunConfig, rows: list[FlRow], options: BenchFlOptions, *, out: Path, repeat: int = 1,
               log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every row ``repeat`` times (seeds 0..repeat-1, interleaved); ``runs.json`` per run, medians in ``bench.json``."""
     runs: list[dict[str, Any]] = []
@@ -244,14 +220,17 @@ def run_bench(cfg: FlRunConfig, rows: list[FlRow], *, out: Path, repeat: int = 1
         seeded = load_fl_config(cfg, [f"seed={k}"]) if repeat > 1 else cfg
         for row in rows:
             run_dir = out / "runs" / row.label / (f"r{k}" if repeat > 1 else "")
-            result = {**run_row(copy.deepcopy(seeded), row, run_dir), "repeat": k}
+            result = {**run_row(seeded, row, run_dir, options), "repeat": k}
             runs.append(result)
+            write_json_atomic(out / "runs.json", runs)
+            if result["failed"]:
+                log(f"{row.label}: FAILED: {result['error']}")
+                continue
             ttt = result["rounds_to_target"]
             log(f"{row.label}: accuracy {result['final_accuracy']:.3f}, rounds to target "
                 f"{'not reached' if ttt is None else ttt} of {result['rounds']}, uplink "
                 f"{result['uplink_bytes'] / 1e6:,.1f} MB, {result['wall_time_s']:.0f} s")
-            write_json_atomic(out / "runs.json", runs)
-    results = medians(runs)
+    results = medians(runs, MEDIAN_KEYS, group_by=("label",), target="rounds_to_target")
     compare(results)
     write_json_atomic(out / "bench.json", results)
     return results

@@ -115,12 +115,9 @@ def run_bench(*, workers: int, slowdown: list[str], out: Path, config: Path, row
                 f"{'not reached' if ttt is None else f'{ttt:.1f} s'}, {result['samples_per_s']:,.0f} samples/s"
                 f"{staleness}")
             write_json_atomic(out / "runs.json", runs)
-    for r in runs:
-        r["rate"] = r["slowdown"]  # medians() groups by (rate, label)
-    results = medians(runs, MEDIAN_KEYS)
+    results = medians(runs, MEDIAN_KEYS, group_by=("slowdown", "label"))
     base = next((r for r in results if r["label"] == "sync" and not r["failed"]), None)
     for r in results:
-        r.pop("rate", None)
         if base and base.get("time_to_target_s") and r.get("time_to_target_s"):
             r["speedup_vs_sync"] = base["time_to_target_s"] / r["time_to_target_s"]
         if base and not r["failed"]:
