@@ -117,8 +117,8 @@ def test_a_federation_survives_bad_clients_a_dead_client_and_a_server_restart(fe
     assert summary["final_accuracy"] > 0.8
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == list(range(1, ROUNDS + 1))  # no round lost or repeated
-    assert sum(r["rejected"] for r in lines) == 1
-    assert any(r["dropped"] > 0 for r in lines if r["round"] > 4)  # the dead client's rounds
+    assert sum(r["rejected"] for r in lines) == 1 and [3] in [r["rejected_clients"] for r in lines]
+    assert any(1 in r["dropped_clients"] for r in lines if r["round"] > 4)  # the killed client's rounds
     assert all(r["participating"] >= 2 for r in lines if r["aggregated"])
 
 

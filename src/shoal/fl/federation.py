@@ -158,6 +158,7 @@ class Federation:
             "step": rnd, "round": rnd, "time_s": time.perf_counter() - self.started,
             "participating": len(tally.results), "selected": len(tally.selected), "dropped": len(tally.dropped),
             "late": len(tally.late), "rejected": len(tally.rejected), "aggregated": aggregated,
+            "dropped_clients": tally.dropped, "rejected_clients": tally.rejected,
             "uplink_bytes": tally.uplink_bytes, "downlink_bytes": tally.downlink_bytes,
             "uplink_bytes_total": self.uplink_bytes, "downlink_bytes_total": self.downlink_bytes,
         }
