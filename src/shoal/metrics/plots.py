@@ -19,8 +19,8 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path, *, title: str = 
     evals = [(r["time_s"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
     if train:
         ax_loss.plot(*zip(*train), lw=0.8, label="train loss (rank 0)")
+        ax_loss.legend()
     ax_loss.set(xlabel="wall time (s)", ylabel="loss", yscale="log")
-    ax_loss.legend()
     if evals:
         ax_acc.plot(*zip(*evals), marker="o", label="test accuracy")
     ax_acc.set(xlabel="wall time (s)", ylabel="accuracy", ylim=(0, 1))
