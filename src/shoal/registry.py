@@ -96,6 +96,10 @@ class Registry(Generic[T]):
         for name in self.names():
             yield name, self._entries[name].summary
 
+    def target(self, name: str) -> Any:
+        """The registered class or function."""
+        return self._entries[name].target
+
     def options_model(self, name: str) -> type[BaseModel]:
         return self._entries[name].options
 

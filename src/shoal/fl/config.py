@@ -27,14 +27,17 @@ from shoal.config import (
     format_error,
     gather,
 )
-from shoal.registry import FED_STRATEGIES, PARTITIONS
+from shoal.registry import CODECS, FED_STRATEGIES, PARTITIONS, load_builtins
 
 FedStrategySpec = _component(FED_STRATEGIES)
 PartitionSpec = _component(PARTITIONS)
 
-# Codecs whose payload a server can decode alone: no random stream shared with
-# the client (randk), no extra rounds of messages (powersgd, threshold).
-UPLINK_CODECS = ("none", "fp16", "bf16", "int8", "qsgd", "terngrad", "signsgd", "topk")
+
+
+def uplink_codecs() -> list[str]:
+    """Codecs whose payload a server can decode alone (``Codec.standalone``)."""
+    load_builtins(CODECS)
+    return [name for name in CODECS.names() if getattr(CODECS.target(name), "standalone", True)]
 
 
 class FleetConfig(_Strict):
@@ -55,8 +58,9 @@ class FederationConfig(_Strict):
     local_epochs: int = Field(1, ge=1, le=1000)
     partition: PartitionSpec = "iid"
     strategy: FedStrategySpec = "fedavg"
-    codec: CodecSpec = Field("none", description="uplink compression of each client's update "
-                             f"(allowed: {', '.join(UPLINK_CODECS)}; memory=ef keeps error feedback per client)")
+    codec: CodecSpec = Field("none", description="uplink compression of each client's update: a codec the "
+                             "server decodes alone (fp16, int8, qsgd, topk, ...); memory=ef keeps error feedback "
+                             "per client")
     eval_every: int = Field(1, ge=1, description="rounds between test-set evaluations")
     target_accuracy: float | None = Field(None, gt=0, le=1)
     stop_at_target: bool = False
@@ -70,9 +74,9 @@ class FederationConfig(_Strict):
             raise ValueError(f"clients_per_round: {self.clients_per_round} exceeds clients={self.clients}")
         if self.min_clients > self.clients_per_round:
             raise ValueError(f"min_clients: {self.min_clients} exceeds clients_per_round={self.clients_per_round}")
-        if self.codec.name not in UPLINK_CODECS:
+        if not getattr(self.codec.target, "standalone", True):
             raise ValueError(f"codec: {self.codec.name!r} cannot be decoded by the server alone "
-                             f"(allowed: {', '.join(UPLINK_CODECS)})")
+                             f"(allowed: {', '.join(uplink_codecs())})")
         if self.fleet.local_epochs_max is not None and self.fleet.local_epochs_max < self.local_epochs:
             raise ValueError(f"fleet.local_epochs_max: {self.fleet.local_epochs_max} is below "
                              f"local_epochs={self.local_epochs}")

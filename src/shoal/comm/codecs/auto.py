@@ -42,6 +42,7 @@ class AutoCodec(Codec):
     """Measure link and compute at start-up, pick the codec predicted fastest to target."""
 
     summable = True
+    standalone = False  # chooses per bucket from measurements of the cluster
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         raise RuntimeError(

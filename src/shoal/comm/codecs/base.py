@@ -56,6 +56,10 @@ class Codec:
     """Base of all codecs; subclasses set ``summable`` and implement the two maps."""
 
     summable: bool = True
+    # Whether a receiver can decode a payload with nothing but its own codec
+    # (no random stream shared with the sender, no extra rounds of messages):
+    # what a federated server needs to decode a client's update.
+    standalone: bool = True
 
     def __init__(self, options: CodecOptions, *, rank: int = 0):
         self.options = options

@@ -35,6 +35,7 @@ class PowerSgdCodec(Codec):
     """
 
     summable = True
+    standalone = False  # two rounds of all-reduce per bucket
 
     def __init__(self, options: PowerSgdOptions, *, rank: int = 0):
         super().__init__(options, rank=rank)

@@ -24,6 +24,7 @@ class RandkCodec(Codec):
     """
 
     summable = True
+    standalone = False  # indices come from a random stream shared with the sender
 
     def __init__(self, options: RandkOptions, *, rank: int = 0):
         super().__init__(options, rank=rank)

@@ -28,6 +28,7 @@ class ThresholdCodec(Codec):
     """
 
     summable = False
+    standalone = False  # a count round before the values
 
     def exchange(
         self, name: int, tensor: torch.Tensor, comm: Any, shapes: Any = None
