@@ -141,7 +141,7 @@ def test_uplink_codec_with_error_feedback_carries_what_it_did_not_send():
 def test_flat_weights_include_buffers():
     model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
     flat = FlatWeights(model)
-    assert flat.numel == 12 + 6 + 6 - 0  # linear, bn affine, bn running mean/var (the step counter is not float)
+    assert flat.numel == 12 + 6 + 6  # linear, bn affine, bn running mean/var (the step counter is not float)
     flat.set(torch.arange(flat.numel, dtype=torch.float32))
     assert torch.equal(flat.get(), torch.arange(flat.numel, dtype=torch.float32))
 
@@ -158,16 +158,16 @@ def test_server_rejects_updates_that_do_not_fit_the_model(tmp_path):
     fed = Federation(_cfg(tmp_path, codec="int8"), tmp_path)
     good = fed.codec.encode(torch.randn(fed.flat.numel)).tensors
     assert fed.decode(0, good, 10).shape == (fed.flat.numel,)
-    bad = {
-        "tensors": [good[0]],
-        "int8": [good[0][:-1], good[1]],
-        "float32": [good[0].float(), good[1]],
-        "NaN": [good[0], torch.tensor([float("nan")])],
-        "num_examples": None,
-    }
-    for words, tensors in bad.items():
+    bad = [
+        ("tensors", [good[0]], 10),
+        ("int8", [good[0][:-1], good[1]], 10),
+        ("float32", [good[0].float(), good[1]], 10),
+        ("NaN", [good[0], torch.tensor([float("nan")])], 10),
+        ("num_examples", good, 0),
+    ]
+    for words, tensors, count in bad:
         with pytest.raises(UpdateRejected, match=words):
-            fed.decode(0, tensors or good, 10 if tensors else 0)
+            fed.decode(0, tensors, count)
 
 
 def test_simulation_learns_writes_outputs_and_repeats_itself(tmp_path):
