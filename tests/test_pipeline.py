@@ -12,7 +12,7 @@ import shoal
 from shoal.launch import JobFailed
 from shoal.models.transformer import TinyTransformer, TransformerOptions
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
-from shoal.parallel.profile import profile_layers, sequential_layers
+from shoal.parallel.profile import kept_state, profile_layers, sequential_layers
 from shoal.parallel.split_points import profile_segments, split_candidates
 from shoal.training.checkpoint import load_checkpoint
 from tests.conftest import small_config
@@ -69,6 +69,22 @@ def test_layers_are_profiled_in_order_on_their_real_inputs():
     assert all(p.grad is None for p in model.parameters())  # profiling leaves no gradients behind
     with pytest.raises(ValueError, match="layer sequence"):
         sequential_layers(nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_measuring_leaves_running_statistics_and_the_random_streams_as_they_were(device):
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.5)).to(device)
+    x = torch.randn(8, 4, device=device)
+    cpu, accelerator = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device == "cuda" else None
+    with kept_state([model], x):
+        model(x)
+        torch.rand(3, device=device)
+    torch.testing.assert_close(model[0].running_mean, torch.zeros(4, device=device))
+    assert int(model[0].num_batches_tracked) == 0
+    assert torch.equal(torch.get_rng_state(), cpu)
+    if accelerator is not None:  # profiling on one rank must not move its GPU stream away from the others'
+        assert torch.equal(torch.cuda.get_rng_state(device), accelerator)
 
 
 def assert_same_weights(a, b):

@@ -9,6 +9,7 @@ median time, its parameters' bytes and its output's bytes are recorded.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
     """Measure each layer on ``sample`` (a batch of inputs), in order; running
     statistics and the random stream are left as they were."""
     profiles = []
-    with kept_state(layers):
+    with kept_state(layers, sample):
         x = sample
         for index, layer in enumerate(layers):
             times = []
@@ -74,19 +75,22 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
 
 
 @contextmanager
-def kept_state(modules: list[nn.Module]) -> Iterator[None]:
+def kept_state(modules: list[nn.Module], *inputs: torch.Tensor) -> Iterator[None]:
     """Whatever runs inside leaves the modules' buffers (running statistics) and the
-    global random stream as they were: measuring must not train."""
+    random streams as they were: the CPU one and that of every CUDA device the
+    modules or ``inputs`` live on. Measuring must not train, and must not move
+    one rank's random stream away from the others'."""
+    tensors = [*inputs, *(t for module in modules for t in itertools.chain(module.parameters(), module.buffers()))]
+    cuda_devices = sorted({t.device.index for t in tensors if t.is_cuda})
     buffers = [[b.clone() for b in module.buffers()] for module in modules]
-    rng = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for module, saved in zip(modules, buffers):
-                for b, kept in zip(module.buffers(), saved):
-                    b.copy_(kept)
+    with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for module, saved in zip(modules, buffers):
+                    for b, kept in zip(module.buffers(), saved):
+                        b.copy_(kept)
 
 
 def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5,

@@ -45,7 +45,7 @@ def split_candidates(model: nn.Module, sample: torch.Tensor, stages: int) -> lis
     hooks = [module.register_forward_pre_hook(lambda _m, _a, name=name: calls.update([name]))
              for name, module in model.named_modules() if name]
     try:
-        with kept_state([model]), torch.no_grad():
+        with kept_state([model], sample), torch.no_grad():
             model(sample)
     finally:
         for hook in hooks:
@@ -94,7 +94,7 @@ def export_pipe(model: nn.Module, sample: torch.Tensor, starts: list[str]) -> Pi
     wrapped = [model.get_submodule(name) for name in starts]
     own_forward = [m.__dict__.get("forward") for m in wrapped]
     try:
-        with kept_state([model]):
+        with kept_state([model], sample):
             pipe = pipeline(model, mb_args=(sample,), split_spec={name: SplitPoint.BEGINNING for name in starts})
     except Exception as err:
         cause = err.__cause__ or err
@@ -145,7 +145,7 @@ def profile_segments(model: nn.Module, sample: torch.Tensor, points: list[str],
     """The split points that can be cut at and one profile per segment between them."""
     pipe = export_pipe(model, sample, points[1:])
     timer = _SegmentTimer(pipe.split_gm, repeats)
-    with kept_state([model]):
+    with kept_state([model], sample):
         timer.run(sample)
     model.zero_grad(set_to_none=True)
     keep = uncuttable(pipe)
