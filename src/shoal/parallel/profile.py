@@ -12,12 +12,14 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 @dataclass
@@ -50,28 +52,42 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
     with kept_state(layers, sample):
         x = sample
         for index, layer in enumerate(layers):
-            times = []
-            out = None
-            for _ in range(max(1, repeats) + 1):  # the first run warms up (allocations, kernels)
-                inp = x.detach().requires_grad_(x.is_floating_point())
-                _sync(x)
-                started = time.perf_counter()
-                out = layer(inp)
-                if out.requires_grad:
-                    out.backward(torch.ones_like(out))
-                _sync(x)  # GPU kernels run asynchronously: time them to their end
-                times.append(time.perf_counter() - started)
-            layer.zero_grad(set_to_none=True)
-            assert out is not None
+            try:
+                time_s, out = time_forward_backward(layer, (x,), repeats)
+            finally:
+                layer.zero_grad(set_to_none=True)
             profiles.append(LayerProfile(
                 index=index,
                 kind=type(layer).__name__,
-                time_s=statistics.median(times[1:]),
+                time_s=time_s,
                 param_bytes=sum(p.numel() * p.element_size() for p in layer.parameters()),
                 activation_bytes=out.numel() * out.element_size(),
             ))
             x = out.detach()
     return profiles
+
+
+def time_forward_backward(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[float, Any]:
+    """Median seconds of ``fn(*args)`` forward and backward, and the last run's output.
+
+    1. Each run gets fresh leaf copies of the tensors in ``args`` (floating
+       point ones requiring gradients), so runs do not chain through autograd.
+    2. Backward starts from ones at every output tensor that requires a gradient.
+    3. The first run warms up (allocations, kernels); the median of the next
+       ``repeats`` (at least 1) is returned.
+    """
+    times, out = [], None
+    for _ in range(max(1, repeats) + 1):
+        inputs = tree_map(_leaf, args)
+        _sync(inputs)
+        started = time.perf_counter()
+        out = fn(*inputs)
+        grads = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if grads:
+            torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
+        _sync((inputs, out))  # GPU kernels run asynchronously: time them to their end
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:]), out
 
 
 @contextmanager
@@ -136,6 +152,13 @@ def update_seconds_per_parameter(model: nn.Module, make_optimizer, repeats: int 
     return statistics.median(times[1:]) / max(1, sum(p.numel() for p in params))
 
 
-def _sync(t: torch.Tensor) -> None:
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
+def _sync(values: Any) -> None:
+    """Wait for the kernels queued on the CUDA devices of the tensors in ``values``."""
+    for device in {t.device for t in tree_leaves(values) if isinstance(t, torch.Tensor) and t.is_cuda}:
+        torch.cuda.synchronize(device)
+
+
+def _leaf(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().requires_grad_(value.is_floating_point())

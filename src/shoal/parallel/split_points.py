@@ -26,8 +26,6 @@
 from __future__ import annotations
 
 import operator
-import statistics
-import time
 from collections import Counter
 from typing import Any
 
@@ -36,7 +34,7 @@ from torch import fx, nn
 from torch.distributed.pipelining import Pipe, SplitPoint, pipeline
 from torch.utils._pytree import tree_leaves, tree_map
 
-from shoal.parallel.profile import LayerProfile, kept_state
+from shoal.parallel.profile import LayerProfile, kept_state, time_forward_backward
 
 
 def split_candidates(model: nn.Module, sample: torch.Tensor, stages: int) -> list[str]:
@@ -134,8 +132,9 @@ def uncuttable(pipe: Pipe) -> set[int]:
                 keep.update(range(1, reader + 1))
             else:
                 keep.update(range(source.meta["stage_idx"] + 2, reader + 1))
+    stage_of = _stage_indices(pipe.split_gm)
     for users in pipe.replicated_params:  # {stage submodule name: parameter name}, one per tied parameter
-        indices = [_stage_of(name) for name in users]
+        indices = [stage_of[name] for name in users]
         keep.update(range(min(indices) + 1, max(indices) + 1))
     return keep
 
@@ -152,17 +151,16 @@ def profile_segments(model: nn.Module, sample: torch.Tensor, points: list[str],
     names: list[str] = []
     profiles: list[LayerProfile] = []
     for index, name in enumerate(points):
-        p = timer.profiles[index]
+        time_s, param_bytes, activation_bytes = timer.measured[index]
         if index in keep:  # merged into the segment before
             last = profiles[-1]
-            last.time_s += p.time_s
-            last.param_bytes += p.param_bytes
-            last.activation_bytes = p.activation_bytes
+            last.time_s += time_s
+            last.param_bytes += param_bytes
+            last.activation_bytes = activation_bytes
             continue
         names.append(name)
         profiles.append(LayerProfile(index=len(profiles), kind=type(model.get_submodule(name)).__name__,
-                                     time_s=p.time_s, param_bytes=p.param_bytes,
-                                     activation_bytes=p.activation_bytes))
+                                     time_s=time_s, param_bytes=param_bytes, activation_bytes=activation_bytes))
     return names, profiles
 
 
@@ -179,42 +177,26 @@ def stage_tensors(model: nn.Module, stage_module: nn.Module) -> list[torch.Tenso
 
 class _SegmentTimer(fx.Interpreter):
     """Runs a split graph segment by segment, timing each one's forward and
-    backward on detached copies of its real inputs (the median of ``repeats``
-    after a warm-up run)."""
+    backward on detached copies of its real inputs (:func:`time_forward_backward`)."""
 
     def __init__(self, split_gm: fx.GraphModule, repeats: int):
         super().__init__(split_gm)
-        self.repeats = max(1, repeats)
-        self.profiles: dict[int, LayerProfile] = {}
+        self.repeats = repeats
+        self.stage_of = _stage_indices(split_gm)
+        self.measured: dict[int, tuple[float, int, int]] = {}  # stage: (seconds, parameter bytes, output bytes)
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
         segment = self.fetch_attr(target)
-        times, out = [], None
-        for _ in range(self.repeats + 1):
-            inputs = tree_map(_leaf, args)
-            started = time.perf_counter()
-            out = segment(*inputs, **kwargs)
-            grads = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if grads:
-                torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
-            if any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_leaves(out)):
-                torch.cuda.synchronize()  # GPU kernels run asynchronously: time them to their end
-            times.append(time.perf_counter() - started)
+        time_s, out = time_forward_backward(lambda *inputs: segment(*inputs, **kwargs), args, self.repeats)
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        index = _stage_of(target)
-        self.profiles[index] = LayerProfile(
-            index=index, kind=str(target), time_s=statistics.median(times[1:]),
-            param_bytes=sum(p.numel() * p.element_size() for p in segment.parameters()),
-            activation_bytes=sum(t.numel() * t.element_size() for t in outputs),
+        self.measured[self.stage_of[target]] = (
+            time_s,
+            sum(p.numel() * p.element_size() for p in segment.parameters()),
+            sum(t.numel() * t.element_size() for t in outputs),
         )
         return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
 
-def _stage_of(submodule_name: str) -> int:
-    return int(submodule_name.rsplit("_", 1)[1])  # PyTorch names stage k's module submod_pp_k
-
-
-def _leaf(value: Any) -> Any:
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.detach().requires_grad_(value.is_floating_point())
+def _stage_indices(split_gm: fx.GraphModule) -> dict[str, int]:
+    """Each stage module's name in the split graph: its stage index (numbered by PyTorch's Pipe)."""
+    return {node.target: node.meta["stage_idx"] for node in split_gm.graph.nodes if node.op == "call_module"}
