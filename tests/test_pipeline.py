@@ -12,6 +12,7 @@ import shoal
 from shoal.launch import JobFailed
 from shoal.models.transformer import TinyTransformer, TransformerOptions
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
+from shoal.parallel import profile, split_points
 from shoal.parallel.profile import kept_state, profile_layers, sequential_layers
 from shoal.parallel.split_points import profile_segments, split_candidates
 from shoal.training.checkpoint import load_checkpoint
@@ -163,6 +164,22 @@ def test_a_transformer_is_cut_before_its_encoder_layers():
     names, _ = profile_segments(model, sample, split_candidates(model, sample, 4), repeats=1)
     assert names == ["embed", "encoder.layers.0.norm1", "encoder.layers.0.norm2", "encoder.layers.1.norm1",
                      "encoder.layers.1.norm2", "norm", "head"]
+
+
+def test_segment_profiling_that_fails_leaves_no_gradients_behind(monkeypatch):
+    model = TinyTransformer(TransformerOptions(d_model=16, heads=2, layers=1, ff=32), (1, 8, 8), 10)
+    sample = torch.randn(4, 1, 8, 8)
+    points = split_candidates(model, sample, 2)
+    timed = []
+
+    def fails_after_timing(fn, args, repeats):
+        timed.append(profile.time_forward_backward(fn, args, repeats))  # its backward has run
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(split_points, "time_forward_backward", fails_after_timing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        profile_segments(model, sample, points, repeats=1)
+    assert timed and all(p.grad is None for p in model.parameters())
 
 
 class OneLinear(nn.Module):

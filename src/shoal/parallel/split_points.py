@@ -144,9 +144,11 @@ def profile_segments(model: nn.Module, sample: torch.Tensor, points: list[str],
     """The split points that can be cut at and one profile per segment between them."""
     pipe = export_pipe(model, sample, points[1:])
     timer = _SegmentTimer(pipe.split_gm, repeats)
-    with kept_state([model], sample):
-        timer.run(sample)
-    model.zero_grad(set_to_none=True)
+    try:
+        with kept_state([model], sample):
+            timer.run(sample)
+    finally:
+        model.zero_grad(set_to_none=True)
     keep = uncuttable(pipe)
     names: list[str] = []
     profiles: list[LayerProfile] = []
