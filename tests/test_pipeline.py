@@ -14,7 +14,7 @@ from shoal.models.transformer import TinyTransformer, TransformerOptions
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel import profile, split_points
 from shoal.parallel.profile import kept_state, profile_layers, sequential_layers
-from shoal.parallel.split_points import profile_segments, split_candidates
+from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates
 from shoal.training.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
@@ -164,6 +164,16 @@ def test_a_transformer_is_cut_before_its_encoder_layers():
     names, _ = profile_segments(model, sample, split_candidates(model, sample, 4), repeats=1)
     assert names == ["embed", "encoder.layers.0.norm1", "encoder.layers.0.norm2", "encoder.layers.1.norm1",
                      "encoder.layers.1.norm2", "norm", "head"]
+
+
+def test_tracing_leaves_the_split_points_own_attributes_as_they_were():
+    model = TinyTransformer(TransformerOptions(d_model=16, heads=2, layers=2, ff=32), (1, 8, 8), 10)
+    layer, norm = model.encoder.layers[1], model.norm
+    wrapped = layer.forward  # as another tool's wrapper would keep it
+    vars(layer)["_orig_forward"] = wrapped
+    export_pipe(model, torch.randn(4, 1, 8, 8), ["encoder.layers.1", "norm"])
+    assert vars(layer)["_orig_forward"] is wrapped and "forward" not in vars(layer)
+    assert "_orig_forward" not in vars(norm) and "forward" not in vars(norm)
 
 
 def test_segment_profiling_that_fails_leaves_no_gradients_behind(monkeypatch):

@@ -90,7 +90,8 @@ def export_pipe(model: nn.Module, sample: torch.Tensor, starts: list[str]) -> Pi
     """Trace ``model`` on ``sample`` (one microbatch) into len(starts)+1
     stages, stage k+1 beginning at submodule ``starts[k]``."""
     wrapped = [model.get_submodule(name) for name in starts]
-    own_forward = [m.__dict__.get("forward") for m in wrapped]
+    patched = ("forward", "_orig_forward")  # what pipeline() sets on each split point's module
+    own = [{key: vars(m)[key] for key in patched if key in vars(m)} for m in wrapped]
     try:
         with kept_state([model], sample):
             pipe = pipeline(model, mb_args=(sample,), split_spec={name: SplitPoint.BEGINNING for name in starts})
@@ -101,12 +102,12 @@ def export_pipe(model: nn.Module, sample: torch.Tensor, starts: list[str]) -> Pi
                          f"models that are not an nn.Sequential must export as one graph") from err
     finally:
         # pipeline() marks the split points by wrapping the model's own submodules' forward: undo it.
-        for module, forward in zip(wrapped, own_forward):
-            module.__dict__.pop("_orig_forward", None)
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = forward
+        for module, saved in zip(wrapped, own):
+            for key in patched:
+                if key in saved:
+                    vars(module)[key] = saved[key]
+                else:
+                    vars(module).pop(key, None)
     if pipe.num_stages != len(starts) + 1:
         raise ValueError(f"pipeline: splitting {type(model).__name__} before {', '.join(starts)} gave "
                          f"{pipe.num_stages} stages, not {len(starts) + 1}")
