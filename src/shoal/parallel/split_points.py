@@ -167,15 +167,17 @@ def profile_segments(model: nn.Module, sample: torch.Tensor, points: list[str],
     return names, profiles
 
 
-def stage_tensors(model: nn.Module, stage_module: nn.Module) -> list[torch.Tensor]:
-    """The model's own parameters, then buffers, that one exported stage holds."""
+def stage_tensors(model: nn.Module, stage_module: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The model's own parameters and buffers that one exported stage holds."""
     own = {id(t) for t in [*model.parameters(), *model.buffers()]}
-    held = [*stage_module.named_parameters(), *stage_module.named_buffers()]
-    for name, tensor in held:
-        if id(tensor) not in own:
-            raise ValueError(f"pipeline: the exported stage holds a copy of {name}, not the model's own "
-                             f"tensor (a parameter used by more than one stage?); it would not train")
-    return [tensor for _, tensor in held]
+    params, buffers = dict(stage_module.named_parameters()), dict(stage_module.named_buffers())
+    for kind, held in (("parameter", params), ("buffer", buffers)):
+        for name, tensor in held.items():
+            if id(tensor) not in own:
+                raise ValueError(f"pipeline: the exported stage's {kind} {name} ({tuple(tensor.shape)}) is not "
+                                 f"one of {type(model).__name__}'s own tensors; training the stage would not "
+                                 f"update the model")
+    return list(params.values()), list(buffers.values())
 
 
 class _SegmentTimer(fx.Interpreter):

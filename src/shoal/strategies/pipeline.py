@@ -130,14 +130,16 @@ class PipelineStrategy(Strategy):
         self.profiles = [LayerProfile(**p) for p in profiles]
         if self.layers is not None:
             modules = [nn.Sequential(*(self.layers[i] for i in part)) for part in self.bounds]
-            self.stage_tensors = [[*m.parameters(), *m.buffers()] for m in modules]
+            held = [([*m.parameters()], [*m.buffers()]) for m in modules]
             built = [PipelineStage(modules[index], index, self.S, self.context.device, group=self.pp_group)
                      for index in self.local]
         else:
             # Every rank traces the whole model (same graph everywhere) and keeps its own stages.
             pipe = export_pipe(self.model, microbatch.to(self.context.device), self._split_points())
-            self.stage_tensors = [stage_tensors(self.model, pipe.get_stage_module(s)) for s in range(self.S)]
+            held = [stage_tensors(self.model, pipe.get_stage_module(s)) for s in range(self.S)]
             built = [pipe.build_stage(index, self.context.device, group=self.pp_group) for index in self.local]
+        self.stage_tensors = [[*params, *buffers] for params, buffers in held]
+        self.stage_params = [p for index in self.local for p in held[index][0] if p.requires_grad]
         stages, self.out_bytes, self.in_bytes = [], 0, 0
         for index, stage in zip(self.local, built):
             part = self.bounds[index]
@@ -150,9 +152,6 @@ class PipelineStrategy(Strategy):
         schedule = SCHEDULES[self.options.schedule]
         self.schedule = schedule(stages if self.options.schedule == "interleaved" else stages[0],
                                  n_microbatches=self.M, loss_fn=self.loss_fn)
-        params = {id(p) for p in self.model.parameters()}
-        self.stage_params = [t for index in self.local for t in self.stage_tensors[index]
-                             if id(t) in params and t.requires_grad]
 
     def _split_points(self) -> list[str]:
         """Exported models: the submodule each stage after the first begins at."""
