@@ -3,6 +3,7 @@ exactly as one process would on the same batches."""
 
 import itertools
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, mi
 from shoal.parallel import profile, split_points
 from shoal.parallel.profile import kept_state, profile_layers, sequential_layers
 from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates
+from shoal.strategies.pipeline import PipelineStrategy
 from shoal.training.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
@@ -145,6 +147,14 @@ def test_impossible_pipelines_fail_with_a_clear_error(tmp_path, model, strategy,
         except JobFailed as err:
             assert any(words in f.message for f in err.failures), [f.message for f in err.failures]
             raise
+
+
+def test_a_plan_from_an_older_checkpoint_is_resumed_with_no_segments():
+    strategy = SimpleNamespace(S=2, _saved_plan=None)  # load_state_dict reads only the stage count
+    PipelineStrategy.load_state_dict(strategy, {"plan": ([(0, 3), (3, 8)], [])})  # saved before segments existed
+    assert strategy._saved_plan == ([(0, 3), (3, 8)], [], None)
+    PipelineStrategy.load_state_dict(strategy, {"plan": ([(0, 8)], [], None)})  # another stage count: re-partitioned
+    assert strategy._saved_plan == ([(0, 3), (3, 8)], [], None)
 
 
 TRANSFORMER = "transformer:d_model=16,heads=2,layers=2,ff=32"

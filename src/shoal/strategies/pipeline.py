@@ -125,7 +125,7 @@ class PipelineStrategy(Strategy):
         if self.context.rank == 0:
             plan[0] = self._saved_plan or self._partition(microbatch)
         dist.broadcast_object_list(plan, src=0)
-        bounds, profiles, self.segments = (*plan[0], None)[:3]  # older checkpoints' plans have no segments
+        bounds, profiles, self.segments = plan[0]
         self.bounds = [range(a, b) for a, b in bounds]
         self.profiles = [LayerProfile(**p) for p in profiles]
         if self.layers is not None:
@@ -269,8 +269,11 @@ class PipelineStrategy(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("plan") and len(state["plan"][0]) == self.S:
-            self._saved_plan = state["plan"]
+        plan = state.get("plan")
+        if plan and len(plan[0]) == self.S:
+            if len(plan) == 2:  # older checkpoints' plans (layer sequences only) name no segments
+                plan = (*plan, None)
+            self._saved_plan = plan
 
     def close(self) -> dict[str, Any]:
         """Per-stage compute, bubble, memory and partition figures, gathered on every rank."""
