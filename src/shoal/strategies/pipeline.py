@@ -105,7 +105,7 @@ class PipelineStrategy(Strategy):
         self._saved_plan: Any = None  # a resumed run keeps its partition (optimizer state follows the layers)
         self.bounds: list[range] = []
         self.profiles: list[LayerProfile] = []
-        self.segments: list[str] | None = None  # exported models: the submodule each segment begins at
+        self.segments: list[str] | None = None  # exported models, once planned: the submodule each segment begins at
         self.stage_tensors: list[list[torch.Tensor]] = []  # every stage's parameters and buffers
         self.busy_s = 0.0  # this rank's forward/backward compute, all steps
         self.pipeline_s = 0.0  # the schedules' wall time, all steps
@@ -154,9 +154,9 @@ class PipelineStrategy(Strategy):
                                  n_microbatches=self.M, loss_fn=self.loss_fn)
 
     def _split_points(self) -> list[str]:
-        """Exported models: the submodule each stage after the first begins at."""
-        assert self.segments is not None
-        return [self.segments[part.start] for part in self.bounds[1:]]
+        """Exported models: the submodule each stage after the first begins at (none before the first step)."""
+        segments = self.segments or []
+        return [segments[part.start] for part in self.bounds[1:]]
 
     def _partition(self, microbatch: torch.Tensor) -> tuple[list[tuple[int, int]], list[dict], list[str] | None]:
         """Rank 0: profile the layers (or an exported model's segments) and
@@ -295,7 +295,7 @@ class PipelineStrategy(Strategy):
                      for r in range(self.P)] if self.profiles else [0] * self.P  # per rank
         return {
             "partition": [[r.start, r.stop] for r in self.bounds],
-            **({"split_points": self._split_points()} if self.segments is not None else {}),
+            **({"split_points": self._split_points()} if self.layers is None else {}),
             "stage_compute_s": busy,
             "stage_imbalance": max(busy) / (sum(busy) / len(busy)) if sum(busy) > 0 else None,
             "predicted_stage_imbalance": imbalance([p.time_s for p in self.profiles], self.bounds)
