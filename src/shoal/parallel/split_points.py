@@ -78,12 +78,7 @@ def split_candidates(model: nn.Module, sample: torch.Tensor, stages: int) -> lis
             break
         at = frontier.index(heaviest)
         frontier[at : at + 1] = children(heaviest)
-    found = points()
-    if len(found) < stages:
-        raise ValueError(f"pipeline: {stages} stages but {type(model).__name__} splits into at most {len(found)} "
-                         f"(a stage begins at a submodule with parameters that forward calls once: "
-                         f"{', '.join(found) or 'none'})")
-    return found
+    return points()  # profile_segments checks that, once merged, there are enough
 
 
 def export_pipe(model: nn.Module, sample: torch.Tensor, starts: list[str]) -> Pipe:
@@ -140,9 +135,11 @@ def uncuttable(pipe: Pipe) -> set[int]:
     return keep
 
 
-def profile_segments(model: nn.Module, sample: torch.Tensor, points: list[str],
+def profile_segments(model: nn.Module, sample: torch.Tensor, stages: int,
                      repeats: int = 5) -> tuple[list[str], list[LayerProfile]]:
-    """The split points that can be cut at and one profile per segment between them."""
+    """The split points for ``stages`` stages that can be cut at, and one profile
+    per segment between them; too few of them is an error."""
+    points = split_candidates(model, sample, stages)
     pipe = export_pipe(model, sample, points[1:])
     timer = _SegmentTimer(pipe.split_gm, repeats)
     try:
@@ -164,6 +161,10 @@ def profile_segments(model: nn.Module, sample: torch.Tensor, points: list[str],
         names.append(name)
         profiles.append(LayerProfile(index=len(profiles), kind=type(model.get_submodule(name)).__name__,
                                      time_s=time_s, param_bytes=param_bytes, activation_bytes=activation_bytes))
+    if len(names) < stages:
+        raise ValueError(f"pipeline: {stages} stages but {type(model).__name__} splits into at most {len(names)} "
+                         f"(a stage begins at a submodule with parameters that forward calls once, at a cut "
+                         f"PyTorch's stages can run: {', '.join(names) or 'none'})")
     return names, profiles
 
 

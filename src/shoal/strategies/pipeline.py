@@ -49,7 +49,7 @@ from shoal.comm.wire import WireMeter
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel.plan import in_flight, layer_memory, moments_per_parameter
 from shoal.parallel.profile import LayerProfile, profile_layers, sequential_layers
-from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates, stage_tensors
+from shoal.parallel.split_points import export_pipe, profile_segments, stage_tensors
 from shoal.registry import STRATEGIES
 from shoal.strategies.base import StepStats, Strategy
 
@@ -166,11 +166,7 @@ class PipelineStrategy(Strategy):
         if self.layers is not None:
             profiles = profile_layers(self.layers, sample, repeats)
         else:
-            names, profiles = profile_segments(self.model, sample, split_candidates(self.model, sample, self.S),
-                                               repeats)
-            if len(names) < self.S:
-                raise ValueError(f"pipeline: {self.S} stages but {type(self.model).__name__} splits into at most "
-                                 f"{len(names)}, beginning at {', '.join(names)}")
+            names, profiles = profile_segments(self.model, sample, self.S, repeats)
         if self.options.partition == "equal":
             bounds = equal_split(len(profiles), self.S)
         else:
