@@ -3,6 +3,7 @@ exactly as one process would on the same batches."""
 
 import itertools
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ import shoal
 from shoal.launch import JobFailed
 from shoal.models.transformer import TinyTransformer, TransformerOptions
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
-from shoal.parallel.profile import profile_layers, sequential_layers
-from shoal.parallel.split_points import profile_segments, split_candidates
+from shoal.parallel import profile, split_points
+from shoal.parallel.profile import kept_state, profile_layers, sequential_layers
+from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates
+from shoal.strategies.pipeline import PipelineStrategy
 from shoal.training.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
@@ -71,6 +74,22 @@ def test_layers_are_profiled_in_order_on_their_real_inputs():
         sequential_layers(nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_measuring_leaves_running_statistics_and_the_random_streams_as_they_were(device):
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.5)).to(device)
+    x = torch.randn(8, 4, device=device)
+    cpu, accelerator = torch.get_rng_state(), torch.cuda.get_rng_state(device) if device == "cuda" else None
+    with kept_state([model], x):
+        model(x)
+        torch.rand(3, device=device)
+    torch.testing.assert_close(model[0].running_mean, torch.zeros(4, device=device))
+    assert int(model[0].num_batches_tracked) == 0
+    assert torch.equal(torch.get_rng_state(), cpu)
+    if accelerator is not None:  # profiling on one rank must not move its GPU stream away from the others'
+        assert torch.equal(torch.cuda.get_rng_state(device), accelerator)
+
+
 def assert_same_weights(a, b):
     wa, wb = load_checkpoint(a / "checkpoint.pt")["model"], load_checkpoint(b / "checkpoint.pt")["model"]
     for name, tensor in wa.items():
@@ -119,7 +138,8 @@ def test_hybrid_two_stages_by_two_replicas_equals_two_worker_data_parallel(tmp_p
     (MODEL, "pipeline:stages=2,microbatches=5", "must divide the batch of 16"),
     (MODEL, "pipeline:stages=2,max_memory_per_worker=1KiB", "max_memory_per_worker=1.0KiB"),
     ("transformer:d_model=16,heads=2,layers=1,ff=32", "pipeline:stages=2,schedule=interleaved,virtual=8",
-     "16 stages but TinyTransformer splits into at most 8"),
+     "16 stages but TinyTransformer splits into at most 5 (a stage begins at a submodule with parameters that "
+     "forward calls once, at a cut PyTorch's stages can run"),  # 8 candidates, 3 of them merged (residuals)
 ])
 def test_impossible_pipelines_fail_with_a_clear_error(tmp_path, model, strategy, words):
     with pytest.raises(JobFailed, match="pipeline"):
@@ -130,6 +150,14 @@ def test_impossible_pipelines_fail_with_a_clear_error(tmp_path, model, strategy,
             raise
 
 
+def test_a_plan_from_an_older_checkpoint_is_resumed_with_no_segments():
+    strategy = SimpleNamespace(S=2, _saved_plan=None)  # load_state_dict reads only the stage count
+    PipelineStrategy.load_state_dict(strategy, {"plan": ([(0, 3), (3, 8)], [])})  # saved before segments existed
+    assert strategy._saved_plan == ([(0, 3), (3, 8)], [], None)
+    PipelineStrategy.load_state_dict(strategy, {"plan": ([(0, 8)], [], None)})  # another stage count: re-partitioned
+    assert strategy._saved_plan == ([(0, 3), (3, 8)], [], None)
+
+
 TRANSFORMER = "transformer:d_model=16,heads=2,layers=2,ff=32"
 
 
@@ -138,15 +166,40 @@ def test_a_transformer_is_cut_before_its_encoder_layers():
     model = TinyTransformer(TransformerOptions(d_model=16, heads=2, layers=2, ff=32), (1, 8, 8), 10)
     sample = torch.randn(4, 1, 8, 8)
     assert split_candidates(model, sample, 2) == ["embed", "encoder.layers.0", "encoder.layers.1", "norm", "head"]
-    names, profiles = profile_segments(model, sample, split_candidates(model, sample, 2), repeats=1)
+    names, profiles = profile_segments(model, sample, 2, repeats=1)
     assert names == ["embed", "encoder.layers.0", "encoder.layers.1", "norm", "head"]
     assert profiles[0].param_bytes == (16 + 16 + 64 * 16) * 4  # the embedding and the model's own position table
     assert [p.activation_bytes for p in profiles] == [4 * 64 * 16 * 4] * 2 + [4 * 16 * 4] * 2 + [4 * 10 * 4]
     assert all(p.grad is None for p in model.parameters()) and "forward" not in model.encoder.layers[1].__dict__
     # Four stages need cuts inside the layers: none may make a residual skip a stage.
-    names, _ = profile_segments(model, sample, split_candidates(model, sample, 4), repeats=1)
+    names, _ = profile_segments(model, sample, 4, repeats=1)
     assert names == ["embed", "encoder.layers.0.norm1", "encoder.layers.0.norm2", "encoder.layers.1.norm1",
                      "encoder.layers.1.norm2", "norm", "head"]
+
+
+def test_tracing_leaves_the_split_points_own_attributes_as_they_were():
+    model = TinyTransformer(TransformerOptions(d_model=16, heads=2, layers=2, ff=32), (1, 8, 8), 10)
+    layer, norm = model.encoder.layers[1], model.norm
+    wrapped = layer.forward  # as another tool's wrapper would keep it
+    vars(layer)["_orig_forward"] = wrapped
+    export_pipe(model, torch.randn(4, 1, 8, 8), ["encoder.layers.1", "norm"])
+    assert vars(layer)["_orig_forward"] is wrapped and "forward" not in vars(layer)
+    assert "_orig_forward" not in vars(norm) and "forward" not in vars(norm)
+
+
+def test_segment_profiling_that_fails_leaves_no_gradients_behind(monkeypatch):
+    model = TinyTransformer(TransformerOptions(d_model=16, heads=2, layers=1, ff=32), (1, 8, 8), 10)
+    sample = torch.randn(4, 1, 8, 8)
+    timed = []
+
+    def fails_after_timing(fn, args, repeats):
+        timed.append(profile.time_forward_backward(fn, args, repeats))  # its backward has run
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(split_points, "time_forward_backward", fails_after_timing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        profile_segments(model, sample, 2, repeats=1)
+    assert timed and all(p.grad is None for p in model.parameters())
 
 
 class OneLinear(nn.Module):
@@ -171,21 +224,19 @@ class DataDependent(nn.Module):
 def test_models_that_cannot_be_split_fail_with_a_clear_error():
     sample = torch.randn(4, 1, 8, 8)
     with pytest.raises(ValueError, match="pipeline: 2 stages but OneLinear splits into at most 1"):
-        split_candidates(OneLinear(), sample, 2)
+        profile_segments(OneLinear(), sample, 2)
     model = DataDependent()
     with pytest.raises(ValueError, match="pipeline: torch.export cannot trace DataDependent"):
-        profile_segments(model, sample, split_candidates(model, sample, 2))
+        profile_segments(model, sample, 2)
     assert "forward" not in model.b.__dict__  # the model is left as it was
 
 
-@pytest.mark.parametrize("schedule, stages", [("interleaved", 4)])  # cuts inside the encoder layers too
-def test_a_model_that_is_not_a_layer_sequence_trains_through_export_exactly_as_one_process(tmp_path, schedule,
-                                                                                           stages):
-    # 4 stages of 2 encoder layers cut inside the layers, around their residual connections.
+def test_a_model_that_is_not_a_layer_sequence_trains_through_export_exactly_as_one_process(tmp_path):
+    # 2 ranks x 2 interleaved stages: 4 stages of 2 encoder layers, cut inside the layers around their residuals.
     common = dict(model=TRANSFORMER, train__steps=20, train__eval_every=10)
     shoal.train(small_config(tmp_path / "one", workers=1, **common))
     summary = shoal.train(small_config(tmp_path / "pp", workers=2,
-                                       strategy=f"pipeline:stages=2,microbatches=4,schedule={schedule}", **common))
+                                       strategy="pipeline:stages=2,microbatches=4,schedule=interleaved", **common))
     assert_same_weights(tmp_path / "one", tmp_path / "pp")
-    assert len(summary.partition) == stages == len(summary.split_points) + 1
+    assert len(summary.partition) == 4 == len(summary.split_points) + 1
     assert summary.partition[0][0] == 0 and summary.activation_bytes_per_worker > 0

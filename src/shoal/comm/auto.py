@@ -36,6 +36,7 @@ from shoal.netem import costmodel
 from shoal.comm.codecs.auto import AutoOptions
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import LocalComm
+from shoal.parallel.profile import kept_state
 from shoal.registry import CODECS, Component
 
 
@@ -99,8 +100,6 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 def _probe_compute(model: nn.Module, loss_fn, inputs, targets, repeats: int) -> tuple[float, torch.Tensor]:
     """Median forward+backward time and the flat gradient, leaving the model as it was."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    rng = torch.get_rng_state()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def once() -> None:
@@ -109,15 +108,12 @@ def _probe_compute(model: nn.Module, loss_fn, inputs, targets, repeats: int) -> 
         loss_fn(model(inputs), targets).backward()
 
     try:
-        compute_s = _median_time(once, repeats)
-        grad = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).detach().clone()
+        with kept_state([model], inputs):
+            compute_s = _median_time(once, repeats)
+            grad = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None]).detach().clone()
     finally:
         for p in params:
             p.grad = None
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        torch.set_rng_state(rng)
     return compute_s, grad
 
 

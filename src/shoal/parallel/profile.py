@@ -9,14 +9,17 @@ median time, its parameters' bytes and its output's bytes are recorded.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 @dataclass
@@ -46,26 +49,17 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
     """Measure each layer on ``sample`` (a batch of inputs), in order; running
     statistics and the random stream are left as they were."""
     profiles = []
-    with kept_state(layers):
+    with kept_state(layers, sample):
         x = sample
         for index, layer in enumerate(layers):
-            times = []
-            out = None
-            for _ in range(max(1, repeats) + 1):  # the first run warms up (allocations, kernels)
-                inp = x.detach().requires_grad_(x.is_floating_point())
-                _sync(x)
-                started = time.perf_counter()
-                out = layer(inp)
-                if out.requires_grad:
-                    out.backward(torch.ones_like(out))
-                _sync(x)  # GPU kernels run asynchronously: time them to their end
-                times.append(time.perf_counter() - started)
-            layer.zero_grad(set_to_none=True)
-            assert out is not None
+            try:
+                time_s, out = time_forward_backward(layer, (x,), repeats)
+            finally:
+                layer.zero_grad(set_to_none=True)
             profiles.append(LayerProfile(
                 index=index,
                 kind=type(layer).__name__,
-                time_s=statistics.median(times[1:]),
+                time_s=time_s,
                 param_bytes=sum(p.numel() * p.element_size() for p in layer.parameters()),
                 activation_bytes=out.numel() * out.element_size(),
             ))
@@ -73,20 +67,46 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
     return profiles
 
 
+def time_forward_backward(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[float, Any]:
+    """Median seconds of ``fn(*args)`` forward and backward, and the last run's output.
+
+    1. Each run gets fresh leaf copies of the tensors in ``args`` (floating
+       point ones requiring gradients), so runs do not chain through autograd.
+    2. Backward starts from ones at every output tensor that requires a gradient.
+    3. The first run warms up (allocations, kernels); the median of the next
+       ``repeats`` (at least 1) is returned.
+    """
+    times, out = [], None
+    for _ in range(max(1, repeats) + 1):
+        inputs = tree_map(_leaf, args)
+        _sync(inputs)
+        started = time.perf_counter()
+        out = fn(*inputs)
+        grads = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if grads:
+            torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
+        _sync((inputs, out))  # GPU kernels run asynchronously: time them to their end
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:]), out
+
+
 @contextmanager
-def kept_state(modules: list[nn.Module]) -> Iterator[None]:
+def kept_state(modules: list[nn.Module], *inputs: torch.Tensor) -> Iterator[None]:
     """Whatever runs inside leaves the modules' buffers (running statistics) and the
-    global random stream as they were: measuring must not train."""
+    random streams as they were: the CPU one and that of every CUDA device the
+    modules or ``inputs`` live on. Measuring must not train, and must not move
+    one rank's random stream away from the others'."""
+    tensors = [*inputs, *(t for module in modules for t in itertools.chain(module.parameters(), module.buffers()))]
+    cuda_devices = sorted({t.device.index for t in tensors if t.is_cuda})
     buffers = [[b.clone() for b in module.buffers()] for module in modules]
-    rng = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for module, saved in zip(modules, buffers):
-                for b, kept in zip(module.buffers(), saved):
-                    b.copy_(kept)
+    with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for module, saved in zip(modules, buffers):
+                    for b, kept in zip(module.buffers(), saved):
+                        b.copy_(kept)
 
 
 def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5,
@@ -132,6 +152,13 @@ def update_seconds_per_parameter(model: nn.Module, make_optimizer, repeats: int 
     return statistics.median(times[1:]) / max(1, sum(p.numel() for p in params))
 
 
-def _sync(t: torch.Tensor) -> None:
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
+def _sync(values: Any) -> None:
+    """Wait for the kernels queued on the CUDA devices of the tensors in ``values``."""
+    for device in {t.device for t in tree_leaves(values) if isinstance(t, torch.Tensor) and t.is_cuda}:
+        torch.cuda.synchronize(device)
+
+
+def _leaf(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.detach().requires_grad_(value.is_floating_point())

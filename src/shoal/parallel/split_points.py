@@ -26,8 +26,6 @@
 from __future__ import annotations
 
 import operator
-import statistics
-import time
 from collections import Counter
 from typing import Any
 
@@ -36,7 +34,7 @@ from torch import fx, nn
 from torch.distributed.pipelining import Pipe, SplitPoint, pipeline
 from torch.utils._pytree import tree_leaves, tree_map
 
-from shoal.parallel.profile import LayerProfile, kept_state
+from shoal.parallel.profile import LayerProfile, kept_state, time_forward_backward
 
 
 def split_candidates(model: nn.Module, sample: torch.Tensor, stages: int) -> list[str]:
@@ -45,7 +43,7 @@ def split_candidates(model: nn.Module, sample: torch.Tensor, stages: int) -> lis
     hooks = [module.register_forward_pre_hook(lambda _m, _a, name=name: calls.update([name]))
              for name, module in model.named_modules() if name]
     try:
-        with kept_state([model]), torch.no_grad():
+        with kept_state([model], sample), torch.no_grad():
             model(sample)
     finally:
         for hook in hooks:
@@ -80,21 +78,17 @@ def split_candidates(model: nn.Module, sample: torch.Tensor, stages: int) -> lis
             break
         at = frontier.index(heaviest)
         frontier[at : at + 1] = children(heaviest)
-    found = points()
-    if len(found) < stages:
-        raise ValueError(f"pipeline: {stages} stages but {type(model).__name__} splits into at most {len(found)} "
-                         f"(a stage begins at a submodule with parameters that forward calls once: "
-                         f"{', '.join(found) or 'none'})")
-    return found
+    return points()  # profile_segments checks that, once merged, there are enough
 
 
 def export_pipe(model: nn.Module, sample: torch.Tensor, starts: list[str]) -> Pipe:
     """Trace ``model`` on ``sample`` (one microbatch) into len(starts)+1
     stages, stage k+1 beginning at submodule ``starts[k]``."""
     wrapped = [model.get_submodule(name) for name in starts]
-    own_forward = [m.__dict__.get("forward") for m in wrapped]
+    patched = ("forward", "_orig_forward")  # what pipeline() sets on each split point's module
+    own = [{key: vars(m)[key] for key in patched if key in vars(m)} for m in wrapped]
     try:
-        with kept_state([model]):
+        with kept_state([model], sample):
             pipe = pipeline(model, mb_args=(sample,), split_spec={name: SplitPoint.BEGINNING for name in starts})
     except Exception as err:
         cause = err.__cause__ or err
@@ -103,12 +97,12 @@ def export_pipe(model: nn.Module, sample: torch.Tensor, starts: list[str]) -> Pi
                          f"models that are not an nn.Sequential must export as one graph") from err
     finally:
         # pipeline() marks the split points by wrapping the model's own submodules' forward: undo it.
-        for module, forward in zip(wrapped, own_forward):
-            module.__dict__.pop("_orig_forward", None)
-            if forward is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = forward
+        for module, saved in zip(wrapped, own):
+            for key in patched:
+                if key in saved:
+                    vars(module)[key] = saved[key]
+                else:
+                    vars(module).pop(key, None)
     if pipe.num_stages != len(starts) + 1:
         raise ValueError(f"pipeline: splitting {type(model).__name__} before {', '.join(starts)} gave "
                          f"{pipe.num_stages} stages, not {len(starts) + 1}")
@@ -134,87 +128,81 @@ def uncuttable(pipe: Pipe) -> set[int]:
                 keep.update(range(1, reader + 1))
             else:
                 keep.update(range(source.meta["stage_idx"] + 2, reader + 1))
+    stage_of = _stage_indices(pipe.split_gm)
     for users in pipe.replicated_params:  # {stage submodule name: parameter name}, one per tied parameter
-        indices = [_stage_of(name) for name in users]
+        indices = [stage_of[name] for name in users]
         keep.update(range(min(indices) + 1, max(indices) + 1))
     return keep
 
 
-def profile_segments(model: nn.Module, sample: torch.Tensor, points: list[str],
+def profile_segments(model: nn.Module, sample: torch.Tensor, stages: int,
                      repeats: int = 5) -> tuple[list[str], list[LayerProfile]]:
-    """The split points that can be cut at and one profile per segment between them."""
+    """The split points for ``stages`` stages that can be cut at, and one profile
+    per segment between them; too few of them is an error."""
+    points = split_candidates(model, sample, stages)
     pipe = export_pipe(model, sample, points[1:])
     timer = _SegmentTimer(pipe.split_gm, repeats)
-    with kept_state([model]):
-        timer.run(sample)
-    model.zero_grad(set_to_none=True)
+    try:
+        with kept_state([model], sample):
+            timer.run(sample)
+    finally:
+        model.zero_grad(set_to_none=True)
     keep = uncuttable(pipe)
     names: list[str] = []
     profiles: list[LayerProfile] = []
     for index, name in enumerate(points):
-        p = timer.profiles[index]
+        time_s, param_bytes, activation_bytes = timer.measured[index]
         if index in keep:  # merged into the segment before
             last = profiles[-1]
-            last.time_s += p.time_s
-            last.param_bytes += p.param_bytes
-            last.activation_bytes = p.activation_bytes
+            last.time_s += time_s
+            last.param_bytes += param_bytes
+            last.activation_bytes = activation_bytes
             continue
         names.append(name)
         profiles.append(LayerProfile(index=len(profiles), kind=type(model.get_submodule(name)).__name__,
-                                     time_s=p.time_s, param_bytes=p.param_bytes,
-                                     activation_bytes=p.activation_bytes))
+                                     time_s=time_s, param_bytes=param_bytes, activation_bytes=activation_bytes))
+    if len(names) < stages:
+        raise ValueError(f"pipeline: {stages} stages but {type(model).__name__} splits into at most {len(names)} "
+                         f"(a stage begins at a submodule with parameters that forward calls once, at a cut "
+                         f"PyTorch's stages can run: {', '.join(names) or 'none'})")
     return names, profiles
 
 
-def stage_tensors(model: nn.Module, stage_module: nn.Module) -> list[torch.Tensor]:
-    """The model's own parameters, then buffers, that one exported stage holds."""
+def stage_tensors(model: nn.Module, stage_module: nn.Module) -> tuple[list[nn.Parameter], list[torch.Tensor]]:
+    """The model's own parameters and buffers that one exported stage holds."""
     own = {id(t) for t in [*model.parameters(), *model.buffers()]}
-    held = [*stage_module.named_parameters(), *stage_module.named_buffers()]
-    for name, tensor in held:
-        if id(tensor) not in own:
-            raise ValueError(f"pipeline: the exported stage holds a copy of {name}, not the model's own "
-                             f"tensor (a parameter used by more than one stage?); it would not train")
-    return [tensor for _, tensor in held]
+    params, buffers = dict(stage_module.named_parameters()), dict(stage_module.named_buffers())
+    for kind, held in (("parameter", params), ("buffer", buffers)):
+        for name, tensor in held.items():
+            if id(tensor) not in own:
+                raise ValueError(f"pipeline: the exported stage's {kind} {name} ({tuple(tensor.shape)}) is not "
+                                 f"one of {type(model).__name__}'s own tensors; training the stage would not "
+                                 f"update the model")
+    return list(params.values()), list(buffers.values())
 
 
 class _SegmentTimer(fx.Interpreter):
     """Runs a split graph segment by segment, timing each one's forward and
-    backward on detached copies of its real inputs (the median of ``repeats``
-    after a warm-up run)."""
+    backward on detached copies of its real inputs (:func:`time_forward_backward`)."""
 
     def __init__(self, split_gm: fx.GraphModule, repeats: int):
         super().__init__(split_gm)
-        self.repeats = max(1, repeats)
-        self.profiles: dict[int, LayerProfile] = {}
+        self.repeats = repeats
+        self.stage_of = _stage_indices(split_gm)
+        self.measured: dict[int, tuple[float, int, int]] = {}  # stage: (seconds, parameter bytes, output bytes)
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
         segment = self.fetch_attr(target)
-        times, out = [], None
-        for _ in range(self.repeats + 1):
-            inputs = tree_map(_leaf, args)
-            started = time.perf_counter()
-            out = segment(*inputs, **kwargs)
-            grads = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
-            if grads:
-                torch.autograd.backward(grads, [torch.ones_like(t) for t in grads])
-            if any(isinstance(t, torch.Tensor) and t.is_cuda for t in tree_leaves(out)):
-                torch.cuda.synchronize()  # GPU kernels run asynchronously: time them to their end
-            times.append(time.perf_counter() - started)
+        time_s, out = time_forward_backward(lambda *inputs: segment(*inputs, **kwargs), args, self.repeats)
         outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        index = _stage_of(target)
-        self.profiles[index] = LayerProfile(
-            index=index, kind=str(target), time_s=statistics.median(times[1:]),
-            param_bytes=sum(p.numel() * p.element_size() for p in segment.parameters()),
-            activation_bytes=sum(t.numel() * t.element_size() for t in outputs),
+        self.measured[self.stage_of[target]] = (
+            time_s,
+            sum(p.numel() * p.element_size() for p in segment.parameters()),
+            sum(t.numel() * t.element_size() for t in outputs),
         )
         return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
 
-def _stage_of(submodule_name: str) -> int:
-    return int(submodule_name.rsplit("_", 1)[1])  # PyTorch names stage k's module submod_pp_k
-
-
-def _leaf(value: Any) -> Any:
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.detach().requires_grad_(value.is_floating_point())
+def _stage_indices(split_gm: fx.GraphModule) -> dict[str, int]:
+    """Each stage module's name in the split graph: its stage index (numbered by PyTorch's Pipe)."""
+    return {node.target: node.meta["stage_idx"] for node in split_gm.graph.nodes if node.op == "call_module"}

@@ -49,7 +49,7 @@ from shoal.comm.wire import WireMeter
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel.plan import in_flight, layer_memory, moments_per_parameter
 from shoal.parallel.profile import LayerProfile, profile_layers, sequential_layers
-from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates, stage_tensors
+from shoal.parallel.split_points import export_pipe, profile_segments, stage_tensors
 from shoal.registry import STRATEGIES
 from shoal.strategies.base import StepStats, Strategy
 
@@ -105,7 +105,7 @@ class PipelineStrategy(Strategy):
         self._saved_plan: Any = None  # a resumed run keeps its partition (optimizer state follows the layers)
         self.bounds: list[range] = []
         self.profiles: list[LayerProfile] = []
-        self.segments: list[str] | None = None  # exported models: the submodule each segment begins at
+        self.segments: list[str] | None = None  # exported models, once planned: the submodule each segment begins at
         self.stage_tensors: list[list[torch.Tensor]] = []  # every stage's parameters and buffers
         self.busy_s = 0.0  # this rank's forward/backward compute, all steps
         self.pipeline_s = 0.0  # the schedules' wall time, all steps
@@ -125,19 +125,21 @@ class PipelineStrategy(Strategy):
         if self.context.rank == 0:
             plan[0] = self._saved_plan or self._partition(microbatch)
         dist.broadcast_object_list(plan, src=0)
-        bounds, profiles, self.segments = (*plan[0], None)[:3]  # older checkpoints' plans have no segments
+        bounds, profiles, self.segments = plan[0]
         self.bounds = [range(a, b) for a, b in bounds]
         self.profiles = [LayerProfile(**p) for p in profiles]
         if self.layers is not None:
             modules = [nn.Sequential(*(self.layers[i] for i in part)) for part in self.bounds]
-            self.stage_tensors = [[*m.parameters(), *m.buffers()] for m in modules]
+            held = [([*m.parameters()], [*m.buffers()]) for m in modules]
             built = [PipelineStage(modules[index], index, self.S, self.context.device, group=self.pp_group)
                      for index in self.local]
         else:
             # Every rank traces the whole model (same graph everywhere) and keeps its own stages.
             pipe = export_pipe(self.model, microbatch.to(self.context.device), self._split_points())
-            self.stage_tensors = [stage_tensors(self.model, pipe.get_stage_module(s)) for s in range(self.S)]
+            held = [stage_tensors(self.model, pipe.get_stage_module(s)) for s in range(self.S)]
             built = [pipe.build_stage(index, self.context.device, group=self.pp_group) for index in self.local]
+        self.stage_tensors = [[*params, *buffers] for params, buffers in held]
+        self.stage_params = [p for index in self.local for p in held[index][0] if p.requires_grad]
         stages, self.out_bytes, self.in_bytes = [], 0, 0
         for index, stage in zip(self.local, built):
             part = self.bounds[index]
@@ -150,14 +152,11 @@ class PipelineStrategy(Strategy):
         schedule = SCHEDULES[self.options.schedule]
         self.schedule = schedule(stages if self.options.schedule == "interleaved" else stages[0],
                                  n_microbatches=self.M, loss_fn=self.loss_fn)
-        params = {id(p) for p in self.model.parameters()}
-        self.stage_params = [t for index in self.local for t in self.stage_tensors[index]
-                             if id(t) in params and t.requires_grad]
 
     def _split_points(self) -> list[str]:
-        """Exported models: the submodule each stage after the first begins at."""
-        assert self.segments is not None
-        return [self.segments[part.start] for part in self.bounds[1:]]
+        """Exported models: the submodule each stage after the first begins at (none before the first step)."""
+        segments = self.segments or []
+        return [segments[part.start] for part in self.bounds[1:]]
 
     def _partition(self, microbatch: torch.Tensor) -> tuple[list[tuple[int, int]], list[dict], list[str] | None]:
         """Rank 0: profile the layers (or an exported model's segments) and
@@ -167,11 +166,7 @@ class PipelineStrategy(Strategy):
         if self.layers is not None:
             profiles = profile_layers(self.layers, sample, repeats)
         else:
-            names, profiles = profile_segments(self.model, sample, split_candidates(self.model, sample, self.S),
-                                               repeats)
-            if len(names) < self.S:
-                raise ValueError(f"pipeline: {self.S} stages but {type(self.model).__name__} splits into at most "
-                                 f"{len(names)}, beginning at {', '.join(names)}")
+            names, profiles = profile_segments(self.model, sample, self.S, repeats)
         if self.options.partition == "equal":
             bounds = equal_split(len(profiles), self.S)
         else:
@@ -270,8 +265,11 @@ class PipelineStrategy(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("plan") and len(state["plan"][0]) == self.S:
-            self._saved_plan = state["plan"]
+        plan = state.get("plan")
+        if plan and len(plan[0]) == self.S:
+            if len(plan) == 2:  # older checkpoints' plans (layer sequences only) name no segments
+                plan = (*plan, None)
+            self._saved_plan = plan
 
     def close(self) -> dict[str, Any]:
         """Per-stage compute, bubble, memory and partition figures, gathered on every rank."""
@@ -293,7 +291,7 @@ class PipelineStrategy(Strategy):
                      for r in range(self.P)] if self.profiles else [0] * self.P  # per rank
         return {
             "partition": [[r.start, r.stop] for r in self.bounds],
-            **({"split_points": self._split_points()} if self.segments is not None else {}),
+            **({"split_points": self._split_points()} if self.layers is None else {}),
             "stage_compute_s": busy,
             "stage_imbalance": max(busy) / (sum(busy) / len(busy)) if sum(busy) > 0 else None,
             "predicted_stage_imbalance": imbalance([p.time_s for p in self.profiles], self.bounds)
