@@ -35,6 +35,7 @@ of its last pull, so no worker ever waits for another to evaluate.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import threading
@@ -53,7 +54,7 @@ from shoal.comm.codecs.base import Payload, build_codec
 from shoal.comm.memory import ErrorFeedback
 from shoal.parallel.partition import min_max_split
 from shoal.strategies.base import StepStats, Strategy
-from shoal.training.checkpoint import load_checkpoint, save_checkpoint
+from shoal.training.checkpoint import LatestSaver, load_checkpoint
 from shoal.training.optim import build_optimizer
 
 # Codecs whose decode needs nothing but the payload (no shared random stream,
@@ -96,6 +97,7 @@ class ParameterShard:
     staleness_sum: int = 0
     checkpoint_every: int = 0  # versions between shard checkpoints; 0: none
     checkpoint_path: Path | None = None
+    saver: LatestSaver | None = None  # writes them off the lock, newest first
 
     def flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -117,11 +119,14 @@ class ParameterShard:
         self.pushes += 1
         self.staleness_sum += max(staleness, 0)
         if self.checkpoint_path is not None and self.checkpoint_every and self.version % self.checkpoint_every == 0:
-            self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(self.checkpoint_path, self.state_dict())  # atomic: temp file + rename
+            if self.saver is None:
+                self.saver = LatestSaver(self.checkpoint_path)
+            self.saver.submit(self.state_dict())  # a snapshot; written atomically on the saver's thread
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": [p.detach().clone() for p in self.params], "optimizer": self.optimizer.state_dict(),
+        """A snapshot (copies, not views of the live tensors)."""
+        return {"params": [p.detach().clone() for p in self.params],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "version": self.version, "policy": self.policy.state_dict(),
                 "pushes": self.pushes, "staleness_sum": self.staleness_sum}
 
@@ -307,6 +312,8 @@ class PsHost:
             if self.worker_restarts is not None:
                 totals["worker_restarts"] = self.worker_restarts()
         rpc.shutdown()
+        if self.shard is not None and self.shard.saver is not None:
+            self.shard.saver.flush()  # the last shard checkpoint is on disk before the process ends
         return replies, totals
 
     def shard_state(self) -> dict[str, Any] | None:

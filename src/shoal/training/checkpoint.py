@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +61,43 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class LatestSaver:
+    """Writes checkpoints to one path on its own thread, newest first: a
+    snapshot handed over while an older one waits replaces it, so the caller
+    (a parameter shard holding its lock) never waits for the disk. The caller
+    must hand over a snapshot it will not modify (cloned tensors)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.cond = threading.Condition()
+        self.pending: dict[str, Any] | None = None
+        self.writing = False
+        self.thread: threading.Thread | None = None
+
+    def submit(self, state: dict[str, Any]) -> None:
+        with self.cond:
+            self.pending = state
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="shoal-checkpoint", daemon=True)
+                self.thread.start()
+            self.cond.notify_all()
+
+    def flush(self) -> None:
+        """Return once every snapshot handed over so far is on disk (or dropped for a newer one)."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.pending is None and not self.writing)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.pending is not None)
+                state, self.pending, self.writing = self.pending, None, True
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(self.path, state)
+            finally:
+                with self.cond:
+                    self.writing = False
+                    self.cond.notify_all()
