@@ -213,3 +213,12 @@ def test_simulate_cli_and_its_config_errors(tmp_path):
         assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr, result.stderr
     with pytest.raises(ConfigError, match="fl.partition"):
         load_fl_config({"fl": {"partition": "zipf"}})
+
+
+def test_simulation_rejects_non_finite_updates_as_a_server_would(tmp_path):
+    cfg = load_fl_config(_cfg(tmp_path, rounds=2, eval_every=1).model_dump(mode="json"),
+                         ["optimizer.lr=1e38", "optimizer.momentum=0"])
+    simulate(cfg, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rejected"] == 4 and not r["aggregated"] for r in lines)
+    assert lines[0]["test_accuracy"] == lines[1]["test_accuracy"]  # the model never moved

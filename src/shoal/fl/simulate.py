@@ -8,6 +8,9 @@ stops the run with its error, naming the client and the round. Dropouts,
 slow clients (whose emulated time, measured compute x slow_factor, is
 checked against ``fl.deadline_s``) and per-client local epochs come from
 the seed exactly as on a real fleet (:class:`~shoal.fl.federation.Federation`).
+Every update goes through the server's validation and decoding
+(:meth:`Federation.decode`): one with NaN or infinite values is rejected
+and counted, as a real server would.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from shoal.comm.memory import ErrorFeedback
 from shoal.fl.config import FlRunConfig, load_fl_config
-from shoal.fl.federation import Federation, RoundTally, client_data
+from shoal.fl.federation import Federation, RoundTally, UpdateRejected, client_data
 from shoal.fl.local import LocalTrainer, client_seed
 from shoal.fl.strategies.base import ClientResult
 
@@ -71,7 +74,12 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
                 if result.compute_s * fed.fleet.slowness(client) > cfg.fl.deadline_s:
                     tally.late.append(client)
                     continue
-                tally.results.append(ClientResult(str(client), result.delta, result.num_examples, result.loss))
+                try:  # the server's own checks, so a simulation accepts exactly what a server would
+                    delta = fed.decode(client, result.payload.tensors, result.num_examples)
+                except UpdateRejected:
+                    tally.rejected.append(client)
+                    continue
+                tally.results.append(ClientResult(str(client), delta, result.num_examples, result.loss))
             record = fed.finish_round(rnd, tally)
             if "test_accuracy" in record:
                 bar.update(task, acc=f"{record['test_accuracy']:.4f}")
