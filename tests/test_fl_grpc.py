@@ -1,5 +1,5 @@
 """A real federation on loopback: a server and 4 client processes over gRPC
-with mutual TLS — a refused client, a rejected malformed update, a client
+with mutual TLS (plus a fifth client played by the test) — a refused client, a rejected malformed update, a client
 killed mid-training, and the server killed and restarted mid-training."""
 
 import json
@@ -52,7 +52,7 @@ def federation(tmp_path):
 data: {{dataset: digits, batch_size: 16}}
 model: mlp:hidden=[32]
 optimizer: {{name: sgd, lr: 0.1, momentum: 0.9}}
-fl: {{clients: 4, clients_per_round: 3, min_clients: 2, rounds: {ROUNDS}, eval_every: 1, deadline_s: 2}}
+fl: {{clients: 5, clients_per_round: 4, min_clients: 2, rounds: {ROUNDS}, eval_every: 1, deadline_s: 2}}
 server: {{address: "127.0.0.1:0", db: {db}, certs: {certs}}}
 out: {tmp_path / "run"}
 """)
@@ -74,16 +74,16 @@ def test_a_federation_survives_bad_clients_a_dead_client_and_a_server_restart(fe
     address = _wait(lambda: (out / "server.json").exists() and json.loads((out / "server.json").read_text())["address"],
                     60, "the server to listen")
     clients = {i: _cli("fl", "client", cfg, "--server", address, "--token", token, "--partition", i,
-                       log=tmp / f"client{i}.log") for i in range(3)}
+                       log=tmp / f"client{i}.log") for i in range(4)}
     procs.extend(clients.values())
 
     # A client with a wrong token is refused and the refusal is logged.
-    refused = run_cli("fl", "client", str(cfg), "--server", address, "--token", "not-a-token", "--partition", "3")
+    refused = run_cli("fl", "client", str(cfg), "--server", address, "--token", "not-a-token", "--partition", "4")
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr, refused.stderr
 
     # A client with a valid token sends an update of the wrong shape: rejected, the round goes on.
     with Connection(address, TlsFiles.client(tmp / "certs", "tester"), retry_for_s=30) as conn:
-        me = {"token": token, "partition": 3}
+        me = {"token": token, "partition": 4}
         conn.call("Join", wire.pack(me, {}))
         while True:
             meta, tensors = wire.unpack(conn.call("Task", wire.pack({**me, "after": 0}, {})))
@@ -105,7 +105,7 @@ def test_a_federation_survives_bad_clients_a_dead_client_and_a_server_restart(fe
     restarted = _cli("fl", "server", cfg, "-v", "--address", address, log=tmp / "server2.log")
     procs.append(restarted)
     assert restarted.wait(timeout=240) == 0, (tmp / "server2.log").read_text()[-3000:]
-    for i in (0, 2):
+    for i in (0, 2, 3):
         assert clients[i].wait(timeout=30) == 0, (tmp / f"client{i}.log").read_text()[-2000:]
 
     log1, log2 = (tmp / "server1.log").read_text(), (tmp / "server2.log").read_text()
@@ -117,7 +117,7 @@ def test_a_federation_survives_bad_clients_a_dead_client_and_a_server_restart(fe
     assert summary["final_accuracy"] > 0.8
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == list(range(1, ROUNDS + 1))  # no round lost or repeated
-    assert sum(r["rejected"] for r in lines) == 1 and [3] in [r["rejected_clients"] for r in lines]
+    assert sum(r["rejected"] for r in lines) == 1 and [4] in [r["rejected_clients"] for r in lines]
     assert any(1 in r["dropped_clients"] for r in lines if r["round"] > 4)  # the killed client's rounds
     assert all(r["participating"] >= 2 for r in lines if r["aggregated"])
 
