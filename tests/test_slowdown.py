@@ -30,7 +30,12 @@ def test_the_slowed_worker_computes_factor_times_slower(tmp_path, method):
     shoal.train(small_config(tmp_path / "fast", **base))
     shoal.train(small_config(tmp_path / "slow", slowdown={"factors": {0: 3.0}, "method": method}, **base))
     ratio = _mean_step(tmp_path / "slow") / _mean_step(tmp_path / "fast")
-    assert 2.0 < ratio < 4.5, f"{method}: slowed steps {ratio:.2f}x the normal ones, wanted ~3x"
+    # A quota also charges the worker's own background threads (gloo, the
+    # allocator) and throttles in whole periods, so on a loaded machine it
+    # overshoots: 5.7x was seen once in a full suite run. Busy-waiting scales
+    # the measured compute itself and stays close to the factor.
+    high = 6.5 if method == "cgroup" else 4.5
+    assert 2.0 < ratio < high, f"{method}: slowed steps {ratio:.2f}x the normal ones, wanted ~3x"
     assert not list(slowdown_module.CGROUP_ROOT.glob("cpu/shoal-slow-*")), "cgroup left behind"
 
 

@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, exchange
@@ -49,11 +48,16 @@ from shoal.comm.wire import WireMeter
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel.plan import in_flight, layer_memory, moments_per_parameter
 from shoal.parallel.profile import LayerProfile, profile_layers, sequential_layers
-from shoal.parallel.split_points import export_pipe, profile_segments, stage_tensors
 from shoal.registry import STRATEGIES
 from shoal.strategies.base import StepStats, Strategy
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
+
+# PyTorch's schedule classes by option name. torch.distributed.pipelining (and
+# split_points, which needs it) is imported when a pipeline is built: it takes
+# most of a second, which every worker of every other strategy would pay.
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
 
 
 class PipelineOptions(BaseModel):
@@ -118,6 +122,10 @@ class PipelineStrategy(Strategy):
         return self.context.rank // self.options.stages, self.options.dp
 
     def _setup(self, inputs: torch.Tensor) -> None:
+        from torch.distributed import pipelining
+
+        from shoal.parallel.split_points import export_pipe, stage_tensors
+
         if len(inputs) % self.M:
             raise ValueError(f"pipeline: microbatches={self.M} must divide the batch of {len(inputs)}")
         microbatch = inputs[: len(inputs) // self.M]
@@ -131,7 +139,7 @@ class PipelineStrategy(Strategy):
         if self.layers is not None:
             modules = [nn.Sequential(*(self.layers[i] for i in part)) for part in self.bounds]
             held = [([*m.parameters()], [*m.buffers()]) for m in modules]
-            built = [PipelineStage(modules[index], index, self.S, self.context.device, group=self.pp_group)
+            built = [pipelining.PipelineStage(modules[index], index, self.S, self.context.device, group=self.pp_group)
                      for index in self.local]
         else:
             # Every rank traces the whole model (same graph everywhere) and keeps its own stages.
@@ -149,7 +157,7 @@ class PipelineStrategy(Strategy):
                 self.out_bytes += self.profiles[part[-1]].activation_bytes  # per microbatch, to the next stage
             if index > 0:
                 self.in_bytes += self.profiles[part[0] - 1].activation_bytes  # gradients back to the previous
-        schedule = SCHEDULES[self.options.schedule]
+        schedule = getattr(pipelining, SCHEDULES[self.options.schedule])
         self.schedule = schedule(stages if self.options.schedule == "interleaved" else stages[0],
                                  n_microbatches=self.M, loss_fn=self.loss_fn)
 
@@ -166,6 +174,8 @@ class PipelineStrategy(Strategy):
         if self.layers is not None:
             profiles = profile_layers(self.layers, sample, repeats)
         else:
+            from shoal.parallel.split_points import profile_segments
+
             names, profiles = profile_segments(self.model, sample, self.S, repeats)
         if self.options.partition == "equal":
             bounds = equal_split(len(profiles), self.S)
