@@ -49,6 +49,25 @@ def test_pipeline_step_is_m_plus_p_minus_one_slots_of_the_slowest_stage():
         pipeline(with_act, 4, 1, 8, 64, LINK, 0, None, "1f1b").memory_bytes  # 1F1B holds at most P microbatches
 
 
+def test_interleaved_pipeline_has_v_times_the_slots_of_a_chunk_and_a_smaller_bubble():
+    layers = uniform(per_sample=1e-4, act=0)
+    plain = pipeline(layers, stages=2, replicas=1, microbatches=8, global_batch=64, link=LINK,
+                     optimizer_states=0, cap=None)
+    looped = pipeline(layers, 2, 1, 8, 64, LINK, 0, None, schedule="interleaved", virtual=2)
+    chunk = 2 * 1e-4 * 8  # 8 layers in 4 chunks of 2, microbatch of 8
+    assert looped.step_s == pytest.approx((2 * 8 + 2 - 1) * chunk)
+    assert looped.bubble_fraction == pytest.approx(1 / 17) and plain.bubble_fraction == pytest.approx(1 / 9)
+    assert looped.step_s < plain.step_s and looped.label == "pipeline P=2 M=8 V=2"
+    assert looped.partition == [[0, 2], [2, 4], [4, 6], [6, 8]]  # rank 0 holds chunks 0 and 2
+    assert looped.memory_bytes == plain.memory_bytes  # each rank still holds half the layers
+    # Every chunk boundary sends: rank 0's chunks 0 and 2 have three cuts between them, not one.
+    sending = uniform(act=1e4)
+    assert pipeline(sending, 2, 1, 8, 64, LINK, 0, None, "interleaved", virtual=2).wire_bytes == \
+        pytest.approx(3 * pipeline(sending, 2, 1, 8, 64, LINK, 0, None).wire_bytes)
+    labels = [layout.label for layout in candidates(layers, 2, 32, LINK, 0, cap=None)]
+    assert "pipeline P=2 M=8 V=2" in labels and "pipeline P=2 M=8" in labels
+
+
 def test_recommendation_respects_the_memory_cap_and_says_why():
     layers = uniform()
     everything = candidates(layers, 4, 32, LINK, 1, cap=None)
@@ -86,6 +105,17 @@ def test_plan_cli_prints_and_writes_the_plan(tmp_path):
     assert "data x4 none" in labels and any(label.startswith("pipeline P=2") for label in labels)
     assert report["recommended"] in labels and len(report["scaled"]) == 9
     assert all(row["step_s"] > 0 for row in report["layouts"])
+
+
+def test_plan_of_a_model_that_is_not_a_layer_sequence_uses_its_export_split_points(tmp_path):
+    config, out = tmp_path / "tiny.yaml", tmp_path / "plan.json"
+    config.write_text("data: {dataset: 'mnist1d:samples=400', batch_size: 16}\n"
+                      "model: 'transformer:d_model=32,layers=2,heads=2,ff=64'\n")
+    result = run_cli("plan", str(config), "--workers", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["layers"] == len(report["pieces"]) >= 2
+    assert any(row["label"].startswith("pipeline P=2") for row in report["layouts"])
 
 
 def test_plan_cli_bad_rate_exits_2(tmp_path):

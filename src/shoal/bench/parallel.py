@@ -30,7 +30,7 @@ from shoal.netem.costmodel import Link
 from shoal.netem.testbed import rate_bits
 from shoal.parallel.partition import equal_split
 from shoal.parallel.plan import CODECS, data_parallel, moments_per_parameter, pipeline
-from shoal.parallel.profile import layer_costs, sequential_layers, update_seconds_per_parameter
+from shoal.parallel.profile import model_costs, update_seconds_per_parameter
 from shoal.training.optim import build_optimizer
 
 LATENCY_S = 100e-6  # the planner's per-message latency for the emulated links (veth + bridge, loaded host)
@@ -164,7 +164,7 @@ def _profile(cfg: Any) -> tuple[list, int]:
         model = build_model(cfg.model, data)
         batch = max(cfg.data.batch_size, 8)
         per_param = update_seconds_per_parameter(model, lambda params: build_optimizer(cfg.optimizer, params))
-        costs = layer_costs(sequential_layers(model), data.train.tensors[0][:batch], update_s_per_param=per_param)
+        costs, _ = model_costs(model, data.train.tensors[0][:batch], max_stages=4, update_s_per_param=per_param)
     finally:
         torch.set_num_threads(threads)
     return costs, moments_per_parameter(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))

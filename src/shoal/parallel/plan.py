@@ -85,6 +85,7 @@ class Layout:
     wire_bytes: float = 0.0  # per worker per step
     fits: bool = True
     partition: list[list[int]] = field(default_factory=list)
+    virtual: int = 1  # chunks per rank (interleaved schedule)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -125,9 +126,16 @@ def data_parallel(layers: list[LayerCost], workers: int, batch: int, link: Link,
 
 def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: int, global_batch: int, link: Link,
              optimizer_states: int, cap: float | None, schedule: str = "1f1b",
-             bounds: list[range] | None = None) -> Layout:
+             bounds: list[range] | None = None, virtual: int = 1) -> Layout:
     """``stages`` x ``replicas`` workers; each replica runs global_batch / replicas in M microbatches,
-    on the balanced partition unless ``bounds`` gives one."""
+    on the balanced partition unless ``bounds`` gives one.
+
+    Under ``schedule="interleaved"`` the layers are cut into P*V chunks and
+    rank r holds chunks r, r+P, ...: a microbatch's trip through one chunk is
+    the slot, a step (V*M + P - 1) slots, the bubble (P-1)/(V*M+P-1), and
+    every chunk boundary is a send (V times a plain pipeline's)."""
+    V = virtual if schedule == "interleaved" else 1
+    chunks = stages * V
     micro = global_batch / (replicas * microbatches)
     times = [layer.time_s(micro) for layer in layers]
     held = in_flight(schedule, microbatches, stages)
@@ -136,32 +144,35 @@ def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: 
     fits = True
     if bounds is None:  # the balanced partition, under the cap as partition=auto takes it
         try:
-            bounds = min_max_split(times, stages, sizes=sizes if cap else None, cap=cap)
+            bounds = min_max_split(times, chunks, sizes=sizes if cap else None, cap=cap / V if cap else None)
         except NoFeasibleSplit:
-            bounds, fits = min_max_split(times, stages), False
-    slot, memory, wire = 0.0, 0.0, 0.0
-    for s, part in enumerate(bounds):
+            bounds, fits = min_max_split(times, chunks), False
+    slot, wire = 0.0, [0.0] * stages
+    memory, params, update = [0.0] * stages, [0.0] * stages, [0.0] * stages
+    for c, part in enumerate(bounds):
+        rank = c % stages
         compute = sum(times[i] for i in part)
-        cut_out = layers[part[-1]].activation_bytes_per_sample * micro if s < stages - 1 else 0.0
-        cut_in = layers[part[0] - 1].activation_bytes_per_sample * micro if s > 0 else 0.0
+        cut_out = layers[part[-1]].activation_bytes_per_sample * micro if c < chunks - 1 else 0.0
+        cut_in = layers[part[0] - 1].activation_bytes_per_sample * micro if c > 0 else 0.0
         sends = (link.alpha_s + cut_out / link.beta_bytes_per_s if cut_out else 0.0) \
             + (link.alpha_s + cut_in / link.beta_bytes_per_s if cut_in else 0.0)  # activations out, grads back
         slot = max(slot, compute + sends)
-        memory = max(memory, sum(sizes[i] for i in part))
-        wire = max(wire, (cut_out + cut_in) * microbatches)
-    stage_params = max(sum(layers[i].param_bytes for i in part) for part in bounds)
-    dp_comm = allreduce_s(stage_params, replicas, link)
-    update = max(sum(layers[i].update_s for i in part) for part in bounds)  # after the flush, not overlapped
-    step = (microbatches + stages - 1) * slot + dp_comm + update
-    compute = sum(times) / stages * microbatches + update
+        memory[rank] += sum(sizes[i] for i in part)
+        wire[rank] += (cut_out + cut_in) * microbatches
+        params[rank] += sum(layers[i].param_bytes for i in part)
+        update[rank] += sum(layers[i].update_s for i in part)  # after the flush, not overlapped
+    dp_comm = allreduce_s(max(params), replicas, link)
+    step = (V * microbatches + stages - 1) * slot + dp_comm + max(update)
+    compute = sum(times) / stages * microbatches + max(update)
     kind = "pipeline" if replicas == 1 else "hybrid"
-    label = f"pipeline P={stages} M={microbatches}" + (f" x dp {replicas}" if replicas > 1 else "")
+    label = f"pipeline P={stages} M={microbatches}" + (f" V={V}" if V > 1 else "") \
+        + (f" x dp {replicas}" if replicas > 1 else "")
     return Layout(label=label, kind=kind, workers=stages * replicas, stages=stages, replicas=replicas,
                   microbatches=microbatches, step_s=step, compute_s=compute, comm_s=step - compute,
-                  bubble_fraction=(stages - 1) / (microbatches + stages - 1), memory_bytes=memory,
-                  wire_bytes=wire + (stage_params if replicas > 1 else 0.0),
-                  fits=fits and (cap is None or memory <= cap),
-                  partition=[[r.start, r.stop] for r in bounds])
+                  bubble_fraction=(stages - 1) / (V * microbatches + stages - 1), memory_bytes=max(memory),
+                  wire_bytes=max(wire) + (max(params) if replicas > 1 else 0.0),
+                  fits=fits and (cap is None or max(memory) <= cap),
+                  partition=[[r.start, r.stop] for r in bounds], virtual=V)
 
 
 def candidates(layers: list[LayerCost], workers: int, batch: int, link: Link, optimizer_states: int,
@@ -177,6 +188,11 @@ def candidates(layers: list[LayerCost], workers: int, batch: int, link: Link, op
             if global_batch % (replicas * m):
                 continue
             out.append(pipeline(layers, stages, replicas, m, global_batch, link, optimizer_states, cap))
+            # Interleaved 1F1B with two chunks per rank, where the model has the pieces
+            # and M is a multiple of P (PyTorch's schedule runs microbatches in rounds of P).
+            if 2 * stages <= len(layers) and m % stages == 0:
+                out.append(pipeline(layers, stages, replicas, m, global_batch, link, optimizer_states, cap,
+                                    "interleaved", virtual=2))
     return sorted(out, key=lambda layout: (not layout.fits, layout.step_s))
 
 

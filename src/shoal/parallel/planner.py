@@ -11,10 +11,11 @@ from rich.table import Table
 from shoal.config import RunConfig
 from shoal.netem.costmodel import Link
 from shoal.parallel.plan import candidates, moments_per_parameter, recommend
-from shoal.parallel.profile import layer_costs, sequential_layers, update_seconds_per_parameter
+from shoal.parallel.profile import model_costs, update_seconds_per_parameter
 from shoal.training.optim import build_optimizer
 
 SCALES = (64, 256, 1024)
+MAX_STAGES = 8  # pipelines deeper than this are not profiled for
 RATES = {"1gbit": 1e9, "10gbit": 1e10, "100gbit": 1e11}
 
 
@@ -25,12 +26,13 @@ def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) ->
     data = build_dataset(cfg.data.dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data)
-    layers = sequential_layers(model)
     batch = cfg.data.batch_size
     inputs = data.train.tensors[0][: max(batch, 4)] if hasattr(data.train, "tensors") else \
         torch.stack([data.train[i][0] for i in range(max(batch, 4))])
     per_param = update_seconds_per_parameter(model, lambda params: build_optimizer(cfg.optimizer, params))
-    costs = layer_costs(layers, inputs, update_s_per_param=per_param)
+    # A model that is not a layer sequence is cut where the pipeline strategy
+    # would cut it (torch.export split points), into enough pieces for every P.
+    costs, pieces = model_costs(model, inputs, max_stages=min(workers, MAX_STAGES), update_s_per_param=per_param)
     states = moments_per_parameter(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))
     layouts = candidates(costs, workers, batch, link, states, cap)
     best, reason = recommend(layouts)
@@ -46,7 +48,7 @@ def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) ->
                            "data_parallel_step_s": data_best.step_s})
     return {
         "model": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters()),
-        "layers": len(layers), "batch_per_worker": batch, "workers": workers,
+        "layers": len(costs), "pieces": pieces, "batch_per_worker": batch, "workers": workers,
         "link": {"latency_s": link.alpha_s, "mbit_per_s": link.mbit_per_s}, "memory_cap_bytes": cap,
         "layouts": [layout.as_dict() for layout in layouts],
         "recommended": best.label if best else None, "reason": reason, "scaled": scaled,

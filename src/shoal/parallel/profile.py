@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,6 +29,7 @@ class LayerProfile:
     time_s: float  # forward + backward on the sample batch, median
     param_bytes: int
     activation_bytes: int  # the layer's output for the sample batch (what crosses a cut after it)
+    matrices: tuple[tuple[int, int], ...] = ()  # its weight matrices (rows, cols), for PowerSGD's factor sizes
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,9 +63,15 @@ def profile_layers(layers: list[nn.Module], sample: torch.Tensor, repeats: int =
                 time_s=time_s,
                 param_bytes=sum(p.numel() * p.element_size() for p in layer.parameters()),
                 activation_bytes=out.numel() * out.element_size(),
+                matrices=weight_matrices(layer.parameters()),
             ))
             x = out.detach()
     return profiles
+
+
+def weight_matrices(params: Iterable[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """(rows, columns) of each parameter with two or more dimensions, as PowerSGD sees it."""
+    return tuple((p.shape[0], p[0].numel()) for p in params if p.dim() >= 2)
 
 
 def time_forward_backward(fn: Callable[..., Any], args: tuple, repeats: int) -> tuple[float, Any]:
@@ -109,27 +116,42 @@ def kept_state(modules: list[nn.Module], *inputs: torch.Tensor) -> Iterator[None
                         b.copy_(kept)
 
 
-def layer_costs(layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5,
-                update_s_per_param: float = 0.0) -> list:
-    """Each layer's cost model (:class:`shoal.parallel.plan.LayerCost`), from
-    profiles at two batch sizes: ``inputs`` and its first eighth; the
-    optimizer's step costs ``update_s_per_param`` per parameter."""
+def model_costs(model: nn.Module, inputs: torch.Tensor, max_stages: int, repeats: int = 5,
+                update_s_per_param: float = 0.0) -> tuple[list, list[str]]:
+    """The cost model (:class:`shoal.parallel.plan.LayerCost`) of each piece a
+    pipeline can cut ``model`` into, and the pieces' names.
+
+    An ``nn.Sequential`` is cut between its layers; any other model at the
+    ``torch.export`` split points the pipeline strategy would take for
+    ``max_stages`` stages (:func:`shoal.parallel.split_points.profile_segments`).
+    Each piece is profiled at two batch sizes, ``inputs`` and its first
+    eighth, and its time fitted as fixed + per sample; the optimizer's step
+    costs ``update_s_per_param`` per parameter.
+    """
     from shoal.parallel.plan import LayerCost, fit_layer
 
     large = len(inputs)
     small = max(1, large // 8)
     if small == large:
         raise ValueError("profiling needs a batch of at least 2 samples")
-    big = profile_layers(layers, inputs, repeats)
-    little = profile_layers(layers, inputs[:small], repeats)
+    if isinstance(model, nn.Sequential):
+        layers = sequential_layers(model)
+        names = [f"{index}:{type(layer).__name__}" for index, layer in enumerate(layers)]
+        big, little = profile_layers(layers, inputs, repeats), profile_layers(layers, inputs[:small], repeats)
+    else:
+        from shoal.parallel.split_points import profile_segments
+
+        names, big = profile_segments(model, inputs, max_stages, repeats)
+        small_names, little = profile_segments(model, inputs[:small], max_stages, repeats)
+        if small_names != names:  # the cuts come from the graph, not the batch: a change is a bug
+            raise RuntimeError(f"split points differ between batch {large} ({names}) and {small} ({small_names})")
     costs = []
-    for layer, p_big, p_small in zip(layers, big, little):
+    for p_big, p_small in zip(big, little):
         fixed, per_sample = fit_layer(p_small.time_s, small, p_big.time_s, large)
-        matrices = tuple((p.shape[0], p[0].numel()) for p in layer.parameters() if p.dim() >= 2)
         costs.append(LayerCost(fixed_s=fixed, per_sample_s=per_sample, param_bytes=p_big.param_bytes,
-                               activation_bytes_per_sample=p_big.activation_bytes / large, matrices=matrices,
-                               update_s=update_s_per_param * sum(p.numel() for p in layer.parameters())))
-    return costs
+                               activation_bytes_per_sample=p_big.activation_bytes / large,
+                               matrices=p_big.matrices, update_s=update_s_per_param * p_big.param_bytes / 4))
+    return costs, names
 
 
 def update_seconds_per_parameter(model: nn.Module, make_optimizer, repeats: int = 3) -> float:

@@ -34,7 +34,7 @@ from torch import fx, nn
 from torch.distributed.pipelining import Pipe, SplitPoint, pipeline
 from torch.utils._pytree import tree_leaves, tree_map
 
-from shoal.parallel.profile import LayerProfile, kept_state, time_forward_backward
+from shoal.parallel.profile import LayerProfile, kept_state, time_forward_backward, weight_matrices
 
 
 def split_candidates(model: nn.Module, sample: torch.Tensor, stages: int) -> list[str]:
@@ -151,16 +151,18 @@ def profile_segments(model: nn.Module, sample: torch.Tensor, stages: int,
     names: list[str] = []
     profiles: list[LayerProfile] = []
     for index, name in enumerate(points):
-        time_s, param_bytes, activation_bytes = timer.measured[index]
+        time_s, param_bytes, activation_bytes, matrices = timer.measured[index]
         if index in keep:  # merged into the segment before
             last = profiles[-1]
             last.time_s += time_s
             last.param_bytes += param_bytes
             last.activation_bytes = activation_bytes
+            last.matrices += matrices
             continue
         names.append(name)
         profiles.append(LayerProfile(index=len(profiles), kind=type(model.get_submodule(name)).__name__,
-                                     time_s=time_s, param_bytes=param_bytes, activation_bytes=activation_bytes))
+                                     time_s=time_s, param_bytes=param_bytes, activation_bytes=activation_bytes,
+                                     matrices=matrices))
     if len(names) < stages:
         raise ValueError(f"pipeline: {stages} stages but {type(model).__name__} splits into at most {len(names)} "
                          f"(a stage begins at a submodule with parameters that forward calls once, at a cut "
@@ -189,7 +191,8 @@ class _SegmentTimer(fx.Interpreter):
         super().__init__(split_gm)
         self.repeats = repeats
         self.stage_of = _stage_indices(split_gm)
-        self.measured: dict[int, tuple[float, int, int]] = {}  # stage: (seconds, parameter bytes, output bytes)
+        # stage: (seconds, parameter bytes, output bytes, weight matrices)
+        self.measured: dict[int, tuple[float, int, int, tuple[tuple[int, int], ...]]] = {}
 
     def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
         segment = self.fetch_attr(target)
@@ -199,6 +202,7 @@ class _SegmentTimer(fx.Interpreter):
             time_s,
             sum(p.numel() * p.element_size() for p in segment.parameters()),
             sum(t.numel() * t.element_size() for t in outputs),
+            weight_matrices(segment.parameters()),
         )
         return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
