@@ -421,7 +421,9 @@ def bench_parallel(
     """Pipeline (equal vs automatic partition, 1F1B vs GPipe) and hybrid layouts on the emulated cluster, against the planner.
 
     Layouts (labels for --rows): data-parallel-2, pp2-equal-1f1b, pp2-auto-1f1b,
-    pp2-auto-gpipe, hybrid-2x2. Needs root (network namespaces).
+    pp2-auto-gpipe, hybrid-2x2, and bubble-1f1b, bubble-gpipe (the schedules'
+    bubble on a coarser workload, four 4096 x 4096 layers, no memory cap). Needs
+    root (network namespaces).
     """
     from shoal.bench import parallel
     from shoal.netem import check_available
@@ -450,7 +452,8 @@ def bench_parallel(
     summary = parallel.summarize(results)
     if summary["median_prediction_error"] is not None:
         console.print(f"planner: median |predicted - measured| / measured = {summary['median_prediction_error']:.1%}; "
-                      f"fastest layout ranked first at {summary['rates_ranked_right']} of {summary['rates']} rates")
+                      f"fastest layout ranked first in {summary['cases_ranked_right']} of {summary['cases']} cases "
+                      f"(rate x workload)")
     console.print(f"wrote {out / 'bench.json'}")
     if any(r["failed"] for r in results):
         raise typer.Exit(1)
