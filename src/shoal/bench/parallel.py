@@ -140,6 +140,8 @@ def run_bench(*, rates: list[str], out: Path, config: Path, rows: list[ParallelR
                 "stage_compute_s": summary.get("stage_compute_s"),
                 "partition": summary.get("partition"),
                 "peak_memory_bytes": summary.get("peak_memory_bytes"),
+                "training_memory_bytes": summary.get("training_memory_bytes"),
+                "held_parameter_bytes": summary.get("held_parameter_bytes"),
                 "peak_activation_bytes": summary.get("peak_activation_bytes"),
                 "wire_bytes_per_worker": summary["wire_bytes_per_worker"],
             }

@@ -24,11 +24,14 @@ gradients and optimizer state plus its outputs for the microbatches in
 flight (M under GPipe, P under 1F1B). ``partition=equal`` is the naive
 same-number-of-layers (or segments) split, for comparison.
 
-Every rank keeps the whole model object (its stage's layers, or the
-parameters and buffers of its exported stage, are the model's own objects);
-before an evaluation or checkpoint each stage's parameters are broadcast
-from replica 0, so evaluation runs data parallel on the whole model.
-Parameters other than a rank's own stage take memory, never compute.
+Every rank builds the whole model object (its stage's layers, or the
+parameters and buffers of its exported stage, are the model's own objects),
+then, once the stages are built, releases the storage of every parameter
+outside its own stages: while it trains, a rank holds its stages'
+parameters, gradients and optimizer state only. Before an evaluation or
+checkpoint the released parameters are allocated again and each stage's
+parameters broadcast from replica 0, so evaluation runs data parallel on the
+whole model; the next step releases them again.
 """
 
 from __future__ import annotations
@@ -115,6 +118,11 @@ class PipelineStrategy(Strategy):
         self.pipeline_s = 0.0  # the schedules' wall time, all steps
         self.steps = 0
         self.in_flight = self.peak_in_flight = 0
+        self.others: dict[int, tuple[torch.Tensor, torch.Size]] = {}  # parameters outside this rank's stages
+        self.released = False
+        self.model_bytes = 0
+        self.held_bytes = 0  # parameter storage while training, the most of any step
+        self.peak_step_memory = 0  # memory in use at the end of a step, the most of any step
         self.activation_bytes = 0  # sent to the neighbouring stages, all steps
 
     # --- set-up -----------------------------------------------------------
@@ -148,6 +156,10 @@ class PipelineStrategy(Strategy):
             built = [pipe.build_stage(index, self.context.device, group=self.pp_group) for index in self.local]
         self.stage_tensors = [[*params, *buffers] for params, buffers in held]
         self.stage_params = [p for index in self.local for p in held[index][0] if p.requires_grad]
+        self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        own = {id(p) for index in self.local for p in held[index][0]}
+        self.others = {id(p): (p, p.shape) for index in range(self.S) if index not in self.local
+                       for p in held[index][0] if id(p) not in own}
         stages, self.out_bytes, self.in_bytes = [], 0, 0
         for index, stage in zip(self.local, built):
             part = self.bounds[index]
@@ -160,6 +172,19 @@ class PipelineStrategy(Strategy):
         schedule = getattr(pipelining, SCHEDULES[self.options.schedule])
         self.schedule = schedule(stages if self.options.schedule == "interleaved" else stages[0],
                                  n_microbatches=self.M, loss_fn=self.loss_fn)
+        self._release()
+
+    def _release(self) -> None:
+        """Free the storage of the parameters outside this rank's stages."""
+        for p, _ in self.others.values():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.released = True
+
+    def _materialise(self) -> None:
+        """Give the released parameters storage of their shape again (values follow by broadcast)."""
+        for p, shape in self.others.values():
+            p.data = torch.empty(shape, dtype=p.dtype, device=p.device)
+        self.released = False
 
     def _split_points(self) -> list[str]:
         """Exported models: the submodule each stage after the first begins at (none before the first step)."""
@@ -213,6 +238,8 @@ class PipelineStrategy(Strategy):
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         if self.schedule is None:
             self._setup(inputs)
+        elif not self.released:  # an evaluation or checkpoint gave them back
+            self._release()
         started = time.perf_counter()
         busy_before = self.busy_s
         self.optimizer.zero_grad(set_to_none=True)
@@ -231,6 +258,9 @@ class PipelineStrategy(Strategy):
             self._average_gradients()
         self.optimizer.step()
         self.steps += 1
+        self.peak_step_memory = max(self.peak_step_memory, memory_in_use(self.context.device))
+        held = sum(p.numel() * p.element_size() for p in self.model.parameters())  # what really has storage
+        self.held_bytes = max(self.held_bytes, held)
         loss = torch.tensor([torch.stack(losses).mean().item() if last else 0.0], device=self.context.device)
         dist.all_reduce(loss, group=self.pp_group)  # the last stage's loss, for rank 0's log
         wire = self.meter.take()
@@ -257,6 +287,8 @@ class PipelineStrategy(Strategy):
         """Every rank gets every stage's current parameters (from replica 0)."""
         if self.schedule is None:
             return  # nothing trained yet: every rank holds the same initial model
+        if self.released:
+            self._materialise()
         for stage, params in enumerate(self.stage_tensors):  # stage s lives on replica 0's rank s % P
             if not params:
                 continue
@@ -290,6 +322,8 @@ class PipelineStrategy(Strategy):
             "pipeline_s": self.pipeline_s / steps,
             "peak_in_flight": self.peak_in_flight,
             "peak_memory_bytes": peak_memory_bytes(self.context.device),
+            "training_memory_bytes": self.peak_step_memory,
+            "held_parameter_bytes": self.held_bytes,
             "activation_bytes": self.activation_bytes,
         }
         everyone: list[Any] = [None] * self.context.world_size
@@ -309,9 +343,23 @@ class PipelineStrategy(Strategy):
             "bubble_fraction": sum(bubble) / len(bubble),
             "bubble_fraction_theory": (self.P - 1) / (self.V * self.M + self.P - 1),
             "peak_memory_bytes": max(w["peak_memory_bytes"] for w in everyone),
+            "training_memory_bytes": max(w["training_memory_bytes"] for w in everyone),
+            "held_parameter_bytes": max(w["held_parameter_bytes"] for w in everyone),
+            "model_parameter_bytes": self.model_bytes,
             "peak_activation_bytes": max(w["peak_in_flight"] * a / self.V for w, a in zip(stages, stage_act)),
             "activation_bytes_per_worker": sum(w["activation_bytes"] for w in everyone) / len(everyone),
         }
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes this process holds now: CUDA memory allocated, or the resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:  # no /proc: the peak so far is the best there is
+        return peak_memory_bytes(device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
