@@ -19,10 +19,13 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from shoal.registry import CODECS, DATASETS, MODELS, STRATEGIES, Component, Registry, load_builtins
+from shoal.training.sparsity import STRATEGIES as PRUNE_STRATEGIES
+from shoal.training.sparsity import PruneConfig
 
 
 class ConfigError(ValueError):
@@ -80,7 +83,19 @@ class TrainConfig(_Strict):
     target_accuracy: float | None = Field(None, gt=0, le=1)
     stop_at_target: bool = False
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    init_from: str | None = Field(None, description="start from these weights: a run directory (its "
+                                  "checkpoint.pt) or a checkpoint file of the same model (fine-tuning)")
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl lines")
+
+    @field_validator("init_from")
+    @classmethod
+    def _weights_exist(cls, value: str | None) -> str | None:
+        if value is not None:
+            path = Path(value)
+            if not (path / "checkpoint.pt" if path.is_dir() else path).is_file():
+                raise ValueError(f"{value}: no checkpoint there (a run directory with checkpoint.pt, "
+                                 f"or a checkpoint file)")
+        return value
 
     @model_validator(mode="after")
     def _one_length(self) -> "TrainConfig":
@@ -132,7 +147,17 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     slowdown: SlowdownConfig = Field(default_factory=SlowdownConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
+    prune: PruneConfig | None = Field(None, description="sparse training: global magnitude masks "
+                                      "(shoal.training.sparsity)")
     out: str = "runs/latest"
+
+    @model_validator(mode="after")
+    def _prune_fits_strategy(self) -> "RunConfig":
+        backup = self.strategy.name == "sync" and getattr(self.strategy.options, "backup", 0)
+        if self.prune is not None and (self.strategy.name not in PRUNE_STRATEGIES or backup):
+            raise ValueError(f"prune: strategy {self.strategy.name!r} does not keep one model on every worker; "
+                             f"allowed with {', '.join(PRUNE_STRATEGIES)}")
+        return self
 
     @model_validator(mode="after")
     def _codec_fits_strategy(self) -> "RunConfig":

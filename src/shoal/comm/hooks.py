@@ -15,6 +15,8 @@ bucketing and backward overlap. Per tensor:
 """
 
 # No "from __future__ import annotations": DDP checks the hook's real annotations.
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -24,7 +26,7 @@ from shoal.comm.wire import WireMeter
 
 
 class CodecHookState:
-    __slots__ = ("codec", "meter", "group", "world_size", "memory")
+    __slots__ = ("codec", "meter", "group", "world_size", "memory", "masks", "packed")
 
     def __init__(self, codec: Codec, meter: WireMeter, group: "dist.ProcessGroup | None" = None):
         self.codec = codec
@@ -32,13 +34,44 @@ class CodecHookState:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.memory = ErrorFeedback() if codec.options.memory == "ef" else None
+        # Sparse training (shoal.training.sparsity.SparsityController): only the
+        # gradients of kept weights are sent. Per bucket: (its parameters, mask
+        # version, indices of the kept entries in its buffer).
+        self.masks: Any = None
+        self.packed: dict[int, tuple[tuple[int, ...], int, torch.Tensor]] = {}
+
+
+def kept_entries(state: CodecHookState, bucket: dist.GradBucket) -> torch.Tensor | None:
+    """Indices of the bucket's entries whose weights are not pruned (None: send it all).
+
+    Rebuilt when the masks change or DDP regroups its buckets; an error-feedback
+    residual is carried over to the new packing."""
+    masks = state.masks
+    if masks is None or not masks.masks:
+        return None
+    name, params = bucket.index(), bucket.parameters()
+    ids = tuple(id(p) for p in params)
+    cached = state.packed.get(name)
+    if cached is not None and cached[0] == ids and cached[1] == masks.version:
+        return cached[2]
+    parts = []
+    for p in params:
+        mask = masks.mask_of(p)
+        parts.append(mask.reshape(-1) if mask is not None else torch.ones(p.numel(), dtype=torch.bool, device=p.device))
+    keep = torch.cat(parts).nonzero().squeeze(1)
+    if state.memory is not None:
+        old = cached[2] if cached is not None and cached[0] == ids else None
+        state.memory.repack(name, old, keep, bucket.buffer().numel())
+    state.packed[name] = (ids, masks.version, keep)
+    return keep
 
 
 class _Round:
     """One encoded tensor on its way: the collective in flight and how to finish it."""
 
-    def __init__(self, state: CodecHookState, name: int, tensor: torch.Tensor):
+    def __init__(self, state: CodecHookState, name: int, tensor: torch.Tensor, dense_numel: int | None = None):
         self.state, self.like = state, tensor
+        dense = tensor.numel() if dense_numel is None else dense_numel  # what fp32 all-reduce would send
         codec, world, memory = state.codec, state.world_size, state.memory
         compensated = memory.compensate(name, tensor) if memory is not None else tensor
         if codec.summable:
@@ -49,7 +82,7 @@ class _Round:
             self.payload = codec.encode(scaled)
             if memory is not None:
                 compensated, local = scaled * world, codec.decode(self.payload) * world
-            self.started = state.meter.sent(self.payload.tensors, tensor.numel())
+            self.started = state.meter.sent(self.payload.tensors, dense)
             futures = [dist.all_reduce(t, group=state.group, async_op=True).get_future() for t in self.payload.tensors]
             # One payload tensor (fp32, fp16, ...) needs no collect_all round.
             self.future = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
@@ -59,7 +92,7 @@ class _Round:
                 local = codec.decode(self.payload)
             send = self.payload.to_bytes()
             self.gathered = send.new_empty(world * send.numel())
-            self.started = state.meter.sent([send], tensor.numel())
+            self.started = state.meter.sent([send], dense)
             self.future = dist.all_gather_single(self.gathered, send, group=state.group, async_op=True).get_future()
         if memory is not None:
             memory.update(name, compensated, local)
@@ -147,11 +180,17 @@ def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.
         done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         done.set_result(grad)
         return done
-    pending = _Round(state, bucket.index(), grad)
+    keep = kept_entries(state, bucket)
+    if keep is None:
+        pending = _Round(state, bucket.index(), grad)
+    else:  # pruned weights: send the kept entries only, the rest of the mean is zero
+        pending = _Round(state, bucket.index(), grad[keep], dense_numel=grad.numel())
 
     def finish(_: torch.futures.Future) -> torch.Tensor:
         result = pending.result()
-        if result.data_ptr() != grad.data_ptr():
+        if keep is not None:
+            grad.zero_().index_put_((keep,), result)
+        elif result.data_ptr() != grad.data_ptr():
             grad.copy_(result)
         return grad
 

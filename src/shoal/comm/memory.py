@@ -27,6 +27,22 @@ class ErrorFeedback:
     def update(self, name: int, compensated: torch.Tensor, decoded: torch.Tensor) -> None:
         self.residuals[name] = compensated - decoded
 
+    def repack(self, name: int, old: torch.Tensor | None, new: torch.Tensor, numel: int) -> None:
+        """The bucket ``name`` is now sent as its entries ``new`` (indices into
+        its ``numel`` values) instead of ``old`` (None: all of them): keep the
+        residual of the entries still sent, drop the rest."""
+        residual = self.residuals.get(name)
+        if residual is None:
+            return
+        if old is None:
+            dense = residual if residual.numel() == numel else None
+        else:
+            dense = residual.new_zeros(numel).index_put_((old,), residual) if residual.numel() == old.numel() else None
+        if dense is None:  # stale (DDP rebuilt its buckets): nothing to carry over
+            del self.residuals[name]
+        else:
+            self.residuals[name] = dense.reshape(-1)[new]
+
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {k: v.cpu() for k, v in self.residuals.items()}}
 

@@ -101,6 +101,10 @@ class Strategy(ABC):
         """The injected fault ``fault.target=server``: kill the process serving this rank's shard."""
         raise NotImplementedError(f"{type(self).__name__} has no parameter server")
 
+    def use_masks(self, masks: Any) -> None:
+        """Sparse training: ``masks`` (a :class:`shoal.training.sparsity.SparsityController`)
+        says which weights are pruned; a strategy may skip sending their gradients."""
+
     def split_batch(self, batch_size: int) -> Callable[[], list[int]] | None:
         """Every worker's share of the next global batch, or None for equal shares."""
         return None

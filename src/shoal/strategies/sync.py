@@ -99,6 +99,9 @@ class SyncStrategy(Strategy):
         self.hook_state.codec = self.codec
         self.hook_state.memory = ErrorFeedback() if self.codec.options.memory == "ef" else None
 
+    def use_masks(self, masks: Any) -> None:
+        self.hook_state.masks = masks  # the hook packs each bucket to its kept weights' gradients
+
     def split_batch(self, batch_size: int) -> Callable[[], list[int]] | None:
         if self.options.balance == "none":
             return None

@@ -101,3 +101,31 @@ class LatestSaver:
                 with self.cond:
                     self.writing = False
                     self.cond.notify_all()
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A run directory's checkpoint, or ``path`` itself when it is a file."""
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
+    """Load the model weights of a shoal checkpoint (or a run directory's) into ``model``;
+    a checkpoint of another model is a ``ValueError`` naming what differs."""
+    saved = load_checkpoint(checkpoint_file(path))
+    weights = saved.get("model") if isinstance(saved, dict) else None
+    if weights is None:
+        raise ValueError(f"{path}: the checkpoint holds no model weights")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    resized = [f"{k} {tuple(weights[k].shape)} here {tuple(own[k].shape)}" for k in own
+               if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or resized:
+        details = "; ".join(filter(None, [
+            f"missing {', '.join(missing[:3])}" if missing else "",
+            f"not in the model {', '.join(unexpected[:3])}" if unexpected else "",
+            f"shape {', '.join(resized[:3])}" if resized else "",
+        ]))
+        raise ValueError(f"{path}: the checkpoint is of another model than {type(model).__name__} ({details})")
+    model.load_state_dict({k: v.to(device) for k, v in weights.items()})

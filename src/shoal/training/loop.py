@@ -30,10 +30,11 @@ from shoal.metrics.writer import MetricsWriter
 from shoal.models import build_model, count_parameters
 from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import StepStats, Strategy, WorkerContext
-from shoal.training.checkpoint import load_checkpoint, save_checkpoint
+from shoal.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from shoal.training.evaluate import evaluate
 from shoal.training.group import Group, TorchGroup
 from shoal.training.optim import build_optimizer, build_scheduler
+from shoal.training.sparsity import SparsityController
 
 CHECKPOINT = "checkpoint.pt"
 FAULT = "fault.json"  # written by a worker killed by config fault.kill_rank
@@ -102,6 +103,8 @@ def run_training(
     data = build_dataset(cfg.data.dataset)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, data).to(ctx.device)
+    if cfg.train.init_from:
+        load_weights(model, cfg.train.init_from, ctx.device)
     if slowdown is not None:
         slowdown.attach(model)
     torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-worker stream for dropout and the like
@@ -119,6 +122,9 @@ def run_training(
     batches.split = strategy.split_batch(cfg.data.batch_size)
     steps = total_steps(cfg, batches.steps_per_epoch)
     scheduler = build_scheduler(cfg.schedule, optimizer, steps)
+    sparsity = SparsityController(cfg.prune, model, steps) if cfg.prune is not None else None
+    if sparsity is not None:
+        strategy.use_masks(sparsity)
 
     collective = strategy.collective_eval
 
@@ -154,6 +160,8 @@ def run_training(
         strategy.rejoin(state.step)
     else:
         group.barrier()  # start together (parameter servers: no worker runs alone while others still load)
+    if sparsity is not None and state.sparsity:
+        sparsity.restore(state.sparsity)  # resumed: the masks the checkpoint's weights were trained under
     strategy.progress(state.state_dict())  # past the start-up collectives: from here a restart rejoins
     if is_main:
         (out / "config.yaml").write_text(cfg.to_yaml())
@@ -170,7 +178,11 @@ def run_training(
         while state.step < steps:
             step_started = time.perf_counter()
             x, y = next(batch_iter)
+            if sparsity is not None and sparsity.update(state.step):
+                state.sparsity = sparsity.sparsity
             stats = strategy.step(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
+            if sparsity is not None:
+                sparsity.apply()  # the optimizer step may have moved pruned weights
             if slowdown is not None:
                 slowdown.after_step(stats.compute_s)
             if (attempt == 0 and rejoin is None and cfg.fault.kill_rank == ctx.rank
@@ -256,6 +268,8 @@ def run_training(
         dense_bytes_per_worker=per_worker[1],
         comm_s_per_worker=per_worker[2],
         resumed_from_step=state.resumed_from,
+        **({"sparsity": sparsity.measured_sparsity(), "sparsity_target": cfg.prune.sparsity}
+           if sparsity is not None else {}),
         **extra,
         restarts=attempt,
         restart_s=restart_s,
@@ -282,6 +296,7 @@ class _RunState:
         self.time_to_target: float | None = None
         self.steps_to_target: int | None = None
         self.resumed_from: int | None = None
+        self.sparsity = 0.0  # of the masks in force (prune:)
 
     def add(self, stats: StepStats, *, step_s: float, wall: float) -> None:
         self.step += 1

@@ -1,0 +1,148 @@
+"""Sparse training: global magnitude masks, held fixed or grown on a schedule.
+
+``prune:`` in a run's config fine-tunes (or trains) with a share of the
+weights forced to zero:
+
+- The prunable weights are those of every ``nn.Linear`` and ``nn.Conv*``
+  layer (biases and normalisation layers stay dense). A mask keeps the
+  weights of largest magnitude over all of them together (global magnitude
+  pruning): a layer that matters less loses more.
+- ``schedule: oneshot`` prunes to ``sparsity`` at ``begin_step``;
+  ``gradual`` raises it from 0 to ``sparsity`` between ``begin_step`` and
+  ``end_step`` every ``every`` steps along Zhu & Gupta's (2017) cubic
+  ``s_t = s (1 - (1 - t / T)^3)``, pruning fast while the network can
+  still adapt and slowly near the end.
+- Between mask updates the masks are fixed: after every optimizer step the
+  pruned weights are set back to zero, so momentum or weight decay cannot
+  revive them.
+- Rank 0 computes each mask and broadcasts it, so every worker holds the
+  same one. Under ``sync`` only the surviving weights' gradients travel
+  (:class:`shoal.comm.hooks.CodecHookState` ``masks``): a bucket is packed
+  to its kept entries before the codec sees it.
+
+The masks are ``torch.nn.utils.prune`` masks in content (1 keeps, 0 prunes,
+one per weight); they are applied by multiplication rather than by
+re-parametrising the modules, so parameter names, DDP's buckets and
+checkpoints stay those of the dense model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Strategies whose workers hold the same model after every step (or every
+# average), so one mask means the same weights everywhere.
+STRATEGIES = ("sync", "ddp", "localsgd")
+
+
+class PruneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sparsity: float = Field(..., gt=0, lt=1, description="share of the prunable weights set to zero at the end")
+    schedule: Literal["oneshot", "gradual"] = Field("gradual", description="oneshot: all at begin_step; "
+                                                    "gradual: Zhu & Gupta's cubic ramp to end_step")
+    begin_step: int = Field(0, ge=0, description="first pruning step (0: before the first step)")
+    end_step: int | None = Field(None, ge=1, description="gradual: sparsity reached here (default: 3/4 of the run)")
+    every: int = Field(10, ge=1, description="gradual: steps between mask updates")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PruneConfig":
+        if self.end_step is not None and self.end_step <= self.begin_step:
+            raise ValueError(f"end_step {self.end_step} must come after begin_step {self.begin_step}")
+        return self
+
+
+def prunable_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weights of the model's Linear and convolution layers, in module order."""
+    return [m.weight for m in model.modules() if isinstance(m, PRUNABLE) and m.weight.requires_grad]
+
+
+def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Boolean masks keeping the ``1 - sparsity`` share of all ``weights`` together
+    with the largest magnitudes (exactly ``round(sparsity * n)`` pruned; ties
+    broken by position)."""
+    flat = torch.cat([w.detach().abs().reshape(-1) for w in weights])
+    pruned = int(round(sparsity * flat.numel()))
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    if pruned:
+        keep[torch.topk(flat, pruned, largest=False, sorted=False).indices] = False
+    return [part.view_as(w) for part, w in zip(keep.split([w.numel() for w in weights]), weights)]
+
+
+def cubic_sparsity(step: int, final: float, begin: int, end: int) -> float:
+    """Zhu & Gupta's schedule: 0 before ``begin``, ``final`` from ``end``, cubic between."""
+    if step <= begin:
+        return 0.0
+    if step >= end:
+        return final
+    return final * (1 - (1 - (step - begin) / (end - begin)) ** 3)
+
+
+class SparsityController:
+    """Holds a model's masks, updates them on the schedule, keeps pruned weights at zero."""
+
+    def __init__(self, config: PruneConfig, model: nn.Module, total_steps: int, group=None):
+        self.config = config
+        self.weights = prunable_weights(model)
+        if not self.weights:
+            raise ValueError("prune: the model has no Linear or convolution weights to prune")
+        self.end = config.end_step or max(config.begin_step + 1, (3 * total_steps) // 4)
+        self.group = group
+        self.masks: dict[int, torch.Tensor] = {}  # id(weight) -> bool mask
+        self.version = 0  # bumped at every mask change (packed buckets are rebuilt)
+        self.sparsity = 0.0
+
+    def target(self, step: int) -> float:
+        c = self.config
+        if c.schedule == "oneshot":
+            return c.sparsity if step >= c.begin_step else 0.0
+        if step < c.begin_step or (step - c.begin_step) % c.every and step < self.end:
+            return self.sparsity  # not a mask-update step: hold
+        return cubic_sparsity(step, c.sparsity, c.begin_step, self.end)
+
+    @torch.no_grad()
+    def update(self, step: int) -> bool:
+        """Before step ``step`` (0-based): move to the schedule's sparsity if it changed."""
+        wanted = self.target(step)
+        if wanted <= self.sparsity:
+            return False
+        self._prune_to(wanted)
+        return True
+
+    def restore(self, sparsity: float) -> None:
+        """A resumed run: the masks at ``sparsity`` of the restored weights (its
+        pruned weights are zero, so they are the ones pruned again)."""
+        self._prune_to(sparsity)
+
+    @torch.no_grad()
+    def _prune_to(self, wanted: float) -> None:
+        masks = global_magnitude_masks(self.weights, wanted)
+        if dist.is_initialized():
+            flat = torch.cat([m.reshape(-1) for m in masks]).to(torch.uint8)
+            dist.broadcast(flat, src=0, group=self.group)  # one mask everywhere, ties included
+            masks = [part.view_as(w).bool() for part, w in zip(flat.split([w.numel() for w in self.weights]),
+                                                                  self.weights)]
+        self.masks = {id(w): m for w, m in zip(self.weights, masks)}
+        self.sparsity, self.version = wanted, self.version + 1
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Set the pruned weights to zero (after every optimizer step)."""
+        for w in self.weights:
+            mask = self.masks.get(id(w))
+            if mask is not None:
+                w.mul_(mask)
+
+    def mask_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        return self.masks.get(id(param))
+
+    def measured_sparsity(self) -> float:
+        """The share of prunable weights that are exactly zero now."""
+        zeros = sum(int((w == 0).sum()) for w in self.weights)
+        return zeros / sum(w.numel() for w in self.weights)

@@ -1,0 +1,111 @@
+"""Sparse training (prune:): global magnitude masks, Zhu & Gupta's schedule,
+fine-tuning from a checkpoint, and only the kept weights' gradients on the wire."""
+
+import pytest
+import torch
+from torch import nn
+
+import shoal
+from shoal.comm.memory import ErrorFeedback
+from shoal.launch import JobFailed
+from shoal.training.checkpoint import load_checkpoint
+from shoal.training.sparsity import (PruneConfig, SparsityController, cubic_sparsity, global_magnitude_masks,
+                                     prunable_weights)
+from tests.conftest import run_cli, small_config
+
+
+def test_global_masks_prune_the_smallest_magnitudes_over_all_layers_together():
+    a = torch.tensor([[0.1, -5.0], [0.2, 3.0]])
+    b = torch.tensor([-0.05, 4.0, 0.3, -0.15])
+    masks = global_magnitude_masks([a, b], 0.5)
+    # The four smallest of all eight: 0.05, 0.1, 0.15, 0.2 (three of them in b's and a's small entries).
+    assert masks[0].tolist() == [[False, True], [False, True]]
+    assert masks[1].tolist() == [False, True, True, False]
+    assert sum(int((~m).sum()) for m in masks) == 4
+    weights = [torch.randn(50, 20), torch.randn(7, 3, 5)]
+    for sparsity in (0.1, 0.9, 0.95):
+        masks = global_magnitude_masks(weights, sparsity)
+        pruned = torch.cat([w[~m].abs() for w, m in zip(weights, masks)])
+        kept = torch.cat([w[m].abs() for w, m in zip(weights, masks)])
+        assert pruned.numel() == round(sparsity * 1105) and pruned.max() <= kept.min()
+
+
+def test_the_cubic_schedule_and_when_masks_change():
+    assert cubic_sparsity(0, 0.9, 0, 100) == 0.0 and cubic_sparsity(100, 0.9, 0, 100) == 0.9
+    assert cubic_sparsity(50, 0.9, 0, 100) == pytest.approx(0.9 * (1 - 0.5**3))
+    model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2))
+    assert [tuple(w.shape) for w in prunable_weights(model)] == [(10, 10), (2, 1, 3)]  # no biases, no norms
+    gradual = SparsityController(PruneConfig(sparsity=0.8, begin_step=10, end_step=50, every=10), model, 100)
+    targets = {step: gradual.target(step) for step in range(0, 60)}
+    assert targets[5] == 0.0 and targets[50] == 0.8
+    assert targets[20] == pytest.approx(0.8 * (1 - 0.75**3))
+    gradual.sparsity = targets[20]
+    assert gradual.target(25) == targets[20]  # between updates: held
+    oneshot = SparsityController(PruneConfig(sparsity=0.5, schedule="oneshot", begin_step=3), model, 100)
+    assert [oneshot.target(s) for s in (0, 2, 3, 99)] == [0.0, 0.0, 0.5, 0.5]
+    with pytest.raises(ValueError, match="end_step 5 must come after begin_step 10"):
+        PruneConfig(sparsity=0.5, begin_step=10, end_step=5)
+
+
+def test_error_feedback_follows_a_bucket_to_its_new_packing():
+    memory = ErrorFeedback()
+    memory.residuals[0] = torch.arange(6.0)  # dense bucket of 6
+    memory.repack(0, None, torch.tensor([1, 3, 4, 5]), 6)
+    assert memory.residuals[0].tolist() == [1.0, 3.0, 4.0, 5.0]
+    memory.repack(0, torch.tensor([1, 3, 4, 5]), torch.tensor([3, 5]), 6)  # 1 and 4 pruned as well
+    assert memory.residuals[0].tolist() == [3.0, 5.0]
+    memory.repack(0, torch.tensor([0, 1, 2]), torch.tensor([0]), 6)  # a residual of another layout: stale
+    assert 0 not in memory.residuals
+
+
+def _weights(run):
+    return load_checkpoint(run / "checkpoint.pt")["model"]
+
+
+def test_fine_tuning_with_fixed_masks_sends_only_the_kept_gradients(tmp_path):
+    dense = shoal.train(small_config(tmp_path / "dense", train__steps=60, train__eval_every=60))
+    pruned = shoal.train(small_config(
+        tmp_path / "pruned", train__steps=40, train__eval_every=40, train__init_from=str(tmp_path / "dense"),
+        prune={"sparsity": 0.8, "schedule": "oneshot"}))
+    weights = _weights(tmp_path / "pruned")
+    w = weights["net.0.weight"] if "net.0.weight" in weights else next(v for k, v in weights.items()
+                                                                       if k.endswith("weight") and v.dim() == 2)
+    assert pruned.sparsity == pytest.approx(0.8, abs=0.005) and pruned.sparsity_target == 0.8
+    assert (w == 0).float().mean() > 0.5  # the zeros are really in the checkpoint
+    # The masks were fixed: the weights pruned at step 0 of fine-tuning are still zero at its end, and
+    # they were the smallest of the dense model's.
+    start = _weights(tmp_path / "dense")
+    prunable = [k for k, v in weights.items() if k.endswith("weight") and v.dim() >= 2]
+    expected = global_magnitude_masks([start[k] for k in prunable], 0.8)
+    for key, keep in zip(prunable, expected):
+        assert torch.all(weights[key][~keep] == 0), key
+    # Only the kept 20% of the prunable weights' gradients (plus the dense biases) were sent.
+    assert pruned.wire_bytes_per_worker < 0.3 * pruned.dense_bytes_per_worker
+    assert pruned.final_accuracy > 0.8 and pruned.final_accuracy > dense.final_accuracy - 0.1
+
+
+def test_gradual_pruning_with_a_lossy_codec_and_error_feedback(tmp_path):
+    summary = shoal.train(small_config(tmp_path / "run", train__steps=40, train__eval_every=40,
+                                       codec="topk:ratio=0.3,memory=ef",
+                                       prune={"sparsity": 0.6, "begin_step": 5, "end_step": 25, "every": 5}))
+    assert summary.sparsity == pytest.approx(0.6, abs=0.005)
+    assert summary.final_accuracy > 0.5
+
+
+def test_fine_tuning_from_another_model_fails_clearly(tmp_path):
+    shoal.train(small_config(tmp_path / "dense", workers=1, train__steps=2, train__eval_every=2))
+    with pytest.raises(JobFailed, match="another model"):
+        shoal.train(small_config(tmp_path / "wide", workers=1, model="mlp:hidden=[64]", train__steps=2,
+                                 train__init_from=str(tmp_path / "dense")))
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("prune.sparsity=1.5", "prune.sparsity: Input should be less than 1"),
+    ("train.init_from=/no/such/run", "no checkpoint there"),
+    ("strategy=async_ps", "does not keep one model on every worker"),
+])
+def test_bad_prune_settings_exit_2(tmp_path, flag, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {steps: 2}\nprune: {sparsity: 0.5}\n")
+    result = run_cli("train", str(config), "--set", flag)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
