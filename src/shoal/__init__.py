@@ -3,8 +3,9 @@
 Python API::
 
     import shoal
-    summary = shoal.train("examples/mnist1d.yaml", workers=2, overrides=["train.steps=200"])
+    summary = shoal.train("examples/mnist1d.yaml", workers=2, overrides=["train.steps=200"], out="runs/api")
     print(summary.final_accuracy)
+    report = shoal.compress("examples/mnist1d.yaml", checkpoint="runs/api", prune="magnitude:sparsity=0.9")
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from shoal.config import ConfigError, RunConfig, load_config, validate_config
 from shoal.metrics.summary import Summary
 
-__all__ = ["train", "RunConfig", "Summary", "ConfigError", "load_config", "validate_config"]
+__all__ = ["train", "compress", "RunConfig", "Summary", "ConfigError", "load_config", "validate_config"]
 __version__ = "0.1.0"
 
 
@@ -42,3 +43,13 @@ def train(
     summary = launch(cfg, resume=resume, max_restarts=max_restarts)
     assert summary is not None  # a single-node job always holds rank 0
     return summary
+
+
+def __getattr__(name: str) -> Any:
+    # ``shoal.compress(...)`` (the callable package ``shoal.compress``) is
+    # imported on first use: it pulls in torch, which ``import shoal`` does not.
+    if name == "compress":
+        import importlib
+
+        return importlib.import_module("shoal.compress")
+    raise AttributeError(f"module 'shoal' has no attribute {name!r}")

@@ -217,7 +217,9 @@ STRATEGIES: Registry[Any] = Registry("strategy", "strategies", "shoal.strategies
 CODECS: Registry[Any] = Registry("codec", "codecs", "shoal.comm.codecs")
 FED_STRATEGIES: Registry[Any] = Registry("federated strategy", "federated strategies", "shoal.fl.strategies")
 PARTITIONS: Registry[Any] = Registry("partition", "partitions", "shoal.data")
-ALL = (DATASETS, MODELS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS)
+PRUNERS: Registry[Any] = Registry("pruner", "pruners", "shoal.compress")
+QUANTIZERS: Registry[Any] = Registry("quantizer", "quantizers", "shoal.compress")
+ALL = (DATASETS, MODELS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS)
 
 
 def load_builtins(*registries: Registry[Any]) -> None:

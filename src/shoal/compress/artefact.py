@@ -1,0 +1,203 @@
+"""The compact sparse artefact: a pruned model stored by its non-zeros.
+
+Layout (every byte after the first line is one LZMA stream, so the masks and
+values are entropy-coded together, as in Deep Compression, Han et al. 2016)::
+
+    SHOAL-SPARSE-1\\n
+    lzma( u32 header length | header JSON | tensor records ... )
+
+The header names the model spec, input shape and classes (so the loader can
+build the architecture), the value coding, and each tensor's name, shape and
+coding. Per tensor, in state-dict order:
+
+- ``mask`` coding: the keep-mask bit-packed (1 bit per entry), then the
+  non-zero values only; chosen when the zeros' value bytes outweigh the mask's
+  ``numel / 8`` bytes. ``dense`` coding: all values.
+- Values of weight matrices and kernels: ``fp32`` (exact), or ``int8`` with
+  a float32 scale per output channel (``scale=channel``) or per tensor,
+  ``q = round(w / s)``, ``s = max|w| / 127``. Other floating tensors (biases,
+  norm parameters, running statistics) stay fp32; integer buffers raw.
+
+Pruned channels are no special case: each tensor's stored shape is its real
+shape, and :func:`load_artefact` resizes the freshly built model to it.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from shoal.compress.base import CompressError
+
+MAGIC = b"SHOAL-SPARSE-1\n"
+
+
+class ArtefactOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    values: Literal["fp32", "int8"] = Field("fp32", description="coding of the weights' non-zero values")
+    scale: Literal["channel", "tensor"] = Field("channel", description="int8: one scale per output channel or tensor")
+    codec: Literal["lzma", "zlib"] = Field("lzma", description="entropy coder over the whole record stream")
+
+
+def encode_tensor(tensor: torch.Tensor, *, values: str, scale: str) -> tuple[dict[str, Any], bytes]:
+    """One tensor -> (header record, bytes). Pure: no file, no model."""
+    array = tensor.detach().cpu().contiguous().numpy()
+    record: dict[str, Any] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+    if array.dtype != np.float32:
+        record["coding"] = "raw"
+        return record, array.tobytes()
+    flat = array.reshape(-1)
+    mask = flat != 0
+    quantise = values == "int8" and array.ndim >= 2
+    value_bytes = 1 if quantise else 4
+    use_mask = (flat.size - int(mask.sum())) * value_bytes > (flat.size + 7) // 8
+    record.update(coding="mask" if use_mask else "dense", values="int8" if quantise else "fp32",
+                  nnz=int(mask.sum()))
+    parts = [np.packbits(mask).tobytes()] if use_mask else []
+    if quantise:
+        rows = array.reshape(array.shape[0], -1) if scale == "channel" else array.reshape(1, -1)
+        peak = np.abs(rows).max(axis=1)
+        scales = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.rint(rows / scales[:, None]), -127, 127).astype(np.int8).reshape(-1)
+        record["scales"] = len(scales)
+        parts += [scales.tobytes(), (q[mask] if use_mask else q).tobytes()]
+    else:
+        parts.append((flat[mask] if use_mask else flat).tobytes())
+    return record, b"".join(parts)
+
+
+def decode_tensor(record: dict[str, Any], data: memoryview) -> tuple[torch.Tensor, int]:
+    """Inverse of :func:`encode_tensor`: (tensor, bytes consumed)."""
+    shape = tuple(record["shape"])
+    numel = int(np.prod(shape, dtype=np.int64))
+    dtype = np.dtype(record["dtype"])
+    if record["coding"] == "raw":
+        size = numel * dtype.itemsize
+        array = np.frombuffer(data[:size], dtype=dtype).copy()
+        return torch.from_numpy(array.reshape(shape)), size
+    pos = 0
+    mask = None
+    if record["coding"] == "mask":
+        packed = (numel + 7) // 8
+        mask = np.unpackbits(np.frombuffer(data[:packed], dtype=np.uint8), count=numel).astype(bool)
+        pos = packed
+    count = record["nnz"] if mask is not None else numel
+    if record["values"] == "int8":
+        scales = np.frombuffer(data[pos:pos + 4 * record["scales"]], dtype=np.float32)
+        pos += 4 * record["scales"]
+        stored = np.frombuffer(data[pos:pos + count], dtype=np.int8).astype(np.float32)
+        pos += count
+        per_row = numel // len(scales)
+        row_scale = np.repeat(scales, per_row)
+        flat = np.zeros(numel, dtype=np.float32)
+        if mask is not None:
+            flat[mask] = stored * row_scale[mask]
+        else:
+            flat = stored * row_scale
+    else:
+        stored = np.frombuffer(data[pos:pos + 4 * count], dtype=np.float32)
+        pos += 4 * count
+        flat = np.zeros(numel, dtype=np.float32)
+        if mask is not None:
+            flat[mask] = stored
+        else:
+            flat = stored.copy()
+    return torch.from_numpy(flat.reshape(shape)), pos
+
+
+def save_artefact(path: str | Path, model: nn.Module, *, model_spec: Any, input_shape: tuple[int, ...],
+                  num_classes: int, options: ArtefactOptions | None = None) -> int:
+    """Write ``model``'s state (and how to rebuild it) to ``path``; return the file's bytes."""
+    options = options or ArtefactOptions()
+    records, chunks = [], []
+    for name, tensor in model.state_dict().items():
+        record, blob = encode_tensor(tensor, values=options.values, scale=options.scale)
+        records.append({"name": name, **record})
+        chunks.append(blob)
+    header = json.dumps({
+        "model": model_spec, "input_shape": list(input_shape), "num_classes": num_classes,
+        "values": options.values, "scale": options.scale, "codec": options.codec, "tensors": records,
+    }, separators=(",", ":")).encode()
+    body = b"".join([struct.pack("<I", len(header)), header, *chunks])
+    packed = lzma.compress(body, preset=9 | lzma.PRESET_EXTREME) if options.codec == "lzma" else zlib.compress(body, 9)
+    path = Path(path)
+    path.write_bytes(MAGIC + options.codec.encode() + b"\n" + packed)
+    return path.stat().st_size
+
+
+def read_artefact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(header, state dict)`` of an artefact file."""
+    raw = Path(path).read_bytes()
+    if not raw.startswith(MAGIC):
+        raise CompressError(f"{path}: not a shoal sparse artefact")
+    codec, _, packed = raw[len(MAGIC):].partition(b"\n")
+    try:
+        body = memoryview(lzma.decompress(packed) if codec == b"lzma" else zlib.decompress(packed))
+    except (lzma.LZMAError, zlib.error) as err:
+        raise CompressError(f"{path}: damaged artefact ({err})") from None
+    (size,) = struct.unpack("<I", body[:4])
+    header = json.loads(bytes(body[4:4 + size]))
+    pos, state = 4 + size, {}
+    for record in header["tensors"]:
+        tensor, used = decode_tensor(record, body[pos:])
+        state[record["name"]] = tensor
+        pos += used
+    return header, state
+
+
+def load_artefact(path: str | Path) -> nn.Module:
+    """Rebuild the model an artefact holds: build its architecture from the
+    stored model spec, resize it to the stored shapes, load the values."""
+    from shoal.data.base import DatasetBundle
+    from shoal.models import build_model
+    from shoal.registry import MODELS, load_builtins
+
+    header, state = read_artefact(path)
+    load_builtins(MODELS)
+    component = MODELS.resolve(header["model"])
+    # build_model reads only the shapes of the data bundle.
+    model = build_model(component, DatasetBundle(None, None, tuple(header["input_shape"]), header["num_classes"]))
+    resize_to(model, {name: tuple(t.shape) for name, t in state.items()})
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def resize_to(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give each named parameter / buffer of ``model`` the stored shape (after
+    structured pruning) and set the layers' width attributes to match."""
+    for name, shape in shapes.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, leaf)
+        if current is None or tuple(current.shape) == shape:
+            continue
+        fresh = torch.empty(shape, dtype=current.dtype)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(fresh, requires_grad=current.requires_grad)
+        else:
+            module._buffers[leaf] = fresh
+    for module in model.modules():
+        _sync_widths(module)
+
+
+def _sync_widths(module: nn.Module) -> None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        first, second = module.weight.shape[0], module.weight.shape[1] * module.groups
+        module.in_channels, module.out_channels = (first, second) if module.transposed else (second, first)
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        module.num_channels = module.weight.shape[0]
