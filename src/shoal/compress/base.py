@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from shoal.training.sparsity import weight_slots as prunable_weights  # noqa: F401  (one rule for both)
+
 
 class CompressError(ValueError):
     """Input that cannot be compressed (bad spec, a checkpoint that does not fit
@@ -20,19 +22,6 @@ class Pruned:
 
     model: nn.Module
     masks: dict[str, Tensor] = field(default_factory=dict)
-
-
-def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """``(qualified name, module, attribute)`` of every weight matrix or kernel:
-    a module's own parameter whose name ends in ``weight`` and has two or more
-    dimensions (Linear, ConvNd, attention projections). Biases and norm scales
-    are left dense: they are few and pruning them buys nothing."""
-    found = []
-    for module_name, module in model.named_modules():
-        for attr, param in module.named_parameters(recurse=False):
-            if attr.endswith("weight") and param.dim() >= 2:
-                found.append((f"{module_name}.{attr}" if module_name else attr, module, attr))
-    return found
 
 
 def output_layer(model: nn.Module) -> nn.Module:

@@ -3,8 +3,9 @@
 ``prune:`` in a run's config fine-tunes (or trains) with a share of the
 weights forced to zero:
 
-- The prunable weights are those of every ``nn.Linear`` and ``nn.Conv*``
-  layer (biases and normalisation layers stay dense). A mask keeps the
+- The prunable weights are every weight matrix and kernel (Linear,
+  convolutions, attention projections; biases and normalisation scales stay
+  dense), as ``shoal compress`` prunes them. A mask keeps the
   weights of largest magnitude over all of them together (global magnitude
   pruning): a layer that matters less loses more.
 - ``schedule: oneshot`` prunes to ``sparsity`` at ``begin_step``;
@@ -35,7 +36,6 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Strategies whose workers hold the same model after every step (or every
 # average), so one mask means the same weights everywhere.
 STRATEGIES = ("sync", "ddp", "localsgd")
@@ -57,9 +57,23 @@ class PruneConfig(BaseModel):
         return self
 
 
+def weight_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(qualified name, module, attribute)`` of every weight matrix or kernel:
+    a module's own parameter whose name ends in ``weight`` and has two or more
+    dimensions (Linear, ConvNd, attention projections). Biases and norm scales
+    are left dense: they are few and pruning them buys nothing."""
+    found = []
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            if attr.endswith("weight") and param.dim() >= 2:
+                found.append((f"{module_name}.{attr}" if module_name else attr, module, attr))
+    return found
+
+
 def prunable_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The weights of the model's Linear and convolution layers, in module order."""
-    return [m.weight for m in model.modules() if isinstance(m, PRUNABLE) and m.weight.requires_grad]
+    """The parameters of :func:`weight_slots`, in module order (trainable ones)."""
+    weights = [getattr(module, attr) for _, module, attr in weight_slots(model)]
+    return [w for w in weights if w.requires_grad]
 
 
 def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
@@ -90,7 +104,7 @@ class SparsityController:
         self.config = config
         self.weights = prunable_weights(model)
         if not self.weights:
-            raise ValueError("prune: the model has no Linear or convolution weights to prune")
+            raise ValueError("prune: the model has no weight matrices or kernels to prune")
         self.end = config.end_step or max(config.begin_step + 1, (3 * total_steps) // 4)
         self.group = group
         self.masks: dict[int, torch.Tensor] = {}  # id(weight) -> bool mask
