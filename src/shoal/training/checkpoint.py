@@ -109,23 +109,35 @@ def checkpoint_file(path: str | Path) -> Path:
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
+class WrongModel(ValueError):
+    """A checkpoint of another model; ``differences`` says what differs."""
+
+    def __init__(self, file: Path, differences: str):
+        super().__init__(f"{file}: the checkpoint is of another model: {differences}")
+        self.file, self.differences = file, differences
+
+
+def mismatches(expected: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``saved`` from loading into a model whose state is ``expected``, one line each."""
+    problems = [f"{k} is {list(saved[k].shape)} there, {list(v.shape)} here"
+                for k, v in expected.items() if k in saved and saved[k].shape != v.shape]
+    problems += [f"{k} missing" for k in expected if k not in saved]
+    problems += [f"unexpected {k}" for k in saved if k not in expected]
+    return problems
+
+
 def load_weights(model: torch.nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
-    """Load the model weights of a shoal checkpoint (or a run directory's) into ``model``;
-    a checkpoint of another model is a ``ValueError`` naming what differs."""
-    saved = load_checkpoint(checkpoint_file(path))
+    """Load the model weights of a shoal checkpoint (or a run directory's) into ``model``.
+
+    A damaged file is :class:`CorruptCheckpoint`; one without weights, or of
+    another model (the message says what differs), a ``ValueError``."""
+    file = checkpoint_file(path)
+    saved = load_checkpoint(file)
     weights = saved.get("model") if isinstance(saved, dict) else None
-    if weights is None:
-        raise ValueError(f"{path}: the checkpoint holds no model weights")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    resized = [f"{k} {tuple(weights[k].shape)} here {tuple(own[k].shape)}" for k in own
-               if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or resized:
-        details = "; ".join(filter(None, [
-            f"missing {', '.join(missing[:3])}" if missing else "",
-            f"not in the model {', '.join(unexpected[:3])}" if unexpected else "",
-            f"shape {', '.join(resized[:3])}" if resized else "",
-        ]))
-        raise ValueError(f"{path}: the checkpoint is of another model than {type(model).__name__} ({details})")
+    if not isinstance(weights, dict):
+        raise ValueError(f"{file}: holds no model weights")
+    problems = mismatches(model.state_dict(), weights)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise WrongModel(file, "; ".join(problems[:3]) + more)
     model.load_state_dict({k: v.to(device) for k, v in weights.items()})
