@@ -166,6 +166,38 @@ def test_topk_keeps_the_largest_values(grad, sample):
     assert payload.wire_bytes == k * (4 + 2)
 
 
+@pytest.mark.parametrize("values, positions, bytes_per_k, bitmap_bytes", [
+    ("fp32", "bitmap", 4, math.ceil(10_001 / 8)), ("fp16", "bitmap", 2, math.ceil(10_001 / 8)),
+    ("fp16", "index", 2 + 2, 0)])
+def test_topk_compact_layouts_keep_the_same_values(grad, values, positions, bytes_per_k, bitmap_bytes):
+    plain = codec("topk:ratio=0.15")
+    compact = codec(f"topk:ratio=0.15,values={values},positions={positions}")
+    payload = compact.encode(grad)
+    k = round(0.15 * grad.numel())
+    assert payload.wire_bytes == k * bytes_per_k + bitmap_bytes
+    out, expected = compact.decode(payload), plain.decode(plain.encode(grad))
+    assert out.dtype == torch.float32 and torch.equal(out != 0, expected != 0)
+    rel = 1e-3 if values == "fp16" else 0.0
+    assert ((out - expected).abs() <= rel * expected.abs()).all()
+    template = compact.encode(torch.zeros_like(grad))  # a server's layout: from zeros of the same size
+    assert torch.equal(compact.decode(template.from_bytes(payload.to_bytes())), out)
+
+
+def test_topk_fp16_values_saturate_instead_of_overflowing():
+    g = torch.tensor([1e6, -1e6, 1.0, 0.5])
+    c = codec("topk:ratio=0.5,values=fp16")
+    out = c.decode(c.encode(g))
+    assert torch.isfinite(out).all() and out[0] == torch.finfo(torch.float16).max and out[1] == -out[0]
+
+
+def test_topk_bitmap_with_the_wrong_count_is_refused(grad):
+    c = codec("topk:ratio=0.15,positions=bitmap")
+    payload = c.encode(grad)
+    payload.tensors[1][0] ^= 0xFF  # flips eight positions: the count no longer matches k
+    with pytest.raises(ValueError, match="bitmap marks"):
+        c.decode(payload)
+
+
 def test_randk_positions_agree_across_workers_and_only_values_travel(grad):
     a, b = codec("randk:ratio=0.05", rank=0), codec("randk:ratio=0.05", rank=1)
     pa, pb = a.encode(grad), b.encode(grad * 2)
@@ -199,7 +231,8 @@ def test_error_feedback_carries_the_residual(grad):
     assert norms[1] <= 1.2 * norms[0]
 
 
-@pytest.mark.parametrize("spec", ["topk:ratio=0", "qsgd:levels=0", "qsgd:bucket=-1", "terngrad:bucket=-512", "powersgd:rank=0", "randk:ratio=2", "fp16:memory=maybe"])
+@pytest.mark.parametrize("spec", ["topk:ratio=0", "qsgd:levels=0", "qsgd:bucket=-1", "terngrad:bucket=-512",
+                                  "topk:values=int8", "topk:positions=delta", "powersgd:rank=0", "randk:ratio=2", "fp16:memory=maybe"])
 def test_bad_codec_options_are_rejected(spec):
     with pytest.raises(ValueError):
         CODECS.resolve(spec)
