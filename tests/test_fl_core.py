@@ -170,6 +170,20 @@ def test_server_rejects_updates_that_do_not_fit_the_model(tmp_path):
             fed.decode(0, tensors, count)
 
 
+@pytest.mark.parametrize("codec, words", [("topk:ratio=0.1", "does not decode"),
+                                          ("topk:ratio=0.1,positions=bitmap", "bitmap marks")])
+def test_server_rejects_payloads_of_the_right_shape_that_do_not_decode(tmp_path, codec, words):
+    fed = Federation(_cfg(tmp_path, codec=codec), tmp_path)
+    values, positions = fed.codec.encode(torch.randn(fed.flat.numel)).tensors
+    if positions.dtype == torch.uint8:
+        positions = positions.clone()
+        positions[0] ^= 0xFF  # the bitmap's count no longer matches the values
+    else:
+        positions = torch.full_like(positions, fed.flat.numel)  # one past the end
+    with pytest.raises(UpdateRejected, match=words):
+        fed.decode(0, [values, positions], 10)
+
+
 def test_simulation_learns_writes_outputs_and_repeats_itself(tmp_path):
     a = simulate(_cfg(tmp_path / "a", fleet={"dropout": 0.3}), progress=False)
     b = simulate(_cfg(tmp_path / "b", fleet={"dropout": 0.3}), progress=False)

@@ -424,7 +424,7 @@ def bench_fl(
     under label skew, FedAvg with uplink compression.
 
     Labels for --rows: centralised, fedsgd, fedavg-iid, fedprox-iid, fedadam-iid, then the same three
-    per alpha (fedavg-a0.1, ...), and fedavg-CODEC per uplink codec (fedavg-topk, fedavg-int8).
+    per alpha (fedavg-a0.1, ...), and fedavg-CODEC per uplink codec (fedavg-topk, fedavg-int8, fedavg-terngrad).
     """
     from shoal.bench import fl, report
 

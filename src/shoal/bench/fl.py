@@ -55,8 +55,9 @@ class BenchFlOptions(BaseModel):
     alphas: list[float] = Field([0.1, 0.5], description="Dirichlet label-skew alphas (IID is always run)")
     fedprox: str = Field("fedprox:mu=0.01", description="the FedProx row's strategy spec")
     fedadam: str = Field("fedadam", description="the FedAdam row's strategy spec")
-    codecs: list[str] = Field(["topk:ratio=0.05,memory=ef", "int8"], description="uplink codecs for FedAvg rows "
-                              "(one per codec name: rows are labelled fedavg-NAME)")
+    codecs: list[str] = Field(["topk:ratio=0.05,memory=ef", "int8", "terngrad:bucket=512"],
+                              description="uplink codecs for FedAvg rows (one per codec name: rows are labelled "
+                              "fedavg-NAME)")
     fedsgd_rounds_factor: int = Field(10, ge=1, description="FedSGD's round budget: fl.rounds x this")
     centralised_schedule: Literal["constant", "cosine"] = Field(
         "cosine", description="the centralised reference's learning rate over its run")

@@ -140,7 +140,10 @@ class Federation:
                 raise UpdateRejected(f"tensor {k} holds NaN or infinite values")
         if not 0 < num_examples <= len(self.data.train):
             raise UpdateRejected(f"num_examples {num_examples} is not in [1, {len(self.data.train)}]")
-        delta = self.codec.decode(Payload(list(tensors), self.template.ctx)).reshape(-1).float()
+        try:  # right shapes can still hold an impossible payload (an index past the end, a bitmap's count)
+            delta = self.codec.decode(Payload(list(tensors), self.template.ctx)).reshape(-1).float()
+        except (ValueError, IndexError, RuntimeError) as err:
+            raise UpdateRejected(f"the payload does not decode: {err}") from None
         if not torch.isfinite(delta).all():
             raise UpdateRejected("the decoded update holds NaN or infinite values")
         return delta

@@ -78,5 +78,27 @@ class Codec:
         pass
 
 
+def bucket_size(bucket: int, numel: int) -> int:
+    """Values per scale: ``bucket``, or all of them when it is 0 or at least ``numel``."""
+    return bucket if 0 < bucket < numel else max(numel, 1)
+
+
+def bucket_scales(flat: torch.Tensor, bucket: int, reduce: Literal["max", "norm"]) -> torch.Tensor:
+    """One fp32 scale per run of ``bucket`` consecutive values (0: one for all).
+
+    ``reduce``: the run's largest magnitude or its l2 norm. The last run may be
+    short; it is padded with zeros, which change neither.
+    """
+    size = bucket_size(bucket, flat.numel())
+    rows = torch.nn.functional.pad(flat.float(), (0, (-flat.numel()) % size)).view(-1, size)
+    scales = rows.abs().amax(dim=1) if reduce == "max" else rows.norm(dim=1)
+    return scales.clamp_min(1e-30)
+
+
+def per_value(scales: torch.Tensor, bucket: int, numel: int) -> torch.Tensor:
+    """Each value's scale, from :func:`bucket_scales`' output."""
+    return scales.repeat_interleave(bucket_size(bucket, numel))[:numel]
+
+
 def build_codec(component: Component, *, rank: int = 0) -> Codec:
     return component.target(component.options, rank=rank)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -16,7 +17,14 @@ from shoal.registry import CODECS
 class TopkOptions(CodecOptions):
     ratio: float = Field(0.01, gt=0, le=1, description="fraction of values sent")
     sample: float = Field(0.0, ge=0, le=1, description="DGC threshold from this fraction of values; 0 = exact topk")
+    values: Literal["fp32", "fp16"] = Field("fp32", description="precision of the values sent")
+    positions: Literal["index", "bitmap"] = Field(
+        "index", description="index: an integer per value sent (int16 or int32); bitmap: one bit per value of the "
+        "tensor, fewer bytes once ratio exceeds 1/16 (int16 indices) or 1/32 (int32)")
     seed: int = 0
+
+
+_FP16_MAX = torch.finfo(torch.float16).max
 
 
 def topk_select(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,7 +57,15 @@ def sampled_topk_select(flat: torch.Tensor, k: int, sample: float, generator: to
 
 @CODECS.register("topk", TopkOptions)
 class TopkCodec(Codec):
-    """Send k = ratio * n values (fp32) and their indices in the narrowest integer type."""
+    """Send the k = ratio * n largest-magnitude values and where they are.
+
+    1. pick the k positions (exact, or DGC's sampled threshold)
+    2. values: fp32, or fp16 (saturated to fp16's range; with error feedback
+       the rounding error is carried to the next round like the rest)
+    3. positions: indices in the narrowest integer type, or a bitmap of n bits
+       with the values in position order. k depends on n alone, so the
+       payload's layout does too; a bitmap whose count is not k is refused.
+    """
 
     summable = False
 
@@ -64,11 +80,27 @@ class TopkCodec(Codec):
             idx = sampled_topk_select(flat, k, self.options.sample, self.generator)
         else:
             idx = topk_select(flat, k)
-        ctx = {"numel": flat.numel(), "shape": tensor.shape}
-        return Payload([flat[idx], idx.to(bitpack.index_dtype(flat.numel()))], ctx)
+        ctx = {"numel": flat.numel(), "shape": tensor.shape, "dtype": tensor.dtype}
+        if self.options.positions == "bitmap":
+            idx = idx.sort().values
+            marked = torch.zeros(flat.numel(), dtype=torch.uint8, device=flat.device).index_fill_(0, idx, 1)
+            positions = bitpack.pack(marked, 1)
+        else:
+            positions = idx.to(bitpack.index_dtype(flat.numel()))
+        values = flat[idx]
+        if self.options.values == "fp16":
+            values = values.float().clamp(-_FP16_MAX, _FP16_MAX).half()
+        return Payload([values, positions], ctx)
 
     def decode(self, payload: Payload) -> torch.Tensor:
-        values, idx = payload.tensors
-        out = values.new_zeros(payload.ctx["numel"])
-        out.index_add_(0, idx.long(), values)
+        values, positions = payload.tensors
+        numel = payload.ctx["numel"]
+        if self.options.positions == "bitmap":
+            idx = bitpack.unpack(positions, 1, numel).nonzero().squeeze(1)
+            if idx.numel() != values.numel():
+                raise ValueError(f"topk: the bitmap marks {idx.numel()} positions for {values.numel()} values")
+        else:
+            idx = positions.long()
+        out = torch.zeros(numel, dtype=payload.ctx["dtype"], device=values.device)
+        out.index_add_(0, idx, values.to(out.dtype))
         return out.view(payload.ctx["shape"])
