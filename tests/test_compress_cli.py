@@ -51,6 +51,12 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_gradual_pruning_needs_fine_tuning(tmp_path):
+    with pytest.raises(shoal.compress.CompressError, match="give --finetune STEPS"):
+        shoal.compress({"data": {"dataset": "digits"}, "model": "mlp:hidden=[16]"}, checkpoint=tmp_path,
+                       prune="magnitude:sparsity=0.5,schedule=gradual")
+
+
 def test_cli_refuses_a_bad_spec(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data: {dataset: digits}\nmodel: mlp:hidden=[16]\n")
@@ -63,13 +69,22 @@ def test_cli_refuses_a_bad_spec(tmp_path):
 
 
 @pytest.mark.slow
-def test_compress_a_run_of_shoal_train(tmp_path):
+def test_compress_a_run_of_shoal_train_and_fine_tune_it_with_fixed_masks(tmp_path):
     cfg = small_config(tmp_path / "run", model="cnn2d:channels=8,hidden=32", train__steps=60)
     shoal.train(cfg)
 
     report = shoal.compress(tmp_path / "run" / "config.yaml", checkpoint=tmp_path / "run",
                             prune=["magnitude:sparsity=0.8"], quantize="int8-static", out=tmp_path / "out",
-                            repeats=3)
+                            repeats=3, finetune_steps=20)
+
+    # Fine-tuned through shoal train on the run's 2 workers, the pruned weights held at zero
+    # and only the kept ones' gradients sent.
+    tuned = report.finetune
+    assert tuned["steps"] == 20 and tuned["workers"] == 2 and tuned["schedule"] == "oneshot"
+    assert tuned["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert tuned["wire_bytes_per_worker"] < 0.4 * tuned["dense_bytes_per_worker"]
+    finetuned = json.loads((tmp_path / "out" / "finetune" / "summary.json").read_text())
+    assert finetuned["steps"] == 20 and finetuned["model"] == "artefact"
 
     assert report.rows[0].accuracy == pytest.approx(report.rows[0].torch_accuracy)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

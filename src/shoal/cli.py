@@ -235,6 +235,8 @@ def compress_command(
     set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
     threads: int = typer.Option(1, help="ONNX Runtime intra-op threads for the latency runs"),
     repeats: int = typer.Option(50, help="timed runs per latency (median reported)"),
+    finetune: int = typer.Option(0, "--finetune", help="after pruning, train this many steps through shoal train "
+                                 "(the config's strategy and workers), pruned weights held at zero"),
 ) -> None:
     """Prune and quantise a trained model, export it to ONNX, and measure it beside the uncompressed model.
 
@@ -252,7 +254,7 @@ def compress_command(
     try:
         report = compress(config, checkpoint=checkpoint, prune=prune, quantize=quantize, artefact=artefact,
                           export=export, out=out, overrides=set_, threads=threads, repeats=repeats,
-                          log=lambda line: console.print(line, highlight=False, markup=False))
+                          finetune_steps=finetune, log=lambda line: console.print(line, highlight=False, markup=False))
     except ConfigError as err:
         _fail_config(str(err))
     except CompressError as err:

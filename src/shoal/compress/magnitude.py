@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils import prune
 
@@ -29,11 +29,22 @@ class MagnitudeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sparsity: float = Field(0.9, gt=0, lt=1, description="fraction of the weights set to zero")
     scope: Literal["global", "layer"] = Field("global", description="rank weights across all layers or per layer")
+    schedule: Literal["oneshot", "gradual"] = Field(
+        "oneshot", description="oneshot: prune now; gradual: reach the sparsity during --finetune along Zhu & "
+        "Gupta's cubic schedule (global scope)")
+
+    @model_validator(mode="after")
+    def _gradual_is_global(self) -> "MagnitudeOptions":
+        if self.schedule == "gradual" and self.scope != "global":
+            raise ValueError("schedule=gradual prunes globally (scope=global)")
+        return self
 
 
 @PRUNERS.register("magnitude", MagnitudeOptions)
 def magnitude(options: MagnitudeOptions, model: nn.Module, example: torch.Tensor) -> Pruned:
     """Unstructured magnitude pruning of weights, global (default) or per layer; zeros, no shrinking."""
+    if options.schedule == "gradual":
+        return Pruned(model)  # the masks grow during fine-tuning (shoal.compress.finetune)
     targets = prunable_weights(model)
     if options.scope == "global":
         prune.global_unstructured(

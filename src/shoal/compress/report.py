@@ -42,7 +42,17 @@ def print_report(report: CompressReport, console: Console) -> None:
         "measured in ONNX Runtime on the whole test set; max |diff|: its logits against the PyTorch model "
         "the row was made from",
         f"artefact round trip: max |restored - pruned| = {report.artefact_max_abs_diff:.1e}",
+        *([_finetuned(report.finetune)] if report.finetune else []),
         f"wrote {report.out}/report.json",
     ]
     for line in lines:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _finetuned(run: dict) -> str:
+    sent = run["wire_bytes_per_worker"] / run["dense_bytes_per_worker"] if run["dense_bytes_per_worker"] else None
+    return (f"fine-tuned {run['steps']} steps on {run['workers']} worker(s) ({run['strategy']}"
+            + (f", {run['schedule']} sparsity {run['sparsity']:.3f}" if run["schedule"] else "")
+            + f"): test accuracy {run['accuracy']:.4f}"
+            + (f", gradients sent {sent:.0%} of dense" if sent is not None and run["workers"] > 1 else "")
+            + f"; run in {run['run']}")

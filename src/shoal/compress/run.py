@@ -4,9 +4,10 @@ result beside the uncompressed model.
 1. Load the run's trained model (config + checkpoint) and its test set.
 2. Baseline: export it to ONNX, time it in ONNX Runtime at batch 1 and 32,
    score it on the test set.
-3. Apply each ``--prune`` spec in order; save the sparse artefact and load
-   it back: the restored model is what is exported and measured, so the
-   numbers describe what ships.
+3. Apply each ``--prune`` spec in order; with ``--finetune STEPS`` train the
+   pruned model on through ``shoal train``, masks fixed; save the sparse
+   artefact and load it back: the restored model is what is exported and
+   measured, so the numbers describe what ships.
 4. Each ``--quantize`` spec turns that ONNX file into another, measured
    the same way.
 5. Write ``report.json``; the CLI prints it as a table.
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from shoal.compress.artefact import ArtefactOptions, load_artefact, save_artefact
 from shoal.compress.base import CompressError
+from shoal.compress.finetune import finetune
 from shoal.compress.load import checkpoint_path, load_trained
 from shoal.compress.measure import dataset_arrays, latency_ms, parameter_counts, state_bytes, torch_outputs
 from shoal.compress.onnx_export import export_onnx, ort_run, ort_session
@@ -70,6 +72,7 @@ class CompressReport(BaseModel):
     test_samples: int
     versions: dict[str, str]
     rows: list[Row]
+    finetune: dict[str, Any] | None = None  # steps, workers, strategy, schedule, sparsity, accuracy, run
 
 
 def parse_options(prune: list[Any], quantize: list[Any], artefact: Any) -> tuple[
@@ -102,6 +105,7 @@ def compress(
     overrides: list[str] | tuple[str, ...] = (),
     threads: int = 1,
     repeats: int = 50,
+    finetune_steps: int = 0,
     log=None,
 ) -> CompressReport:
     """Compress a trained model as ``shoal compress`` does and return the report.
@@ -109,7 +113,10 @@ def compress(
     ``config`` is the run's config (path, mapping or :class:`RunConfig`),
     ``checkpoint`` its ``shoal train --out`` directory. ``prune`` and
     ``quantize`` are spec strings (or lists of them, applied / measured in
-    order); ``artefact`` is ``sparse:values=int8,scale=channel``. Raises
+    order); ``artefact`` is ``sparse:values=int8,scale=channel``;
+    ``finetune_steps`` > 0 trains the pruned model that many steps through
+    ``shoal train`` (the config's strategy and workers), masks held fixed
+    (:mod:`shoal.compress.finetune`). Raises
     :class:`CompressError` (a :class:`ValueError`) or
     :class:`shoal.ConfigError` for bad input, before any work.
     """
@@ -119,8 +126,12 @@ def compress(
         raise CompressError(f"unknown export format {export!r}; allowed: onnx")
     if threads < 1 or repeats < 1:
         raise CompressError("threads and repeats must be >= 1")
+    if finetune_steps < 0:
+        raise CompressError(f"--finetune {finetune_steps}: steps must be >= 0")
     cfg = load_config(config, overrides)
     prunes, quants, store = parse_options(prune, quantize, artefact)
+    if not finetune_steps and any(getattr(c.options, "schedule", None) == "gradual" for c in prunes):
+        raise CompressError("schedule=gradual prunes while fine-tuning: give --finetune STEPS")
     ckpt = checkpoint_path(checkpoint)
     say = log or (lambda line: None)
     model, data = load_trained(cfg, ckpt)
@@ -155,9 +166,16 @@ def compress(
 
     pruned = copy.deepcopy(model)
     example = torch.from_numpy(x[:2]).clone()
+    gradual = None
     for component in prunes:
         say(f"pruning: {full_spec(component)}")
         pruned = component.target(component.options, pruned, example).model
+        if getattr(component.options, "schedule", None) == "gradual":
+            gradual = component.options.sparsity  # reached while fine-tuning
+    tuned = None
+    if finetune_steps:
+        pruned, tuned = finetune(cfg, pruned, steps=finetune_steps, out=out, input_shape=shape,
+                                 num_classes=data.num_classes, gradual=gradual, log=say)
     size = save_artefact(out / ARTEFACT, pruned, model_spec=cfg.model.to_config(), input_shape=shape,
                          num_classes=data.num_classes, options=store)
     restored = load_artefact(out / ARTEFACT)
@@ -180,7 +198,7 @@ def compress(
     report = CompressReport(
         out=str(out), checkpoint=str(ckpt), model=cfg.model.spec(), dataset=cfg.data.dataset.spec(),
         prune=[full_spec(c) for c in prunes], quantize=[full_spec(c) for c in quants], artefact=artefact_spec(store),
-        artefact_max_abs_diff=round_trip, threads=threads, repeats=repeats, test_samples=len(y),
+        artefact_max_abs_diff=round_trip, threads=threads, repeats=repeats, test_samples=len(y), finetune=tuned,
         versions=_versions(), rows=rows,
     )
     from shoal.metrics.summary import write_json_atomic

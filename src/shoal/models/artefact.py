@@ -1,0 +1,41 @@
+"""A model stored by ``shoal compress`` (its sparse artefact), to train further.
+
+``model: artefact:path=runs/compressed/pruned.shoal`` builds the artefact's
+architecture (channel-pruned layers keep their smaller widths) with its
+weights, so ``shoal train`` can fine-tune a compressed model with any
+strategy on any number of workers; every worker reads the same file, so all
+start from the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from shoal.registry import MODELS
+
+
+class ArtefactModelOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(..., description="a shoal compress artefact (model.shoal)")
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, value: str) -> str:
+        if not Path(value).is_file():
+            raise ValueError(f"{value}: no such artefact file")
+        return value
+
+
+@MODELS.register("artefact", ArtefactModelOptions)
+def artefact(options: ArtefactModelOptions, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The model a ``shoal compress`` artefact holds, weights included."""
+    from shoal.compress.artefact import load_artefact, read_artefact
+
+    header, _ = read_artefact(options.path)
+    if tuple(header["input_shape"]) != tuple(input_shape) or header["num_classes"] != num_classes:
+        raise ValueError(f"artefact {options.path} takes inputs {tuple(header['input_shape'])} and "
+                         f"{header['num_classes']} classes; the dataset has {tuple(input_shape)} and {num_classes}")
+    return load_artefact(options.path).train()
