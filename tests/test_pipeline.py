@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import shoal
+from shoal.config import ConfigError
 from shoal.launch import JobFailed
 from shoal.models.transformer import TinyTransformer, TransformerOptions
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
@@ -18,7 +19,7 @@ from shoal.parallel.profile import kept_state, profile_layers, sequential_layers
 from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates
 from shoal.strategies.pipeline import PipelineStrategy
 from shoal.training.checkpoint import load_checkpoint
-from tests.conftest import small_config
+from tests.conftest import run_cli, small_config
 
 
 def brute_force(weights, parts, sizes=None, cap=None):
@@ -137,9 +138,20 @@ def test_hybrid_two_stages_by_two_replicas_equals_two_worker_data_parallel(tmp_p
     assert hybrid.wire_bytes_per_worker > 0
 
 
+@pytest.mark.parametrize("strategy, words", [
+    ("pipeline:stages=3", "strategy: pipeline: stages=3 x dp=1 needs 3 workers; the job has 2"),
+    ("pipeline:stages=2,microbatches=5", "microbatches=5 must divide the batch of 16 (data.batch_size)"),
+])
+def test_pipelines_the_config_shows_impossible_exit_2_before_any_process_starts(tmp_path, strategy, words):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"workers: 2\ndata: {{dataset: digits, batch_size: 16}}\nstrategy: '{strategy}'\n")
+    result = run_cli("train", str(config), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(ConfigError, match="needs|must divide"):  # the Python API checks the same
+        shoal.train(small_config(tmp_path / "api", strategy=strategy))
+
+
 @pytest.mark.parametrize("model, strategy, words", [
-    (MODEL, "pipeline:stages=3", "needs 3 workers"),
-    (MODEL, "pipeline:stages=2,microbatches=5", "must divide the batch of 16"),
     (MODEL, "pipeline:stages=2,max_memory_per_worker=1KiB", "max_memory_per_worker=1.0KiB"),
     ("transformer:d_model=16,heads=2,layers=1,ff=32", "pipeline:stages=2,schedule=interleaved,virtual=8",
      "16 stages but TinyTransformer splits into at most 5 (a stage begins at a submodule with parameters that "

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from shoal.config import ConfigError, RunConfig, load_config, validate_config
+from shoal.config import ConfigError, RunConfig, check_job, load_config, validate_config
 from shoal.metrics.summary import Summary
 
 __all__ = ["train", "compress", "RunConfig", "Summary", "ConfigError", "load_config", "validate_config"]
@@ -40,6 +40,7 @@ def train(
     from shoal.launch import launch
 
     cfg = load_config(config, overrides, workers=workers, out=str(out) if out is not None else None)
+    check_job(cfg, cfg.workers)
     summary = launch(cfg, resume=resume, max_restarts=max_restarts)
     assert summary is not None  # a single-node job always holds rank 0
     return summary

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from shoal.config import ConfigError, load_config
+from shoal.config import ConfigError, check_job, load_config
 
 app = typer.Typer(
     help="shoal: distributed deep-learning training on PyTorch's distributed engine, made cheaper.",
@@ -65,6 +65,7 @@ def train(
         faults = _kill_overrides(kill) if kill else []
         cfg = load_config(config, [*set_, *_slowdown_overrides(slowdown), *faults], workers=workers,
                           out=str(out) if out else None)
+        check_job(cfg, cfg.workers * nnodes)
     except ConfigError as err:
         _fail_config(str(err))
     if cfg.backend == "nccl":

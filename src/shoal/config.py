@@ -169,6 +169,17 @@ class RunConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def check_job(cfg: RunConfig, world_size: int) -> None:
+    """Checks that need the job's size (workers x nodes): a strategy's options
+    may define ``check_job(world_size, batch_size)``. :class:`ConfigError` if one fails."""
+    check = getattr(cfg.strategy.options, "check_job", None)
+    if check is not None:
+        try:
+            check(world_size, cfg.data.batch_size)
+        except ValueError as err:
+            raise ConfigError(f"strategy: {err}") from None
+
+
 def format_error(err: ValidationError) -> str:
     """One line per problem: ``field.path: what is wrong``."""
     lines = []

@@ -77,6 +77,15 @@ class PipelineOptions(BaseModel):
                                                    "e.g. 64MiB (auto partition)")
     profile_repeats: int = Field(5, ge=1, description="timed runs per layer when profiling")
 
+    def check_job(self, world_size: int, batch_size: int) -> None:
+        """What the config alone shows to be impossible, before any process starts."""
+        if self.stages * self.dp != world_size:
+            raise ValueError(f"pipeline: stages={self.stages} x dp={self.dp} needs {self.stages * self.dp} "
+                             f"workers; the job has {world_size}")
+        if batch_size % self.microbatches:
+            raise ValueError(f"pipeline: microbatches={self.microbatches} must divide the batch of {batch_size} "
+                             f"(data.batch_size)")
+
 
 @STRATEGIES.register("pipeline", PipelineOptions)
 class PipelineStrategy(Strategy):
