@@ -217,8 +217,37 @@ def test_store_tokens_keep_only_hashes(tmp_path):
     assert store.check_token(token) is None
 
 
-def test_store_replaced_token_invalidates_the_old_one(tmp_path):
-    store = ServerStore(str(tmp_path / "s.db"))
+# The store is plain SQLAlchemy: the same tests run against PostgreSQL where
+# SHOAL_TEST_POSTGRES_URL names a server whose user may create databases
+# (postgresql+psycopg://user:password@host/dbname; psycopg installed).
+POSTGRES = os.environ.get("SHOAL_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield str(tmp_path / "nested" / "server.db")  # a path: the store makes its folder
+        return
+    if not POSTGRES:
+        pytest.skip("SHOAL_TEST_POSTGRES_URL is not set")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(POSTGRES)
+    name = f"shoal_test_{os.getpid()}_{random.randrange(10**9)}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def test_store_replaced_token_invalidates_the_old_one(store_url):
+    store = ServerStore(store_url)
     old = store.add_token("alice")
 
     new = store.add_token("alice", replace=True)
@@ -226,8 +255,8 @@ def test_store_replaced_token_invalidates_the_old_one(tmp_path):
     assert store.check_token(old) is None and store.check_token(new) == "alice"
 
 
-def test_store_counts_client_results(tmp_path):
-    store = ServerStore(str(tmp_path / "s.db"))
+def test_store_counts_client_results(store_url):
+    store = ServerStore(store_url)
 
     store.client_seen("alice")
     store.client_result("alice", True)
@@ -240,9 +269,8 @@ def test_store_counts_client_results(tmp_path):
     assert rows["alice"]["first_seen"] <= rows["alice"]["last_seen"]
 
 
-def test_store_round_and_state_survive_a_new_instance(tmp_path):
-    db = tmp_path / "nested" / "server.db"
-    store = ServerStore(str(db))
+def test_store_round_and_state_survive_a_new_instance(store_url):
+    store = ServerStore(store_url)
     assert store.last_round() == 0 and store.load_state() == {}
 
     store.save_round(1, {"loss": 2.0}, {"model": b"one", "opt": b"x"})
@@ -251,14 +279,14 @@ def test_store_round_and_state_survive_a_new_instance(tmp_path):
         store.save_round(2, {}, {"model": b"again"})
     store.close()
 
-    again = ServerStore(f"sqlite:///{db}")
+    again = ServerStore(store_url)
     assert again.last_round() == 2
     assert again.load_state() == {"model": b"two"}
     assert [(r["round"], r["metrics"]) for r in again.round_metrics()] == [(1, {"loss": 2.0}), (2, {"loss": 1.0})]
 
 
-def test_store_failed_save_leaves_previous_round_whole(tmp_path):
-    store = ServerStore(str(tmp_path / "s.db"))
+def test_store_failed_save_leaves_previous_round_whole(store_url):
+    store = ServerStore(store_url)
     store.save_round(1, {}, {"model": b"one"})
 
     with pytest.raises(TypeError):
