@@ -101,3 +101,13 @@ def test_cli_not_yaml_mapping(tmp_path):
 def test_codec_with_a_strategy_that_takes_none():
     with pytest.raises(ConfigError, match="codec: strategy 'ddp' takes no codec"):
         load_config(None, ["strategy=ddp:hook=fp16", "codec=topk"])
+
+
+def test_the_command_line_starts_without_torch():
+    # Every shoal command (and --help, and each bad-config exit) pays for what
+    # `import shoal.cli` imports: torch comes in only where a command needs it.
+    import subprocess
+    import sys
+
+    code = "import sys, shoal, shoal.cli, shoal.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

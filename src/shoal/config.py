@@ -24,8 +24,6 @@ from pydantic import (
 )
 
 from shoal.registry import CODECS, DATASETS, MODELS, STRATEGIES, Component, Registry, load_builtins
-from shoal.training.sparsity import STRATEGIES as PRUNE_STRATEGIES
-from shoal.training.sparsity import PruneConfig
 
 
 class ConfigError(ValueError):
@@ -129,6 +127,28 @@ class SlowdownConfig(_Strict):
                 raise ValueError(f"factors: rank {rank} must be >= 0")
             if not 1 <= factor <= 100:
                 raise ValueError(f"factors: rank {rank}'s factor {factor} must be in [1, 100]")
+        return self
+
+
+# Strategies whose workers hold the same model after every step (or every
+# average), so one mask means the same weights everywhere.
+PRUNE_STRATEGIES = ("sync", "ddp", "localsgd")
+
+
+class PruneConfig(_Strict):
+    """Sparse training with global magnitude masks (shoal.training.sparsity)."""
+
+    sparsity: float = Field(..., gt=0, lt=1, description="share of the prunable weights set to zero at the end")
+    schedule: Literal["oneshot", "gradual"] = Field("gradual", description="oneshot: all at begin_step; "
+                                                    "gradual: Zhu & Gupta's cubic ramp to end_step")
+    begin_step: int = Field(0, ge=0, description="first pruning step (0: before the first step)")
+    end_step: int | None = Field(None, ge=1, description="gradual: sparsity reached here (default: 3/4 of the run)")
+    every: int = Field(10, ge=1, description="gradual: steps between mask updates")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PruneConfig":
+        if self.end_step is not None and self.end_step <= self.begin_step:
+            raise ValueError(f"end_step {self.end_step} must come after begin_step {self.begin_step}")
         return self
 
 

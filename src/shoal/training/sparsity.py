@@ -29,33 +29,11 @@ checkpoints stay those of the dense model.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-# Strategies whose workers hold the same model after every step (or every
-# average), so one mask means the same weights everywhere.
-STRATEGIES = ("sync", "ddp", "localsgd")
-
-
-class PruneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    sparsity: float = Field(..., gt=0, lt=1, description="share of the prunable weights set to zero at the end")
-    schedule: Literal["oneshot", "gradual"] = Field("gradual", description="oneshot: all at begin_step; "
-                                                    "gradual: Zhu & Gupta's cubic ramp to end_step")
-    begin_step: int = Field(0, ge=0, description="first pruning step (0: before the first step)")
-    end_step: int | None = Field(None, ge=1, description="gradual: sparsity reached here (default: 3/4 of the run)")
-    every: int = Field(10, ge=1, description="gradual: steps between mask updates")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "PruneConfig":
-        if self.end_step is not None and self.end_step <= self.begin_step:
-            raise ValueError(f"end_step {self.end_step} must come after begin_step {self.begin_step}")
-        return self
-
+from shoal.config import PruneConfig
 
 def weight_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """``(qualified name, module, attribute)`` of every weight matrix or kernel:
