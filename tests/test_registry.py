@@ -31,7 +31,7 @@ def test_resolve_validates_options_against_the_implementation():
     assert comp.options.channels == 8 and not comp.entry_point
     with pytest.raises(ValueError, match="channels"):
         MODELS.resolve("cnn1d:channels=zero")
-    with pytest.raises(ValueError, match="unknown model 'nope'; allowed: cnn1d"):
+    with pytest.raises(ValueError, match="unknown model .nope.; allowed: artefact, cnn1d"):
         MODELS.resolve("nope")
     with pytest.raises(ValueError, match="cannot import 'cnn1d'"):
         MODELS.resolve("cnn1d:channels")  # no '=': read as an entry point, which does not exist

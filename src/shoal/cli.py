@@ -228,7 +228,8 @@ def compress_command(
         "(unstructured, global), channels:ratio=0.5 (removes channels / neurons)"),
     quantize: list[str] = typer.Option(
         [], "--quantize", "-q", help="ONNX Runtime quantisation of the compressed model, each measured as its own "
-        "row (repeatable): int8-dynamic, int8-static (QDQ, per-channel, calibrated on training data), fp16"),
+        "row (repeatable): int8-dynamic, int8-static (QDQ, per-channel, calibrated on training data), fp16, "
+        "qat-int8:steps=300 (quantisation-aware training with torchao, then static QDQ int8)"),
     artefact: str = typer.Option(
         "sparse", help="the compact artefact: sparse:values=fp32|int8,scale=channel|tensor,codec=lzma|zlib"),
     export: str = typer.Option("onnx", help="export format (onnx)"),

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import types
 
-from shoal.compress import channels, fp16, int8_dynamic, int8_static, magnitude  # noqa: F401  (register)
+from shoal.compress import channels, fp16, int8_dynamic, int8_static, magnitude, qat  # noqa: F401  (register)
 from shoal.compress.artefact import ArtefactOptions, load_artefact, read_artefact, save_artefact
 from shoal.compress.base import CompressError, Pruned
 from shoal.compress.run import CompressReport, Row, compress

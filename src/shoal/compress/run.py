@@ -9,7 +9,9 @@ result beside the uncompressed model.
    artefact and load it back: the restored model is what is exported and
    measured, so the numbers describe what ships.
 4. Each ``--quantize`` spec turns that ONNX file into another, measured
-   the same way.
+   the same way; ``qat-int8`` first trains the restored PyTorch model with
+   fake quantisation (:mod:`shoal.compress.qat`), and its row is compared
+   with that fake-quantised model.
 5. Write ``report.json``; the CLI prints it as a table.
 """
 
@@ -190,10 +192,18 @@ def compress(
     for component in quants:
         target = f"model.{component.name}.onnx"
         say(f"quantizing: {full_spec(component)}")
-        component.target(component.options, out / MODEL_ONNX, out / target, train=data.train, seed=cfg.seed)
-        rows.append(measure(component.name, "quantized", f"{spec} | {full_spec(component)}", target, logits, artefact_name=target,
-                            artefact_bytes=(out / target).stat().st_size,
-                            counts=(compressed.parameters, compressed.nonzero_parameters), torch_accuracy=None))
+        reference, torch_accuracy = logits, None
+        if getattr(component.target, "trains", False):  # QAT: trains the PyTorch model, returns it fake-quantised
+            trained = component.target(component.options, out / MODEL_ONNX, out / target, train=data.train,
+                                       seed=cfg.seed, model=restored, input_shape=shape, log=say)
+            reference = torch_outputs(trained, x)
+            torch_accuracy = accuracy(reference)
+        else:
+            component.target(component.options, out / MODEL_ONNX, out / target, train=data.train, seed=cfg.seed)
+        rows.append(measure(component.name, "quantized", f"{spec} | {full_spec(component)}", target, reference,
+                            artefact_name=target, artefact_bytes=(out / target).stat().st_size,
+                            counts=(compressed.parameters, compressed.nonzero_parameters),
+                            torch_accuracy=torch_accuracy))
 
     report = CompressReport(
         out=str(out), checkpoint=str(ckpt), model=cfg.model.spec(), dataset=cfg.data.dataset.spec(),
