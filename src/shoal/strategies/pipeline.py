@@ -125,6 +125,7 @@ class PipelineStrategy(Strategy):
         self.stage_tensors: list[list[torch.Tensor]] = []  # every stage's parameters and buffers
         self.busy_s = 0.0  # this rank's forward/backward compute, all steps
         self.pipeline_s = 0.0  # the schedules' wall time, all steps
+        self.first_busy_s = self.first_pipeline_s = 0.0  # of them, the first step's
         self.steps = 0
         self.in_flight = self.peak_in_flight = 0
         self.others: dict[int, tuple[torch.Tensor, torch.Size]] = {}  # parameters outside this rank's stages
@@ -261,6 +262,8 @@ class PipelineStrategy(Strategy):
         else:
             self.schedule.step()
         self.pipeline_s += time.perf_counter() - started
+        if self.steps == 0:  # the first step also connects the stages' send/recv pairs: not the steady state
+            self.first_busy_s, self.first_pipeline_s = self.busy_s, self.pipeline_s
         sent = self.out_bytes + self.in_bytes  # activations forward, their gradients back
         self.activation_bytes += sent * self.M
         if self.dp_state is not None:
@@ -329,6 +332,9 @@ class PipelineStrategy(Strategy):
             "stage": self.stage_index,
             "busy_s": self.busy_s / steps,
             "pipeline_s": self.pipeline_s / steps,
+            # The idle share in the steady state: past the first step where there are more.
+            "idle": _idle(self.busy_s - self.first_busy_s, self.pipeline_s - self.first_pipeline_s)
+            if self.steps > 1 else _idle(self.busy_s, self.pipeline_s),
             "peak_in_flight": self.peak_in_flight,
             "peak_memory_bytes": peak_memory_bytes(self.context.device),
             "training_memory_bytes": self.peak_step_memory,
@@ -339,7 +345,7 @@ class PipelineStrategy(Strategy):
         dist.all_gather_object(everyone, mine)
         stages = [w for w in everyone[: self.P]]  # replica 0
         busy = [w["busy_s"] for w in stages]
-        bubble = [1 - w["busy_s"] / w["pipeline_s"] if w["pipeline_s"] > 0 else 0.0 for w in stages]
+        bubble = [w["idle"] for w in stages]
         stage_act = [sum(self.profiles[i].activation_bytes for k in range(self.V) for i in self.bounds[r + k * self.P])
                      for r in range(self.P)] if self.profiles else [0] * self.P  # per rank
         return {
@@ -358,6 +364,10 @@ class PipelineStrategy(Strategy):
             "peak_activation_bytes": max(w["peak_in_flight"] * a / self.V for w, a in zip(stages, stage_act)),
             "activation_bytes_per_worker": sum(w["activation_bytes"] for w in everyone) / len(everyone),
         }
+
+
+def _idle(busy_s: float, pipeline_s: float) -> float:
+    return 1 - busy_s / pipeline_s if pipeline_s > 0 else 0.0
 
 
 def memory_in_use(device: torch.device) -> int:
