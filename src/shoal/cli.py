@@ -237,6 +237,12 @@ def compress_command(
     repeats: int = typer.Option(50, help="timed runs per latency (median reported)"),
     finetune: int = typer.Option(0, "--finetune", help="after pruning, train this many steps through shoal train "
                                  "(the config's strategy and workers), pruned weights held at zero"),
+    target_size_kb: Optional[float] = typer.Option(
+        None, "--target-size-kb", help="budget: search pruning and quantisation for the most accurate model whose "
+        "shipped file (sparse artefact or int8 ONNX) is at most this many KB (1 KB = 1000 bytes)"),
+    target_latency_ms: Optional[float] = typer.Option(
+        None, "--target-latency-ms", help="budget: ... whose ONNX Runtime latency at batch 32 (median, --threads) "
+        "is at most this; with --target-size-kb, both must hold. Exit code 2 when no candidate does"),
 ) -> None:
     """Prune and quantise a trained model, export it to ONNX, and measure it beside the uncompressed model.
 
@@ -244,6 +250,11 @@ def compress_command(
     batch 1 and 32, test accuracy (run in ONNX Runtime) and the largest difference from PyTorch's
     logits, for the uncompressed model, the compressed one (restored from its artefact) and each
     quantisation. `shoal list` shows every pruner and quantizer with its options.
+
+    With --target-size-kb and / or --target-latency-ms it searches instead of taking --prune and
+    --quantize: magnitude sparsities, channel ratios, int8 artefact values and static int8, each
+    candidate measured; it prints and writes OUT/budget.json with every candidate tried and the
+    most accurate one within the budgets, or exits 2 naming the budget and the closest candidate.
     """
     from shoal.compress import CompressError, compress
     from shoal.compress.report import print_report
@@ -251,6 +262,14 @@ def compress_command(
     # The table is ~110 columns wide; where output is no terminal (a pipe, a
     # log file) rich would squeeze it to 80.
     console = Console() if Console().is_terminal else Console(width=120)
+    if target_size_kb is not None or target_latency_ms is not None:
+        if prune or quantize:
+            err_console.print("[red]compress error:[/] --target-size-kb / --target-latency-ms search pruning and "
+                              "quantisation themselves: leave out --prune and --quantize", highlight=False)
+            raise typer.Exit(2)
+        _compress_to_budget(config, checkpoint, out, set_, threads, repeats, finetune, target_size_kb,
+                            target_latency_ms, console)
+        return
     try:
         report = compress(config, checkpoint=checkpoint, prune=prune, quantize=quantize, artefact=artefact,
                           export=export, out=out, overrides=set_, threads=threads, repeats=repeats,
@@ -261,6 +280,37 @@ def compress_command(
         err_console.print(f"[red]compress error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     print_report(report, console)
+
+
+def _compress_to_budget(config: Path, checkpoint: Path, out: Path, overrides: list[str], threads: int, repeats: int,
+                        finetune: int, target_size_kb: Optional[float], target_latency_ms: Optional[float],
+                        console: Console) -> None:
+    from shoal.compress import CompressError
+    from shoal.compress.budget import BudgetError, search
+
+    try:
+        report = search(config, checkpoint=checkpoint, target_size_kb=target_size_kb,
+                        target_latency_ms=target_latency_ms, out=out, overrides=overrides, threads=threads,
+                        repeats=repeats, finetune_steps=finetune,
+                        log=lambda line: console.print(line, highlight=False, markup=False))
+    except ConfigError as err:
+        _fail_config(str(err))
+    except BudgetError as err:
+        err_console.print(f"[red]budget not met:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except CompressError as err:
+        err_console.print(f"[red]compress error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    table = Table(title="shoal compress: candidates tried (latency: ONNX Runtime, batch 32, median)")
+    for column in ("candidate", "size", "latency b=32", "accuracy", "within budget"):
+        table.add_column(column, justify="left" if column == "candidate" else "right", no_wrap=True)
+    for c in report.candidates:
+        table.add_row(c.label, f"{c.size_bytes / 1000:,.1f} KB", f"{c.latency_ms_batch32:.3f} ms", f"{c.accuracy:.4f}",
+                      "yes" if c.within else "no", style="bold" if c == report.winner else None)
+    console.print(table)
+    winner = report.winner
+    console.print(f"winner: {winner.label} ({winner.spec}): {winner.file}; wrote {out / 'budget.json'}",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 bench_app = typer.Typer(help="Benchmarks; each writes DIR/bench.json and compares against its baseline in the same run.")
