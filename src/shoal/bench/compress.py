@@ -211,6 +211,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 def plot_pareto(results: list[dict[str, Any]], out: Path) -> list[Path]:
     """Per model: accuracy against artefact size and against batch-32 latency, Pareto fronts drawn."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     from shoal.bench.report import plt
 
     paths = []
@@ -224,11 +226,14 @@ def plot_pareto(results: list[dict[str, Any]], out: Path) -> list[Path]:
             scale = 1000 if key == "artefact_bytes" else 1
             points = [(r[key] / scale, r["accuracy"]) for r in rows]
             front = pareto_front(points)
-            ax.plot(*zip(*[points[i] for i in front]), color="tab:red", alpha=0.5, label="Pareto front")
+            ax.plot(*zip(*[points[i] for i in front]), color="tab:red", alpha=0.5, marker="o", markersize=11,
+                    markerfacecolor="none", label="Pareto front")
             for r, (x, y) in zip(rows, points):
                 ax.scatter(x, y, color="tab:blue" if r["label"] != "fp32" else "black")
                 ax.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             ax.set(xscale="log", xlabel=xlabel, title=f"{model}: accuracy against {xlabel.split(' (')[0]}")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # log-scale minor labels overlap
+            ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("test accuracy (ONNX Runtime)")
         axes[0].legend(fontsize=8)
