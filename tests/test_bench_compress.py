@@ -13,6 +13,7 @@ from shoal.config import ConfigError
 WORKLOAD = Path(__file__).resolve().parents[1] / "examples" / "bench_compress.yaml"
 
 
+@pytest.mark.slow  # 14-22 s on the shared 2-core machine: one shoal train, three shoal compress
 def test_bench_compress_quick(tmp_path):
     result = CliRunner().invoke(app, ["bench", "compress", "--quick", "--config", str(WORKLOAD),
                                       "--out", str(tmp_path)])

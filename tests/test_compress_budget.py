@@ -59,10 +59,12 @@ def test_an_impossible_budget_raises_naming_it_and_the_closest_candidate(tmp_pat
 
     with pytest.raises(shoal.compress.BudgetError) as caught:
         shoal.compress.search_budget(run / "config.yaml", checkpoint=run, target_latency_ms=0.0001,
-                                     channel_ratios=(0.5,), out=tmp_path / "out", repeats=3)
+                                     target_size_kb=1000, sparsities=(0.9,), channel_ratios=(0.5,), out=tmp_path / "out", repeats=3)
 
     message = str(caught.value)
-    assert message.startswith("no candidate meets --target-latency-ms 0.0001 (batch 32): 4 tried")
+    # Zeros run no faster: prune-90 and channels-50+prune-90 are skipped once their dense plans were too slow.
+    assert message.startswith("no candidate meets --target-size-kb 1000 and --target-latency-ms 0.0001 (batch 32): "
+                              "4 tried")
     assert "the closest is channels-50/fp32-values" in message  # removed channels run fastest
     report = caught.value.report
     assert report.winner is None and [c.label for c in report.candidates] == [

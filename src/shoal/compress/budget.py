@@ -15,7 +15,11 @@
 3. A family stops at its first plan with a candidate within the budgets:
    pruning more costs accuracy (Han et al. 2015; Zhu & Gupta 2017), so the
    rest of the family would not be more accurate. When the unpruned model
-   fits, nothing more is tried.
+   fits, nothing more is tried. Zeros shrink only the sparse artefact, which
+   runs as dense fp32 ONNX, no faster (and static int8 ONNX stores them
+   densely), so a magnitude plan is skipped when the same plan without it
+   (the unpruned model, or the channel pruning alone) missed the latency
+   budget in fp32 already.
 4. The winner is the most accurate candidate within every budget (ties: the
    smaller, then the faster). None within: :class:`BudgetError`, naming the
    budget and the closest candidate (the smallest worst ratio of measured
@@ -126,6 +130,7 @@ def search(config: Any, *, checkpoint: str | Path, target_size_kb: float | None 
     say = log or (lambda line: None)
     out = Path(out)
     candidates: list[Candidate] = []
+    too_slow: set[str] = set()  # plans whose fp32 ONNX missed the latency budget
 
     def measure(plan: list[str], values: str, quantize: list[str]) -> list[Candidate]:
         label = plan_label(plan)
@@ -147,8 +152,14 @@ def search(config: Any, *, checkpoint: str | Path, target_size_kb: float | None 
     for family in families(size=target_size_kb is not None, latency=target_latency_ms is not None,
                            sparsities=sparsities, channel_ratios=channel_ratios):
         for plan in family:
+            dense = plan_label([spec for spec in plan if not spec.startswith("magnitude")])
+            if dense in too_slow:
+                say(f"skipping {plan_label(plan)}: {dense} misses the latency budget, and zeros run no faster")
+                continue
             say(f"trying {plan_label(plan)}" + (f" ({', '.join(plan)})" if plan else ""))
             found = measure(plan, "fp32", ["int8-static"])
+            if not within(0, found[0].latency_ms_batch32, None, target_latency_ms):
+                too_slow.add(plan_label(plan))  # its zeros would ship at this fp32 latency
             dense = found[0]
             if (not dense.within and target_size_kb is not None and within(
                     0, dense.latency_ms_batch32, None, target_latency_ms)):
