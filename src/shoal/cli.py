@@ -239,6 +239,13 @@ def compress_command(
     repeats: int = typer.Option(50, help="timed runs per latency (median reported)"),
     finetune: int = typer.Option(0, "--finetune", help="after pruning, train this many steps through shoal train "
                                  "(the config's strategy and workers), pruned weights held at zero"),
+    target_size_kb: Optional[float] = typer.Option(
+        None, "--target-size-kb", help="budget: search pruning and quantisation for the most accurate model whose "
+        "shipped file (sparse artefact or int8 ONNX) is at most this many KB (1 KB = 1000 bytes)"),
+    target_latency_ms: Optional[float] = typer.Option(
+        None, "--target-latency-ms", help="budget: the most accurate model whose ONNX Runtime latency at batch 32 "
+        "(median, --threads) is at most this many ms; with --target-size-kb both must hold. Exit code 2 when "
+        "no candidate does"),
 ) -> None:
     """Prune and quantise a trained model, export it to ONNX, and measure it beside the uncompressed model.
 
@@ -246,6 +253,11 @@ def compress_command(
     batch 1 and 32, test accuracy (run in ONNX Runtime) and the largest difference from PyTorch's
     logits, for the uncompressed model, the compressed one (restored from its artefact) and each
     quantisation. `shoal list` shows every pruner and quantizer with its options.
+
+    With --target-size-kb and / or --target-latency-ms it searches instead of taking --prune and
+    --quantize: magnitude sparsities, channel ratios, int8 artefact values and static int8, each
+    candidate measured; it prints and writes OUT/budget.json with every candidate tried and the
+    most accurate one within the budgets, or exits 2 naming the budget and the closest candidate.
     """
     from shoal.compress import CompressError, compress
     from shoal.compress.report import print_report
@@ -253,6 +265,14 @@ def compress_command(
     # The table is ~110 columns wide; where output is no terminal (a pipe, a
     # log file) rich would squeeze it to 80.
     console = Console() if Console().is_terminal else Console(width=120)
+    if target_size_kb is not None or target_latency_ms is not None:
+        if prune or quantize:
+            err_console.print("[red]compress error:[/] --target-size-kb / --target-latency-ms search pruning and "
+                              "quantisation themselves: leave out --prune and --quantize", highlight=False)
+            raise typer.Exit(2)
+        _compress_to_budget(config, checkpoint, out, set_, threads, repeats, finetune, target_size_kb,
+                            target_latency_ms, console)
+        return
     try:
         report = compress(config, checkpoint=checkpoint, prune=prune, quantize=quantize, artefact=artefact,
                           export=export, out=out, overrides=set_, threads=threads, repeats=repeats,
@@ -263,6 +283,37 @@ def compress_command(
         err_console.print(f"[red]compress error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2)
     print_report(report, console)
+
+
+def _compress_to_budget(config: Path, checkpoint: Path, out: Path, overrides: list[str], threads: int, repeats: int,
+                        finetune: int, target_size_kb: Optional[float], target_latency_ms: Optional[float],
+                        console: Console) -> None:
+    from shoal.compress import CompressError
+    from shoal.compress.budget import BudgetError, search
+
+    try:
+        report = search(config, checkpoint=checkpoint, target_size_kb=target_size_kb,
+                        target_latency_ms=target_latency_ms, out=out, overrides=overrides, threads=threads,
+                        repeats=repeats, finetune_steps=finetune,
+                        log=lambda line: console.print(line, highlight=False, markup=False))
+    except ConfigError as err:
+        _fail_config(str(err))
+    except BudgetError as err:
+        err_console.print(f"[red]budget not met:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except CompressError as err:
+        err_console.print(f"[red]compress error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    table = Table(title="shoal compress: candidates tried (latency: ONNX Runtime, batch 32, median)")
+    for column in ("candidate", "size", "latency b=32", "accuracy", "within budget"):
+        table.add_column(column, justify="left" if column == "candidate" else "right", no_wrap=True)
+    for c in report.candidates:
+        table.add_row(c.label, f"{c.size_bytes / 1000:,.1f} KB", f"{c.latency_ms_batch32:.3f} ms", f"{c.accuracy:.4f}",
+                      "yes" if c.within else "no", style="bold" if c == report.winner else None)
+    console.print(table)
+    winner = report.winner
+    console.print(f"winner: {winner.label} ({winner.spec}): {winner.file}; wrote {out / 'budget.json'}",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 bench_app = typer.Typer(help="Benchmarks; each writes DIR/bench.json and compares against its baseline in the same run.")
@@ -450,6 +501,65 @@ def bench_fl(
                "final_accuracy", "accuracy_vs_fedavg", "accuracy_vs_centralised", "uplink_bytes",
                "uplink_reduction", "note"]
     page = report.write_html(results, out, images, "shoal bench fl", command, columns)
+    console.print(f"wrote {out / 'bench.json'}, {page} and {len(images)} plots")
+    if any(r["failed"] for r in results):
+        raise typer.Exit(1)
+
+
+@bench_app.command("compress")
+def bench_compress(
+    out: Path = typer.Option(Path("runs/bench-compress"), "--out", "-o", help="writes bench.json, report.html, PNGs"),
+    config: Path = typer.Option(Path("examples/bench_compress.yaml"), help="the models' training configs and bench: section"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key: models.NAME.KEY or bench.KEY (repeatable)"),
+    models: Optional[str] = typer.Option(None, help="only these models, comma-separated names (default: all)"),
+    repeat: int = typer.Option(1, min=1, help="runs of each model (seeds 0..N-1); bench.json holds medians"),
+    quick: bool = typer.Option(False, help="a reduced run (a tiny cnn2d on digits, no fine-tuning) for tests"),
+) -> None:
+    """Pruning and quantisation of the reference CNNs, each row measured against the fp32 model.
+
+    Per model (cnn1d on MNIST-1D, cnn2d on digits): trained with shoal train, then fp32, int8-dynamic,
+    int8-static, prune-50/80/90/95 (unstructured, fine-tuned, int8 values in the sparse artefact),
+    channels-50 (structured), prune-90+int8-static, channels-50+int8-static. Each row: artefact bytes,
+    size ratio, non-zero parameters, ONNX Runtime latency at batch 1 and 32 (1 thread, median) with the
+    speed-up, accuracy and its delta. ONNX Runtime's per-operator profile of fp32 against int8-static
+    and against channels-50 is printed with the verdict against the 1.5x and 3x speed-up targets at
+    batch 32 (and kept in bench.json). Writes report.html and a Pareto plot per model.
+    """
+    from shoal.bench import compress, report
+
+    overrides = [*(compress.QUICK_OVERRIDES if quick else []), *set_]
+    try:
+        cfgs, options = compress.load_bench(config, overrides)
+    except ConfigError as err:
+        _fail_config(str(err))
+    if models:
+        names = [m.strip() for m in models.split(",") if m.strip()]
+        unknown = [m for m in names if m not in cfgs]
+        if unknown or not names:
+            _fail_config(f"--models: unknown model {', '.join(unknown) or repr(models)}; allowed: {', '.join(cfgs)}")
+        cfgs = {m: cfgs[m] for m in names}
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console() if Console().is_terminal else Console(width=140)
+    say = lambda line: console.print(line, highlight=False, markup=False)  # noqa: E731
+    results = compress.run_bench(cfgs, options, out=out, repeat=repeat, log=say)
+    table = Table(title=f"shoal bench compress: ONNX Runtime {options.threads} thread(s), median of "
+                        f"{options.latency_repeats} runs" + (f", medians of {repeat} seeds" if repeat > 1 else ""))
+    for column in ("model", "row", "artefact", "non-zeros", "b=1", "b=32", "accuracy"):
+        table.add_column(column, justify="left" if column in ("model", "row") else "right", no_wrap=True)
+    for r in results:
+        if r["failed"]:
+            table.add_row(r["model"], r["label"], "FAILED", "", "", "", "")
+            continue
+        table.add_row(r["model"], r["label"], f"{r['artefact_bytes'] / 1000:,.1f} KB {r['size_ratio']:.1f}x",
+                      f"{r['nonzero_parameters']:,}", f"{r['latency_ms_batch1']:.3f} ms {r['speedup_batch1']:.2f}x",
+                      f"{r['latency_ms_batch32']:.3f} ms {r['speedup_batch32']:.2f}x",
+                      f"{r['accuracy']:.4f} {r['accuracy_delta'] * 100:+.1f}pt")
+    console.print(table)
+    for line in compress.profile_lines(results):
+        say(line)
+    images = compress.plot_pareto(results, out)
+    command = "shoal " + " ".join(sys.argv[1:])
+    page = report.write_html(results, out, images, "shoal bench compress", command, compress.COLUMNS)
     console.print(f"wrote {out / 'bench.json'}, {page} and {len(images)} plots")
     if any(r["failed"] for r in results):
         raise typer.Exit(1)

@@ -61,3 +61,36 @@ def torch_outputs(model: nn.Module, x: np.ndarray, *, batch_size: int = 1000) ->
     model.eval()
     return np.concatenate([model(torch.from_numpy(x[s:s + batch_size])).numpy()
                            for s in range(0, len(x), batch_size)])
+
+
+def op_profile(path, *, batch: int = 32, runs: int = 50, threads: int = 1) -> dict[str, float]:
+    """Milliseconds per run spent in each ONNX operator type (``Conv``,
+    ``QLinearConv``, ``DequantizeLinear``, ...), from ONNX Runtime's own
+    profiler (``SessionOptions.enable_profiling``), over ``runs`` runs at
+    ``batch`` after as many warm-up runs as the profile then drops."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        shape = session.get_inputs()[0].shape[1:]  # [batch, *input_shape]: the batch dimension is symbolic
+        x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+        for _ in range(2 * runs):
+            ort_run(session, x)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_run: dict[str, list[float]] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and "op_name" in args:
+            per_run.setdefault(args["op_name"], []).append(event["dur"] / 1000)
+    # Each op type appears a fixed number of times a run: keep the last ``runs`` runs' share.
+    return {op: sum(times[len(times) // 2:]) / runs for op, times in sorted(per_run.items())}
