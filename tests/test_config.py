@@ -15,6 +15,7 @@ def test_defaults_validate_and_round_trip(tmp_path):
 
 
 def test_example_configs_validate():
+    from shoal.bench.compress import load_bench as load_compress_bench
     from shoal.bench.fl import load_bench
     from shoal.fl.config import FlRunConfig, load_fl_config
 
@@ -23,6 +24,9 @@ def test_example_configs_validate():
             assert isinstance(load_fl_config(path), FlRunConfig)
         elif path.name == "bench_fl.yaml":
             assert isinstance(load_bench(path, [])[0], FlRunConfig)
+        elif path.name == "bench_compress.yaml":  # one training config per model, and the rows
+            cfgs, _ = load_compress_bench(path, [])
+            assert set(cfgs) == {"cnn1d", "cnn2d"} and all(isinstance(c, RunConfig) for c in cfgs.values())
         else:
             assert isinstance(load_config(path), RunConfig)
 
