@@ -3,7 +3,8 @@
 MNIST-1D (Greydanus & Kobak, 2020) is generated procedurally by the ``mnist1d``
 package; the result is cached under ``$SHOAL_CACHE`` (default
 ``~/.cache/shoal``) so that every worker of a run, and every later run, loads
-the same arrays instead of regenerating them.
+the same arrays instead of regenerating them. The digits are cached the same
+way (read once through scikit-learn).
 """
 
 from __future__ import annotations
@@ -84,17 +85,23 @@ class DigitsOptions(BaseModel):
 @DATASETS.register("digits", DigitsOptions)
 def digits(options: DigitsOptions) -> DatasetBundle:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
-    from sklearn.datasets import load_digits
-
-    raw = load_digits()
-    x = torch.from_numpy(raw.images / 16.0).float().unsqueeze(1)
-    y = torch.from_numpy(raw.target).long()
+    # Cached like MNIST-1D: importing scikit-learn takes half a second in every worker.
+    raw = _cached("digits", _load_digits)
+    x = torch.from_numpy(raw["images"] / 16.0).float().unsqueeze(1)
+    y = torch.from_numpy(raw["target"]).long()
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(options.split_seed))
     n_test = int(round(len(y) * options.test_fraction))
     test_idx, train_idx = order[:n_test], order[n_test:]
     return DatasetBundle(
         TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[test_idx], y[test_idx]), (1, 8, 8), 10
     )
+
+
+def _load_digits() -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    return {"images": np.asarray(raw.images), "target": np.asarray(raw.target)}
 
 
 class SyntheticOptions(BaseModel):
