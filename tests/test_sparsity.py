@@ -7,8 +7,7 @@ from torch import nn
 
 import shoal
 from shoal.comm.memory import ErrorFeedback
-from shoal.launch import JobFailed
-from shoal.training.checkpoint import load_checkpoint
+from shoal.training.checkpoint import WrongModel, load_checkpoint, load_weights, save_checkpoint
 from shoal.training.sparsity import (PruneConfig, SparsityController, cubic_sparsity, global_magnitude_masks,
                                      prunable_weights)
 from tests.conftest import run_cli, small_config
@@ -93,10 +92,15 @@ def test_gradual_pruning_with_a_lossy_codec_and_error_feedback(tmp_path):
 
 
 def test_fine_tuning_from_another_model_fails_clearly(tmp_path):
-    shoal.train(small_config(tmp_path / "dense", workers=1, train__steps=2, train__eval_every=2))
-    with pytest.raises(JobFailed, match="another model"):
-        shoal.train(small_config(tmp_path / "wide", workers=1, model="mlp:hidden=[64]", train__steps=2,
-                                 train__init_from=str(tmp_path / "dense")))
+    # What a worker runs first under train.init_from (shoal.training.loop): the same check, in-process.
+    save_checkpoint(tmp_path / "checkpoint.pt", {"model": nn.Sequential(nn.Linear(4, 8)).state_dict()})
+    with pytest.raises(WrongModel, match=r"another model: 0.weight is \[8, 4\] there, \[16, 4\] here"):
+        load_weights(nn.Sequential(nn.Linear(4, 16)), tmp_path)
+    with pytest.raises(WrongModel, match="1.weight missing"):
+        load_weights(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), tmp_path / "checkpoint.pt")
+    model = nn.Sequential(nn.Linear(4, 8))
+    load_weights(model, tmp_path)
+    assert torch.equal(model[0].weight, load_checkpoint(tmp_path / "checkpoint.pt")["model"]["0.weight"])
 
 
 @pytest.mark.parametrize("flag, message", [
