@@ -113,3 +113,21 @@ def test_bad_prune_settings_exit_2(tmp_path, flag, message):
     config.write_text("train: {steps: 2}\nprune: {sparsity: 0.5}\n")
     result = run_cli("train", str(config), "--set", flag)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_resumed_run_takes_its_masks_from_the_zeros_it_restored():
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()[0, :3] = 1.0  # more exact zeros than half the weights: ties a ranking would break
+    controller = SparsityController(PruneConfig(sparsity=0.5, schedule="oneshot"), model, 100)
+    controller.restore(0.5)
+    assert controller.sparsity == 0.5 and controller.version == 1
+    assert torch.equal(controller.mask_of(model[0].weight), model[0].weight != 0)
+    assert torch.all(controller.mask_of(model[1].weight))  # its weights are non-zero: all kept
+
+
+def test_a_residual_saved_packed_survives_the_resumed_packing():
+    memory = ErrorFeedback()
+    memory.residuals[0] = torch.tensor([1.0, 2.0])  # saved after packing to entries 1 and 3 of 4
+    memory.repack(0, None, torch.tensor([1, 3]), 4)
+    assert memory.residuals[0].tolist() == [1.0, 2.0]

@@ -65,7 +65,8 @@ def train(
         faults = _kill_overrides(kill) if kill else []
         cfg = load_config(config, [*set_, *_slowdown_overrides(slowdown), *faults], workers=workers,
                           out=str(out) if out else None)
-        check_job(cfg, cfg.workers * nnodes)
+        if nnodes == 1:  # nodes may run different worker counts; the workers check the real world size
+            check_job(cfg, cfg.workers)
     except ConfigError as err:
         _fail_config(str(err))
     if cfg.backend == "nccl":
@@ -550,10 +551,13 @@ def bench_compress(
         if r["failed"]:
             table.add_row(r["model"], r["label"], "FAILED", "", "", "", "")
             continue
-        table.add_row(r["model"], r["label"], f"{r['artefact_bytes'] / 1000:,.1f} KB {r['size_ratio']:.1f}x",
-                      f"{r['nonzero_parameters']:,}", f"{r['latency_ms_batch1']:.3f} ms {r['speedup_batch1']:.2f}x",
-                      f"{r['latency_ms_batch32']:.3f} ms {r['speedup_batch32']:.2f}x",
-                      f"{r['accuracy']:.4f} {r['accuracy_delta'] * 100:+.1f}pt")
+        def cell(value, form: str) -> str:  # a ratio is missing where its model's fp32 row failed
+            return "-" if value is None else format(value, form)
+
+        table.add_row(r["model"], r["label"], f"{r['artefact_bytes'] / 1000:,.1f} KB {cell(r['size_ratio'], '.1f')}x",
+                      f"{r['nonzero_parameters']:,}", f"{r['latency_ms_batch1']:.3f} ms {cell(r['speedup_batch1'], '.2f')}x",
+                      f"{r['latency_ms_batch32']:.3f} ms {cell(r['speedup_batch32'], '.2f')}x",
+                      f"{r['accuracy']:.4f} {cell(r['accuracy_delta'] and r['accuracy_delta'] * 100, '+.1f')}pt")
     console.print(table)
     for line in compress.profile_lines(results):
         say(line)

@@ -181,6 +181,11 @@ def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.
         done.set_result(grad)
         return done
     keep = kept_entries(state, bucket)
+    if keep is not None and not keep.numel():  # every weight in it pruned, on every rank (one mask)
+        grad.zero_()
+        nothing: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        nothing.set_result(grad)
+        return nothing
     if keep is None:
         pending = _Round(state, bucket.index(), grad)
     else:  # pruned weights: send the kept entries only, the rest of the mean is zero

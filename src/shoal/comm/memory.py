@@ -34,6 +34,8 @@ class ErrorFeedback:
         residual = self.residuals.get(name)
         if residual is None:
             return
+        if old is None and residual.numel() == new.numel() != numel:
+            return  # already in this packing: a resumed run's residual, saved packed
         if old is None:
             dense = residual if residual.numel() == numel else None
         else:

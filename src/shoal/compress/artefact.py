@@ -25,6 +25,7 @@ shape, and :func:`load_artefact` resizes the freshly built model to it.
 from __future__ import annotations
 
 import json
+import os
 import lzma
 import struct
 import zlib
@@ -130,7 +131,9 @@ def save_artefact(path: str | Path, model: nn.Module, *, model_spec: Any, input_
     body = b"".join([struct.pack("<I", len(header)), header, *chunks])
     packed = lzma.compress(body, preset=9 | lzma.PRESET_EXTREME) if options.codec == "lzma" else zlib.compress(body, 9)
     path = Path(path)
-    path.write_bytes(MAGIC + options.codec.encode() + b"\n" + packed)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(MAGIC + options.codec.encode() + b"\n" + packed)
+    os.replace(tmp, path)  # a crash leaves the old artefact or the new one, never half of one
     return path.stat().st_size
 
 

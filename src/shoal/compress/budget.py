@@ -6,7 +6,10 @@
    the unpruned model; unstructured magnitude pruning at each sparsity (when a
    size budget is set: zeros shrink the artefact, not the latency); channel
    pruning at each ratio (when a latency budget is set: only removed channels
-   run faster); channel pruning then magnitude pruning (both budgets).
+   run faster); channel pruning then magnitude pruning (both budgets; ordered
+   by channel ratio first, then sparsity, so it is "least pruned first" only
+   within one channel ratio, and point 3's early stop may pass over a plan
+   with fewer channels removed but more zeros).
 2. Each prune plan is one :func:`shoal.compress.compress` run (fine-tuned
    when ``finetune_steps`` > 0) measured twice: as the sparse artefact with
    fp32 values run by fp32 ONNX, and as static int8 ONNX (size: its file).

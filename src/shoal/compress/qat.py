@@ -184,6 +184,10 @@ class FakeQuantized:
         trained = dict(self.model.named_parameters())
         for name, param in model.named_parameters():
             param.copy_(trained[name] if name in trained else self._weight(name))
+        statistics = dict(self.model.named_buffers())  # running means and variances moved while training
+        for name, buffer in model.named_buffers():
+            if name in statistics and statistics[name].shape == buffer.shape:
+                buffer.copy_(statistics[name])
         return model
 
     def _weight(self, name: str) -> torch.Tensor:

@@ -32,7 +32,9 @@ def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) ->
     per_param = update_seconds_per_parameter(model, lambda params: build_optimizer(cfg.optimizer, params))
     # A model that is not a layer sequence is cut where the pipeline strategy
     # would cut it (torch.export split points), into enough pieces for every P.
-    costs, pieces = model_costs(model, inputs, max_stages=min(workers, MAX_STAGES), update_s_per_param=per_param)
+    # Enough pieces for interleaved layouts too (2 chunks per rank).
+    costs, pieces = model_costs(model, inputs, max_stages=2 * min(workers, MAX_STAGES),
+                                update_s_per_param=per_param)
     states = moments_per_parameter(cfg.optimizer.name, getattr(cfg.optimizer, "momentum", 0.0))
     layouts = candidates(costs, workers, batch, link, states, cap)
     best, reason = recommend(layouts)

@@ -56,8 +56,8 @@ def prunable_weights(model: nn.Module) -> list[nn.Parameter]:
 
 def global_magnitude_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
     """Boolean masks keeping the ``1 - sparsity`` share of all ``weights`` together
-    with the largest magnitudes (exactly ``round(sparsity * n)`` pruned; ties
-    broken by position)."""
+    with the largest magnitudes (exactly ``round(sparsity * n)`` pruned; among
+    equal magnitudes at the threshold, which go is unspecified)."""
     flat = torch.cat([w.detach().abs().reshape(-1) for w in weights])
     pruned = int(round(sparsity * flat.numel()))
     keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
@@ -107,13 +107,13 @@ class SparsityController:
         return True
 
     def restore(self, sparsity: float) -> None:
-        """A resumed run: the masks at ``sparsity`` of the restored weights (its
-        pruned weights are zero, so they are the ones pruned again)."""
-        self._prune_to(sparsity)
+        """A resumed run: the restored weights' zeros are the masks (ranking by
+        magnitude again could pick other weights among equal zeros)."""
+        self._prune_to(sparsity, [w.detach() != 0 for w in self.weights])
 
     @torch.no_grad()
-    def _prune_to(self, wanted: float) -> None:
-        masks = global_magnitude_masks(self.weights, wanted)
+    def _prune_to(self, wanted: float, masks: list[torch.Tensor] | None = None) -> None:
+        masks = masks if masks is not None else global_magnitude_masks(self.weights, wanted)
         if dist.is_initialized():
             flat = torch.cat([m.reshape(-1) for m in masks]).to(torch.uint8)
             dist.broadcast(flat, src=0, group=self.group)  # one mask everywhere, ties included
