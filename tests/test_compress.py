@@ -227,3 +227,14 @@ def test_compress_api_reports_every_quantisation(tmp_path):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["rows"][2]["spec"].endswith("int8-static:batches=8,batch_size=32,per_channel=True,method=minmax")
     assert saved["threads"] == 1 and saved["versions"]["onnxruntime"]
+
+
+def test_an_artefact_for_other_data_is_refused(tmp_path):
+    from shoal.compress.artefact import load_artefact, save_artefact
+    from torch import nn
+
+    save_artefact(tmp_path / "m.shoal", nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), model_spec="mlp:hidden=[]",
+                  input_shape=(1, 8, 8), num_classes=10)
+    assert load_artefact(tmp_path / "m.shoal", input_shape=(1, 8, 8), num_classes=10)(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"takes inputs \(1, 8, 8\) and 10 classes; the dataset has \(1, 40\)"):
+        load_artefact(tmp_path / "m.shoal", input_shape=(1, 40), num_classes=10)

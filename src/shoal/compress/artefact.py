@@ -157,14 +157,22 @@ def read_artefact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     return header, state
 
 
-def load_artefact(path: str | Path) -> nn.Module:
+def load_artefact(path: str | Path, *, input_shape: tuple[int, ...] | None = None,
+                  num_classes: int | None = None) -> nn.Module:
     """Rebuild the model an artefact holds: build its architecture from the
-    stored model spec, resize it to the stored shapes, load the values."""
+    stored model spec, resize it to the stored shapes, load the values.
+    ``input_shape`` / ``num_classes``: what the caller's data has; an artefact
+    made for other data is a ``ValueError``."""
     from shoal.data.base import DatasetBundle
     from shoal.models import build_model
     from shoal.registry import MODELS, load_builtins
 
     header, state = read_artefact(path)
+    stored = tuple(header["input_shape"]), header["num_classes"]
+    if (input_shape is not None and tuple(input_shape) != stored[0]) or \
+            (num_classes is not None and num_classes != stored[1]):
+        raise ValueError(f"artefact {path} takes inputs {stored[0]} and {stored[1]} classes; the dataset has "
+                         f"{tuple(input_shape or stored[0])} and {num_classes or stored[1]}")
     load_builtins(MODELS)
     component = MODELS.resolve(header["model"])
     # build_model reads only the shapes of the data bundle.

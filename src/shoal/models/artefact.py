@@ -32,10 +32,7 @@ class ArtefactModelOptions(BaseModel):
 @MODELS.register("artefact", ArtefactModelOptions)
 def artefact(options: ArtefactModelOptions, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The model a ``shoal compress`` artefact holds, weights included."""
-    from shoal.compress.artefact import load_artefact, read_artefact
+    from shoal.compress.artefact import load_artefact
 
-    header, _ = read_artefact(options.path)
-    if tuple(header["input_shape"]) != tuple(input_shape) or header["num_classes"] != num_classes:
-        raise ValueError(f"artefact {options.path} takes inputs {tuple(header['input_shape'])} and "
-                         f"{header['num_classes']} classes; the dataset has {tuple(input_shape)} and {num_classes}")
-    return load_artefact(options.path).train()
+    # One read: the artefact is decompressed once, in every worker.
+    return load_artefact(options.path, input_shape=input_shape, num_classes=num_classes).train()
