@@ -11,6 +11,7 @@ from shoal.training.checkpoint import WrongModel, load_checkpoint, load_weights,
 from shoal.training.sparsity import (PruneConfig, SparsityController, cubic_sparsity, global_magnitude_masks,
                                      prunable_weights)
 from tests.conftest import run_cli, small_config
+from tests.test_pipeline import MODEL, assert_same_weights
 
 
 def test_global_masks_prune_the_smallest_magnitudes_over_all_layers_together():
@@ -106,7 +107,6 @@ def test_fine_tuning_from_another_model_fails_clearly(tmp_path):
 @pytest.mark.parametrize("flag, message", [
     ("prune.sparsity=1.5", "prune.sparsity: Input should be less than 1"),
     ("train.init_from=/no/such/run", "no checkpoint there"),
-    ("strategy=async_ps", "does not keep one model on every worker"),
 ])
 def test_bad_prune_settings_exit_2(tmp_path, flag, message):
     config = tmp_path / "c.yaml"
@@ -131,3 +131,42 @@ def test_a_residual_saved_packed_survives_the_resumed_packing():
     memory.residuals[0] = torch.tensor([1.0, 2.0])  # saved after packing to entries 1 and 3 of 4
     memory.repack(0, None, torch.tensor([1, 3]), 4)
     assert memory.residuals[0].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("strategy", ["async_ps:servers=2", "ssp:staleness=1"])
+def test_parameter_servers_hold_the_masks_rank_0_chose(tmp_path, strategy):
+    # The dense model's smallest 80% are pruned at step 0 of fine-tuning and stay zero on the
+    # servers, whichever worker's pushes land in between.
+    shoal.train(small_config(tmp_path / "dense", workers=1, train__steps=40, train__eval_every=40))
+    pruned = shoal.train(small_config(
+        tmp_path / "pruned", strategy=strategy, train__steps=30, train__eval_every=30,
+        train__init_from=str(tmp_path / "dense"), prune={"sparsity": 0.8, "schedule": "oneshot"}))
+    start, weights = _weights(tmp_path / "dense"), _weights(tmp_path / "pruned")
+    prunable = [k for k, v in weights.items() if k.endswith("weight") and v.dim() >= 2]
+    for key, keep in zip(prunable, global_magnitude_masks([start[k] for k in prunable], 0.8)):
+        assert torch.all(weights[key][~keep] == 0), key
+        assert torch.count_nonzero(weights[key][keep]) > 0.95 * keep.sum(), key  # the kept ones trained on
+    assert pruned.sparsity == pytest.approx(0.8, abs=0.005) and pruned.final_accuracy > 0.5  # 30 stale steps
+
+
+def test_a_gradually_pruned_pipeline_trains_exactly_as_one_process(tmp_path):
+    # Every mask update ranks the whole model (the stages' weights gathered from their ranks),
+    # and an evaluation in between gives the released weights back: the same weights either way.
+    common = dict(model=MODEL, train__steps=30, train__eval_every=15,
+                  prune={"sparsity": 0.7, "begin_step": 0, "end_step": 20, "every": 5})
+    shoal.train(small_config(tmp_path / "one", workers=1, **common))
+    summary = shoal.train(small_config(tmp_path / "pp", workers=2, strategy="pipeline:stages=2,microbatches=4",
+                                       **common))
+    assert_same_weights(tmp_path / "one", tmp_path / "pp")
+    assert summary.sparsity == pytest.approx(0.7, abs=0.005)
+    assert 0 < summary.held_parameter_bytes < summary.model_parameter_bytes
+
+
+def test_two_sparse_workers_end_where_one_worker_with_their_batch_ends(tmp_path):
+    # Packed buckets carry the mean gradient of the kept weights: 2 workers x 16 samples give
+    # the weights 1 worker x 32 gets, masks and all.
+    common = dict(train__steps=30, train__eval_every=30, prune={"sparsity": 0.6, "begin_step": 0, "end_step": 20,
+                                                                "every": 5})
+    shoal.train(small_config(tmp_path / "one", workers=1, data={"dataset": "digits", "batch_size": 32}, **common))
+    shoal.train(small_config(tmp_path / "two", workers=2, **common))
+    assert_same_weights(tmp_path / "one", tmp_path / "two")

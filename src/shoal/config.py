@@ -130,11 +130,6 @@ class SlowdownConfig(_Strict):
         return self
 
 
-# Strategies whose workers hold the same model after every step (or every
-# average), so one mask means the same weights everywhere.
-PRUNE_STRATEGIES = ("sync", "ddp", "localsgd")
-
-
 class PruneConfig(_Strict):
     """Sparse training with global magnitude masks (shoal.training.sparsity)."""
 
@@ -170,14 +165,6 @@ class RunConfig(_Strict):
     prune: PruneConfig | None = Field(None, description="sparse training: global magnitude masks "
                                       "(shoal.training.sparsity)")
     out: str = "runs/latest"
-
-    @model_validator(mode="after")
-    def _prune_fits_strategy(self) -> "RunConfig":
-        backup = self.strategy.name == "sync" and getattr(self.strategy.options, "backup", 0)
-        if self.prune is not None and (self.strategy.name not in PRUNE_STRATEGIES or backup):
-            raise ValueError(f"prune: strategy {self.strategy.name!r} does not keep one model on every worker; "
-                             f"allowed with {', '.join(PRUNE_STRATEGIES)}")
-        return self
 
     @model_validator(mode="after")
     def _codec_fits_strategy(self) -> "RunConfig":

@@ -293,6 +293,12 @@ class PipelineStrategy(Strategy):
             p.grad = mean[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
+    def use_masks(self, masks: Any) -> None:
+        """Sparse training: the weights are ranked over the whole model, so every
+        rank gets every stage's parameters back first (released again at the
+        next step); pruned weights are zeroed where they are held."""
+        masks.gather = self.prepare_eval
+
     # --- evaluation, checkpoints, summary -------------------------------------
     @torch.no_grad()
     def prepare_eval(self) -> None:

@@ -28,6 +28,11 @@ PyTorch RPC's membership is fixed at start (a replacement cannot take a dead
 member's place), which is why the part that may die and come back is kept
 outside it.
 
+Sparse training (``prune:``): the shards hold the masks. Rank 0's worker
+ranks its replica and sends every shard its part (:meth:`PsHost.set_masks`);
+a shard zeroes the pruned entries of each gradient before its optimizer step
+and of its parameters after it, and keeps the mask in its checkpoints.
+
 Staleness of a push = versions the shard advanced between the worker's pull
 and the push's application. Evaluation runs on rank 0 alone, on its replica as
 of its last pull, so no worker ever waits for another to evaluate.
@@ -98,6 +103,25 @@ class ParameterShard:
     checkpoint_every: int = 0  # versions between shard checkpoints; 0: none
     checkpoint_path: Path | None = None
     saver: LatestSaver | None = None  # writes them off the lock, newest first
+    mask: torch.Tensor | None = None  # sparse training: flat, True keeps (over params, in order)
+    mask_version: int = 0
+
+    def set_mask(self, mask: torch.Tensor | None, version: int) -> None:
+        """A new mask (caller holds the lock): the pruned parameters go to zero now."""
+        if mask is not None and mask.numel() != sum(p.numel() for p in self.params):
+            raise ValueError(f"a mask of {mask.numel()} entries for a shard of "
+                             f"{sum(p.numel() for p in self.params)} parameters")
+        self.mask, self.mask_version = (mask.bool() if mask is not None else None), version
+        self._zero_pruned()
+
+    @torch.no_grad()
+    def _zero_pruned(self) -> None:
+        if self.mask is None:
+            return
+        offset = 0
+        for p in self.params:
+            p.mul_(self.mask[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
 
     def flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -108,6 +132,8 @@ class ParameterShard:
     def apply(self, grad: torch.Tensor, lr: float, staleness: int) -> None:
         """One optimizer step with this gradient (caller holds the lock)."""
         scaled = lr / max(1, staleness) if self.staleness_lr else lr
+        if self.mask is not None:
+            grad = grad * self.mask  # the optimizer's moments see no gradient for a pruned weight
         offset = 0
         for p in self.params:
             p.grad = grad[offset : offset + p.numel()].view_as(p).clone()
@@ -115,6 +141,7 @@ class ParameterShard:
         for group in self.optimizer.param_groups:
             group["lr"] = scaled
         self.optimizer.step()
+        self._zero_pruned()  # momentum or weight decay cannot revive a pruned weight
         self.version += 1
         self.pushes += 1
         self.staleness_sum += max(staleness, 0)
@@ -128,7 +155,8 @@ class ParameterShard:
         return {"params": [p.detach().clone() for p in self.params],
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()),
                 "version": self.version, "policy": self.policy.state_dict(),
-                "pushes": self.pushes, "staleness_sum": self.staleness_sum}
+                "pushes": self.pushes, "staleness_sum": self.staleness_sum,
+                "mask": self.mask.clone() if self.mask is not None else None, "mask_version": self.mask_version}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -139,6 +167,8 @@ class ParameterShard:
         self.pushes = state.get("pushes", self.pushes)
         self.staleness_sum = state.get("staleness_sum", self.staleness_sum)
         self.policy.load_state_dict(state.get("policy", {}))
+        if state.get("mask") is not None:
+            self.set_mask(state["mask"], state.get("mask_version", 1))
 
 
 _SHARDS: dict[int, ParameterShard] = {}  # the shards this process serves, by id
@@ -169,6 +199,12 @@ def _request_stop(shard_id: int) -> None:
     with shard.lock:
         shard.stop = True
     shard.policy.finished(shard, None)
+
+
+def _set_mask(shard_id: int, mask: torch.Tensor, version: int) -> None:
+    shard = _SHARDS[shard_id]
+    with shard.lock:
+        shard.set_mask(mask, version)
 
 
 def _pull(shard_id: int) -> Reply:
@@ -289,6 +325,13 @@ class PsHost:
 
     def pull(self) -> list[Reply]:
         return [rpc.rpc_sync(worker_name(shard), _pull, args=(shard,)) for shard in range(self.servers)]
+
+    def set_masks(self, masks: list[torch.Tensor], version: int) -> None:
+        """Sparse training: every shard's part of the masks (flat, in its parameters' order)."""
+        futures = [rpc.rpc_async(worker_name(shard), _set_mask, args=(shard, mask, version))
+                   for shard, mask in enumerate(masks)]
+        for f in futures:
+            f.wait()
 
     def request_stop(self) -> None:
         for shard in range(self.servers):
@@ -424,6 +467,21 @@ class PsStrategy(Strategy):
 
     def finished(self) -> bool:
         return self.stopped
+
+    def use_masks(self, masks: Any) -> None:
+        """The shards enforce the masks: rank 0 decides them and sends them on;
+        every other worker's replica gets the zeros with the parameters it pulls."""
+        if self.context.rank == 0:
+            masks.publish = self._publish_masks
+        else:
+            masks.follower = True
+
+    def _publish_masks(self, weights: list[torch.Tensor], masks: list[torch.Tensor], version: int) -> None:
+        by_param = {id(w): m for w, m in zip(weights, masks)}
+        parts = [by_param[id(p)].reshape(-1) if id(p) in by_param else torch.ones(p.numel(), dtype=torch.bool)
+                 for p in self.params]
+        flat = [torch.cat([parts[i].cpu() for i in indices]) for indices in self.layout]
+        self.link.call("ps", "set_masks", flat, version)
 
     def request_stop(self) -> None:
         self.link.call("ps", "request_stop")

@@ -20,6 +20,17 @@ weights forced to zero:
   same one. Under ``sync`` only the surviving weights' gradients travel
   (:class:`shoal.comm.hooks.CodecHookState` ``masks``): a bucket is packed
   to its kept entries before the codec sees it.
+- Every strategy takes masks (:meth:`shoal.strategies.base.Strategy.use_masks`).
+  Under the parameter servers (``async_ps``, ``ssp``, ``sync:backup``) the
+  servers hold the model, so they hold the masks: rank 0's worker ranks its
+  replica (the servers' parameters as of its last push) and sends each shard
+  its part (:attr:`SparsityController.publish`); a shard zeroes the pruned
+  entries of every gradient it applies and of its parameters after every
+  step, and the other workers hold no masks of their own (the parameters they
+  pull already carry the zeros). Under ``pipeline`` a rank holds only its
+  stages' weights while it trains: before ranking, every rank gets the whole
+  model back (:attr:`SparsityController.gather`), and a weight whose storage
+  is released is skipped when the masks are applied.
 
 The masks are ``torch.nn.utils.prune`` masks in content (1 keeps, 0 prunes,
 one per weight); they are applied by multiplication rather than by
@@ -28,6 +39,8 @@ checkpoints stay those of the dense model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -88,6 +101,11 @@ class SparsityController:
         self.masks: dict[int, torch.Tensor] = {}  # id(weight) -> bool mask
         self.version = 0  # bumped at every mask change (packed buckets are rebuilt)
         self.sparsity = 0.0
+        # Set by the strategy (use_masks): who else must learn a new mask, and
+        # what must happen before the weights can be ranked.
+        self.publish: Callable[[list[nn.Parameter], list[torch.Tensor], int], None] | None = None
+        self.gather: Callable[[], None] | None = None
+        self.follower = False  # this worker holds no masks: another process enforces them
 
     def target(self, step: int) -> float:
         c = self.config
@@ -101,7 +119,7 @@ class SparsityController:
     def update(self, step: int) -> bool:
         """Before step ``step`` (0-based): move to the schedule's sparsity if it changed."""
         wanted = self.target(step)
-        if wanted <= self.sparsity:
+        if self.follower or wanted <= self.sparsity:
             return False
         self._prune_to(wanted)
         return True
@@ -109,11 +127,18 @@ class SparsityController:
     def restore(self, sparsity: float) -> None:
         """A resumed run: the restored weights' zeros are the masks (ranking by
         magnitude again could pick other weights among equal zeros)."""
+        if self.follower:
+            return
+        if self.gather is not None:
+            self.gather()
         self._prune_to(sparsity, [w.detach() != 0 for w in self.weights])
 
     @torch.no_grad()
     def _prune_to(self, wanted: float, masks: list[torch.Tensor] | None = None) -> None:
-        masks = masks if masks is not None else global_magnitude_masks(self.weights, wanted)
+        if masks is None:
+            if self.gather is not None:
+                self.gather()
+            masks = global_magnitude_masks(self.weights, wanted)
         if dist.is_initialized():
             flat = torch.cat([m.reshape(-1) for m in masks]).to(torch.uint8)
             dist.broadcast(flat, src=0, group=self.group)  # one mask everywhere, ties included
@@ -122,13 +147,16 @@ class SparsityController:
         self.masks = {id(w): m for w, m in zip(self.weights, masks)}
         self.sparsity, self.version = wanted, self.version + 1
         self.apply()
+        if self.publish is not None:
+            self.publish(self.weights, masks, self.version)
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Set the pruned weights to zero (after every optimizer step)."""
+        """Set the pruned weights to zero (after every optimizer step); a weight
+        whose storage a pipeline rank has released is left alone."""
         for w in self.weights:
             mask = self.masks.get(id(w))
-            if mask is not None:
+            if mask is not None and w.numel() == mask.numel():
                 w.mul_(mask)
 
     def mask_of(self, param: torch.Tensor) -> torch.Tensor | None:

@@ -42,7 +42,8 @@ from shoal.training.group import Group, TorchGroup
 
 RESTARTS_KEY = "shoal/worker_restarts"  # job-wide count of worker (not group) restarts
 
-_HOST_CALLS = {"push", "pull", "request_stop", "close", "shard_state", "load_shard_state", "load_shard_params"}
+_HOST_CALLS = {"push", "pull", "request_stop", "close", "shard_state", "load_shard_state", "load_shard_params",
+               "set_masks"}
 _GROUP_CALLS = {"barrier", "broadcast_object", "all_gather_object", "all_reduce"}
 
 
