@@ -137,16 +137,19 @@ def test_a_residual_saved_packed_survives_the_resumed_packing():
 def test_parameter_servers_hold_the_masks_rank_0_chose(tmp_path, strategy):
     # The dense model's smallest 80% are pruned at step 0 of fine-tuning and stay zero on the
     # servers, whichever worker's pushes land in between.
-    shoal.train(small_config(tmp_path / "dense", workers=1, train__steps=40, train__eval_every=40))
+    dense = shoal.train(small_config(tmp_path / "dense", workers=1, train__steps=60, train__eval_every=60))
     pruned = shoal.train(small_config(
         tmp_path / "pruned", strategy=strategy, train__steps=30, train__eval_every=30,
+        optimizer={"name": "sgd", "lr": 0.02, "momentum": 0.9},  # two workers' pushes on one momentum
         train__init_from=str(tmp_path / "dense"), prune={"sparsity": 0.8, "schedule": "oneshot"}))
     start, weights = _weights(tmp_path / "dense"), _weights(tmp_path / "pruned")
     prunable = [k for k, v in weights.items() if k.endswith("weight") and v.dim() >= 2]
     for key, keep in zip(prunable, global_magnitude_masks([start[k] for k in prunable], 0.8)):
         assert torch.all(weights[key][~keep] == 0), key
         assert torch.count_nonzero(weights[key][keep]) > 0.95 * keep.sum(), key  # the kept ones trained on
-    assert pruned.sparsity == pytest.approx(0.8, abs=0.005) and pruned.final_accuracy > 0.5  # 30 stale steps
+    assert pruned.sparsity == pytest.approx(0.8, abs=0.005)
+    # The servers fine-tuned the dense model (train.init_from), not a fresh one.
+    assert pruned.final_accuracy > dense.final_accuracy - 0.05, (pruned.final_accuracy, dense.final_accuracy)
 
 
 def test_a_gradually_pruned_pipeline_trains_exactly_as_one_process(tmp_path):

@@ -103,6 +103,7 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
     from shoal.data import build_dataset
     from shoal.models import build_model
     from shoal.strategies.ps import PsHost
+    from shoal.training.checkpoint import load_weights
 
     if cfg.fault.target == "server" and cfg.fault.kill_rank is not None:
         servers = strategy.server_count(cfg.strategy.options)
@@ -132,6 +133,8 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
     parent, worker = start(rejoin, resume)  # it imports and builds while the shard is set up here
     torch.manual_seed(cfg.seed)  # the workers' initial weights: the shards start from them
     model = build_model(cfg.model, build_dataset(cfg.data.dataset))
+    if cfg.train.init_from:  # fine-tuning: the shards start from the checkpoint, as the workers' replicas do
+        load_weights(model, cfg.train.init_from, torch.device("cpu"))
     host = PsHost(strategy, cfg, ctx, model, restore_shard=attempt > 0, fresh=attempt == 0 and not resume,
                   worker_restarts=lambda: store.add(RESTARTS_KEY, 0))
     if host.restored_version is not None:
