@@ -173,3 +173,17 @@ def test_two_sparse_workers_end_where_one_worker_with_their_batch_ends(tmp_path)
     shoal.train(small_config(tmp_path / "one", workers=1, data={"dataset": "digits", "batch_size": 32}, **common))
     shoal.train(small_config(tmp_path / "two", workers=2, **common))
     assert_same_weights(tmp_path / "one", tmp_path / "two")
+
+
+def test_pipeline_replicas_exchange_the_kept_gradients_only(tmp_path):
+    # Two stages x two replicas against two-worker data parallel, both sparse: the same weights,
+    # and the replicas' gradient average carries the kept 30% (plus dense biases) of each stage.
+    common = dict(model=MODEL, train__steps=20, train__eval_every=20, prune={"sparsity": 0.7, "schedule": "oneshot"})
+    shoal.train(small_config(tmp_path / "dp", workers=2, **common))
+    hybrid = shoal.train(small_config(tmp_path / "hybrid", workers=4, strategy="pipeline:stages=2,microbatches=2,dp=2",
+                                      **common))
+    assert_same_weights(tmp_path / "dp", tmp_path / "hybrid")
+    dense = shoal.train(small_config(tmp_path / "dense", workers=4, strategy="pipeline:stages=2,microbatches=2,dp=2",
+                                     **{**common, "prune": None}))
+    activations = hybrid.activation_bytes_per_worker
+    assert hybrid.wire_bytes_per_worker - activations < 0.4 * (dense.wire_bytes_per_worker - activations)

@@ -160,14 +160,16 @@ def _multi_round(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=
     return result
 
 
-def exchange(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None) -> torch.Tensor:
+def exchange(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None,
+             dense_numel: int | None = None) -> torch.Tensor:
     """Blocking: the mean over workers of ``tensor``, sent through the codec.
 
     ``shapes``: the tensors ``tensor`` concatenates, for codecs that treat
-    each one apart (PowerSGD's matrices)."""
+    each one apart (PowerSGD's matrices). ``dense_numel``: the entries fp32
+    all-reduce would have sent, when ``tensor`` is a packed part of them."""
     if hasattr(state.codec, "exchange"):
         return _multi_round(state, name, tensor, shapes)
-    pending = _Round(state, name, tensor)
+    pending = _Round(state, name, tensor, dense_numel=dense_numel)
     pending.future.wait()
     return pending.result()
 

@@ -134,6 +134,8 @@ class PipelineStrategy(Strategy):
         self.held_bytes = 0  # parameter storage while training, the most of any step
         self.peak_step_memory = 0  # memory in use at the end of a step, the most of any step
         self.activation_bytes = 0  # sent to the neighbouring stages, all steps
+        self.masks: Any = None  # sparse training (use_masks)
+        self.packing: tuple[int, torch.Tensor] | None = None  # (mask version, kept entries of the dp gradient)
 
     # --- set-up -----------------------------------------------------------
     def data_shard(self) -> tuple[int, int]:
@@ -287,7 +289,13 @@ class PipelineStrategy(Strategy):
     def _average_gradients(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.stage_params]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        mean = exchange(self.dp_state, self.stage_index, flat, shapes=[p.shape for p in self.stage_params])
+        keep = self._kept_entries(flat.numel())
+        if keep is None:
+            mean = exchange(self.dp_state, self.stage_index, flat, shapes=[p.shape for p in self.stage_params])
+        else:  # sparse training: the replicas exchange the kept weights' gradients only
+            mean = torch.zeros_like(flat)
+            if keep.numel():
+                mean[keep] = exchange(self.dp_state, self.stage_index, flat[keep], dense_numel=flat.numel())
         offset = 0
         for p in self.stage_params:
             p.grad = mean[offset : offset + p.numel()].view_as(p).clone()
@@ -296,8 +304,26 @@ class PipelineStrategy(Strategy):
     def use_masks(self, masks: Any) -> None:
         """Sparse training: the weights are ranked over the whole model, so every
         rank gets every stage's parameters back first (released again at the
-        next step); pruned weights are zeroed where they are held."""
+        next step); pruned weights are zeroed where they are held, and the
+        replicas of a stage (``dp``) average the kept weights' gradients only."""
         masks.gather = self.prepare_eval
+        self.masks = masks
+
+    def _kept_entries(self, numel: int) -> torch.Tensor | None:
+        """Indices of this rank's flat gradient whose weights are kept (None: all;
+        multi-round codecs get the dense gradient, their matrices whole)."""
+        masks = self.masks
+        if masks is None or not masks.masks or hasattr(self.dp_state.codec, "exchange"):
+            return None
+        if self.packing is not None and self.packing[0] == masks.version:
+            return self.packing[1]
+        parts = [masks.mask_of(p) for p in self.stage_params]
+        keep = torch.cat([m.reshape(-1) if m is not None else torch.ones(p.numel(), dtype=torch.bool, device=p.device)
+                          for m, p in zip(parts, self.stage_params)]).nonzero().squeeze(1)
+        if self.dp_state.memory is not None:  # the error-feedback residual follows the new packing
+            self.dp_state.memory.repack(self.stage_index, self.packing[1] if self.packing else None, keep, numel)
+        self.packing = (masks.version, keep)
+        return keep
 
     # --- evaluation, checkpoints, summary -------------------------------------
     @torch.no_grad()
