@@ -13,6 +13,7 @@ import shoal
 from shoal.config import ConfigError
 from shoal.launch import JobFailed
 from shoal.models.transformer import TinyTransformer, TransformerOptions
+from shoal.parallel.plan import in_flight
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel import profile, split_points
 from shoal.parallel.profile import kept_state, profile_layers, sequential_layers
@@ -126,6 +127,10 @@ def test_interleaved_1f1b_holds_two_stages_per_rank_and_trains_exactly_as_one_pr
     assert_same_weights(tmp_path / "one", tmp_path / "pp")
     assert len(summary.partition) == 4  # 2 ranks x 2 stages, rank r holding stages r and r + 2
     assert summary.bubble_fraction_theory == pytest.approx(1 / (2 * 4 + 1))
+    # Rank 0 warms up with (V-1)P + 2(P-1) chunk forwards and holds one more: V*P + P - 1 = 5, the
+    # count the planner's memory estimate takes (3 microbatches per chunk, rounded up from 5 / 2).
+    assert summary.stage_peak_in_flight[0] == 5 and summary.stage_peak_in_flight[1] <= 5
+    assert in_flight("interleaved", 4, 2, 2) == 3 and in_flight("1f1b", 4, 2) == 2
 
 
 def test_hybrid_two_stages_by_two_replicas_equals_two_worker_data_parallel(tmp_path):

@@ -102,9 +102,19 @@ def memory_factor(optimizer_states: int) -> int:
     return 2 + optimizer_states  # parameters, gradients, optimizer moments
 
 
-def in_flight(schedule: str, microbatches: int, stages: int) -> int:
-    """Microbatches whose activations a stage holds at once: all under GPipe, at most P under 1F1B."""
-    return microbatches if schedule == "gpipe" else min(microbatches, stages)
+def in_flight(schedule: str, microbatches: int, stages: int, virtual: int = 1) -> int:
+    """Microbatches whose activations a stage holds at once: all under GPipe, at most P under 1F1B.
+
+    Interleaved 1F1B (V chunks per rank) warms rank 0 up with (V-1)P + 2(P-1)
+    chunk forwards and holds one more in its steady state: V*P + P - 1 chunk
+    activations at its peak (PyTorch's ScheduleInterleaved1F1B), at most V*M;
+    counted here as their share per chunk, rounded up."""
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "interleaved" and virtual > 1:
+        peak = min(virtual * microbatches, virtual * stages + stages - 1)
+        return min(microbatches, -(-peak // virtual))
+    return min(microbatches, stages)
 
 
 def layer_memory(param_bytes: float, activation_bytes: float, held: int, optimizer_states: int) -> float:
@@ -138,7 +148,7 @@ def pipeline(layers: list[LayerCost], stages: int, replicas: int, microbatches: 
     chunks = stages * V
     micro = global_batch / (replicas * microbatches)
     times = [layer.time_s(micro) for layer in layers]
-    held = in_flight(schedule, microbatches, stages)
+    held = in_flight(schedule, microbatches, stages, V)
     sizes = [layer_memory(layer.param_bytes, layer.activation_bytes_per_sample * micro, held, optimizer_states)
              for layer in layers]
     fits = True

@@ -219,7 +219,7 @@ class PipelineStrategy(Strategy):
         else:
             cap = self.options.max_memory_per_worker
             cap = cap / self.V if cap else cap  # a rank holds V stages: each gets its share
-            held = in_flight(self.options.schedule, self.M, self.P)
+            held = in_flight(self.options.schedule, self.M, self.P, self.V)
             moments = moments_per_parameter(type(self.optimizer).__name__, self.optimizer.defaults.get("momentum", 0.0))
             sizes = [layer_memory(p.param_bytes, p.activation_bytes, held, moments) for p in profiles]
             try:
@@ -394,6 +394,7 @@ class PipelineStrategy(Strategy):
             "held_parameter_bytes": max(w["held_parameter_bytes"] for w in everyone),
             "model_parameter_bytes": self.model_bytes,
             "peak_activation_bytes": max(w["peak_in_flight"] * a / self.V for w, a in zip(stages, stage_act)),
+            "stage_peak_in_flight": [w["peak_in_flight"] for w in stages],  # chunk activations held, per rank
             "activation_bytes_per_worker": sum(w["activation_bytes"] for w in everyone) / len(everyone),
         }
 
