@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import shoal
@@ -95,3 +96,25 @@ def test_budget_refuses_prune_specs_and_nonsense_budgets(tmp_path):
     assert result.exit_code == 2 and "leave out --prune and --quantize" in result.stderr
     with pytest.raises(shoal.compress.CompressError, match="--target-size-kb -1: must be > 0"):
         shoal.compress.search_budget({"data": {"dataset": "digits"}}, checkpoint=tmp_path, target_size_kb=-1)
+
+
+@pytest.mark.slow
+def test_a_fine_tuned_plan_is_stored_again_with_int8_values_not_trained_again(tmp_path):
+    run = digits_run(tmp_path / "run")
+
+    report = shoal.compress.search_budget(run / "config.yaml", checkpoint=run, target_size_kb=3, sparsities=(0.9,),
+                                          out=tmp_path / "out", repeats=3, finetune_steps=20, overrides=["workers=1"])
+
+    # The 90%-pruned artefact in fp32 values (~4.7 KB) misses; the same fine-tuned model in int8 values fits.
+    by_label = {c.label: c for c in report.candidates}
+    fp32, int8 = by_label["prune-90/fp32-values"], by_label["prune-90/int8-values"]
+    assert not fp32.within and int8.within and report.winner.label == "prune-90/int8-values"
+    assert int8.spec.startswith("magnitude:sparsity=0.9") and "values=int8" in int8.spec
+    candidates = tmp_path / "out" / "candidates"
+    assert (candidates / "prune-90" / "finetune").is_dir() and not (candidates / "prune-90-int8-values" / "finetune").exists()
+    # Stored from the fine-tuned weights: the same zeros, the values within int8's step of the fp32 ones.
+    tuned = shoal.compress.load_artefact(candidates / "prune-90" / "model.shoal")
+    again = shoal.compress.load_artefact(int8.file)
+    for (name, a), b in zip(tuned.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a == 0, b == 0), name
+        assert (a - b).abs().max() <= a.abs().max() / 127 + 1e-6, name

@@ -13,8 +13,9 @@
 2. Each prune plan is one :func:`shoal.compress.compress` run (fine-tuned
    when ``finetune_steps`` > 0) measured twice: as the sparse artefact with
    fp32 values run by fp32 ONNX, and as static int8 ONNX (size: its file).
-   Where the fp32-valued artefact misses only the size budget, the plan runs
-   again with int8 values in the artefact.
+   Where the fp32-valued artefact misses only the size budget, the same
+   model is stored again with int8 values in the artefact (a fine-tuned plan
+   is not fine-tuned twice: its fine-tuning run's checkpoint is re-encoded).
 3. A family stops at its first plan with a candidate within the budgets:
    pruning more costs accuracy (Han et al. 2015; Zhu & Gupta 2017), so the
    rest of the family would not be more accurate. When the unpruned model
@@ -134,18 +135,28 @@ def search(config: Any, *, checkpoint: str | Path, target_size_kb: float | None 
     out = Path(out)
     candidates: list[Candidate] = []
     too_slow: set[str] = set()  # plans whose fp32 ONNX missed the latency budget
+    reports: dict[str, Any] = {}  # the last compress report per artefact values
 
-    def measure(plan: list[str], values: str, quantize: list[str]) -> list[Candidate]:
+    def measure(plan: list[str], values: str, quantize: list[str], tuned: Any = None) -> list[Candidate]:
+        """``tuned``: the fp32 run's report, when it fine-tuned: its model is stored again, not trained again."""
         label = plan_label(plan)
         run_dir = out / "candidates" / (label + ("-int8-values" if values == "int8" else ""))
-        report = compress(config, checkpoint=checkpoint, prune=plan, quantize=quantize,
-                          artefact=f"sparse:values={values}", out=run_dir, overrides=overrides, threads=threads,
-                          repeats=repeats, finetune_steps=finetune_steps if plan else 0)
+        if tuned is not None:
+            source = Path(tuned.finetune["run"])  # shoal train's run: the pruned model's config and weights
+            report = compress(source / "config.yaml", checkpoint=source, quantize=quantize,
+                              artefact=f"sparse:values={values}", out=run_dir, threads=threads, repeats=repeats)
+            prefix = tuned.rows[1].spec.rsplit(" | ", 1)[0] + " | "  # the plan that made it, fine-tuned
+        else:
+            report = compress(config, checkpoint=checkpoint, prune=plan, quantize=quantize,
+                              artefact=f"sparse:values={values}", out=run_dir, overrides=overrides, threads=threads,
+                              repeats=repeats, finetune_steps=finetune_steps if plan else 0)
+            prefix = ""
+        reports[values] = report
         found = []
         for row in report.rows[1:]:
             name = f"{label}/{values}-values" if row.kind == "compressed" else f"{label}/{row.name}"
             size = row.artefact_bytes
-            c = Candidate(label=name, spec=row.spec, size_bytes=size, latency_ms_batch32=row.latency_ms_batch32,
+            c = Candidate(label=name, spec=prefix + row.spec, size_bytes=size, latency_ms_batch32=row.latency_ms_batch32,
                           accuracy=row.accuracy, file=str(run_dir / row.artefact),
                           within=within(size, row.latency_ms_batch32, target_size_kb, target_latency_ms))
             say(("  within  " if c.within else "  outside ") + describe(c))
@@ -166,7 +177,8 @@ def search(config: Any, *, checkpoint: str | Path, target_size_kb: float | None 
             dense = found[0]
             if (not dense.within and target_size_kb is not None and within(
                     0, dense.latency_ms_batch32, None, target_latency_ms)):
-                found += measure(plan, "int8", [])  # only the size missed: int8 values are 4x smaller
+                first = reports["fp32"]  # only the size missed: int8 values are 4x smaller
+                found += measure(plan, "int8", [], tuned=first if first.finetune else None)
             candidates += found
             if any(c.within for c in found):
                 break
