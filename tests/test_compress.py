@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ import shoal
 from shoal.compress import CompressError, load_artefact, read_artefact, save_artefact
 from shoal.compress.artefact import decode_tensor, encode_tensor
 from shoal.compress.base import prunable_weights
+from shoal.compress.conv1d_as_2d import conv1d_as_conv2d
 from shoal.compress.load import load_trained
 from shoal.compress.measure import state_bytes
 from shoal.compress.onnx_export import export_onnx, ort_run, ort_session
@@ -182,6 +184,67 @@ def test_onnx_export_matches_pytorch(tmp_path):
         out = ort_run(session, x.numpy())
         assert out.shape == (batch, 10)
         assert np.abs(out - model(x).detach().numpy()).max() < 1e-4
+
+
+def test_conv1d_exports_as_unit_height_conv2d_with_the_same_logits(tmp_path):
+    model = make_model("cnn1d:channels=16,hidden=32", (1, 40))
+    prune("channels:ratio=0.5", model, (1, 40))
+
+    export_onnx(model, (1, 40), tmp_path / "m.onnx")  # runs onnx.checker
+
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert [weights[n.input[1]] for n in convs] == [[8, 1, 1, 5], [16, 8, 1, 3], [16, 16, 1, 3]]
+    # One Unsqueeze for the input; the convolutions and ReLUs in between stay 4-D.
+    assert [n.op_type for n in graph.node].count("Unsqueeze") == 1
+    assert "Squeeze" not in [n.op_type for n in graph.node]
+    session = ort_session(tmp_path / "m.onnx")
+    for batch in (1, 32):
+        x = torch.randn(batch, 1, 40)
+        assert np.abs(ort_run(session, x.numpy()) - model(x).detach().numpy()).max() < 1e-4
+
+
+def test_conv1d_rewrite_keeps_the_logits_of_a_mixed_graph(tmp_path):
+    class Net(nn.Module):  # BatchNorm, a pool, a dilated grouped conv, a conv output used twice
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv1d(2, 8, 3, padding=1)
+            self.norm = nn.BatchNorm1d(8)
+            self.b = nn.Conv1d(8, 8, 3, padding=2, dilation=2, groups=2, stride=2)
+            self.c = nn.Conv1d(8, 4, 1, bias=False)
+            self.head = nn.Linear(4 * 6, 3)
+
+        def forward(self, x):
+            h = F.max_pool1d(torch.relu(self.norm(self.a(x))), 2)
+            h = F.gelu(self.b(h))
+            return self.head(torch.flatten(self.c(h) + h[:, :4], 1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.norm.running_mean.uniform_(-1, 1)
+    model.norm.running_var.uniform_(0.5, 2)
+
+    export_onnx(model, (2, 24), tmp_path / "m.onnx")
+    export_onnx(model, (2, 24), tmp_path / "plain.onnx", conv1d_as_2d=False)
+
+    weights = {t.name: len(t.dims) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert all(weights[n.input[1]] == 4 for n in onnx.load(str(tmp_path / "m.onnx")).graph.node if n.op_type == "Conv")
+    x = torch.randn(5, 2, 24)
+    expected = model(x).detach().numpy()
+    for name in ("m.onnx", "plain.onnx"):
+        assert np.abs(ort_run(ort_session(tmp_path / name), x.numpy()) - expected).max() < 1e-4
+
+
+def test_conv1d_rewrite_leaves_2d_models_alone(tmp_path):
+    model = make_model("cnn2d:channels=4,hidden=16")
+    export_onnx(model, (1, 8, 8), tmp_path / "m.onnx", conv1d_as_2d=False)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    before = proto.SerializeToString()
+
+    assert conv1d_as_conv2d(proto) == 0
+
+    assert proto.SerializeToString() == before
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):

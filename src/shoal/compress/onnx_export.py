@@ -5,6 +5,9 @@ with ``torch.export`` and translates with onnxscript. It writes weights to a
 side file unless ``external_data=False``. The batch dimension is declared
 dynamic, so one file serves batch 1 and batch 32; the example batch has 2
 rows because ``torch.export`` specialises a size-1 dimension to a constant.
+1-D convolutions are then rewritten as 2-D ones of unit height, which ONNX
+Runtime runs through its faster NCHWc kernels
+(:mod:`shoal.compress.conv1d_as_2d`); the logits are the same.
 """
 
 from __future__ import annotations
@@ -22,9 +25,15 @@ from torch import nn
 INPUT, OUTPUT = "input", "logits"
 
 
-def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> int:
-    """Write ``model`` as ONNX to ``path``, run ``onnx.checker``; return the file's bytes."""
+def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path, *, conv1d_as_2d: bool = True) -> int:
+    """Write ``model`` as ONNX to ``path``, run ``onnx.checker``; return the file's bytes.
+
+    ``conv1d_as_2d=False`` keeps 1-D convolutions as the exporter writes them
+    (slower in ONNX Runtime; for comparison).
+    """
     import onnx
+
+    from shoal.compress.conv1d_as_2d import conv1d_as_conv2d
 
     model = model.eval()
     example = torch.zeros(2, *input_shape)
@@ -43,6 +52,10 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
             )
     finally:
         logger.setLevel(level)
+    if conv1d_as_2d:
+        proto = onnx.load(str(path))
+        if conv1d_as_conv2d(proto):
+            onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     return Path(path).stat().st_size
 
