@@ -26,7 +26,7 @@ from shoal.comm.wire import WireMeter
 
 
 class CodecHookState:
-    __slots__ = ("codec", "meter", "group", "world_size", "memory", "masks", "packed")
+    __slots__ = ("codec", "meter", "group", "world_size", "memory", "masks", "packed", "layouts", "restored")
 
     def __init__(self, codec: Codec, meter: WireMeter, group: "dist.ProcessGroup | None" = None):
         self.codec = codec
@@ -39,6 +39,67 @@ class CodecHookState:
         # version, indices of the kept entries in its buffer).
         self.masks: Any = None
         self.packed: dict[int, tuple[tuple[int, ...], int, torch.Tensor]] = {}
+        # Each bucket's parameters as last seen, and residuals restored per
+        # parameter that wait for the bucket they now belong to: DDP orders a
+        # bucket's parameters one way in its first step and another after it
+        # rebuilds its buckets, so a checkpoint keeps residuals by parameter.
+        self.layouts: dict[int, list[torch.Tensor]] = {}
+        self.restored: dict[int, torch.Tensor] = {}  # id(parameter) -> its dense residual
+
+
+def _split_residual(state: CodecHookState, bucket: int) -> dict[int, torch.Tensor]:
+    """A bucket's residual cut per parameter of its last layout, dense (pruned entries zero), by id."""
+    residual, params = state.memory.residuals.get(bucket), state.layouts.get(bucket)
+    if residual is None or params is None:
+        return {}
+    numel = sum(p.numel() for p in params)
+    packed = state.packed.get(bucket)
+    if packed is not None and packed[0] == tuple(id(p) for p in params) and residual.numel() == packed[2].numel() != numel:
+        residual = residual.new_zeros(numel).index_put_((packed[2],), residual)
+    if residual.numel() != numel:
+        return {}  # a stale one
+    return {id(p): part.clone() for p, part in zip(params, residual.detach().split([p.numel() for p in params]))}
+
+
+def residuals_by_parameter(state: CodecHookState, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    """The error-feedback residuals cut per parameter, dense (pruned entries zero), by name."""
+    out: dict[str, torch.Tensor] = {}
+    if state.memory is None:
+        return out
+    for bucket in state.memory.residuals:
+        out.update({names[pid]: part.cpu() for pid, part in _split_residual(state, bucket).items()})
+    for pid, residual in state.restored.items():  # restored, not yet used: kept as they came
+        out.setdefault(names[pid], residual.cpu())
+    return out
+
+
+def _follow_layout(state: CodecHookState, name: int, params: list[torch.Tensor]) -> None:
+    """DDP reordered this bucket (after its first step): its residual follows each parameter."""
+    before = state.layouts.get(name)
+    state.layouts[name] = params
+    if before is None or state.memory is None or [id(p) for p in before] == [id(p) for p in params]:
+        return
+    state.layouts[name] = before
+    state.restored.update(_split_residual(state, name))
+    state.memory.residuals.pop(name, None)
+    state.packed.pop(name, None)
+    state.layouts[name] = params
+
+
+def restore_residuals(state: CodecHookState, saved: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
+    """Residuals saved by :func:`residuals_by_parameter`, each bucket's put together when it first runs."""
+    state.restored = {id(params[name]): residual for name, residual in saved.items() if name in params}
+    if state.memory is not None:
+        state.memory.residuals.clear()
+
+
+def _adopt_restored(state: CodecHookState, name: int, params: list[torch.Tensor], keep: torch.Tensor | None) -> None:
+    if state.memory is None or not state.restored or not any(id(p) in state.restored for p in params):
+        return
+    parts = [state.restored.pop(id(p), None) for p in params]
+    dense = torch.cat([part.to(p.device).reshape(-1) if part is not None else p.new_zeros(p.numel())
+                       for part, p in zip(parts, params)])
+    state.memory.residuals[name] = dense if keep is None else dense[keep]
 
 
 def kept_entries(state: CodecHookState, bucket: dist.GradBucket) -> torch.Tensor | None:
@@ -176,13 +237,17 @@ def exchange(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None
 
 def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     grad = bucket.buffer()
+    params = bucket.parameters()
+    _follow_layout(state, bucket.index(), params)
     if hasattr(state.codec, "exchange"):
+        _adopt_restored(state, bucket.index(), params, None)
         shapes = [p.shape for p in bucket.parameters()]
         grad.copy_(_multi_round(state, bucket.index(), grad, shapes))
         done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         done.set_result(grad)
         return done
     keep = kept_entries(state, bucket)
+    _adopt_restored(state, bucket.index(), params, keep)
     if keep is not None and not keep.numel():  # every weight in it pruned, on every rank (one mask)
         grad.zero_()
         nothing: torch.futures.Future[torch.Tensor] = torch.futures.Future()

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from shoal.comm.auto import AutoChoice, choose_codec
 from shoal.comm.codecs.base import build_codec
-from shoal.comm.hooks import CodecHookState, codec_hook
+from shoal.comm.hooks import CodecHookState, codec_hook, residuals_by_parameter, restore_residuals
 from shoal.comm.memory import ErrorFeedback
 from shoal.comm.wire import WireMeter
 from shoal.registry import CODECS, STRATEGIES, Component
@@ -141,8 +141,9 @@ class SyncStrategy(Strategy):
         memory = self.hook_state.memory
         choice = self.codec_choice.as_dict() if self.codec_choice is not None else None
         balance = self.balancer.state_dict() if self.balancer is not None else None
-        return {"codec": self.codec.state_dict(), "memory": memory.state_dict() if memory else {}, "auto": choice,
-                "balance": balance}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return {"codec": self.codec.state_dict(), "memory": {"by_parameter": residuals_by_parameter(self.hook_state, names)}
+                if memory else {}, "auto": choice, "balance": balance}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.auto is not None and state.get("auto"):
@@ -153,4 +154,8 @@ class SyncStrategy(Strategy):
             self.balancer.load_state_dict(state["balance"])
         self.codec.load_state_dict(state.get("codec", {}))
         if self.hook_state.memory is not None:
-            self.hook_state.memory.load_state_dict(state.get("memory", {}))
+            saved = state.get("memory", {})
+            if "by_parameter" in saved:
+                restore_residuals(self.hook_state, saved["by_parameter"], dict(self.model.named_parameters()))
+            else:  # older checkpoints: by bucket
+                self.hook_state.memory.load_state_dict(saved)
