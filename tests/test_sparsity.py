@@ -150,6 +150,23 @@ def test_parameter_servers_hold_the_masks_rank_0_chose(tmp_path, strategy):
     assert pruned.sparsity == pytest.approx(0.8, abs=0.005)
     # The servers fine-tuned the dense model (train.init_from), not a fresh one.
     assert pruned.final_accuracy > dense.final_accuracy - 0.05, (pruned.final_accuracy, dense.final_accuracy)
+    # Pushes and replies carry the kept 20% of the weights (and the dense biases, and the mask once).
+    assert pruned.wire_bytes_per_worker < 0.3 * pruned.dense_bytes_per_worker
+
+
+def test_gradual_pruning_on_parameter_servers_packs_by_each_new_mask(tmp_path):
+    # Masks change every 5 of rank 0's steps while the other worker pushes by the one it last heard of;
+    # top-k's error feedback follows each new packing.
+    summary = shoal.train(small_config(
+        tmp_path / "run", strategy="async_ps:servers=2", train__steps=40, train__eval_every=40,
+        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}, codec="topk:ratio=0.5,memory=ef",
+        prune={"sparsity": 0.7, "begin_step": 0, "end_step": 25, "every": 5}))
+    weights = _weights(tmp_path / "run")
+    prunable = [v for k, v in weights.items() if k.endswith("weight") and v.dim() >= 2]
+    zeros = sum(int((w == 0).sum()) for w in prunable) / sum(w.numel() for w in prunable)
+    assert summary.sparsity == pytest.approx(0.7, abs=0.005) and zeros == pytest.approx(0.7, abs=0.005)
+    assert summary.wire_bytes_per_worker < 0.5 * summary.dense_bytes_per_worker
+    assert summary.final_accuracy > 0.5
 
 
 def test_a_gradually_pruned_pipeline_trains_exactly_as_one_process(tmp_path):

@@ -31,7 +31,11 @@ outside it.
 Sparse training (``prune:``): the shards hold the masks. Rank 0's worker
 ranks its replica and sends every shard its part (:meth:`PsHost.set_masks`);
 a shard zeroes the pruned entries of each gradient before its optimizer step
-and of its parameters after it, and keeps the mask in its checkpoints.
+and of its parameters after it, and keeps the mask in its checkpoints. Only
+kept entries travel: a reply carries the shard's kept parameters (and, when
+the mask changed since that worker last heard, the mask, bit-packed), and the
+worker's next push carries the gradient of the entries that mask keeps, with
+its version, so a shard decodes every push by the mask it was packed under.
 
 Staleness of a push = versions the shard advanced between the worker's pull
 and the push's application. Evaluation runs on rank 0 alone, on its replica as
@@ -41,6 +45,7 @@ of its last pull, so no worker ever waits for another to evaluate.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import socket
 import threading
@@ -50,6 +55,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
@@ -61,6 +67,8 @@ from shoal.parallel.partition import min_max_split
 from shoal.strategies.base import StepStats, Strategy
 from shoal.training.checkpoint import LatestSaver, load_checkpoint
 from shoal.training.optim import build_optimizer
+
+log = logging.getLogger(__name__)
 
 # Codecs whose decode needs nothing but the payload (no shared random stream,
 # no extra rounds): those a server can decode alone.
@@ -82,6 +90,8 @@ class Reply:
     version: int
     staleness: int  # -1: the push was dropped (backup policy)
     stop: bool
+    mask_version: int = 0  # > 0: params holds the kept entries of this mask version only
+    mask: Any = None  # the mask (numpy bit-packed), when the worker has not seen this version
 
 
 @dataclass
@@ -105,14 +115,46 @@ class ParameterShard:
     saver: LatestSaver | None = None  # writes them off the lock, newest first
     mask: torch.Tensor | None = None  # sparse training: flat, True keeps (over params, in order)
     mask_version: int = 0
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # versions some worker may still pack by
+    told: dict[int, int] = field(default_factory=dict)  # worker -> the mask version its last reply carried
+    mask_lock: threading.Lock = field(default_factory=threading.Lock)  # masks / told (replies may be sent under lock)
 
     def set_mask(self, mask: torch.Tensor | None, version: int) -> None:
         """A new mask (caller holds the lock): the pruned parameters go to zero now."""
         if mask is not None and mask.numel() != sum(p.numel() for p in self.params):
             raise ValueError(f"a mask of {mask.numel()} entries for a shard of "
                              f"{sum(p.numel() for p in self.params)} parameters")
-        self.mask, self.mask_version = (mask.bool() if mask is not None else None), version
+        with self.mask_lock:
+            self.mask, self.mask_version = (mask.bool() if mask is not None else None), version
+            if self.mask is not None:
+                self.masks[version] = self.mask
         self._zero_pruned()
+
+    def unpack(self, grad: torch.Tensor, mask_version: int) -> torch.Tensor | None:
+        """A push's gradient, packed by the mask of ``mask_version`` (0: dense), back to every
+        entry; None when this shard no longer holds that mask (it was restarted since)."""
+        if not mask_version:
+            return grad
+        with self.mask_lock:
+            mask = self.masks.get(mask_version)
+        if mask is None or int(mask.sum()) != grad.numel():
+            return None
+        return grad.new_zeros(mask.numel()).masked_scatter_(mask, grad)
+
+    def pack(self, reply: Reply, worker: int, known: int) -> Reply:
+        """The reply to ``worker``'s push, cut to the kept entries; the mask goes along
+        unless the push was packed by it already (``known``: the push's mask version)."""
+        with self.mask_lock:
+            version, mask = self.mask_version, self.mask
+            if mask is None:
+                return reply
+            if known != version:
+                reply.mask = np.packbits(mask.numpy())
+            self.told[worker] = version
+            wanted = set(self.told.values()) | {version}
+            self.masks = {v: m for v, m in self.masks.items() if v in wanted}
+        reply.params, reply.mask_version = reply.params[mask], version
+        return reply
 
     @torch.no_grad()
     def _zero_pruned(self) -> None:
@@ -182,10 +224,16 @@ def _done_future(value: Any) -> torch.futures.Future:
 
 @rpc.functions.async_execution
 def _push(shard_id: int, worker: int, version: int, clock: int, tensors: list[torch.Tensor],
-          ctx: dict[str, Any], lr: float) -> torch.futures.Future:
+          ctx: dict[str, Any], lr: float, mask_version: int = 0) -> torch.futures.Future:
     shard = _SHARDS[shard_id]
-    grad = shard.codec.decode(Payload(tensors, ctx)).reshape(-1).float()
-    return shard.policy.push(shard, worker, version, clock, grad, lr)
+    grad = shard.unpack(shard.codec.decode(Payload(tensors, ctx)).reshape(-1).float(), mask_version)
+    if grad is None:
+        log.warning("shard %d: dropped a push from worker %d packed by mask version %d, which it no longer holds",
+                    shard_id, worker, mask_version)
+        with shard.lock:
+            return _done_future(shard.pack(shard.reply(-1), worker, mask_version))
+    replied = shard.policy.push(shard, worker, version, clock, grad, lr)
+    return replied.then(lambda f: shard.pack(f.value(), worker, mask_version))
 
 
 def _finish(shard_id: int, worker: int) -> None:
@@ -316,9 +364,11 @@ class PsHost:
         dist.barrier()  # every shard exists before the first push
 
     def push(self, pushes: list[tuple[list[torch.Tensor], dict[str, Any]]], worker: int, versions: list[int],
-             clock: int, lr: float) -> list[Reply]:
+             clock: int, lr: float, mask_versions: list[int] | None = None) -> list[Reply]:
+        masks = mask_versions or [0] * len(pushes)
         futures = [
-            rpc.rpc_async(worker_name(shard), _push, args=(shard, worker, versions[shard], clock, tensors, ctx, lr))
+            rpc.rpc_async(worker_name(shard), _push,
+                          args=(shard, worker, versions[shard], clock, tensors, ctx, lr, masks[shard]))
             for shard, (tensors, ctx) in enumerate(pushes)
         ]
         return [f.wait() for f in futures]
@@ -409,6 +459,8 @@ class PsStrategy(Strategy):
         self.versions = [0] * self.servers
         self.clock = 0
         self.stopped = False
+        # Sparse training: per shard, the mask version its replies are packed by and the kept entries.
+        self.shard_masks: list[tuple[int, torch.Tensor | None]] = [(0, None)] * self.servers
 
     @classmethod
     def server_count(cls, options: Any) -> int:
@@ -437,18 +489,22 @@ class PsStrategy(Strategy):
         pushes, wire, dense = [], 0, 0
         for shard, indices in enumerate(self.layout):
             grad = torch.cat([self.params[i].grad.reshape(-1) for i in indices])
+            dense += grad.numel() * 4
+            keep = self.shard_masks[shard][1]
+            if keep is not None:
+                grad = grad[keep]  # the pruned entries' gradients are not sent
             compensated = self.memory.compensate(shard, grad) if self.memory is not None else grad
             payload = self.codec.encode(compensated)
             if self.memory is not None:
                 self.memory.update(shard, compensated, self.codec.decode(payload).reshape(-1))
             wire += payload.wire_bytes
-            dense += grad.numel() * 4
             pushes.append(([t.cpu() for t in payload.tensors], payload.ctx))  # the servers hold CPU tensors
-        replies = self.link.call("ps", "push", pushes, self.context.rank, list(self.versions), self.clock, lr)
+        replies = self.link.call("ps", "push", pushes, self.context.rank, list(self.versions), self.clock, lr,
+                                 [version for version, _ in self.shard_masks])
         staleness = [r.staleness for r in replies if r.staleness >= 0]
         for shard, reply in enumerate(replies):
             self._load(shard, reply)
-            wire += reply.params.numel() * 4
+            wire += reply.params.numel() * 4 + (reply.mask.nbytes if reply.mask is not None else 0)
         self.stopped = any(r.stop for r in replies)
         return StepStats(
             loss=loss.item(), compute_s=compute_s, comm_s=time.perf_counter() - started - compute_s,
@@ -458,10 +514,22 @@ class PsStrategy(Strategy):
 
     @torch.no_grad()
     def _load(self, shard: int, reply: Reply) -> None:
+        params = reply.params
+        if reply.mask is not None:  # a new mask: later pushes are packed by it
+            numel = sum(self.params[i].numel() for i in self.layout[shard])
+            keep = torch.from_numpy(np.unpackbits(reply.mask, count=numel).astype(bool)).to(params.device)
+            old = self.shard_masks[shard][1]
+            if self.memory is not None:  # the residual follows the packing
+                self.memory.repack(shard, old.nonzero().squeeze(1) if old is not None else None,
+                                   keep.nonzero().squeeze(1), numel)
+            self.shard_masks[shard] = (reply.mask_version, keep)
+        if reply.mask_version:
+            keep = self.shard_masks[shard][1]
+            params = params.new_zeros(keep.numel()).masked_scatter_(keep, params)
         offset = 0
         for i in self.layout[shard]:
             p = self.params[i]
-            p.copy_(reply.params[offset : offset + p.numel()].view_as(p))
+            p.copy_(params[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         self.versions[shard] = reply.version
 
