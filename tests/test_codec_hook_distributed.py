@@ -158,3 +158,27 @@ def test_powersgd_hook_finds_each_parameter_in_the_bucket():
     mp.spawn(_rank_one_worker, args=(2, free_port(), shared), nprocs=2)
     exact, got = shared[0]
     torch.testing.assert_close(got, exact, rtol=1e-3, atol=1e-5)
+
+
+def test_residuals_follow_their_parameters_when_ddp_regroups_its_buckets():
+    # DDP's first step and its rebuilt buckets order (and group) the parameters differently: a
+    # residual goes with its parameter, also to a bucket that runs before its old one.
+    from shoal.comm.hooks import _adopt_restored, _follow_layout
+    from shoal.comm.memory import ErrorFeedback
+
+    a, b, c = torch.zeros(2), torch.zeros(3), torch.zeros(1)
+    state = CodecHookState.__new__(CodecHookState)
+    state.memory, state.packed, state.layouts, state.restored = ErrorFeedback(), {}, {}, {}
+    _follow_layout(state, 0, [a, b])
+    _follow_layout(state, 1, [c])
+    state.memory.residuals = {0: torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 1: torch.tensor([6.0])}
+    used = {}
+    for _ in range(2):  # two steps of the rebuilt buckets; c moved into the bucket that runs first
+        for bucket, params in ((0, [c]), (1, [b, a])):
+            _follow_layout(state, bucket, params)
+            _adopt_restored(state, bucket, params, None)
+            used.setdefault(bucket, state.memory.residuals[bucket].tolist())  # what its first round adds
+    assert used == {0: [6.0], 1: [3.0, 4.0, 5.0, 1.0, 2.0]}
+    assert state.memory.residuals[0].tolist() == [6.0]
+    assert state.memory.residuals[1].tolist() == [3.0, 4.0, 5.0, 1.0, 2.0]
+    assert not state.restored

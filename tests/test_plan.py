@@ -121,3 +121,16 @@ def test_plan_of_a_model_that_is_not_a_layer_sequence_uses_its_export_split_poin
 def test_plan_cli_bad_rate_exits_2(tmp_path):
     result = run_cli("plan", "examples/mnist1d.yaml", "--rate", "fast")
     assert result.returncode == 2 and "expected a tc rate" in result.stderr
+
+
+def test_interleaved_in_flight_follows_pytorchs_rounds():
+    from shoal.parallel.plan import in_flight
+    from shoal.strategies.pipeline import PipelineOptions
+
+    # Rank 0 warms up with (V-1)R + 2(P-1) forwards, plus one in its steady state; they go R at a
+    # time through chunk 0, then chunk 1, ...: P=4, V=2, M=8 (R=4) holds 7 on chunk 0 and 4 on chunk 1.
+    assert in_flight("interleaved", 8, 4, 2) == 7
+    assert in_flight("interleaved", 10, 4, 3) == 7  # R = 10 // 2 = 5: 17 forwards, chunk 0 holds 5 + 2
+    assert in_flight("interleaved", 2, 4, 2) == 2 and in_flight("gpipe", 8, 4) == 8 and in_flight("1f1b", 8, 4) == 4
+    with pytest.raises(ValueError, match="microbatches=9 must be a multiple of 2"):
+        PipelineOptions(stages=4, microbatches=9, schedule="interleaved")

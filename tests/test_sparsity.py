@@ -133,20 +133,19 @@ def test_a_residual_saved_packed_survives_the_resumed_packing():
     assert memory.residuals[0].tolist() == [1.0, 2.0]
 
 
-@pytest.mark.parametrize("strategy", ["async_ps:servers=2", "ssp:staleness=1"])
-def test_parameter_servers_hold_the_masks_rank_0_chose(tmp_path, strategy):
+def test_parameter_servers_hold_the_masks_rank_0_chose(tmp_path):
     # The dense model's smallest 80% are pruned at step 0 of fine-tuning and stay zero on the
     # servers, whichever worker's pushes land in between.
     dense = shoal.train(small_config(tmp_path / "dense", workers=1, train__steps=60, train__eval_every=60))
     pruned = shoal.train(small_config(
-        tmp_path / "pruned", strategy=strategy, train__steps=30, train__eval_every=30,
+        tmp_path / "pruned", strategy="async_ps:servers=2", train__steps=30, train__eval_every=30,
         optimizer={"name": "sgd", "lr": 0.02, "momentum": 0.9},  # two workers' pushes on one momentum
         train__init_from=str(tmp_path / "dense"), prune={"sparsity": 0.8, "schedule": "oneshot"}))
     start, weights = _weights(tmp_path / "dense"), _weights(tmp_path / "pruned")
     prunable = [k for k, v in weights.items() if k.endswith("weight") and v.dim() >= 2]
     for key, keep in zip(prunable, global_magnitude_masks([start[k] for k in prunable], 0.8)):
         assert torch.all(weights[key][~keep] == 0), key
-        assert torch.count_nonzero(weights[key][keep]) > 0.95 * keep.sum(), key  # the kept ones trained on
+        assert (weights[key][keep] != start[key][keep]).float().mean() > 0.9, key  # the kept ones trained on
     assert pruned.sparsity == pytest.approx(0.8, abs=0.005)
     # The servers fine-tuned the dense model (train.init_from), not a fresh one.
     assert pruned.final_accuracy > dense.final_accuracy - 0.05, (pruned.final_accuracy, dense.final_accuracy)
@@ -156,9 +155,9 @@ def test_parameter_servers_hold_the_masks_rank_0_chose(tmp_path, strategy):
 
 def test_gradual_pruning_on_parameter_servers_packs_by_each_new_mask(tmp_path):
     # Masks change every 5 of rank 0's steps while the other worker pushes by the one it last heard of;
-    # top-k's error feedback follows each new packing.
+    # top-k's error feedback follows each new packing; no push is dropped for an unknown mask.
     summary = shoal.train(small_config(
-        tmp_path / "run", strategy="async_ps:servers=2", train__steps=40, train__eval_every=40,
+        tmp_path / "run", strategy="ssp:staleness=1,servers=2", train__steps=40, train__eval_every=40,
         optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9}, codec="topk:ratio=0.5,memory=ef",
         prune={"sparsity": 0.7, "begin_step": 0, "end_step": 25, "every": 5}))
     weights = _weights(tmp_path / "run")
@@ -166,20 +165,7 @@ def test_gradual_pruning_on_parameter_servers_packs_by_each_new_mask(tmp_path):
     zeros = sum(int((w == 0).sum()) for w in prunable) / sum(w.numel() for w in prunable)
     assert summary.sparsity == pytest.approx(0.7, abs=0.005) and zeros == pytest.approx(0.7, abs=0.005)
     assert summary.wire_bytes_per_worker < 0.5 * summary.dense_bytes_per_worker
-    assert summary.final_accuracy > 0.5
-
-
-def test_a_gradually_pruned_pipeline_trains_exactly_as_one_process(tmp_path):
-    # Every mask update ranks the whole model (the stages' weights gathered from their ranks),
-    # and an evaluation in between gives the released weights back: the same weights either way.
-    common = dict(model=MODEL, train__steps=30, train__eval_every=15,
-                  prune={"sparsity": 0.7, "begin_step": 0, "end_step": 20, "every": 5})
-    shoal.train(small_config(tmp_path / "one", workers=1, **common))
-    summary = shoal.train(small_config(tmp_path / "pp", workers=2, strategy="pipeline:stages=2,microbatches=4",
-                                       **common))
-    assert_same_weights(tmp_path / "one", tmp_path / "pp")
-    assert summary.sparsity == pytest.approx(0.7, abs=0.005)
-    assert 0 < summary.held_parameter_bytes < summary.model_parameter_bytes
+    assert summary.dropped_pushes == 0 and summary.final_accuracy > 0.5
 
 
 def test_two_sparse_workers_end_where_one_worker_with_their_batch_ends(tmp_path):
@@ -192,18 +178,20 @@ def test_two_sparse_workers_end_where_one_worker_with_their_batch_ends(tmp_path)
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
-def test_pipeline_replicas_exchange_the_kept_gradients_only(tmp_path):
-    # Two stages x two replicas against two-worker data parallel, both sparse: the same weights,
-    # and the replicas' gradient average carries the kept 30% (plus dense biases) of each stage.
-    common = dict(model=MODEL, train__steps=20, train__eval_every=20, prune={"sparsity": 0.7, "schedule": "oneshot"})
+def test_a_gradually_pruned_hybrid_pipeline_trains_as_sparse_data_parallel(tmp_path):
+    # Every mask update ranks the whole model (the stages' weights gathered from their ranks), an
+    # evaluation in between gives the released weights back, and a stage's two replicas average the
+    # kept weights' gradients only: the weights two-worker sparse data parallel ends with.
+    common = dict(model=MODEL, train__steps=30, train__eval_every=15,
+                  prune={"sparsity": 0.7, "begin_step": 0, "end_step": 20, "every": 5})
     shoal.train(small_config(tmp_path / "dp", workers=2, **common))
     hybrid = shoal.train(small_config(tmp_path / "hybrid", workers=4, strategy="pipeline:stages=2,microbatches=2,dp=2",
                                       **common))
     assert_same_weights(tmp_path / "dp", tmp_path / "hybrid")
-    dense = shoal.train(small_config(tmp_path / "dense", workers=4, strategy="pipeline:stages=2,microbatches=2,dp=2",
-                                     **{**common, "prune": None}))
-    activations = hybrid.activation_bytes_per_worker
-    assert hybrid.wire_bytes_per_worker - activations < 0.4 * (dense.wire_bytes_per_worker - activations)
+    assert hybrid.sparsity == pytest.approx(0.7, abs=0.005)
+    assert 0 < hybrid.held_parameter_bytes < hybrid.model_parameter_bytes
+    activations = hybrid.activation_bytes_per_worker  # the rest is the replicas' gradient average
+    assert hybrid.wire_bytes_per_worker - activations < 0.6 * (hybrid.dense_bytes_per_worker - activations)
 
 
 def test_a_sparse_run_with_error_feedback_killed_and_restarted_ends_as_the_unbroken_one(tmp_path):
@@ -219,3 +207,15 @@ def test_a_sparse_run_with_error_feedback_killed_and_restarted_ends_as_the_unbro
     broken = shoal.train(config(tmp_path / "broken", kill_rank=1, kill_step=30), max_restarts=1)
     assert broken.restarts == 1 and broken.resumed_from_step == 20
     assert_same_weights(tmp_path / "unbroken", tmp_path / "broken")
+
+
+def test_a_restore_with_fewer_zeros_than_its_masks_prunes_again_zeros_first():
+    # Parameter servers restored from a shard checkpoint older than the last mask update.
+    model = nn.Sequential(nn.Linear(10, 10))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1.0, 101.0).view(10, 10))
+        model[0].weight.view(-1)[[5, 50, 95]] = 0.0  # 3% zero, the masks in force pruned 40%
+    controller = SparsityController(PruneConfig(sparsity=0.4, schedule="oneshot"), model, 100)
+    controller.restore(0.4)
+    w = model[0].weight.view(-1)
+    assert set((w == 0).nonzero().view(-1).tolist()) == set(range(38)) | {50, 95}  # 40: the 3 zeros, the 37 smallest

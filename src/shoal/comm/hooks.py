@@ -74,15 +74,15 @@ def residuals_by_parameter(state: CodecHookState, names: dict[int, str]) -> dict
 
 
 def _follow_layout(state: CodecHookState, name: int, params: list[torch.Tensor]) -> None:
-    """DDP reordered this bucket (after its first step): its residual follows each parameter."""
+    """DDP regrouped its buckets (after its first step): every residual is cut per parameter
+    by the layout it was made in, and each bucket puts its own together again when it runs
+    (a parameter may have moved to a bucket that runs earlier)."""
     before = state.layouts.get(name)
-    state.layouts[name] = params
-    if before is None or state.memory is None or [id(p) for p in before] == [id(p) for p in params]:
-        return
-    state.layouts[name] = before
-    state.restored.update(_split_residual(state, name))
-    state.memory.residuals.pop(name, None)
-    state.packed.pop(name, None)
+    if before is not None and state.memory is not None and [id(p) for p in before] != [id(p) for p in params]:
+        for bucket in list(state.memory.residuals):
+            state.restored.update(_split_residual(state, bucket))
+        state.memory.residuals.clear()
+        state.packed.clear()
     state.layouts[name] = params
 
 

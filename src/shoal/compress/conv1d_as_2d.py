@@ -49,6 +49,11 @@ def conv1d_as_conv2d(model: onnx.ModelProto) -> int:
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     initializers = {t.name: t for t in graph.initializer}
+    # Left alone: graphs with subgraphs (If / Loop / Scan bodies may read tensors this renames)
+    # and weights that are also graph inputs (IR < 4: their declared 3-D types would stay).
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute) \
+            or any(i.name in initializers for i in graph.input):
+        return 0
     original = [copy.deepcopy(n) for n in graph.node]  # detached: the node list is rebuilt below
     consumers = _consumers(original)
     convs = [n for n in original if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in initializers

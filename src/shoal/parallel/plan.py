@@ -105,16 +105,23 @@ def memory_factor(optimizer_states: int) -> int:
 def in_flight(schedule: str, microbatches: int, stages: int, virtual: int = 1) -> int:
     """Microbatches whose activations a stage holds at once: all under GPipe, at most P under 1F1B.
 
-    Interleaved 1F1B (V chunks per rank) warms rank 0 up with (V-1)P + 2(P-1)
-    chunk forwards and holds one more in its steady state: V*P + P - 1 chunk
-    activations at its peak (PyTorch's ScheduleInterleaved1F1B), at most V*M;
-    counted here as their share per chunk, rounded up."""
+    Interleaved 1F1B (V chunks per rank, PyTorch's ScheduleInterleaved1F1B):
+    rank 0 runs (V-1) * R + 2(P-1) forward chunks before its first backward
+    and holds one more in its steady state, R = M // max(1, M // P) being the
+    microbatches per round, at most V*M in all. Its forwards go round by
+    round, each round R microbatches through chunk 0, then R through chunk
+    1, ...; the count here is the most any one chunk holds among them (the
+    first chunk's), so a stage's memory is not under-counted."""
     if schedule == "gpipe":
         return microbatches
-    if schedule == "interleaved" and virtual > 1:
-        peak = min(virtual * microbatches, virtual * stages + stages - 1)
-        return min(microbatches, -(-peak // virtual))
-    return min(microbatches, stages)
+    if schedule != "interleaved" or virtual <= 1:
+        return min(microbatches, stages)
+    per_round = microbatches // max(1, microbatches // stages)
+    peak = min(virtual * microbatches, (virtual - 1) * per_round + 2 * (stages - 1) + 1)
+    held = [0] * virtual
+    for op in range(peak):
+        held[(op // per_round) % virtual] += 1
+    return max(held)
 
 
 def layer_memory(param_bytes: float, activation_bytes: float, held: int, optimizer_states: int) -> float:

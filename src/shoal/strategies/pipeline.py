@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ByteSize, ConfigDict, Field
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
 from torch import nn
 
 from shoal.comm.codecs.base import build_codec
@@ -76,6 +76,14 @@ class PipelineOptions(BaseModel):
     max_memory_per_worker: ByteSize | None = Field(None, description="cap on a stage's estimated memory, "
                                                    "e.g. 64MiB (auto partition)")
     profile_repeats: int = Field(5, ge=1, description="timed runs per layer when profiling")
+
+    @model_validator(mode="after")
+    def _rounds(self) -> "PipelineOptions":
+        rounds = max(1, self.microbatches // self.stages)  # PyTorch's interleaved schedule runs M in whole rounds
+        if self.schedule == "interleaved" and self.microbatches % rounds:
+            raise ValueError(f"schedule=interleaved runs microbatches in rounds of about stages={self.stages}: "
+                             f"microbatches={self.microbatches} must be a multiple of {rounds}")
+        return self
 
     def check_job(self, world_size: int, batch_size: int) -> None:
         """What the config alone shows to be impossible, before any process starts."""

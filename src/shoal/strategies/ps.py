@@ -110,6 +110,7 @@ class ParameterShard:
     clocks: dict[int, float] = field(default_factory=dict)
     pushes: int = 0
     staleness_sum: int = 0
+    mask_drops: int = 0  # pushes packed by a mask this shard no longer held
     checkpoint_every: int = 0  # versions between shard checkpoints; 0: none
     checkpoint_path: Path | None = None
     saver: LatestSaver | None = None  # writes them off the lock, newest first
@@ -228,6 +229,7 @@ def _push(shard_id: int, worker: int, version: int, clock: int, tensors: list[to
     shard = _SHARDS[shard_id]
     grad = shard.unpack(shard.codec.decode(Payload(tensors, ctx)).reshape(-1).float(), mask_version)
     if grad is None:
+        shard.mask_drops += 1
         log.warning("shard %d: dropped a push from worker %d packed by mask version %d, which it no longer holds",
                     shard_id, worker, mask_version)
         with shard.lock:
@@ -249,10 +251,10 @@ def _request_stop(shard_id: int) -> None:
     shard.policy.finished(shard, None)
 
 
-def _set_mask(shard_id: int, mask: torch.Tensor, version: int) -> None:
+def _set_mask(shard_id: int, mask: torch.Tensor) -> None:
     shard = _SHARDS[shard_id]
-    with shard.lock:
-        shard.set_mask(mask, version)
+    with shard.lock:  # the shard numbers its masks: a restarted rank 0 counts from 1 again
+        shard.set_mask(mask, shard.mask_version + 1)
 
 
 def _pull(shard_id: int) -> Reply:
@@ -264,7 +266,7 @@ def _pull(shard_id: int) -> Reply:
 def _stats(shard_id: int) -> tuple[int, int, int]:
     """Pushes applied, their total staleness, pushes dropped (backup policy)."""
     shard = _SHARDS[shard_id]
-    return shard.pushes, shard.staleness_sum, getattr(shard.policy, "dropped", 0)
+    return shard.pushes, shard.staleness_sum, getattr(shard.policy, "dropped", 0) + shard.mask_drops
 
 
 def worker_name(rank: int) -> str:
@@ -376,9 +378,9 @@ class PsHost:
     def pull(self) -> list[Reply]:
         return [rpc.rpc_sync(worker_name(shard), _pull, args=(shard,)) for shard in range(self.servers)]
 
-    def set_masks(self, masks: list[torch.Tensor], version: int) -> None:
+    def set_masks(self, masks: list[torch.Tensor]) -> None:
         """Sparse training: every shard's part of the masks (flat, in its parameters' order)."""
-        futures = [rpc.rpc_async(worker_name(shard), _set_mask, args=(shard, mask, version))
+        futures = [rpc.rpc_async(worker_name(shard), _set_mask, args=(shard, mask))
                    for shard, mask in enumerate(masks)]
         for f in futures:
             f.wait()
@@ -517,14 +519,14 @@ class PsStrategy(Strategy):
         params = reply.params
         if reply.mask is not None:  # a new mask: later pushes are packed by it
             numel = sum(self.params[i].numel() for i in self.layout[shard])
-            keep = torch.from_numpy(np.unpackbits(reply.mask, count=numel).astype(bool)).to(params.device)
+            keep = torch.from_numpy(np.unpackbits(reply.mask, count=numel).astype(bool)).to(self.params[0].device)
             old = self.shard_masks[shard][1]
             if self.memory is not None:  # the residual follows the packing
                 self.memory.repack(shard, old.nonzero().squeeze(1) if old is not None else None,
                                    keep.nonzero().squeeze(1), numel)
             self.shard_masks[shard] = (reply.mask_version, keep)
         if reply.mask_version:
-            keep = self.shard_masks[shard][1]
+            keep = self.shard_masks[shard][1].to(params.device)
             params = params.new_zeros(keep.numel()).masked_scatter_(keep, params)
         offset = 0
         for i in self.layout[shard]:
@@ -549,7 +551,7 @@ class PsStrategy(Strategy):
         parts = [by_param[id(p)].reshape(-1) if id(p) in by_param else torch.ones(p.numel(), dtype=torch.bool)
                  for p in self.params]
         flat = [torch.cat([parts[i].cpu() for i in indices]) for indices in self.layout]
-        self.link.call("ps", "set_masks", flat, version)
+        self.link.call("ps", "set_masks", flat)
 
     def request_stop(self) -> None:
         self.link.call("ps", "request_stop")
@@ -583,11 +585,15 @@ class PsStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"clock": self.clock, "versions": list(self.versions),
                 "memory": self.memory.state_dict() if self.memory else {},
+                "shard_masks": [(v, k.cpu() if k is not None else None) for v, k in self.shard_masks],
                 "shard": self.link.call("ps", "shard_state")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.clock = state.get("clock", 0)
         self.versions = list(state.get("versions", self.versions))
+        if len(state.get("shard_masks", [])) == self.servers:  # the packing the saved residuals are in
+            device = self.params[0].device
+            self.shard_masks = [(v, k.to(device) if k is not None else None) for v, k in state["shard_masks"]]
         if self.memory is not None:
             self.memory.load_state_dict(state.get("memory", {}))
         if state.get("shard"):

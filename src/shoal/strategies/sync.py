@@ -9,6 +9,7 @@ bucketing and overlap.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Literal
 
 import torch
@@ -157,5 +158,6 @@ class SyncStrategy(Strategy):
             saved = state.get("memory", {})
             if "by_parameter" in saved:
                 restore_residuals(self.hook_state, saved["by_parameter"], dict(self.model.named_parameters()))
-            else:  # older checkpoints: by bucket
-                self.hook_state.memory.load_state_dict(saved)
+            elif saved.get("residuals"):  # an older checkpoint's, by bucket position: not safe to place
+                warnings.warn("the checkpoint keeps error-feedback residuals by bucket position (an older "
+                              "format); they are dropped and error feedback starts again from zero", stacklevel=2)

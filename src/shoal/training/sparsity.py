@@ -131,7 +131,13 @@ class SparsityController:
             return
         if self.gather is not None:
             self.gather()
-        self._prune_to(sparsity, [w.detach() != 0 for w in self.weights])
+        zeros = sum(int((w == 0).sum()) for w in self.weights)
+        if zeros < round(sparsity * sum(w.numel() for w in self.weights)):
+            # Fewer zeros than the masks in force had (parameter servers restored from an older
+            # shard checkpoint): rank again; the zeros rank lowest, so they stay pruned.
+            self._prune_to(sparsity)
+        else:
+            self._prune_to(sparsity, [w.detach() != 0 for w in self.weights])
 
     @torch.no_grad()
     def _prune_to(self, wanted: float, masks: list[torch.Tensor] | None = None) -> None:
