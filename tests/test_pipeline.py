@@ -133,16 +133,6 @@ def test_interleaved_1f1b_holds_two_stages_per_rank_and_trains_exactly_as_one_pr
     assert in_flight("interleaved", 4, 2, 2) == 3 and in_flight("1f1b", 4, 2) == 2
 
 
-def test_hybrid_two_stages_by_two_replicas_equals_two_worker_data_parallel(tmp_path):
-    common = dict(model=MODEL, train__steps=30, train__eval_every=15)
-    dp = shoal.train(small_config(tmp_path / "dp", workers=2, **common))
-    hybrid = shoal.train(small_config(tmp_path / "hybrid", workers=4, strategy="pipeline:stages=2,microbatches=2,dp=2",
-                                      **common))
-    assert_same_weights(tmp_path / "dp", tmp_path / "hybrid")
-    assert hybrid.final_accuracy == pytest.approx(dp.final_accuracy, abs=0.01)
-    assert hybrid.wire_bytes_per_worker > 0
-
-
 @pytest.mark.parametrize("strategy, words", [
     ("pipeline:stages=3", "strategy: pipeline: stages=3 x dp=1 needs 3 workers; the job has 2"),
     ("pipeline:stages=2,microbatches=5", "microbatches=5 must divide the batch of 16 (data.batch_size)"),

@@ -179,15 +179,18 @@ def test_two_sparse_workers_end_where_one_worker_with_their_batch_ends(tmp_path)
 
 
 def test_a_gradually_pruned_hybrid_pipeline_trains_as_sparse_data_parallel(tmp_path):
-    # Every mask update ranks the whole model (the stages' weights gathered from their ranks), an
-    # evaluation in between gives the released weights back, and a stage's two replicas average the
-    # kept weights' gradients only: the weights two-worker sparse data parallel ends with.
+    # Two stages x two replicas against two-worker data parallel. The first 5 steps are dense (the
+    # cubic schedule starts at 0): the replicas average whole gradients. Then every mask update
+    # ranks the whole model (the stages' weights gathered from their ranks), an evaluation in
+    # between gives the released weights back, and a stage's replicas average the kept weights'
+    # gradients only: the weights two-worker sparse data parallel ends with.
     common = dict(model=MODEL, train__steps=30, train__eval_every=15,
                   prune={"sparsity": 0.7, "begin_step": 0, "end_step": 20, "every": 5})
-    shoal.train(small_config(tmp_path / "dp", workers=2, **common))
+    dp = shoal.train(small_config(tmp_path / "dp", workers=2, **common))
     hybrid = shoal.train(small_config(tmp_path / "hybrid", workers=4, strategy="pipeline:stages=2,microbatches=2,dp=2",
                                       **common))
     assert_same_weights(tmp_path / "dp", tmp_path / "hybrid")
+    assert hybrid.final_accuracy == pytest.approx(dp.final_accuracy, abs=0.01)
     assert hybrid.sparsity == pytest.approx(0.7, abs=0.005)
     assert 0 < hybrid.held_parameter_bytes < hybrid.model_parameter_bytes
     activations = hybrid.activation_bytes_per_worker  # the rest is the replicas' gradient average
