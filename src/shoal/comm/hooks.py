@@ -115,11 +115,7 @@ def kept_entries(state: CodecHookState, bucket: dist.GradBucket) -> torch.Tensor
     cached = state.packed.get(name)
     if cached is not None and cached[0] == ids and cached[1] == masks.version:
         return cached[2]
-    parts = []
-    for p in params:
-        mask = masks.mask_of(p)
-        parts.append(mask.reshape(-1) if mask is not None else torch.ones(p.numel(), dtype=torch.bool, device=p.device))
-    keep = torch.cat(parts).nonzero().squeeze(1)
+    keep = masks.flat_mask(params).nonzero().squeeze(1)
     if state.memory is not None:
         old = cached[2] if cached is not None and cached[0] == ids else None
         state.memory.repack(name, old, keep, bucket.buffer().numel())
@@ -241,7 +237,7 @@ def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.
     _follow_layout(state, bucket.index(), params)
     if hasattr(state.codec, "exchange"):
         _adopt_restored(state, bucket.index(), params, None)
-        shapes = [p.shape for p in bucket.parameters()]
+        shapes = [p.shape for p in params]
         grad.copy_(_multi_round(state, bucket.index(), grad, shapes))
         done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         done.set_result(grad)

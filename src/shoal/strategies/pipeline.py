@@ -325,9 +325,7 @@ class PipelineStrategy(Strategy):
             return None
         if self.packing is not None and self.packing[0] == masks.version:
             return self.packing[1]
-        parts = [masks.mask_of(p) for p in self.stage_params]
-        keep = torch.cat([m.reshape(-1) if m is not None else torch.ones(p.numel(), dtype=torch.bool, device=p.device)
-                          for m, p in zip(parts, self.stage_params)]).nonzero().squeeze(1)
+        keep = masks.flat_mask(self.stage_params).nonzero().squeeze(1)
         if self.dp_state.memory is not None:  # the error-feedback residual follows the new packing
             self.dp_state.memory.repack(self.stage_index, self.packing[1] if self.packing else None, keep, numel)
         self.packing = (masks.version, keep)

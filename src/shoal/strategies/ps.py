@@ -542,15 +542,12 @@ class PsStrategy(Strategy):
         """The shards enforce the masks: rank 0 decides them and sends them on;
         every other worker's replica gets the zeros with the parameters it pulls."""
         if self.context.rank == 0:
-            masks.publish = self._publish_masks
+            masks.publish = lambda: self._publish_masks(masks)
         else:
             masks.follower = True
 
-    def _publish_masks(self, weights: list[torch.Tensor], masks: list[torch.Tensor], version: int) -> None:
-        by_param = {id(w): m for w, m in zip(weights, masks)}
-        parts = [by_param[id(p)].reshape(-1) if id(p) in by_param else torch.ones(p.numel(), dtype=torch.bool)
-                 for p in self.params]
-        flat = [torch.cat([parts[i].cpu() for i in indices]) for indices in self.layout]
+    def _publish_masks(self, masks: Any) -> None:
+        flat = [masks.flat_mask([self.params[i] for i in indices]).cpu() for indices in self.layout]
         self.link.call("ps", "set_masks", flat)
 
     def request_stop(self) -> None:

@@ -103,7 +103,7 @@ class SparsityController:
         self.sparsity = 0.0
         # Set by the strategy (use_masks): who else must learn a new mask, and
         # what must happen before the weights can be ranked.
-        self.publish: Callable[[list[nn.Parameter], list[torch.Tensor], int], None] | None = None
+        self.publish: Callable[[], None] | None = None
         self.gather: Callable[[], None] | None = None
         self.follower = False  # this worker holds no masks: another process enforces them
 
@@ -135,7 +135,7 @@ class SparsityController:
         if zeros < round(sparsity * sum(w.numel() for w in self.weights)):
             # Fewer zeros than the masks in force had (parameter servers restored from an older
             # shard checkpoint): rank again; the zeros rank lowest, so they stay pruned.
-            self._prune_to(sparsity)
+            self._prune_to(sparsity, global_magnitude_masks(self.weights, sparsity))
         else:
             self._prune_to(sparsity, [w.detach() != 0 for w in self.weights])
 
@@ -154,7 +154,7 @@ class SparsityController:
         self.sparsity, self.version = wanted, self.version + 1
         self.apply()
         if self.publish is not None:
-            self.publish(self.weights, masks, self.version)
+            self.publish()
 
     @torch.no_grad()
     def apply(self) -> None:
@@ -167,6 +167,11 @@ class SparsityController:
 
     def mask_of(self, param: torch.Tensor) -> torch.Tensor | None:
         return self.masks.get(id(param))
+
+    def flat_mask(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """One flat keep-mask over ``params`` in order (a parameter without a mask is kept whole)."""
+        return torch.cat([self.masks[id(p)].reshape(-1) if id(p) in self.masks
+                          else torch.ones(p.numel(), dtype=torch.bool, device=p.device) for p in params])
 
     def measured_sparsity(self) -> float:
         """The share of prunable weights that are exactly zero now."""
