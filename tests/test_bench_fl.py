@@ -7,7 +7,7 @@ from tests.conftest import run_cli
 
 
 def test_bench_fl_quick(tmp_path):
-    result = run_cli("bench", "fl", "--quick", "--out", str(tmp_path), timeout=120)
+    result = run_cli("bench", "fl", "--quick", "--out", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {r["label"]: r for r in json.loads((tmp_path / "bench.json").read_text())}
     assert set(rows) == {"centralised", "fedsgd", "fedavg-iid", "fedavg-topk", "fedavg-a0.5", "fedprox-a0.5"}

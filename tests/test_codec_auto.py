@@ -105,20 +105,25 @@ def test_auto_compresses_on_a_slow_link_and_not_on_a_fast_one(tmp_path, rate, co
     from shoal.bench.comm import run_on_testbed
 
     config = tmp_path / "auto.yaml"
-    # A model whose step takes milliseconds of compute, as any real one does:
+    # A model whose step takes tens of milliseconds of compute, as any real one does:
     # on a fast link that, not microseconds of latency, is what the choice weighs.
-    cfg = small_config(tmp_path / "unused", model="cnn1d", data__dataset="mnist1d:samples=2000", data__batch_size=256)
+    # (With a few milliseconds, a fast link measured slowly on a loaded machine tipped
+    # the choice to top-k.) Offered none, fp16 and top-k: at 10 Mbit/s top-k wins by
+    # far over fp16 unless a step computes for most of a second.
+    cfg = small_config(tmp_path / "unused", model="cnn1d", data__dataset="mnist1d:samples=4000", data__batch_size=1024)
     config.write_text(yaml.safe_dump(cfg))
     with Testbed(2, rate=rate) as testbed:
         summary, tail = run_on_testbed(
-            testbed, config, ["codec=auto:probe_mb=0.5", "train.steps=20"], tmp_path / "run", timeout_s=180
+            testbed, config, ["codec=auto:probe_mb=0.5,candidates=[none,fp16,topk]", "train.steps=10"],
+            tmp_path / "run", timeout_s=300,
         )
     assert summary is not None, tail
-    chosen = summary["codec_chosen"]
-    assert chosen.startswith("topk:") == compressed, summary["codec_auto"]
-    measured = summary["codec_auto"]["link_mbit_per_s"]
+    chosen, auto = summary["codec_chosen"], summary["codec_auto"]
+    assert chosen == min(auto["predictions"], key=lambda p: p["time_factor"])["spec"], auto
+    assert chosen.startswith("topk:") == compressed, auto
+    measured = auto["link_mbit_per_s"]
     if rate:
         assert 5 < measured < 11  # tbf at 10 Mbit/s, measured through gloo
     else:
-        assert measured > 200
+        assert measured > 50  # veth carries some 1 Gbit/s here, less when the cores are contended
     assert "chose " + chosen in Path(tmp_path / "run" / "host0.log").read_text()

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 import shoal
 from shoal.cli import app
-from shoal.compress.budget import Candidate, families, overshoot, pick
+from shoal.compress.budget import Candidate, describe, families, overshoot, pick
 from tests.test_compress import digits_run
 
 
@@ -66,8 +66,11 @@ def test_an_impossible_budget_raises_naming_it_and_the_closest_candidate(tmp_pat
     # Zeros run no faster: prune-90 and channels-50+prune-90 are skipped once their dense plans were too slow.
     assert message.startswith("no candidate meets --target-size-kb 1000 and --target-latency-ms 0.0001 (batch 32): "
                               "4 tried")
-    assert "the closest is channels-50/fp32-values" in message  # removed channels run fastest
     report = caught.value.report
+    # The closest is the fastest candidate measured (removed channels, usually: which of
+    # them is a matter of microseconds on a loaded machine, so it is read, not assumed).
+    fastest = min(report.candidates, key=lambda c: c.latency_ms_batch32)
+    assert f"the closest is {describe(fastest)}" in message
     assert report.winner is None and [c.label for c in report.candidates] == [
         "unpruned/fp32-values", "unpruned/int8-static", "channels-50/fp32-values", "channels-50/int8-static"]
     assert not any(c.within for c in report.candidates)
@@ -85,8 +88,10 @@ def test_an_impossible_budget_exits_2_naming_it_and_the_closest_candidate(tmp_pa
     assert result.exit_code == 2, result.output
     message = result.stderr
     assert "budget not met" in message and "--target-latency-ms 0.0001 (batch 32)" in message
-    assert "the closest is channels-" in message and "Traceback" not in message  # removed channels run fastest
+    assert "Traceback" not in message
     tried = json.loads((tmp_path / "out" / "budget.json").read_text())
+    fastest = min(tried["candidates"], key=lambda c: c["latency_ms_batch32"])
+    assert f"the closest is {fastest['label']}" in message
     assert tried["winner"] is None and len(tried["candidates"]) == 2 + 2 * 3  # unpruned + 3 channel ratios
 
 

@@ -53,7 +53,7 @@ def federation(tmp_path):
 data: {{dataset: digits, batch_size: 16}}
 model: mlp:hidden=[32]
 optimizer: {{name: sgd, lr: 0.1, momentum: 0.9}}
-fl: {{clients: 5, clients_per_round: 4, min_clients: 2, rounds: {ROUNDS}, eval_every: 1, deadline_s: 2}}
+fl: {{clients: 5, clients_per_round: 4, min_clients: 2, rounds: {ROUNDS}, eval_every: 1, deadline_s: 4}}
 server: {{address: "127.0.0.1:0", db: {db}, certs: {certs}}}
 out: {tmp_path / "run"}
 """)

@@ -37,7 +37,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path):
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     checkpoint = broken_dir / "checkpoint.pt"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker, mid-run
@@ -135,7 +135,7 @@ def test_kill_flag_injects_a_crash_that_a_restart_recovers(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = shoal.Summary.model_validate_json((tmp_path / "out" / "summary.json").read_text())
     assert summary.restarts == 1 and summary.resumed_from_step == 20 and summary.steps == 60
-    assert 0 < summary.restart_s < 120  # from the SIGKILL to the resumed first step
+    assert 0 < summary.restart_s < 250  # from the SIGKILL to the resumed first step (its cost: BENCHMARKS.md)
 
 
 @pytest.mark.parametrize("flag", ["1", "a:3", "1:x"])

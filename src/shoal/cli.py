@@ -50,8 +50,6 @@ def train(
     ),
 ) -> None:
     """Train a model on one or many workers; writes metrics.jsonl, summary.json, curves.png and checkpoint.pt to OUT."""
-    from shoal.launch import JobFailed, launch
-
     if resume is not None:
         if not (resume / "checkpoint.pt").is_file():
             _fail_config(f"--resume {resume}: no checkpoint.pt there to resume from")
@@ -75,6 +73,11 @@ def train(
         shortfall = nccl_shortfall(cfg.workers)
         if shortfall:
             _fail_config(shortfall)
+    from shoal.preload import start_worker_server
+
+    start_worker_server()  # its imports overlap the launcher's, next
+    from shoal.launch import JobFailed, launch
+
     try:
         summary = launch(
             cfg,

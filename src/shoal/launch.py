@@ -18,6 +18,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from shoal.config import RunConfig
 from shoal.metrics.summary import Summary
+from shoal.preload import START_METHOD, Inherited, start_worker_server
 from shoal.worker import worker_main
 
 
@@ -36,6 +37,11 @@ class JobFailed(RuntimeError):
         self.failures = failures
         first = failures[0]
         super().__init__(f"rank {first.rank} failed (exit code {first.exitcode}): {first.message}")
+
+
+def _entry(config: dict, resume: bool, inherited: None) -> dict | None:
+    """The worker's entry point (``inherited`` was applied while it was unpickled)."""
+    return worker_main(config, resume)
 
 
 def free_port() -> int:
@@ -72,15 +78,16 @@ def launch(
         rdzv_configs=rdzv_configs,
         max_restarts=max_restarts,
         monitor_interval=0.1,
-        start_method="spawn",
+        start_method=START_METHOD,
         local_addr=local_addr or ("127.0.0.1" if nnodes == 1 else None),
     )
     # The agent logs every rendezvous step at INFO; a user wants the failures only.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     # Worker failures are reported once, by rank, from the error files; not also as a log dump.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    start_worker_server()
     try:
-        results = elastic_launch(config, worker_main)(cfg.model_dump(mode="json"), resume)
+        results = elastic_launch(config, _entry)(cfg.model_dump(mode="json"), resume, Inherited())
     except ChildFailedError as err:
         raise JobFailed(_failures(err)) from None
     summary = results.get(0) if results else None

@@ -146,9 +146,8 @@ def _run(cfg: RunConfig, backend: str, device: torch.device, local_rank: int, at
     if cfg.fault.target == "server":
         raise ValueError(f"fault.target=server: strategy {cfg.strategy.name!r} has no parameter server")
     factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
-    with Slowdown(factor, threads=torch.get_num_threads(), method=cfg.slowdown.method) as slowdown:
-        if factor > 1:
-            print(f"rank {ctx.rank}: {slowdown.describe()}", file=sys.stderr, flush=True)
+    with Slowdown(factor, threads=torch.get_num_threads(), method=cfg.slowdown.method,
+                  label=f"rank {ctx.rank}") as slowdown:
         summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt)
     # Without this barrier a rank can reach interpreter shutdown while a gloo
     # thread still frees the last all-reduce's tensors, and abort (SIGABRT):

@@ -86,6 +86,7 @@ class FlServer:
         self.seen: dict[int, float] = {}  # partition -> last time heard from
         self.current: _Round | None = None
         self.finished = False
+        self.told_done: set[int] = set()  # partitions told that training is over
         self.port = 0
 
     # --- handlers (gRPC threads) --------------------------------------------------
@@ -123,6 +124,7 @@ class FlServer:
         with self.cond:
             while True:
                 if self.finished:
+                    self.told_done.add(part)
                     return wire.pack({"done": True, "round": self.fed.round}, {})
                 r = self.current
                 if r is not None and not r.closed and part in r.selected and r.number > after \
@@ -189,7 +191,12 @@ class FlServer:
             with self.cond:
                 self.finished = True
                 self.cond.notify_all()
-            time.sleep(min(POLL_S, 1.0) + 0.5)  # let polling clients hear that training is over
+                # Every client seen lately hears that training is over before the server goes
+                # (one still training asks at its next call); one that died is waited for no
+                # longer than it counts as alive.
+                end = time.monotonic() + ALIVE_S
+                while set(self._alive()) - self.told_done and time.monotonic() < end:
+                    self.cond.wait(0.2)
             server.stop(grace=1.0)
         summary = self.fed.close(resumed_from_round=self.resumed_from, clients_seen=len(self.store.clients()))
         self.store.close()

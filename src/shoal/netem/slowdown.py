@@ -7,9 +7,10 @@ Two ways, chosen by ``method``:
   v1 ``cpu.cfs_quota_us``). The kernel throttles it like a slower CPU: the
   worker cannot tell, and its idle waits (network, barriers) cost nothing.
   Needs root and a writable cgroup hierarchy.
-- ``busy``: at the start of each training forward pass the worker spins for
-  ``(FACTOR - 1)`` times the last step's own compute time, holding the CPU as
-  a slow core would. The wait falls inside the step, before any gradient is
+- ``busy``: at the start of each training step's first forward pass the
+  worker spins for ``(FACTOR - 1)`` times its own compute per step (the
+  median of the last few steps, without their waits), holding the CPU as a
+  slow core would. The wait falls inside the step, before any gradient is
   sent, so timing, DDP and the strategies see it as compute.
 
 ``auto`` takes the cgroup where it can be made, else busy-waiting. The
@@ -21,7 +22,10 @@ emulated hosts share one machine, else the launcher's ``LOCAL_WORLD_SIZE``).
 from __future__ import annotations
 
 import os
+import statistics
+import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -78,22 +82,60 @@ def _current_cgroup(parent: Path, version: str) -> Path:
     return parent
 
 
-class Slowdown:
-    """``with Slowdown(3.0, threads=1) as s: s.attach(model); ...; s.after_step(compute_s)``."""
+class BusyWaitSchedule:
+    """How long busy-waiting spins at each step: pure arithmetic, no clock.
 
-    def __init__(self, factor: float, *, threads: int, method: str = "auto"):
+    1. After each step, its own compute is the measured compute less the time
+       actually spun in it (not the time asked for: a spin descheduled at its
+       end overshoots, and that overshoot is not the worker's own work).
+    2. The next wait is ``(factor - 1)`` times the median own compute of the
+       last ``window`` steps, so one step stretched by the scheduler does not
+       make the next wait jump, and no wait ever feeds on an earlier one.
+    3. No wait before the first step has been measured.
+
+    Waiting on the last step's compute less the wait *asked for* fed every
+    scheduling delay inside a spin into the next wait, (factor - 1) times over:
+    a 3x slowdown measured 9x on a busy 2-core machine.
+    """
+
+    def __init__(self, factor: float, window: int = 5):
+        self.factor = factor
+        self._own: deque[float] = deque(maxlen=window)
+
+    def next_wait(self) -> float:
+        if not self._own:
+            return 0.0
+        return (self.factor - 1) * statistics.median(self._own)
+
+    def record(self, compute_s: float, spun_s: float) -> float:
+        """Note one step's measured compute and the time spun in it; returns its own compute."""
+        own = max(compute_s - spun_s, 0.0)
+        self._own.append(own)
+        return own
+
+
+class Slowdown:
+    """``with Slowdown(3.0, threads=1) as s: s.attach(model); ...; s.after_step(compute_s)``.
+
+    A slowed worker says on stderr, under ``label``, how it is slowed and, for
+    a quota, how often the kernel throttled it."""
+
+    def __init__(self, factor: float, *, threads: int, method: str = "auto", label: str = "this worker"):
         if factor < 1:
             raise ValueError(f"slowdown factor must be >= 1, got {factor}")
         if method not in ("auto", "cgroup", "busy"):
             raise ValueError(f"slowdown method {method!r}: allowed auto, cgroup, busy")
         self.factor = factor
         self.threads = threads
+        self.label = label
         self.requested = method
         self.method = "none" if factor == 1 else method
         self.cgroup: Path | None = None
         self._parent: Path | None = None
-        self._base_s = 0.0  # the last step's compute without the added wait
-        self._spun_s = 0.0
+        self.schedule = BusyWaitSchedule(factor)
+        self._spun_s = 0.0  # spun in the current step
+        self._due = True  # one wait per step, at its first training forward
+        self.throttled: tuple[int, int] | None = None  # cgroup: (throttled periods, periods) at exit
 
     def __enter__(self) -> "Slowdown":
         if self.method in ("auto", "cgroup"):
@@ -101,6 +143,8 @@ class Slowdown:
             if reason and self.method == "cgroup":
                 raise RuntimeError(f"slowdown by cgroup: {reason}")
             self.method = "busy" if reason else "cgroup"
+        if self.method != "none":
+            print(f"{self.label}: {self.describe()}", file=sys.stderr, flush=True)
         return self
 
     def _enter_cgroup(self) -> str | None:
@@ -139,22 +183,28 @@ class Slowdown:
             module.register_forward_pre_hook(self._spin)
 
     def _spin(self, module: Any, args: Any) -> None:
-        if not module.training:
-            return  # evaluation is not what the slowdown emulates
-        wait = (self.factor - 1) * self._base_s
-        until = time.perf_counter() + wait
+        if not module.training or not self._due:
+            return  # evaluation is not what the slowdown emulates; later forwards of a step are not either
+        self._due = False
+        started = time.perf_counter()
+        until = started + self.schedule.next_wait()
         while time.perf_counter() < until:
             pass
-        self._spun_s += wait
+        self._spun_s += time.perf_counter() - started
 
-    def after_step(self, compute_s: float) -> None:
-        """The step's measured compute, for the next step's wait."""
-        self._base_s = max(compute_s - self._spun_s, 0.0)
-        self._spun_s = 0.0
+    def after_step(self, compute_s: float) -> float:
+        """The step's measured compute, for the next steps' waits; returns the seconds spun in the step."""
+        spun, self._spun_s, self._due = self._spun_s, 0.0, True
+        if self.method == "busy":
+            self.schedule.record(compute_s, spun)
+        return spun
 
     def __exit__(self, *exc: object) -> None:
         if self.cgroup is None or self._parent is None:
             return
+        self.throttled = _throttled(self.cgroup)
+        if self.throttled is not None:
+            print(f"{self.label}: {self.report()}", file=sys.stderr, flush=True)
         try:
             (self._parent / "cgroup.procs").write_text(str(os.getpid()))
             self.cgroup.rmdir()
@@ -162,9 +212,25 @@ class Slowdown:
             pass  # a later worker's remove_stale_cgroups() takes it
         self.cgroup = None
 
+    def report(self) -> str | None:
+        """What the kernel says the quota did (cgroup only, after exit): a line for the worker's log."""
+        if self.throttled is None:
+            return None
+        throttled, periods = self.throttled
+        return f"throttled in {throttled} of {periods} CPU periods"
+
     def describe(self) -> str:
         if self.method == "cgroup":
             return f"{self.factor:g}x slower by a CPU quota of {self.quota_cores:.3f} cores ({self.cgroup})"
         if self.method == "busy":
             return f"{self.factor:g}x slower by busy-waiting in each step"
         return "full speed"
+
+
+def _throttled(group: Path) -> tuple[int, int] | None:
+    """(throttled periods, periods) from the cgroup's ``cpu.stat`` (v1 and v2 name them alike)."""
+    try:
+        fields = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines() if line.strip())
+        return int(fields["nr_throttled"]), int(fields["nr_periods"])
+    except (OSError, KeyError, ValueError):
+        return None

@@ -183,8 +183,7 @@ def run_training(
             stats = strategy.step(x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
             if sparsity is not None:
                 sparsity.apply()  # the optimizer step may have moved pruned weights
-            if slowdown is not None:
-                slowdown.after_step(stats.compute_s)
+            spun_s = slowdown.after_step(stats.compute_s) if slowdown is not None else 0.0
             if (attempt == 0 and rejoin is None and cfg.fault.kill_rank == ctx.rank
                     and state.step + 1 == cfg.fault.kill_step):
                 _die(out, ctx.rank, strategy, cfg.fault.target)
@@ -206,6 +205,8 @@ def run_training(
                 }
                 if stats.staleness is not None:
                     record["staleness"] = stats.staleness
+                if slowdown is not None and slowdown.method == "busy":
+                    record["slowdown_s"] = spun_s  # of compute_s, the emulated slowness
             if is_main:
                 progress.advance(stats.loss)
             if (state.step % cfg.train.eval_every == 0 or state.step == steps) and (collective or is_main):

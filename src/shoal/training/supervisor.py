@@ -216,9 +216,7 @@ def _worker_main(conn: Any, config: dict[str, Any], ctx: WorkerContext, resume: 
         cfg = validate_config(config)
         set_link(link)
         factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
-        with Slowdown(factor, threads=threads, method=cfg.slowdown.method) as slowdown:
-            if factor > 1:
-                print(f"rank {ctx.rank}: {slowdown.describe()}", file=sys.stderr, flush=True)
+        with Slowdown(factor, threads=threads, method=cfg.slowdown.method, label=f"rank {ctx.rank}") as slowdown:
             summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt,
                                    group=PipeGroup(link), rejoin=rejoin)
         link.tell("result", summary.model_dump() if summary is not None else None)
