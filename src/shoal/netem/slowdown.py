@@ -88,14 +88,19 @@ class BusyWaitSchedule:
     1. After each step, its own compute is the measured compute less the time
        actually spun in it (not the time asked for: a spin descheduled at its
        end overshoots, and that overshoot is not the worker's own work).
-    2. The next wait is ``(factor - 1)`` times the median own compute of the
-       last ``window`` steps, so one step stretched by the scheduler does not
-       make the next wait jump, and no wait ever feeds on an earlier one.
+    2. A step's target wait is ``(factor - 1)`` times the median own compute of
+       the last ``window`` steps, so one step stretched by the scheduler does
+       not make the next wait jump, and no wait ever feeds on an earlier one.
     3. No wait before the first step has been measured.
 
-    Waiting on the last step's compute less the wait *asked for* fed every
-    scheduling delay inside a spin into the next wait, (factor - 1) times over:
-    a 3x slowdown measured 9x on a busy 2-core machine.
+    A spin that the scheduler stretches is not shortened at the next step: a
+    slower core on a loaded machine would be descheduled in its extra work too.
+
+    Waiting on the last step's compute less the wait *asked for* counted every
+    scheduling delay inside a spin as the worker's own compute, (factor - 1)
+    times over in the next wait, and made each wait follow one step's noise: a
+    3x slowdown measured 2.4x to 5.4x on a loaded 2-core machine, 9x once
+    (benchmarks/slowdown_fidelity.py, BENCHMARKS.md).
     """
 
     def __init__(self, factor: float, window: int = 5):
@@ -103,9 +108,7 @@ class BusyWaitSchedule:
         self._own: deque[float] = deque(maxlen=window)
 
     def next_wait(self) -> float:
-        if not self._own:
-            return 0.0
-        return (self.factor - 1) * statistics.median(self._own)
+        return (self.factor - 1) * statistics.median(self._own) if self._own else 0.0
 
     def record(self, compute_s: float, spun_s: float) -> float:
         """Note one step's measured compute and the time spun in it; returns its own compute."""
