@@ -37,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from shoal.compress.artefact_header import MAX_HEADER_BYTES, parse_header
 from shoal.compress.base import CompressError
 
 MAGIC = b"SHOAL-SPARSE-1\n"
@@ -137,35 +138,63 @@ def save_artefact(path: str | Path, model: nn.Module, *, model_spec: Any, input_
     return path.stat().st_size
 
 
+# Decompressed, an artefact may be at most this large: a small file that inflates
+# without end (a decompression bomb) is refused, not read into memory.
+MAX_BODY_BYTES = 4 << 30
+
+
 def read_artefact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(header, state dict)`` of an artefact file."""
+    """``(header, state dict)`` of an artefact file; its header is checked
+    (:mod:`shoal.compress.artefact_header`) before any tensor is decoded."""
     raw = Path(path).read_bytes()
     if not raw.startswith(MAGIC):
         raise CompressError(f"{path}: not a shoal sparse artefact")
     codec, _, packed = raw[len(MAGIC):].partition(b"\n")
+    if codec not in (b"lzma", b"zlib"):
+        raise CompressError(f"{path}: unknown artefact coder {codec[:20]!r}")
     try:
-        body = memoryview(lzma.decompress(packed) if codec == b"lzma" else zlib.decompress(packed))
-    except (lzma.LZMAError, zlib.error) as err:
+        body = memoryview(_inflate(codec, packed))
+    except (lzma.LZMAError, zlib.error, ValueError) as err:
         raise CompressError(f"{path}: damaged artefact ({err})") from None
-    (size,) = struct.unpack("<I", body[:4])
-    header = json.loads(bytes(body[4:4 + size]))
+    (size,) = struct.unpack("<I", body[:4]) if len(body) >= 4 else (len(body),)
+    if not 0 < size <= min(MAX_HEADER_BYTES, len(body) - 4):
+        raise CompressError(f"{path}: damaged artefact (header of {size} bytes in a body of {len(body)})")
+    try:
+        header = parse_header(bytes(body[4:4 + size]))
+    except ValueError as err:
+        raise CompressError(f"{path}: refused: {err}") from None
     pos, state = 4 + size, {}
-    for record in header["tensors"]:
-        tensor, used = decode_tensor(record, body[pos:])
-        state[record["name"]] = tensor
-        pos += used
-    return header, state
+    try:
+        for record in header.tensors:
+            tensor, used = decode_tensor(record.model_dump(exclude_none=True), body[pos:])
+            state[record.name] = tensor
+            pos += used
+    except ValueError as err:  # a record promising more bytes than follow
+        raise CompressError(f"{path}: damaged artefact ({err})") from None
+    return header.model_dump(exclude_none=True), state
+
+
+def _inflate(codec: bytes, packed: bytes) -> bytes:
+    inflater = lzma.LZMADecompressor() if codec == b"lzma" else zlib.decompressobj()
+    body = inflater.decompress(packed, MAX_BODY_BYTES)
+    if not inflater.eof:
+        raise ValueError(f"it is truncated or inflates past {MAX_BODY_BYTES:,} bytes")
+    return body
 
 
 def load_artefact(path: str | Path, *, input_shape: tuple[int, ...] | None = None,
-                  num_classes: int | None = None) -> nn.Module:
-    """Rebuild the model an artefact holds: build its architecture from the
-    stored model spec, resize it to the stored shapes, load the values.
-    ``input_shape`` / ``num_classes``: what the caller's data has; an artefact
-    made for other data is a ``ValueError``."""
+                  num_classes: int | None = None, model: str | dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild the model an artefact holds: build its architecture, resize it
+    to the stored shapes, load the values.
+
+    The architecture is the stored model spec when it names a registered
+    model; a ``package.module:function`` model must come from the caller
+    (``model``, from its own config), never from the file. ``input_shape`` /
+    ``num_classes``: what the caller's data has; an artefact made for other
+    data is a ``ValueError``."""
     from shoal.data.base import DatasetBundle
     from shoal.models import build_model
-    from shoal.registry import MODELS, load_builtins
+    from shoal.registry import MODELS, load_builtins, parse_spec
 
     header, state = read_artefact(path)
     stored = tuple(header["input_shape"]), header["num_classes"]
@@ -174,12 +203,23 @@ def load_artefact(path: str | Path, *, input_shape: tuple[int, ...] | None = Non
         raise ValueError(f"artefact {path} takes inputs {stored[0]} and {stored[1]} classes; the dataset has "
                          f"{tuple(input_shape or stored[0])} and {num_classes or stored[1]}")
     load_builtins(MODELS)
-    component = MODELS.resolve(header["model"])
+    spec = model if model is not None else header["model"]
+    if model is None:
+        try:
+            name = parse_spec(spec)[0]
+        except ValueError as err:
+            raise CompressError(f"{path}: refused: its model spec does not parse ({err})") from None
+        if name not in MODELS.names():
+            raise CompressError(
+                f"{path}: refused: its model {name!r} is not one of shoal's ({', '.join(MODELS.names())}); "
+                "an entry point named by a file would import and run code the file chose. For your own "
+                f"model, name it yourself: model: {{name: artefact, path: {path}, model: {name}}}")
+    component = MODELS.resolve(spec)
     # build_model reads only the shapes of the data bundle.
-    model = build_model(component, DatasetBundle(None, None, tuple(header["input_shape"]), header["num_classes"]))
-    resize_to(model, {name: tuple(t.shape) for name, t in state.items()})
-    model.load_state_dict(state)
-    return model.eval()
+    built = build_model(component, DatasetBundle(None, None, tuple(header["input_shape"]), header["num_classes"]))
+    resize_to(built, {name: tuple(t.shape) for name, t in state.items()})
+    built.load_state_dict(state)
+    return built.eval()
 
 
 def resize_to(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:

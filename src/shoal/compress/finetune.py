@@ -56,7 +56,8 @@ def finetune(cfg: RunConfig, model: nn.Module, *, steps: int, out: Path, input_s
     elif sparsity > 0:
         prune = {"sparsity": sparsity, "schedule": "oneshot"}
     run = cfg.model_dump(mode="json")
-    run.update(model={"name": "artefact", "path": str(artefact)}, prune=prune, out=str(out / RUN_DIR))
+    run.update(model={"name": "artefact", "path": str(artefact), "model": cfg.model.to_config()}, prune=prune,
+               out=str(out / RUN_DIR))
     run["train"].update(steps=steps, epochs=None, eval_every=steps, target_accuracy=None, stop_at_target=False,
                         checkpoint_every=0, init_from=None)
     say(f"fine-tuning {steps} steps on {run['workers']} worker(s), strategy {cfg.strategy.spec()}"

@@ -180,7 +180,7 @@ def compress(
                                  num_classes=data.num_classes, gradual=gradual, log=say)
     size = save_artefact(out / ARTEFACT, pruned, model_spec=cfg.model.to_config(), input_shape=shape,
                          num_classes=data.num_classes, options=store)
-    restored = load_artefact(out / ARTEFACT)
+    restored = load_artefact(out / ARTEFACT, model=cfg.model.to_config())  # the architecture it was written from
     logits = torch_outputs(restored, x)
     round_trip = float(np.abs(logits - torch_outputs(pruned, x)).max())
     export_onnx(restored, shape, out / MODEL_ONNX)

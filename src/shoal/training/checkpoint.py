@@ -4,6 +4,11 @@ A checkpoint is written to a temporary file in the same directory, flushed to
 disk, then renamed over the old one, so a crash leaves either the previous
 checkpoint or the new one, never a torn file. The first line holds a SHA-256 of
 the payload; a file whose payload does not match is refused, not loaded.
+
+The checksum detects damage, not tampering: anyone can write a valid one. So
+the payload is read as tensors and plain values only (``torch.load`` with
+``weights_only=True``, which is all shoal writes); a pickle that would build
+any other object, and so could run code, is refused with the file named.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -49,7 +56,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CorruptCheckpoint(f"{path}: not a shoal checkpoint")
     if hashlib.sha256(payload).hexdigest().encode() != parts[1]:
         raise CorruptCheckpoint(f"{path}: checksum mismatch, the file is damaged")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, TypeError, ValueError) as err:
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
+        what = f"it would build {found[1]}" if found else "it holds more than tensors and plain values"
+        raise CorruptCheckpoint(
+            f"{path}: refused: {what}, and loading that could run code. shoal checkpoints hold tensors and "
+            "plain values only: this file was made elsewhere or altered") from None
 
 
 def _fsync_dir(directory: Path) -> None:
