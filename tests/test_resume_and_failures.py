@@ -118,6 +118,15 @@ def test_without_restarts_a_killed_rank_fails_the_job(tmp_path):
     assert "rank 1 failed (exit code -9): killed by signal SIGKILL" in result.stderr
 
 
+def test_a_rank_that_lost_a_peer_is_told_from_one_that_failed_itself():
+    from shoal.worker import lost_a_peer
+
+    gloo = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:40123: "
+            "Connection reset by peer")
+    assert lost_a_peer(RuntimeError(gloo)) and lost_a_peer(RuntimeError("Connection closed by peer"))
+    assert not lost_a_peer(ValueError("model 'x': unknown")) and not lost_a_peer(RuntimeError("CUDA out of memory"))
+
+
 def test_restart_budget_counts_the_whole_job(monkeypatch):
     from shoal.worker import check_restart_budget
 

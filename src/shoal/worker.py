@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -117,9 +119,27 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
     attempt, store = _init_process_group(backend, timeout=timedelta(minutes=10))
     # No teardown on an error: the process exits at once, and the launcher sees
     # the rank that failed first, before the others fail on its closed sockets.
-    result = _run(cfg, backend, device, local_rank, attempt, store, resume)
+    try:
+        result = _run(cfg, backend, device, local_rank, attempt, store, resume)
+    except Exception as err:
+        if lost_a_peer(err):
+            # A peer that died surfaces here as a broken connection. The launcher
+            # names one failed rank, the first whose exit it sees; on a loaded
+            # machine this rank's exit could beat the dead peer's report (polled
+            # every 0.1 s, through the fork server), so this rank waits its turn.
+            time.sleep(PEER_LOST_GRACE_S)
+        raise
     dist.destroy_process_group()
     return result
+
+
+PEER_LOST_GRACE_S = 2.0
+_PEER_LOST = re.compile(r"gloo/transport/tcp|Connection (?:closed|reset) by peer|Broken pipe")
+
+
+def lost_a_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank went away."""
+    return bool(_PEER_LOST.search(str(err)))
 
 
 def _run(cfg: RunConfig, backend: str, device: torch.device, local_rank: int, attempt: int, store: dist.Store,
