@@ -60,6 +60,7 @@ def test_the_balancer_splits_by_the_median_speed_each_worker_measured(monkeypatc
     assert balancer.sizes == proportional_split(32, [16 / 0.001, 16 / 0.003]) == [24, 8]
 
 
+@pytest.mark.processes
 def test_balanced_training_makes_the_same_updates_as_plain_sync(tmp_path):
     # A 3x slower rank 1 (busy-waiting: the same on every machine) gets a smaller
     # share; the sample-weighted mean must keep every update what it was.

@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from tests.conftest import run_cli
 
 
+@pytest.mark.processes
 def test_bench_codecs_reports_every_codec_and_the_sampled_topk_speedup(tmp_path):
     result = run_cli("bench", "codecs", "--numel", "200000", "--repeats", "2", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -17,6 +20,7 @@ def test_bench_codecs_reports_every_codec_and_the_sampled_topk_speedup(tmp_path)
     assert "sampled top-k" in result.stdout
 
 
+@pytest.mark.processes
 def test_bench_codecs_rejects_a_bad_codec(tmp_path):
     result = run_cli("bench", "codecs", "--numel", "5000", "--codec", "zip")
     assert result.returncode == 2 and "unknown codec 'zip'" in result.stderr

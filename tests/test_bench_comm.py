@@ -62,6 +62,7 @@ def test_medians_over_repetitions_count_a_miss_as_slowest():
     assert row["failed_runs"] == 1 and row["time_to_target_s"] == 12.0
 
 
+@pytest.mark.processes
 @needs_testbed
 def test_unknown_row_label_is_a_usage_error(tmp_path):
     result = run_cli("bench", "comm", "--rows", "ddp-fp32,nope", "--out", str(tmp_path))

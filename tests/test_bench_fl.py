@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from shoal.bench.comm import medians
 from tests.conftest import run_cli
 
 
+@pytest.mark.processes
 def test_bench_fl_quick(tmp_path):
     result = run_cli("bench", "fl", "--quick", "--out", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -31,6 +34,7 @@ def test_bench_fl_quick(tmp_path):
     assert (tmp_path / "runs" / "fedavg-iid" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.processes
 def test_bench_fl_rejects_an_unknown_row_and_a_bad_bench_option(tmp_path):
     result = run_cli("bench", "fl", "--quick", "--rows", "fedavg-nope", "--out", str(tmp_path))
     assert result.returncode == 2 and "fedavg-nope" in result.stderr

@@ -29,6 +29,7 @@ def test_bench_parallel_quick(tmp_path):
     assert "planner: median |predicted - measured|" in result.stdout
 
 
+@pytest.mark.processes
 def test_bench_parallel_rejects_an_unknown_layout(tmp_path):
     result = run_cli("bench", "parallel", "--rows", "pp9", "--out", str(tmp_path))
     assert result.returncode == 2 and "unknown label pp9" in result.stderr

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from tests.conftest import run_cli
 
 
+@pytest.mark.processes
 def test_bench_straggler_quick(tmp_path):
     result = run_cli("bench", "straggler", "--workers", "2", "--slowdown", "1:10.0", "--quick", "--out", str(tmp_path),
                      timeout=600)
@@ -25,6 +28,7 @@ def test_bench_straggler_quick(tmp_path):
     assert (tmp_path / "report.html").is_file() and (tmp_path / "accuracy-1-10.0.png").is_file()
 
 
+@pytest.mark.processes
 def test_bench_straggler_rejects_a_bad_slowdown(tmp_path):
     result = run_cli("bench", "straggler", "--slowdown", "3:0.5", "--out", str(tmp_path))
     assert result.returncode == 2 and "factor 0.5" in result.stderr

@@ -62,6 +62,7 @@ def test_candidates_come_with_their_options():
         "none", "fp16", "topk:ratio=0.01,sample=0.01,memory=ef", "powersgd:rank=4,memory=ef"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("model", [
     "resnet:width=4,stages=2",  # batch norm: the probe's passes move running statistics
     "transformer:d_model=16,heads=2,layers=1,ff=32,dropout=0.2",  # dropout: they draw random numbers
@@ -80,6 +81,7 @@ def test_the_probe_leaves_no_trace(tmp_path, model):
         torch.testing.assert_close(b[name], tensor, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.processes
 def test_a_resumed_run_keeps_its_first_choice(tmp_path):
     cfg = small_config(tmp_path / "run", codec="auto:candidates=[topk]", train__steps=20, train__eval_every=20)
     first = shoal.train(cfg)
@@ -98,6 +100,7 @@ def test_auto_is_not_a_codec_to_call_directly():
         AutoCodec(AutoOptions()).encode(torch.zeros(4))
 
 
+@pytest.mark.processes
 @pytest.mark.netns
 @pytest.mark.skipif(check_available() is not None, reason=str(check_available()))
 @pytest.mark.parametrize("rate,compressed", [("10mbit", True), (None, False)])

@@ -104,6 +104,7 @@ def results():
     return dict(shared)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("spec", list(CASES))
 def test_codec_hook_against_uncompressed_all_reduce(results, spec):
     r0, r1 = results[0][spec], results[1][spec]
@@ -149,6 +150,7 @@ def _rank_one_worker(rank, world, port, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.processes
 def test_powersgd_hook_finds_each_parameter_in_the_bucket():
     # One sample per worker: each weight gradient is an outer product, so the
     # mean of two has rank <= 2 and PowerSGD at rank 2 must reproduce it, which

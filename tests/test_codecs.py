@@ -62,6 +62,7 @@ def test_signsgd_one_bit_per_value(grad):
     assert out.abs().mean() == pytest.approx(grad.abs().mean().item(), rel=1e-5)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("spec", ["terngrad", "qsgd:levels=7", "qsgd:levels=16", "qsgd:levels=1",
                                   "terngrad:bucket=100", "qsgd:levels=7,bucket=100"])
 def test_stochastic_quantisers_are_unbiased(spec):
@@ -113,6 +114,7 @@ def test_terngrad_bucket_scale_is_its_own_largest_value():
         assert (torch.sign(decoded) * torch.sign(bucket) >= 0).all()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("spec", ["terngrad:bucket=64", "qsgd:levels=7,bucket=64"])
 def test_a_zero_bucket_and_a_short_last_bucket(spec):
     g = torch.randn(64 * 3 + 5, generator=torch.Generator().manual_seed(3))

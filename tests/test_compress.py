@@ -205,6 +205,7 @@ def test_conv1d_exports_as_unit_height_conv2d_with_the_same_logits(tmp_path):
         assert np.abs(ort_run(session, x.numpy()) - model(x).detach().numpy()).max() < 1e-4
 
 
+@pytest.mark.processes
 def test_conv1d_rewrite_keeps_the_logits_of_a_mixed_graph(tmp_path):
     class Net(nn.Module):  # BatchNorm, a pool, a dilated grouped conv, a conv output used twice
         def __init__(self):
@@ -269,6 +270,7 @@ def test_bad_specs_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.processes
 def test_compress_api_reports_every_quantisation(tmp_path):
     run = digits_run(tmp_path / "run")
 

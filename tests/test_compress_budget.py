@@ -36,6 +36,7 @@ def test_families_search_what_each_budget_can_change():
     assert both[-1] == [["channels:ratio=0.5", "magnitude:sparsity=0.9"]]
 
 
+@pytest.mark.processes
 def test_a_size_budget_that_can_be_met_picks_a_candidate_within_it(tmp_path):
     run = digits_run(tmp_path / "run")
 
@@ -55,6 +56,7 @@ def test_a_size_budget_that_can_be_met_picks_a_candidate_within_it(tmp_path):
     assert (tmp_path / "out" / "candidates" / "unpruned-int8-values" / "model.shoal").stat().st_size == winner.size_bytes
 
 
+@pytest.mark.processes
 def test_an_impossible_budget_raises_naming_it_and_the_closest_candidate(tmp_path):
     run = digits_run(tmp_path / "run")
 

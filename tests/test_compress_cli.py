@@ -12,6 +12,7 @@ from tests.conftest import run_cli, small_config
 from tests.test_compress import digits_run, make_model
 
 
+@pytest.mark.processes
 def test_cli_prunes_channels_quantizes_and_prints_the_table(tmp_path):
     run = digits_run(tmp_path / "run")
 
@@ -36,6 +37,7 @@ def test_cli_prunes_channels_quantizes_and_prints_the_table(tmp_path):
     assert sum(p.numel() for p in restored.parameters()) == comp["parameters"]
 
 
+@pytest.mark.processes
 def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -57,6 +59,7 @@ def test_gradual_pruning_needs_fine_tuning(tmp_path):
                        prune="magnitude:sparsity=0.5,schedule=gradual")
 
 
+@pytest.mark.processes
 def test_cli_refuses_a_bad_spec(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data: {dataset: digits}\nmodel: mlp:hidden=[16]\n")

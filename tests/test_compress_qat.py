@@ -30,6 +30,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.processes
 def test_qat_keeps_pruned_zeros_and_ships_the_trained_int8_grid(tmp_path):
     data = build_dataset(load_config({"data": {"dataset": "digits"}, "model": "cnn2d"}).data.dataset)
     model = make_model("cnn2d:channels=4,hidden=16")
@@ -59,6 +60,7 @@ def test_qat_keeps_pruned_zeros_and_ships_the_trained_int8_grid(tmp_path):
     assert not (tmp_path / "qat.fp32.onnx").exists()
 
 
+@pytest.mark.processes
 def test_cli_qat_row_is_measured_in_onnx_runtime(run, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [

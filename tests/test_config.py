@@ -63,6 +63,8 @@ def test_bad_values_name_the_field(overrides, field, words):
     assert words in message
 
 
+@pytest.mark.processes
+@pytest.mark.quick
 def test_cli_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(textwrap.dedent("""
@@ -76,6 +78,7 @@ def test_cli_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path):
     assert not (tmp_path / "out").exists()  # rejected before any process started
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "args, words",
     [

@@ -1,5 +1,7 @@
 """Error feedback rescues a biased compressor in real 2-worker training."""
 
+import pytest
+
 import shoal
 from tests.conftest import small_config
 
@@ -10,6 +12,7 @@ def train_with(codec: str, out) -> float:
     return shoal.train(cfg).final_accuracy
 
 
+@pytest.mark.processes
 def test_error_feedback_rescues_aggressive_topk(tmp_path):
     # Top-0.2% without memory drops the same small coordinates step after step;
     # with error feedback they accumulate until they are sent.

@@ -7,6 +7,7 @@ import pytest
 from tests.conftest import ROOT, run_cli
 
 
+@pytest.mark.processes
 def test_custom_model_and_dataset_entry_points_train_through_the_cli(tmp_path):
     out = tmp_path / "waves"
     result = run_cli("train", "custom.yaml", "--set", "train.steps=150", "--out", str(out), cwd=ROOT / "examples" / "custom")

@@ -213,6 +213,7 @@ def test_a_client_that_raises_stops_the_simulation_with_its_error(tmp_path):
         simulate(cfg, progress=False)
 
 
+@pytest.mark.processes
 def test_simulate_cli_and_its_config_errors(tmp_path):
     cfg = tmp_path / "fl.yaml"
     cfg.write_text("data: {dataset: digits, batch_size: 16}\nmodel: mlp:hidden=[16]\n"

@@ -67,6 +67,7 @@ out: {tmp_path / "run"}
             p.wait()
 
 
+@pytest.mark.processes
 def test_a_federation_survives_bad_clients_a_dead_client_and_a_server_restart(federation):
     tmp, cfg, token, procs = federation
     db, out = tmp / "server.db", tmp / "run"

@@ -413,6 +413,7 @@ def test_transport_refuses_a_client_without_certificate(pki, server):
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.processes
 def test_transport_refuses_a_client_certificate_from_another_ca(pki, server):
     # The client trusts the right server but presents another federation's certificate.
     files = TlsFiles(ca=pki / "ca.pem", cert=pki / "other" / "alice.pem", key=pki / "other" / "alice.key")
@@ -428,6 +429,7 @@ def test_transport_refuses_a_client_certificate_from_another_ca(pki, server):
     assert time.monotonic() - start < 1 + 5 + 5
 
 
+@pytest.mark.processes
 def test_transport_connection_waits_for_a_server_that_starts_late(pki):
     with socket.socket() as probe:  # a free port, free again once closed
         probe.bind(("127.0.0.1", 0))

@@ -16,6 +16,7 @@ def run(tmp_path, name, strategy, codec="none"):
     return summary, load_checkpoint(tmp_path / name / "checkpoint.pt")["model"]
 
 
+@pytest.mark.processes
 def test_period_one_equals_synchronous_sgd(tmp_path):
     # Averaging models after each local step is averaging the updates, and SGD with
     # momentum is linear in the gradient: the two must agree.
@@ -26,6 +27,8 @@ def test_period_one_equals_synchronous_sgd(tmp_path):
         torch.testing.assert_close(local[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.processes
+@pytest.mark.quick
 def test_warmup_then_periodic_averaging_sends_what_it_should(tmp_path):
     summary, _ = run(tmp_path, "local", "localsgd:period=5,warmup=10")
     exchanges = 10 + (STEPS - 10) // 5  # every warm-up step, then one average per period
@@ -33,12 +36,14 @@ def test_warmup_then_periodic_averaging_sends_what_it_should(tmp_path):
     assert summary.final_accuracy > 0.6
 
 
+@pytest.mark.processes
 def test_compressed_deltas_with_error_feedback(tmp_path):
     summary, _ = run(tmp_path, "local", "localsgd:period=4", codec="topk:ratio=0.1,memory=ef")
     assert summary.wire_bytes_per_worker < summary.dense_bytes_per_worker / 3
     assert summary.final_accuracy > 0.6
 
 
+@pytest.mark.processes
 def test_hierarchical_with_every_average_global_equals_flat(tmp_path):
     # K = 1: each group average is replaced by a global one, so the groups must not matter.
     cfg = dict(workers=4, train__steps=STEPS, train__eval_every=STEPS)
@@ -50,6 +55,7 @@ def test_hierarchical_with_every_average_global_equals_flat(tmp_path):
         torch.testing.assert_close(hier[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.processes
 def test_hierarchical_averages_in_groups_often_and_globally_rarely(tmp_path):
     cfg = small_config(tmp_path / "hier", workers=4, strategy="localsgd:period=2,group_size=2,global_period=5",
                        train__steps=STEPS, train__eval_every=STEPS)
@@ -63,6 +69,7 @@ def test_hierarchical_averages_in_groups_often_and_globally_rarely(tmp_path):
     assert summary.final_accuracy > 0.6
 
 
+@pytest.mark.processes
 def test_group_size_must_divide_the_workers(tmp_path):
     from shoal.launch import JobFailed
 

@@ -5,12 +5,14 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 import yaml
 
 from shoal.launch import free_port
 from tests.conftest import ROOT, small_config
 
 
+@pytest.mark.processes
 def test_two_shoal_launchers_form_one_four_rank_job(tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "job.yaml"

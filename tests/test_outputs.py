@@ -20,6 +20,8 @@ def run(tmp_path_factory):
     return out, shoal.train(cfg)
 
 
+@pytest.mark.processes
+@pytest.mark.quick
 def test_summary_json_has_the_documented_fields(run):
     out, summary = run
     data = json.loads((out / "summary.json").read_text())
@@ -64,6 +66,7 @@ def test_curves_png_and_config_yaml(run):
     assert saved.train.steps == STEPS and saved.model.name == "mlp"
 
 
+@pytest.mark.processes
 def test_stop_at_target_ends_early(tmp_path):
     cfg = small_config(tmp_path / "early", train__steps=400, train__eval_every=10)
     cfg["train"].update(target_accuracy=0.6, stop_at_target=True)

@@ -101,6 +101,7 @@ def assert_same_weights(a, b):
 MODEL = "mlp:hidden=[64, 32, 32]"
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_a_two_stage_pipeline_trains_exactly_as_one_process(tmp_path, schedule):
     # M equal microbatches of a batch: the mean of their mean losses is the batch's mean loss.
@@ -119,6 +120,7 @@ def test_a_two_stage_pipeline_trains_exactly_as_one_process(tmp_path, schedule):
     assert summary.training_memory_bytes > 0
 
 
+@pytest.mark.processes
 def test_interleaved_1f1b_holds_two_stages_per_rank_and_trains_exactly_as_one_process(tmp_path):
     common = dict(model=MODEL, train__steps=20, train__eval_every=20)
     shoal.train(small_config(tmp_path / "one", workers=1, **common))
@@ -133,6 +135,7 @@ def test_interleaved_1f1b_holds_two_stages_per_rank_and_trains_exactly_as_one_pr
     assert in_flight("interleaved", 4, 2, 2) == 3 and in_flight("1f1b", 4, 2) == 2
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("strategy, words", [
     ("pipeline:stages=3", "strategy: pipeline: stages=3 x dp=1 needs 3 workers; the job has 2"),
     ("pipeline:stages=2,microbatches=5", "microbatches=5 must divide the batch of 16 (data.batch_size)"),
@@ -146,6 +149,7 @@ def test_pipelines_the_config_shows_impossible_exit_2_before_any_process_starts(
         shoal.train(small_config(tmp_path / "api", strategy=strategy))
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("model, strategy, words", [
     (MODEL, "pipeline:stages=2,max_memory_per_worker=1KiB", "max_memory_per_worker=1.0KiB"),
     ("transformer:d_model=16,heads=2,layers=1,ff=32", "pipeline:stages=2,schedule=interleaved,virtual=8",
@@ -172,6 +176,7 @@ def test_a_plan_from_an_older_checkpoint_is_resumed_with_no_segments():
 TRANSFORMER = "transformer:d_model=16,heads=2,layers=2,ff=32"
 
 
+@pytest.mark.processes
 def test_a_transformer_is_cut_before_its_encoder_layers():
     torch.manual_seed(0)
     model = TinyTransformer(TransformerOptions(d_model=16, heads=2, layers=2, ff=32), (1, 8, 8), 10)
@@ -242,6 +247,7 @@ def test_models_that_cannot_be_split_fail_with_a_clear_error():
     assert "forward" not in model.b.__dict__  # the model is left as it was
 
 
+@pytest.mark.processes
 def test_a_model_that_is_not_a_layer_sequence_trains_through_export_exactly_as_one_process(tmp_path):
     # 2 ranks x 2 interleaved stages: 4 stages of 2 encoder layers, cut inside the layers around their residuals.
     common = dict(model=TRANSFORMER, train__steps=20, train__eval_every=10)

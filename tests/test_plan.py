@@ -94,6 +94,7 @@ def test_parse_errors():
         parse_seconds("fast")
 
 
+@pytest.mark.processes
 def test_plan_cli_prints_and_writes_the_plan(tmp_path):
     out = tmp_path / "plan.json"
     result = run_cli("plan", "examples/mnist1d.yaml", "--workers", "4", "--rate", "1gbit", "--latency", "100us",
@@ -107,6 +108,7 @@ def test_plan_cli_prints_and_writes_the_plan(tmp_path):
     assert all(row["step_s"] > 0 for row in report["layouts"])
 
 
+@pytest.mark.processes
 def test_plan_of_a_model_that_is_not_a_layer_sequence_uses_its_export_split_points(tmp_path):
     config, out = tmp_path / "tiny.yaml", tmp_path / "plan.json"
     config.write_text("data: {dataset: 'mnist1d:samples=400', batch_size: 16}\n"
@@ -118,6 +120,7 @@ def test_plan_of_a_model_that_is_not_a_layer_sequence_uses_its_export_split_poin
     assert any(row["label"].startswith("pipeline P=2") for row in report["layouts"])
 
 
+@pytest.mark.processes
 def test_plan_cli_bad_rate_exits_2(tmp_path):
     result = run_cli("plan", "examples/mnist1d.yaml", "--rate", "fast")
     assert result.returncode == 2 and "expected a tc rate" in result.stderr

@@ -72,6 +72,7 @@ def test_backup_takes_the_mean_of_the_first_quorum_and_drops_the_late():
     assert torch.equal(late.params, torch.full((4,), -2.0))  # dropped: nothing applied
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("strategy", ["async_ps:servers=2", "ssp:staleness=1", "sync:backup=1"])
 def test_parameter_server_strategies_learn_on_three_workers(tmp_path, strategy):
     # Momentum 0.5: staleness acts as extra momentum (Mitliagkas et al. 2016); at
@@ -93,6 +94,7 @@ def test_parameter_server_strategies_learn_on_three_workers(tmp_path, strategy):
     assert summary.wire_bytes_per_worker < summary.dense_bytes_per_worker  # fp16 on the push
 
 
+@pytest.mark.processes
 def test_rank_zero_reaching_the_target_stops_everyone(tmp_path):
     summary = shoal.train(small_config(tmp_path / "run", workers=2, strategy="async_ps", train__steps=2000,
                                        train__eval_every=10, train__target_accuracy=0.5,
@@ -101,11 +103,13 @@ def test_rank_zero_reaching_the_target_stops_everyone(tmp_path):
     assert summary.updates < 2 * 2000
 
 
+@pytest.mark.processes
 def test_a_codec_a_server_cannot_decode_is_refused(tmp_path):
     with pytest.raises(JobFailed, match="cannot be decoded by a parameter server"):
         shoal.train(small_config(tmp_path / "run", strategy="async_ps", codec="powersgd"))
 
 
+@pytest.mark.processes
 @pytest.mark.netns
 def test_ssp_across_two_namespace_hosts(tmp_path):
     # RPC (TensorPipe) between emulated hosts: needs TP_SOCKET_IFNAME, which the testbed sets.
@@ -127,6 +131,7 @@ def test_ssp_across_two_namespace_hosts(tmp_path):
     assert 0 <= summary["mean_staleness"] <= 2 * 2  # at most s ahead: bounded staleness
 
 
+@pytest.mark.processes
 def test_a_resumed_parameter_server_run_continues_where_it_stopped(tmp_path):
     # One worker's async run equals plain SGD; the servers' parameters, momentum
     # and versions are in the checkpoint: stopped and resumed, it equals the unbroken run.

@@ -57,6 +57,7 @@ def test_a_killed_parameter_server_comes_back_from_its_shard_checkpoint(tmp_path
     assert shard["version"] % 10 == 0 and shard["version"] > 0
 
 
+@pytest.mark.processes
 def test_a_dead_worker_without_restart_budget_fails_the_job(tmp_path):
     result = train_from_tests(tmp_path, ps_config(tmp_path / "run", kill_rank=2, kill_step=10))
     assert result.returncode == 1
@@ -64,6 +65,7 @@ def test_a_dead_worker_without_restart_budget_fails_the_job(tmp_path):
             in result.stderr)
 
 
+@pytest.mark.processes
 def test_killing_a_server_needs_a_parameter_server(tmp_path):
     cfg = small_config(tmp_path / "run", train__steps=10)
     cfg["fault"] = {"kill_rank": 0, "kill_step": 5, "target": "server"}

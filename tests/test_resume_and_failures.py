@@ -26,6 +26,7 @@ def resume_config(out):
     return cfg
 
 
+@pytest.mark.processes
 def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path):
     unbroken = shoal.train(resume_config(tmp_path / "unbroken"))
 
@@ -84,6 +85,7 @@ def train_from_tests(tmp_path, cfg: dict, *args: str):
     return run_cli("train", str(path), *args, cwd=ROOT / "tests")
 
 
+@pytest.mark.processes
 def test_a_failing_rank_is_reported_with_its_error(tmp_path):
     result = train_from_tests(tmp_path, small_config(tmp_path / "out", model="failing_entry:make_model"))
     assert result.returncode == 1
@@ -91,6 +93,7 @@ def test_a_failing_rank_is_reported_with_its_error(tmp_path):
     assert "injected failure on rank 1" in result.stderr
 
 
+@pytest.mark.processes
 def test_launcher_restart_resumes_from_the_last_checkpoint(tmp_path):
     """A rank SIGKILLed mid-run: with --max-restarts the group restarts and resumes, same result."""
     def config(out, model):
@@ -111,6 +114,7 @@ def test_launcher_restart_resumes_from_the_last_checkpoint(tmp_path):
         torch.testing.assert_close(got[name], tensor, msg=name)
 
 
+@pytest.mark.processes
 def test_without_restarts_a_killed_rank_fails_the_job(tmp_path):
     cfg = small_config(tmp_path / "out", model="failing_entry:make_model_that_dies_once:die_at=5")
     result = train_from_tests(tmp_path, cfg)
@@ -137,6 +141,7 @@ def test_restart_budget_counts_the_whole_job(monkeypatch):
         check_restart_budget(2)
 
 
+@pytest.mark.processes
 def test_kill_flag_injects_a_crash_that_a_restart_recovers(tmp_path):
     cfg = small_config(tmp_path / "out", train__steps=60, train__eval_every=30)
     cfg["train"]["checkpoint_every"] = 20

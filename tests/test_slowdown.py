@@ -58,6 +58,7 @@ def test_spins_that_overshoot_do_not_feed_the_next_waits():
     assert waits[1:] == pytest.approx([(FACTOR - 1) * 0.001] * 49)
 
 
+@pytest.mark.processes
 def test_the_busy_slowed_worker_spins_as_scheduled(tmp_path):
     shoal.train(small_config(tmp_path / "slow", slowdown={"factors": {0: FACTOR}, "method": "busy"}, **WORKLOAD))
     lines = [json.loads(line) for line in (tmp_path / "slow" / "metrics.jsonl").read_text().splitlines()]
@@ -79,6 +80,7 @@ def test_the_busy_slowed_worker_spins_as_scheduled(tmp_path):
     assert 2.0 < ratio < 4.5, f"busy: slowed steps {ratio:.2f}x their own compute, wanted ~{FACTOR:g}x"
 
 
+@pytest.mark.processes
 def test_the_quota_slowed_worker_is_throttled_by_the_kernel(tmp_path, capfd):
     if slowdown_module._cpu_hierarchy() is None:
         pytest.skip("no writable cgroup cpu controller here")
@@ -95,11 +97,13 @@ def test_the_quota_slowed_worker_is_throttled_by_the_kernel(tmp_path, capfd):
     assert not list(slowdown_module.CGROUP_ROOT.glob("cpu/shoal-slow-*")), "cgroup left behind"
 
 
+@pytest.mark.processes
 def test_a_rank_outside_the_job_is_refused(tmp_path):
     with pytest.raises(JobFailed, match="rank 5 does not exist in a job of 2 workers"):
         shoal.train(small_config(tmp_path / "run", slowdown={"factors": {5: 2.0}}))
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("flag,message", [
     ("1:0.5", "factor 0.5 must be in [1, 100]"),
     ("one:2", "expected RANK:FACTOR"),

@@ -62,6 +62,7 @@ def _weights(run):
     return load_checkpoint(run / "checkpoint.pt")["model"]
 
 
+@pytest.mark.processes
 def test_fine_tuning_with_fixed_masks_sends_only_the_kept_gradients(tmp_path):
     dense = shoal.train(small_config(tmp_path / "dense", train__steps=60, train__eval_every=60))
     pruned = shoal.train(small_config(
@@ -84,6 +85,7 @@ def test_fine_tuning_with_fixed_masks_sends_only_the_kept_gradients(tmp_path):
     assert pruned.final_accuracy > 0.8 and pruned.final_accuracy > dense.final_accuracy - 0.1
 
 
+@pytest.mark.processes
 def test_gradual_pruning_with_a_lossy_codec_and_error_feedback(tmp_path):
     summary = shoal.train(small_config(tmp_path / "run", train__steps=40, train__eval_every=40,
                                        codec="topk:ratio=0.3,memory=ef",
@@ -104,6 +106,7 @@ def test_fine_tuning_from_another_model_fails_clearly(tmp_path):
     assert torch.equal(model[0].weight, load_checkpoint(tmp_path / "checkpoint.pt")["model"]["0.weight"])
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("flag, message", [
     ("prune.sparsity=1.5", "prune.sparsity: Input should be less than 1"),
     ("train.init_from=/no/such/run", "no checkpoint there"),
@@ -133,6 +136,7 @@ def test_a_residual_saved_packed_survives_the_resumed_packing():
     assert memory.residuals[0].tolist() == [1.0, 2.0]
 
 
+@pytest.mark.processes
 def test_parameter_servers_hold_the_masks_rank_0_chose(tmp_path):
     # The dense model's smallest 80% are pruned at step 0 of fine-tuning and stay zero on the
     # servers, whichever worker's pushes land in between.
@@ -153,6 +157,7 @@ def test_parameter_servers_hold_the_masks_rank_0_chose(tmp_path):
     assert pruned.wire_bytes_per_worker < 0.3 * pruned.dense_bytes_per_worker
 
 
+@pytest.mark.processes
 def test_gradual_pruning_on_parameter_servers_packs_by_each_new_mask(tmp_path):
     # Masks change every 5 of rank 0's steps while the other worker pushes by the one it last heard of;
     # top-k's error feedback follows each new packing; no push is dropped for an unknown mask.
@@ -168,6 +173,7 @@ def test_gradual_pruning_on_parameter_servers_packs_by_each_new_mask(tmp_path):
     assert summary.dropped_pushes == 0 and summary.final_accuracy > 0.5
 
 
+@pytest.mark.processes
 def test_two_sparse_workers_end_where_one_worker_with_their_batch_ends(tmp_path):
     # Packed buckets carry the mean gradient of the kept weights: 2 workers x 16 samples give
     # the weights 1 worker x 32 gets, masks and all.
@@ -178,6 +184,7 @@ def test_two_sparse_workers_end_where_one_worker_with_their_batch_ends(tmp_path)
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.processes
 def test_a_gradually_pruned_hybrid_pipeline_trains_as_sparse_data_parallel(tmp_path):
     # Two stages x two replicas against two-worker data parallel. The first 5 steps are dense (the
     # cubic schedule starts at 0): the replicas average whole gradients. Then every mask update
@@ -197,6 +204,7 @@ def test_a_gradually_pruned_hybrid_pipeline_trains_as_sparse_data_parallel(tmp_p
     assert hybrid.wire_bytes_per_worker - activations < 0.6 * (hybrid.dense_bytes_per_worker - activations)
 
 
+@pytest.mark.processes
 def test_a_sparse_run_with_error_feedback_killed_and_restarted_ends_as_the_unbroken_one(tmp_path):
     # The masks come back from the checkpoint's zeros, the residuals by parameter: DDP orders a
     # bucket one way in its first step and another after, so a residual kept by bucket position

@@ -35,6 +35,7 @@ def single_process_weights(cfg_dict: dict) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_sync_matches_single_process_on_the_same_global_batch(tmp_path, workers):
     cfg = small_config(

@@ -64,6 +64,7 @@ def test_what_shoal_writes_loads_as_tensors_and_plain_values(tmp_path):
     assert loaded["run"]["step"] == 7 and torch.equal(loaded["model"]["w"], state["model"]["w"])
 
 
+@pytest.mark.processes
 def test_resuming_from_a_crafted_checkpoint_fails_with_the_reason_and_runs_nothing(tmp_path):
     run, marker = tmp_path / "run", tmp_path / "ran"
     cfg = small_config(run, workers=1, train__steps=4)
