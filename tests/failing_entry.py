@@ -36,3 +36,8 @@ def make_model_that_dies_once(die_at: int = 50) -> nn.Module:
 def make_plain_model(die_at: int = 50) -> nn.Module:
     """The same network without the fault, for the unbroken reference run."""
     return _DiesOnce(die_at=-1)
+
+
+def make_model_that_reports_its_environment() -> nn.Module:
+    """Fails on every rank, saying what SHOAL_TEST_MARK and the working directory were there."""
+    raise RuntimeError(f"mark={os.environ.get('SHOAL_TEST_MARK')} cwd={os.getcwd()}")

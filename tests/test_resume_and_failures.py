@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import shoal
+from shoal.launch import JobFailed
 from shoal.metrics.writer import read_metrics
 from shoal.training.checkpoint import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from tests.conftest import ROOT, run_cli, small_config
@@ -129,6 +130,17 @@ def test_a_rank_that_lost_a_peer_is_told_from_one_that_failed_itself():
             "Connection reset by peer")
     assert lost_a_peer(RuntimeError(gloo)) and lost_a_peer(RuntimeError("Connection closed by peer"))
     assert not lost_a_peer(ValueError("model 'x': unknown")) and not lost_a_peer(RuntimeError("CUDA out of memory"))
+
+
+@pytest.mark.processes
+def test_workers_see_the_launchers_environment_and_directory_at_each_launch(tmp_path, monkeypatch):
+    # Workers are forked from a server started at the first launch: what changed
+    # in the launcher since (a variable, the directory) must reach them all the same.
+    shoal.train(small_config(tmp_path / "first", workers=1, train__steps=2))
+    monkeypatch.setenv("SHOAL_TEST_MARK", "set-later")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(JobFailed, match=f"mark=set-later cwd={tmp_path}"):
+        shoal.train(small_config(tmp_path / "second", model="tests.failing_entry:make_model_that_reports_its_environment"))
 
 
 def test_restart_budget_counts_the_whole_job(monkeypatch):
