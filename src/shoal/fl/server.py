@@ -28,6 +28,7 @@ by retrying (:class:`~shoal.fl.transport.Connection`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -63,6 +64,7 @@ class _Round:
         self.tally = RoundTally(selected=selected)
         self.task = wire.pack({"round": number, "config": config}, {"weights": weights})  # the same for all
         self.answered: set[int] = set()
+        self.verdicts: dict[int, str] = {}  # partition -> why its update was rejected ("" accepted)
         self.closed = False
 
 
@@ -147,12 +149,16 @@ class FlServer:
             elif r.closed:
                 r.tally.late.append(part)
                 reason = f"round {rnd} closed at its deadline"
-            elif part in r.answered:
-                return wire.pack({"accepted": True, "reason": "already received"}, {})  # a retried call
+            elif part in r.answered:  # a retried call: the verdict its first try got
+                verdict = r.verdicts.get(part, "")
+                return wire.pack({"accepted": not verdict, "reason": verdict or "already received"}, {})
             if reason is None:
                 try:
                     if not isinstance(count, int) or isinstance(count, bool):
                         raise UpdateRejected("num_examples must be an integer")
+                    loss = meta.get("loss", 0.0)
+                    if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+                        raise UpdateRejected(f"loss must be a finite number, got {loss!r}")
                     keys = [f"p{k}" for k in range(len(tensors))]
                     if sorted(tensors) != sorted(keys):
                         raise UpdateRejected(f"tensors must be named p0..p{len(tensors) - 1}")
@@ -160,10 +166,9 @@ class FlServer:
                 except UpdateRejected as err:
                     r.tally.rejected.append(part)
                     r.answered.add(part)
-                    reason = f"rejected: {err}"
+                    reason = r.verdicts[part] = f"rejected: {err}"
                 else:
-                    loss = float(meta.get("loss", 0.0)) if isinstance(meta.get("loss"), (int, float)) else 0.0
-                    r.tally.results.append(ClientResult(str(part), delta, count, loss))
+                    r.tally.results.append(ClientResult(str(part), delta, count, float(loss)))
                     r.tally.uplink_bytes += wire.payload_bytes(tensors)
                     r.answered.add(part)
                     self.cond.notify_all()

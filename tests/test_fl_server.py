@@ -1,0 +1,83 @@
+"""The federation server in this process over real gRPC (loopback, no TLS): what it answers a client."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from shoal.fl import wire
+from shoal.fl.config import load_fl_config
+from shoal.fl.server import FlServer
+from shoal.fl.store import ServerStore
+from shoal.fl.transport import Connection
+
+
+@pytest.fixture
+def live(tmp_path):
+    """Round 1 of a one-round federation, open for partitions 0 and 1 (one token
+    holds both); yields (connection, token, server). The round stays open while
+    either partition has not answered."""
+    cfg = load_fl_config({
+        "data": {"dataset": "digits", "batch_size": 16}, "model": "mlp:hidden=[8]",
+        "fl": {"clients": 2, "clients_per_round": 2, "min_clients": 2, "rounds": 1, "deadline_s": 60},
+        "server": {"address": "127.0.0.1:0", "db": str(tmp_path / "server.db"), "insecure": True,
+                   "wait_for_clients_s": 60},
+        "out": str(tmp_path / "run"),
+    })
+    with ServerStore(cfg.server.db) as store:
+        token = store.add_token("site")
+    server = FlServer(cfg, cfg.out)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    end = time.monotonic() + 60
+    while not server.port and time.monotonic() < end:
+        time.sleep(0.05)
+    with Connection(f"127.0.0.1:{server.port}", None, retry_for_s=30) as conn:
+        for part in (0, 1):
+            conn.call("Join", wire.pack({"token": token, "partition": part}, {}))
+        yield conn, token, server
+        with server.cond:  # end the round as if both had answered, then hear "done" for both
+            server.current.answered = set(server.current.selected)
+            server.cond.notify_all()
+        for part in (0, 1):
+            while "done" not in wire.unpack(conn.call("Task", wire.pack({"token": token, "partition": part,
+                                                                        "after": 1}, {})))[0]:
+                pass
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+
+def _task(conn: Connection, me: dict) -> tuple[dict, dict]:
+    while True:
+        meta, tensors = wire.unpack(conn.call("Task", wire.pack({**me, "after": 0}, {})))
+        if "weights" in tensors:
+            return meta, tensors
+
+
+def _submit(conn: Connection, me: dict, rnd: int, loss, tensors: dict) -> dict:
+    reply, _ = wire.unpack(conn.call("Submit", wire.pack(
+        {**me, "round": rnd, "num_examples": 10, "loss": loss}, tensors)))
+    return reply
+
+
+def test_a_retry_after_a_rejection_gets_the_rejection_again(live):
+    conn, token, _ = live
+    me = {"token": token, "partition": 0}
+    meta, _ = _task(conn, me)
+    first = _submit(conn, me, meta["round"], 0.5, {"p0": torch.zeros(7)})
+    again = _submit(conn, me, meta["round"], 0.5, {"p0": torch.zeros(7)})
+    assert not first["accepted"] and "tensor 0" in first["reason"]
+    assert again == first  # not "accepted: already received"
+
+
+def test_an_update_whose_loss_is_not_a_finite_number_is_rejected(live):
+    conn, token, server = live
+    me = {"token": token, "partition": 1}
+    meta, tensors = _task(conn, me)
+    update = {"p0": torch.zeros_like(tensors["weights"])}  # what the uplink codec (none) sends
+    reply = _submit(conn, me, meta["round"], float("nan"), update)
+    assert not reply["accepted"] and "loss must be a finite number, got nan" in reply["reason"]
+    assert server.current.tally.results == []
