@@ -81,3 +81,9 @@ def test_an_update_whose_loss_is_not_a_finite_number_is_rejected(live):
     reply = _submit(conn, me, meta["round"], float("nan"), update)
     assert not reply["accepted"] and "loss must be a finite number, got nan" in reply["reason"]
     assert server.current.tally.results == []
+
+
+def test_a_client_without_tls_is_warned(caplog):
+    with caplog.at_level("WARNING", logger="shoal.fl"):
+        Connection("127.0.0.1:1", None, retry_for_s=0).close()
+    assert "connecting to 127.0.0.1:1 WITHOUT TLS: the server is not authenticated" in caplog.text

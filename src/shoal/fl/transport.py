@@ -118,6 +118,8 @@ class Connection:
             ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX_S * 1000)),
         ]
         if tls is None:
+            log.warning("connecting to %s WITHOUT TLS: the server is not authenticated, and the token and the "
+                        "model travel in the clear", address)
             self._channel = grpc.insecure_channel(address, options=options)
         else:
             ca, cert, key = tls.read()
