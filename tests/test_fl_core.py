@@ -157,13 +157,15 @@ def _cfg(tmp_path, **fl):
 def test_server_rejects_updates_that_do_not_fit_the_model(tmp_path):
     fed = Federation(_cfg(tmp_path, codec="int8"), tmp_path)
     good = fed.codec.encode(torch.randn(fed.flat.numel)).tensors
-    assert fed.decode(0, good, 10).shape == (fed.flat.numel,)
+    held = len(fed.parts[0])
+    assert fed.decode(0, good, held).shape == (fed.flat.numel,)
     bad = [
-        ("tensors", [good[0]], 10),
-        ("int8", [good[0][:-1], good[1]], 10),
-        ("float32", [good[0].float(), good[1]], 10),
-        ("NaN", [good[0], torch.tensor([float("nan")])], 10),
+        ("tensors", [good[0]], held),
+        ("int8", [good[0][:-1], good[1]], held),
+        ("float32", [good[0].float(), good[1]], held),
+        ("NaN", [good[0], torch.tensor([float("nan")])], held),
         ("num_examples", good, 0),
+        (f"partition 0 holds {held} training samples", good, len(fed.data.train)),  # a claim of the whole set
     ]
     for words, tensors, count in bad:
         with pytest.raises(UpdateRejected, match=words):
@@ -181,7 +183,7 @@ def test_server_rejects_payloads_of_the_right_shape_that_do_not_decode(tmp_path,
     else:
         positions = torch.full_like(positions, fed.flat.numel)  # one past the end
     with pytest.raises(UpdateRejected, match=words):
-        fed.decode(0, [values, positions], 10)
+        fed.decode(0, [values, positions], len(fed.parts[0]))
 
 
 def test_simulation_learns_writes_outputs_and_repeats_itself(tmp_path):

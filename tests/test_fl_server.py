@@ -87,3 +87,15 @@ def test_a_client_without_tls_is_warned(caplog):
     with caplog.at_level("WARNING", logger="shoal.fl"):
         Connection("127.0.0.1:1", None, retry_for_s=0).close()
     assert "connecting to 127.0.0.1:1 WITHOUT TLS: the server is not authenticated" in caplog.text
+
+
+def test_an_update_is_weighted_by_the_partitions_true_size_not_the_clients_claim(live):
+    conn, token, server = live
+    me = {"token": token, "partition": 0}
+    meta, tensors = _task(conn, me)
+    claim = len(server.fed.data.train)  # the whole training set, to outweigh everyone
+    reply, _ = wire.unpack(conn.call("Submit", wire.pack(
+        {**me, "round": meta["round"], "num_examples": claim, "loss": 0.1},
+        {"p0": torch.zeros_like(tensors["weights"])})))
+    held = len(server.fed.parts[0])
+    assert not reply["accepted"] and f"partition 0 holds {held} training samples" in reply["reason"]

@@ -138,8 +138,11 @@ class Federation:
                                      f"{want.dtype} {tuple(want.shape)}")
             if got.is_floating_point() and not torch.isfinite(got).all():
                 raise UpdateRejected(f"tensor {k} holds NaN or infinite values")
-        if not 0 < num_examples <= len(self.data.train):
-            raise UpdateRejected(f"num_examples {num_examples} is not in [1, {len(self.data.train)}]")
+        # An update's weight in the aggregate is its sample count: the partition's
+        # true size, which the server knows, not a number the client may inflate.
+        held = len(self.parts[client])
+        if num_examples != held:
+            raise UpdateRejected(f"num_examples {num_examples}: partition {client} holds {held} training samples")
         try:  # right shapes can still hold an impossible payload (an index past the end, a bitmap's count)
             delta = self.codec.decode(Payload(list(tensors), self.template.ctx)).reshape(-1).float()
         except (ValueError, IndexError, RuntimeError) as err:
