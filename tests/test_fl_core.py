@@ -243,3 +243,18 @@ def test_simulation_rejects_non_finite_updates_as_a_server_would(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(r["rejected"] == 4 and not r["aggregated"] for r in lines)
     assert lines[0]["test_accuracy"] == lines[1]["test_accuracy"]  # the model never moved
+
+
+def test_the_norm_bound_rejects_or_clips_what_is_over_it():
+    from shoal.fl.norm_bound import bound_updates
+    from shoal.fl.strategies.base import ClientResult
+
+    results = [ClientResult(str(i), torch.full((4,), v), 10, 0.1) for i, v in enumerate([1.0, 1.5, 2.0, 1e30])]
+    kept, clipped, rejected = bound_updates(results, limit=None, median_multiple=3.0, action="reject")
+    assert [r.client for r in kept] == ["0", "1", "2"] and clipped == [] and rejected == ["3"]
+    kept, clipped, rejected = bound_updates(results, limit=3.0, median_multiple=None, action="clip")
+    assert clipped == ["2", "3"] and rejected == [] and all(float(r.delta.norm()) <= 3.0 + 1e-5 for r in kept)
+    assert torch.equal(kept[0].delta, results[0].delta)
+    both = bound_updates(results, limit=100.0, median_multiple=3.0, action="reject")  # the smaller bound holds
+    assert both[2] == ["3"]
+    assert bound_updates(results, limit=None, median_multiple=None, action="reject")[0] == results

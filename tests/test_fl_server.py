@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
 
@@ -15,16 +17,16 @@ from shoal.fl.store import ServerStore
 from shoal.fl.transport import Connection
 
 
-@pytest.fixture
-def live(tmp_path):
+@contextlib.contextmanager
+def _running(tmp_path, **server_options):
     """Round 1 of a one-round federation, open for partitions 0 and 1 (one token
     holds both); yields (connection, token, server). The round stays open while
-    either partition has not answered."""
+    either partition has not answered; on leaving, it ends as if both had."""
     cfg = load_fl_config({
         "data": {"dataset": "digits", "batch_size": 16}, "model": "mlp:hidden=[8]",
         "fl": {"clients": 2, "clients_per_round": 2, "min_clients": 2, "rounds": 1, "deadline_s": 60},
         "server": {"address": "127.0.0.1:0", "db": str(tmp_path / "server.db"), "insecure": True,
-                   "wait_for_clients_s": 60},
+                   "wait_for_clients_s": 60, **server_options},
         "out": str(tmp_path / "run"),
     })
     with ServerStore(cfg.server.db) as store:
@@ -39,15 +41,22 @@ def live(tmp_path):
         for part in (0, 1):
             conn.call("Join", wire.pack({"token": token, "partition": part}, {}))
         yield conn, token, server
-        with server.cond:  # end the round as if both had answered, then hear "done" for both
-            server.current.answered = set(server.current.selected)
+        with server.cond:
+            if server.current is not None and not server.current.closed:
+                server.current.answered = set(server.current.selected)
             server.cond.notify_all()
-        for part in (0, 1):
+        for part in (0, 1):  # hear "done", so the server need not wait for these clients
             while "done" not in wire.unpack(conn.call("Task", wire.pack({"token": token, "partition": part,
                                                                         "after": 1}, {})))[0]:
                 pass
     thread.join(timeout=60)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def live(tmp_path):
+    with _running(tmp_path) as running:
+        yield running
 
 
 def _task(conn: Connection, me: dict) -> tuple[dict, dict]:
@@ -99,3 +108,28 @@ def test_an_update_is_weighted_by_the_partitions_true_size_not_the_clients_claim
         {"p0": torch.zeros_like(tensors["weights"])})))
     held = len(server.fed.parts[0])
     assert not reply["accepted"] and f"partition 0 holds {held} training samples" in reply["reason"]
+
+
+@pytest.mark.parametrize("action", ["reject", "clip"])
+def test_an_update_over_the_norm_bound_is_rejected_or_clipped(tmp_path, action):
+    # A finite delta of 1e30 passes every format check; unbounded, it sent the global weights to 1e27.
+    with _running(tmp_path, max_update_norm=5.0, update_norm_action=action) as (conn, token, server):
+        before = server.fed.weights.clone()
+        for part, value in ((0, 1e30), (1, 0.0)):
+            me = {"token": token, "partition": part}
+            meta, tensors = _task(conn, me)
+            held = len(server.fed.parts[part])
+            reply, _ = wire.unpack(conn.call("Submit", wire.pack(
+                {**me, "round": meta["round"], "num_examples": held, "loss": 0.1},
+                {"p0": torch.full_like(tensors["weights"], value)})))
+            assert reply["accepted"], reply
+        end = time.monotonic() + 60
+        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < end:
+            time.sleep(0.05)
+    (line,) = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    if action == "reject":
+        assert line["norm_rejected_clients"] == [0] and 0 in line["rejected_clients"] and not line["aggregated"]
+        assert torch.equal(server.fed.weights, before)
+    else:
+        assert line["norm_clipped_clients"] == [0] and line["aggregated"]
+        assert float((server.fed.weights - before).norm()) <= 5.0  # the mean of a clipped and a zero update

@@ -11,7 +11,7 @@ clients, rounds, partition, strategy, uplink codec, fleet conditions) and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import ByteSize, Field, ValidationError, model_validator
@@ -91,6 +91,11 @@ class ServerConfig(_Strict):
     max_update_bytes: ByteSize = Field(ByteSize(64 << 20), description="largest update message accepted")
     wait_for_clients_s: float = Field(600.0, gt=0, description="how long a round waits for enough connected "
                                       "clients before the server gives up")
+    max_update_norm: Optional[float] = Field(None, gt=0, description="largest L2 norm of one client's update "
+                                             "(none: unbounded)")
+    max_update_norm_median: Optional[float] = Field(None, ge=1, description="largest norm as a multiple of the "
+                                                    "round's median update norm (none: unbounded)")
+    update_norm_action: Literal["reject", "clip"] = Field("reject", description="what an update over the bound gets")
 
 
 class FlRunConfig(_Strict):

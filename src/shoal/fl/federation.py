@@ -12,6 +12,7 @@ down and size the same clients.
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -28,12 +29,15 @@ from shoal.data.partition import partition
 from shoal.data.shard import fetch
 from shoal.fl.config import FlRunConfig
 from shoal.fl.local import FlatWeights
+from shoal.fl.norm_bound import bound_updates
 from shoal.fl.strategies.base import ClientResult, build_fed_strategy
 from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models.build import build_model, count_parameters
 from shoal.training.evaluate import evaluate
+
+log = logging.getLogger("shoal.fl")
 
 
 class UpdateRejected(ValueError):
@@ -155,6 +159,16 @@ class Federation:
     def finish_round(self, rnd: int, tally: RoundTally) -> dict[str, Any]:
         """Aggregate what arrived, evaluate, log; returns the metrics line."""
         self.round = rnd
+        server = self.cfg.server
+        kept, clipped, too_large = bound_updates(tally.results, limit=server.max_update_norm,
+                                                 median_multiple=server.max_update_norm_median,
+                                                 action=server.update_norm_action)
+        for client in clipped:
+            log.warning("round %d: partition %s's update clipped to the norm bound", rnd, client)
+        for client in too_large:
+            log.warning("round %d: partition %s's update rejected: its norm is over the bound", rnd, client)
+        tally.rejected += [int(c) for c in too_large]
+        tally.results = kept
         aggregated = len(tally.results) >= self.cfg.fl.min_clients
         if aggregated:
             self.weights = self.strategy.aggregate(rnd, self.weights, tally.results)
@@ -165,6 +179,7 @@ class Federation:
             "participating": len(tally.results), "selected": len(tally.selected), "dropped": len(tally.dropped),
             "late": len(tally.late), "rejected": len(tally.rejected), "aggregated": aggregated,
             "dropped_clients": tally.dropped, "rejected_clients": tally.rejected,
+            "norm_clipped_clients": [int(c) for c in clipped], "norm_rejected_clients": [int(c) for c in too_large],
             "uplink_bytes": tally.uplink_bytes, "downlink_bytes": tally.downlink_bytes,
             "uplink_bytes_total": self.uplink_bytes, "downlink_bytes_total": self.downlink_bytes,
         }
