@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -19,9 +20,10 @@ import grpc
 import pytest
 import torch
 from cryptography import x509
+from sqlalchemy import text
 
 from shoal.fl.certs import TlsFiles, make_certs
-from shoal.fl.store import ServerStore
+from shoal.fl.store import Grant, ServerStore
 from shoal.fl.transport import Connection, RpcFailed, peer_identity, serve
 from shoal.fl.wire import WireError, pack, payload_bytes, unpack
 
@@ -167,17 +169,23 @@ def test_wire_fuzz_raises_only_wire_error():
 def test_certs_written_with_private_keys_0600_and_server_san(tmp_path):
     files = make_certs(tmp_path, clients=["alice", "bob"])
 
-    assert set(files) == {f"{s}.{e}" for s in ("ca", "server", "alice", "bob") for e in ("pem", "key")}
+    assert set(files) == {"ca.pem", "ca.key"} | {f"{s}/{f}" for s in ("server", "alice", "bob")
+                                                 for f in (f"{s}.pem", f"{s}.key", "ca.pem")}
     for name, path in files.items():
-        assert path.is_file()
+        assert path.is_file() and path == tmp_path / name
         assert (path.stat().st_mode & 0o777 == 0o600) == name.endswith(".key"), name
-    server = x509.load_pem_x509_certificate(files["server.pem"].read_bytes())
+    # What a party is handed holds its own key and the CA's certificate, nothing else.
+    for party in ("server", "alice", "bob"):
+        assert sorted(p.name for p in (tmp_path / party).iterdir()) == sorted(["ca.pem", f"{party}.key",
+                                                                                f"{party}.pem"])
+    server = x509.load_pem_x509_certificate(files["server/server.pem"].read_bytes())
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "127.0.0.1" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     ca = x509.load_pem_x509_certificate(files["ca.pem"].read_bytes())
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+    assert files["alice/ca.pem"].read_bytes() == files["ca.pem"].read_bytes()
+    assert not list(tmp_path.rglob(".*"))  # no temporary files left behind
 
 
 def test_certs_refuse_to_replace_ca_unless_forced(tmp_path):
@@ -191,30 +199,60 @@ def test_certs_refuse_to_replace_ca_unless_forced(tmp_path):
     assert (tmp_path / "ca.key").read_bytes() != before
 
 
-def test_tls_files_name_the_missing_file_and_the_command(tmp_path):
+def test_tls_files_name_the_missing_file_and_the_command(tmp_path, caplog):
     make_certs(tmp_path, clients=2)
 
-    assert TlsFiles.client(tmp_path, "client2").cert == tmp_path / "client2.pem"
-    with pytest.raises(ValueError, match=r"carol\.pem.*shoal fl certs --out"):
+    # A client's own folder needs no name; the parent folder and a name find the same files.
+    assert TlsFiles.client(tmp_path / "client2").cert == tmp_path / "client2" / "client2.pem"
+    assert TlsFiles.client(tmp_path, "client2") == TlsFiles.client(tmp_path / "client2")
+    assert TlsFiles.server(tmp_path) == TlsFiles.server(tmp_path / "server")
+    with pytest.raises(ValueError, match=r"carol\.pem.*shoal fl certs --out DIR --client carol"):
         TlsFiles.client(tmp_path, "carol")
+    with pytest.raises(ValueError, match=r"one client's NAME\.pem/NAME\.key \(found: none\)"):
+        TlsFiles.client(tmp_path)
+    assert "ca.key" not in caplog.text
+    # A flat folder that holds the CA's key still works, with a warning.
+    for f in ("client1.pem", "client1.key"):
+        (tmp_path / f).write_bytes((tmp_path / "client1" / f).read_bytes())
+    with caplog.at_level(logging.WARNING, "shoal.fl"):
+        assert TlsFiles.client(tmp_path, "client1").cert == tmp_path / "client1.pem"
+    assert "holds the federation CA's key" in caplog.text
 
 
-def test_store_tokens_keep_only_hashes(tmp_path):
+def test_store_tokens_keep_only_hashes_and_their_partitions(tmp_path):
     db = tmp_path / "server.db"
     store = ServerStore(str(db))
 
-    token = store.add_token("alice")
+    token = store.add_token("alice", [3, 1, 3])
 
-    assert store.check_token(token) == "alice"
+    assert store.check_token(token) == Grant("alice", frozenset({1, 3}))
     assert store.check_token(token + "x") is None
-    assert [n for n, _ in store.list_tokens()] == ["alice"]
+    assert [(n, held) for n, _, held in store.list_tokens()] == [("alice", [1, 3])]
     with pytest.raises(ValueError, match="replace=True"):
-        store.add_token("alice")
+        store.add_token("alice", [0])
+    with pytest.raises(ValueError, match="at least one partition"):
+        store.add_token("bob", [])
+    with pytest.raises(ValueError, match="non-negative integer"):
+        store.add_token("bob", [-1])
     store.close()
     assert token.encode() not in db.read_bytes()
     store = ServerStore(str(db))
     assert store.revoke_token("alice") and not store.revoke_token("alice")
-    assert store.check_token(token) is None
+    assert store.check_token(token) is None and store.list_tokens() == []
+
+
+def test_store_a_token_from_before_partitions_holds_none(tmp_path):
+    # A database written before tokens held partitions has a tokens table and no grants.
+    db = tmp_path / "server.db"
+    store = ServerStore(str(db))
+    token = store.add_token("alice", [0])
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE grants"))
+    store.close()
+
+    store = ServerStore(str(db))  # creates the missing table
+
+    assert store.check_token(token) == Grant("alice", frozenset())
 
 
 # The store is plain SQLAlchemy: the same tests run against PostgreSQL where
@@ -248,11 +286,11 @@ def store_url(request, tmp_path):
 
 def test_store_replaced_token_invalidates_the_old_one(store_url):
     store = ServerStore(store_url)
-    old = store.add_token("alice")
+    old = store.add_token("alice", [0])
 
-    new = store.add_token("alice", replace=True)
+    new = store.add_token("alice", [1, 2], replace=True)
 
-    assert store.check_token(old) is None and store.check_token(new) == "alice"
+    assert store.check_token(old) is None and store.check_token(new) == Grant("alice", frozenset({1, 2}))
 
 
 def test_store_counts_client_results(store_url):
@@ -311,7 +349,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 _KILLED_WRITER = """
 import sys
-from shoal.fl.store import ServerStore
+from shoal.fl.store import Grant, ServerStore
 store = ServerStore(sys.argv[1])
 r = 0
 while True:
@@ -416,7 +454,8 @@ def test_transport_refuses_a_client_without_certificate(pki, server):
 @pytest.mark.processes
 def test_transport_refuses_a_client_certificate_from_another_ca(pki, server):
     # The client trusts the right server but presents another federation's certificate.
-    files = TlsFiles(ca=pki / "ca.pem", cert=pki / "other" / "alice.pem", key=pki / "other" / "alice.key")
+    files = TlsFiles(ca=pki / "ca.pem", cert=pki / "other" / "alice" / "alice.pem",
+                     key=pki / "other" / "alice" / "alice.key")
     start = time.monotonic()
 
     with Connection(server, files, retry_for_s=1) as conn:

@@ -2,12 +2,17 @@
 
 The server and clients authenticate each other (mutual TLS) with certificates
 signed by a CA that belongs to this federation alone, so a certificate is the
-admission ticket and its common name is the client's identity. ``make_certs``
-writes everything a small federation needs::
+admission ticket and its common name is the client's identity (the server
+also requires it to be the name of the client's token). ``make_certs``
+writes everything a small federation needs, one folder for each party, so
+that what a party is handed holds its own key and nothing else::
 
-    ca.pem, ca.key          self-signed CA (keep ca.key off the clients)
-    server.pem, server.key  serverAuth, SAN = the hosts clients dial
-    NAME.pem, NAME.key      clientAuth, CN = NAME, one pair per client
+    ca.pem, ca.key                            the self-signed CA: stays with
+                                              whoever issues certificates
+    server/ca.pem, server.pem, server.key     serverAuth, SAN = the hosts
+                                              clients dial
+    NAME/ca.pem, NAME.pem, NAME.key           clientAuth, CN = NAME, one
+                                              folder per client
 
 Keys are ECDSA P-256 in PEM (PKCS#8, unencrypted), private key files are mode
 0600, and every file is written atomically (temporary file, then rename).
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import re
 import tempfile
@@ -30,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+log = logging.getLogger("shoal.fl")
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _RESERVED = {"ca", "server"}
 
@@ -42,12 +49,13 @@ def make_certs(
     days: int = 365,
     force: bool = False,
 ) -> dict[str, Path]:
-    """Write a CA, a server certificate and client certificates into ``out``.
+    """Write a CA into ``out``, and the server's and each client's folder under it.
 
     ``hosts`` are the DNS names and IP addresses clients use to reach the
     server. ``clients`` is a list of names or a count ``N`` meaning
-    ``client1`` .. ``clientN``. Returns ``{file name: path}`` for every file
-    written. An existing ``ca.key`` is never overwritten unless ``force``.
+    ``client1`` .. ``clientN``. Returns ``{relative path: path}`` for every
+    file written (``ca.key``, ``server/server.pem``, ``alice/alice.key``, ...).
+    An existing ``ca.key`` is never overwritten unless ``force``.
     """
     out = Path(out)
     if isinstance(hosts, str):
@@ -79,6 +87,7 @@ def make_certs(
     )
 
     written: dict[str, Path] = {}
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     san = x509.SubjectAlternativeName([_general_name(h) for h in hosts])
     leaves = [("server", hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, san)]
     leaves += [(name, name, ExtendedKeyUsageOID.CLIENT_AUTH, None) for name in names]
@@ -97,9 +106,13 @@ def make_certs(
         if alt_names is not None:
             builder = builder.add_extension(alt_names, critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
-        written[f"{stem}.key"] = _write(out / f"{stem}.key", _key_pem(key), private=True)
-        written[f"{stem}.pem"] = _write(out / f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM))
-    written["ca.pem"] = _write(out / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
+        folder = out / stem
+        folder.mkdir(exist_ok=True)
+        for name, data, private in ((f"{stem}.key", _key_pem(key), True),
+                                    (f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM), False),
+                                    ("ca.pem", ca_pem, False)):
+            written[f"{stem}/{name}"] = _write(folder / name, data, private=private)
+    written["ca.pem"] = _write(out / "ca.pem", ca_pem)
     written["ca.key"] = _write(out / "ca.key", _key_pem(ca_key), private=True)
     return written
 
@@ -114,18 +127,44 @@ class TlsFiles:
 
     @classmethod
     def server(cls, directory: Path) -> TlsFiles:
-        return cls._existing(Path(directory), "server")
+        """The server's files: ``directory/server/`` as ``make_certs`` writes it, or
+        ``directory`` itself when it holds ``server.pem`` (a folder handed to the server)."""
+        directory = Path(directory)
+        if (directory / "server" / "server.pem").is_file():
+            directory = directory / "server"
+        return cls._existing(directory, "server")
 
     @classmethod
-    def client(cls, directory: Path, name: str = "client") -> TlsFiles:
-        return cls._existing(Path(directory), name)
+    def client(cls, directory: Path, name: str | None = None) -> TlsFiles:
+        """A client's files from its folder (``make_certs``'s ``OUT/NAME``).
+
+        Without ``name`` the folder must hold exactly one client's pair. A
+        folder that also holds the CA's key is used, with a warning: whoever
+        has that key can mint certificates for any client.
+        """
+        directory = Path(directory)
+        if name is None:
+            stems = sorted(p.stem for p in directory.glob("*.key") if p.stem != "ca")
+            if len(stems) != 1:
+                found = ", ".join(f"{s}.key" for s in stems) or "none"
+                raise ValueError(f"{directory} must hold one client's NAME.pem/NAME.key (found: {found}); "
+                                 "pass the folder `shoal fl certs` wrote for this client, OUT/NAME, or its --name")
+            name = stems[0]
+        elif not (directory / f"{name}.pem").is_file() and (directory / name / f"{name}.pem").is_file():
+            directory = directory / name
+        files = cls._existing(directory, name)
+        if (directory / "ca.key").exists():
+            log.warning("%s holds the federation CA's key (ca.key): a client needs only its own folder "
+                        "(OUT/%s from `shoal fl certs`); whoever holds ca.key can mint certificates", directory, name)
+        return files
 
     @classmethod
     def _existing(cls, directory: Path, stem: str) -> TlsFiles:
         files = cls(ca=directory / "ca.pem", cert=directory / f"{stem}.pem", key=directory / f"{stem}.key")
         for path in (files.ca, files.cert, files.key):
             if not path.is_file():
-                raise ValueError(f"missing TLS file {path}; `shoal fl certs --out {directory}` makes them")
+                raise ValueError(f"missing TLS file {path}; `shoal fl certs --out DIR --client {stem}` makes "
+                                 f"DIR/{stem}/ with it")
         return files
 
     def read(self) -> tuple[bytes, bytes, bytes]:

@@ -85,23 +85,31 @@ def print_fl_summary(summary: dict) -> None:
 
 @fl_app.command("certs")
 def certs_command(
-    out: Path = typer.Option(..., "--out", "-o", help="directory for ca.pem, server.pem/.key and NAME.pem/.key"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the CA (ca.pem, ca.key) and a folder each "
+                             "for the server (server/) and every client (NAME/), holding its key, certificate and "
+                             "ca.pem"),
     host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="a name or address clients dial "
                                    "the server by (repeatable)"),
     client: list[str] = typer.Option(["client"], "--client", help="a client certificate to make (repeatable)"),
     force: bool = typer.Option(False, help="replace an existing CA (every certificate it signed stops working)"),
 ) -> None:
-    """Make a federation's CA, the server's certificate and client certificates (mutual TLS)."""
+    """Make a federation's CA, the server's certificate and client certificates (mutual TLS).
+
+    Hand each client only its own folder, OUT/NAME; ca.key stays with whoever issues certificates.
+    """
     from shoal.fl.certs import make_certs
 
     try:
         files = make_certs(out, hosts=host, clients=client, force=force)
     except ValueError as err:
         _fail(str(err), "certs")
-    Console().print(f"wrote {len(files)} files to {out}: " + ", ".join(sorted(files)), highlight=False)
+    folders = sorted({p.split("/")[0] for p in files if "/" in p})
+    Console().print(f"wrote {len(files)} files to {out}: ca.pem, ca.key (keep it off the clients) and the folders "
+                    + ", ".join(f"{f}/" for f in folders), highlight=False)
 
 
-token_app = typer.Typer(help="Enrolment tokens: a client must present one to join (stored hashed).",
+token_app = typer.Typer(help="Enrolment tokens: a client must present one to join, and may speak only for the "
+                        "partitions its token holds (stored hashed).",
                         no_args_is_help=True)
 fl_app.add_typer(token_app, name="token")
 
@@ -120,26 +128,33 @@ _CONFIG = typer.Option(None, "--config", help="take server.db from this federate
 
 
 @token_app.command("add")
-def token_add(name: str = typer.Argument(..., help="who the token is for"),
+def token_add(name: str = typer.Argument(..., help="who the token is for: the name on the client's certificate"),
+              partition: list[int] = typer.Option(..., "--partition", "-p", help="a partition the client holds "
+                                                  "(repeatable); requests for any other are refused"),
               db: Optional[str] = _DB, config: Optional[Path] = _CONFIG,
               replace: bool = typer.Option(False, help="replace this name's token")) -> None:
-    """Issue a token; it is printed once and only its hash is kept."""
+    """Issue a token for NAME holding the given partitions; it is printed once and only its hash is kept."""
     with _store(db, config) as store:
         try:
-            token = store.add_token(name, replace=replace)
+            token = store.add_token(name, partition, replace=replace)
         except ValueError as err:
             _fail(str(err), "token")
+        shared = sorted({p for other, _, held in store.list_tokens() if other != name for p in held} & set(partition))
+    if shared:
+        err_console.print(f"note: partition(s) {', '.join(map(str, shared))} are held by another token too; "
+                          "the first to answer a round owns it", highlight=False)
     print(token)
 
 
 @token_app.command("list")
 def token_list(db: Optional[str] = _DB, config: Optional[Path] = _CONFIG) -> None:
-    """Names holding a token, and when it was issued."""
+    """Names holding a token, when it was issued, and the partitions it holds."""
     import datetime
 
     with _store(db, config) as store:
-        for name, created in store.list_tokens():
-            print(f"{name}\t{datetime.datetime.fromtimestamp(created).isoformat(timespec='seconds')}")
+        for name, created, held in store.list_tokens():
+            when = datetime.datetime.fromtimestamp(created).isoformat(timespec="seconds")
+            print(f"{name}\t{when}\tpartitions {','.join(map(str, held)) or 'none (re-issue with --partition)'}")
 
 
 @token_app.command("revoke")
@@ -182,9 +197,10 @@ def client_command(
     server: str = typer.Option(..., "--server", help="HOST:PORT of the server"),
     token: str = typer.Option(..., "--token", envvar="SHOAL_FL_TOKEN", help="enrolment token (or $SHOAL_FL_TOKEN)"),
     partition: int = typer.Option(..., "--partition", help="which client's share of the data this is"),
-    certs: Optional[Path] = typer.Option(None, help="directory with ca.pem and NAME.pem/.key "
-                                         "(default: the config's server.certs)"),
-    name: str = typer.Option("client", help="which client certificate in --certs to present"),
+    certs: Optional[Path] = typer.Option(None, help="this client's folder from `shoal fl certs` (ca.pem, "
+                                         "NAME.pem, NAME.key; default: server.certs/NAME)"),
+    name: Optional[str] = typer.Option(None, help="this client's name: its certificate's and its token's "
+                                       "(default: the one pair in --certs)"),
     insecure: bool = typer.Option(False, help="no TLS (only against a server run with server.insecure)"),
     retry_for: float = typer.Option(120.0, help="seconds to keep retrying while the server is unreachable"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
@@ -197,6 +213,9 @@ def client_command(
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _load(config, set_)
+    if not insecure and certs is None and name is None:
+        _fail("pass --certs DIR (this client's folder from `shoal fl certs`, OUT/NAME) or --name NAME "
+              f"(its folder under server.certs, {cfg.server.certs}/NAME), or --insecure", "client")
     try:
         tally = run_client(cfg, server=server, token=token, partition=partition,
                            certs=None if insecure else (certs or Path(cfg.server.certs)), name=name,

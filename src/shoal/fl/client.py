@@ -39,8 +39,12 @@ log = logging.getLogger("shoal.fl")
 
 
 def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, certs: str | Path | None,
-               name: str = "client", retry_for_s: float = 120.0, console: Console | None = None) -> dict[str, Any]:
-    """Take part until the server says training is over; returns this client's tally."""
+               name: str | None = None, retry_for_s: float = 120.0, console: Console | None = None) -> dict[str, Any]:
+    """Take part until the server says training is over; returns this client's tally.
+
+    ``certs`` is this client's folder from ``shoal fl certs`` (``OUT/NAME``),
+    or ``OUT`` with ``name``; None runs without TLS.
+    """
     console = console or Console()
     if not 0 <= partition < cfg.fl.clients:
         raise ValueError(f"--partition {partition}: must be in [0, {cfg.fl.clients}) (fl.clients)")
@@ -60,9 +64,15 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
         meta, _ = wire.unpack(conn.call("Join", wire.pack(me, {})))
         console.print(f"joined {server} as partition {partition} ({len(y)} samples); server at round "
                       f"{meta['round']}", highlight=False)
-        after = 0
+        # The last round fetched, and which server process answered last: rounds fetched from
+        # an earlier process count for nothing with a later one (a restarted server opens the
+        # round it died in again, and offers it to the clients selected for it).
+        after, incarnation = 0, meta.get("incarnation")
         while True:
-            meta, tensors = wire.unpack(conn.call("Task", wire.pack({**me, "after": after}, {}), timeout=60))
+            meta, tensors = wire.unpack(conn.call(
+                "Task", wire.pack({**me, "after": after, "incarnation": incarnation}, {}), timeout=60))
+            if meta.get("incarnation", incarnation) != incarnation:
+                after, incarnation = 0, meta["incarnation"]
             if meta.get("done"):
                 console.print(f"training is over (round {meta.get('round')})", highlight=False)
                 break

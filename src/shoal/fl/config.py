@@ -86,7 +86,8 @@ class FederationConfig(_Strict):
 class ServerConfig(_Strict):
     address: str = Field("127.0.0.1:8443", description="host:port the server listens on (port 0: any free port)")
     db: str = Field("shoal-fl.db", description="state database: a file (SQLite) or a SQLAlchemy URL")
-    certs: str = Field("certs", description="directory from `shoal fl certs` (ca.pem, server.pem, server.key)")
+    certs: str = Field("certs", description="directory from `shoal fl certs --out` (the server reads its server/ "
+                       "folder, a client its NAME/ folder)")
     insecure: bool = Field(False, description="no TLS (tests on loopback only); tokens still required")
     max_update_bytes: ByteSize = Field(ByteSize(64 << 20), description="largest update message accepted")
     wait_for_clients_s: float = Field(600.0, gt=0, description="how long a round waits for enough connected "

@@ -1,21 +1,30 @@
 """``shoal fl server``: the federation's server over gRPC with mutual TLS.
 
 Protocol (every message is :mod:`shoal.fl.wire`; every request carries the
-client's token, checked against the hashed tokens in the state store; the
-TLS layer has already checked the client's certificate):
+client's token, checked against the hashed tokens in the state store, and
+the partition it speaks for, which that token must hold; with TLS the client
+certificate's name must be the token's):
 
-- ``Join``  ``{token, partition}`` -> ``{round, clients}``: the client says
-  which partition of the data it holds;
-- ``Task``  ``{token, partition, after}`` -> ``{done}``, ``{wait}`` or
-  ``{round, config}`` + the global ``weights`` (one message per round, packed
-  once; its size is the round's downlink per client that fetched it): a long
-  poll (up to :data:`POLL_S`) for a round this client is selected for, newer
-  than ``after``. A client's local epochs come from the shared config
+- ``Join``  ``{token, partition}`` -> ``{round, clients, incarnation}``: the
+  client says which partition of the data it holds;
+- ``Task``  ``{token, partition, after, incarnation}`` -> ``{done}``,
+  ``{wait}`` or ``{round, config}`` + the global ``weights`` (one message per
+  round, packed once; its size is the round's downlink per client that
+  fetched it): a long poll (up to :data:`POLL_S`) for a round this client is
+  selected for, newer than ``after``. ``incarnation`` names the server
+  process that answered last; one from an earlier process voids ``after``,
+  so a round a restarted server opens again is offered again. One poll at a
+  time per (token, partition): a second is refused with ABORTED. A client's
+  local epochs come from the shared config
   (:class:`~shoal.fl.federation.Fleet`), as its dropouts and slowness do;
 - ``Submit`` ``{token, partition, round, num_examples, loss}`` + the codec's
-  payload tensors -> ``{accepted, reason}``.
+  payload tensors -> ``{accepted, reason}``. The first token to answer a
+  (round, partition) owns it: a retry gets the verdict its first try got,
+  another token's submit is refused.
 
-A round samples from the clients seen in the last :data:`ALIVE_S` seconds
+Join and Task requests over :data:`SMALL_REQUEST_BYTES` are refused before
+the token is looked at, and a Submit's tensors are read only once its token
+and partition passed. A round samples from the clients seen in the last :data:`ALIVE_S` seconds
 (once at least ``fl.min_clients`` are), waits for the selected ones until
 ``fl.deadline_s``, aggregates what arrived in time and passed validation
 (:meth:`Federation.decode`), evaluates, and stores the round's metrics, the
@@ -30,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -51,6 +61,7 @@ from shoal.metrics.summary import write_json_atomic
 log = logging.getLogger("shoal.fl")
 POLL_S = 2.0  # longest a Task call waits for work
 ALIVE_S = 6.0  # a client not heard from for this long is not sampled (clients poll every POLL_S)
+SMALL_REQUEST_BYTES = 4 << 10  # a Join or Task request carries a token and a few numbers
 
 
 class ServerGaveUp(RuntimeError):
@@ -58,12 +69,15 @@ class ServerGaveUp(RuntimeError):
 
 
 class _Round:
-    def __init__(self, number: int, selected: list[int], weights: torch.Tensor, config: dict[str, Any]):
+    def __init__(self, number: int, selected: list[int], weights: torch.Tensor, config: dict[str, Any],
+                 incarnation: str):
         self.number = number
         self.selected = set(selected)
         self.tally = RoundTally(selected=selected)
-        self.task = wire.pack({"round": number, "config": config}, {"weights": weights})  # the same for all
+        # The same message for every client.
+        self.task = wire.pack({"round": number, "config": config, "incarnation": incarnation}, {"weights": weights})
         self.answered: set[int] = set()
+        self.owners: dict[int, str] = {}  # partition -> the token whose submit answered it
         self.verdicts: dict[int, str] = {}  # partition -> why its update was rejected ("" accepted)
         self.closed = False
 
@@ -89,45 +103,79 @@ class FlServer:
         self.current: _Round | None = None
         self.finished = False
         self.told_done: set[int] = set()  # partitions told that training is over
+        self.polling: set[tuple[str, int]] = set()  # (token name, partition) with a Task waiting
+        self.incarnation = secrets.token_hex(8)  # this process, as the clients see it
         self.port = 0
 
     # --- handlers (gRPC threads) --------------------------------------------------
-    def _auth(self, request: bytes, context: grpc.ServicerContext, limit: int | None = None):
+    def _auth(self, request: bytes, context: grpc.ServicerContext, limit: int) -> tuple[str, int, dict[str, Any]]:
+        """The token's name, the partition it speaks for and the request's meta; aborts the call otherwise."""
         try:
-            meta, tensors = wire.unpack(request, max_bytes=limit)
+            meta = wire.peek_meta(request, max_bytes=limit)
         except wire.WireError as err:
             log.warning("rejected a malformed message from %s: %s", context.peer(), err)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
-        name = self.store.check_token(meta.get("token", ""))
-        if name is None:
-            log.warning("refused %s (certificate %s): invalid or revoked token", context.peer(),
-                        peer_identity(context))
+        grant = self.store.check_token(meta.get("token", ""))
+        cert = peer_identity(context)
+        if grant is None:
+            log.warning("refused %s (certificate %s): invalid or revoked token", context.peer(), cert)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or revoked token")
         part = meta.get("partition")
         if not isinstance(part, int) or isinstance(part, bool) or not 0 <= part < self.cfg.fl.clients:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"partition must be an integer in [0, {self.cfg.fl.clients})")
+        if part not in grant.partitions:
+            held = ", ".join(map(str, sorted(grant.partitions))) or "none"
+            log.warning("refused %s (token %s, certificate %s): partition %d is not the token's (it holds %s)",
+                        context.peer(), grant.name, cert, part, held)
+            hint = "" if grant.partitions else (
+                f"; it was issued before tokens held partitions: `shoal fl token add {grant.name} --partition N "
+                "--replace` issues one that does")
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"this token does not hold partition {part} (it holds {held}){hint}")
+        if cert is not None and cert != grant.name:
+            log.warning("refused %s: certificate %s presented with token %s", context.peer(), cert, grant.name)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"the client certificate is for {cert!r}, the token for another client")
         with self.cond:
             self.seen[part] = time.monotonic()  # the round loop polls this; no need to wake anyone
-        return name, part, meta, tensors
+        return grant.name, part, meta
 
     def join(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        name, part, _, _ = self._auth(request, context)
+        name, part, _ = self._auth(request, context, SMALL_REQUEST_BYTES)
         self.store.client_seen(name)
         log.info("client %s joined with partition %d (certificate %s)", name, part, peer_identity(context))
-        return wire.pack({"round": self.fed.round, "clients": self.cfg.fl.clients}, {})
+        return wire.pack({"round": self.fed.round, "clients": self.cfg.fl.clients,
+                          "incarnation": self.incarnation}, {})
 
     def task(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        _, part, meta, _ = self._auth(request, context)
+        name, part, meta = self._auth(request, context, SMALL_REQUEST_BYTES)
         after = meta.get("after", 0)
         if not isinstance(after, int) or isinstance(after, bool):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after must be a round number")
+        incarnation = meta.get("incarnation")
+        if isinstance(incarnation, str) and incarnation != self.incarnation:
+            after = 0  # rounds seen by an earlier server process: this one may have opened them again
+        poller = (name, part)
+        with self.cond:
+            if poller in self.polling:
+                log.warning("refused %s: token %s already waits for a task for partition %d", context.peer(),
+                            name, part)
+                context.abort(grpc.StatusCode.ABORTED, f"a Task for partition {part} is already waiting")
+            self.polling.add(poller)
+        try:
+            return self._next_task(part, after)
+        finally:
+            with self.cond:
+                self.polling.discard(poller)
+
+    def _next_task(self, part: int, after: int) -> bytes:
         deadline = time.monotonic() + POLL_S
         with self.cond:
             while True:
                 if self.finished:
                     self.told_done.add(part)
-                    return wire.pack({"done": True, "round": self.fed.round}, {})
+                    return wire.pack({"done": True, "round": self.fed.round, "incarnation": self.incarnation}, {})
                 r = self.current
                 if r is not None and not r.closed and part in r.selected and r.number > after \
                         and part not in r.answered:
@@ -135,11 +183,17 @@ class FlServer:
                     return r.task
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return wire.pack({"wait": True}, {})
+                    return wire.pack({"wait": True, "incarnation": self.incarnation}, {})
                 self.cond.wait(left)
 
     def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        name, part, meta, tensors = self._auth(request, context, int(self.cfg.server.max_update_bytes))
+        limit = int(self.cfg.server.max_update_bytes)
+        name, part, meta = self._auth(request, context, limit)
+        try:
+            _, tensors = wire.unpack(request, max_bytes=limit)
+        except wire.WireError as err:
+            log.warning("rejected a malformed update from %s (token %s): %s", context.peer(), name, err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
         rnd, count = meta.get("round"), meta.get("num_examples")
         with self.cond:
             r = self.current
@@ -149,10 +203,17 @@ class FlServer:
             elif r.closed:
                 r.tally.late.append(part)
                 reason = f"round {rnd} closed at its deadline"
-            elif part in r.answered:  # a retried call: the verdict its first try got
-                verdict = r.verdicts.get(part, "")
+            elif part in r.answered:
+                if r.owners[part] != name:
+                    log.warning("update from %s (partition %d) for round %s refused: another token answered it",
+                                name, part, rnd)
+                    return wire.pack({"accepted": False, "reason": f"round {rnd}'s update for partition {part} "
+                                      "came from another token"}, {})
+                verdict = r.verdicts.get(part, "")  # a retried call: the verdict its first try got
                 return wire.pack({"accepted": not verdict, "reason": verdict or "already received"}, {})
             if reason is None:
+                r.owners[part] = name
+                r.answered.add(part)
                 try:
                     if not isinstance(count, int) or isinstance(count, bool):
                         raise UpdateRejected("num_examples must be an integer")
@@ -165,16 +226,15 @@ class FlServer:
                     delta = self.fed.decode(part, [tensors[k] for k in keys], count)
                 except UpdateRejected as err:
                     r.tally.rejected.append(part)
-                    r.answered.add(part)
                     reason = r.verdicts[part] = f"rejected: {err}"
                 else:
                     r.tally.results.append(ClientResult(str(part), delta, count, float(loss)))
                     r.tally.uplink_bytes += wire.payload_bytes(tensors)
-                    r.answered.add(part)
                     self.cond.notify_all()
             if reason is not None:
                 log.warning("update from %s (partition %d) for round %s: %s", name, part, rnd, reason)
-        self.store.client_result(name, reason is None)
+        if reason is not None:  # an accepted update is counted when its round is aggregated
+            self.store.client_result(name, False)
         return wire.pack({"accepted": reason is None, "reason": reason or ""}, {})
 
     # --- the round loop ----------------------------------------------------------
@@ -183,8 +243,11 @@ class FlServer:
         tls = None if cfg.server.insecure else TlsFiles.server(Path(cfg.server.certs))
         handlers = {"Join": self.join, "Task": self.task, "Submit": self.submit}
         limit = int(cfg.server.max_update_bytes) + (1 << 20)
-        server, self.port = serve(cfg.server.address, handlers, tls, max_message_bytes=limit,
-                                  workers=min(256, cfg.fl.clients + 8))
+        # One waiting Task per partition at most, and threads to spare for Join and Submit; calls
+        # beyond the threads are refused (the client retries) rather than queued behind long polls.
+        workers = min(256, cfg.fl.clients + 8)
+        server, self.port = serve(cfg.server.address, handlers, tls, max_message_bytes=limit, workers=workers,
+                                  max_concurrent_calls=workers)
         host = cfg.server.address.rpartition(":")[0]
         write_json_atomic(self.out / "server.json", {"address": f"{host}:{self.port}", "pid": os.getpid()})
         self.console.print(f"listening on {host}:{self.port} ({'no TLS' if tls is None else 'mutual TLS'}), "
@@ -221,7 +284,7 @@ class FlServer:
                                        f"within server.wait_for_clients_s={self.cfg.server.wait_for_clients_s:g}")
                 self.cond.wait(0.5)
             selected = self.fed.sample(rnd, self._alive())
-            r = _Round(rnd, selected, self.fed.weights, self.fed.strategy.client_config(rnd))
+            r = _Round(rnd, selected, self.fed.weights, self.fed.strategy.client_config(rnd), self.incarnation)
             self.current = r
             self.cond.notify_all()
             deadline = time.monotonic() + cfg.deadline_s
@@ -229,10 +292,14 @@ class FlServer:
                 self.cond.wait(min(0.5, max(deadline - time.monotonic(), 0.0)))
             r.closed = True
             r.tally.dropped = sorted(r.selected - r.answered)
+        arrived = [int(result.client) for result in r.tally.results]  # before the norm bound drops any
         record = self.fed.finish_round(rnd, r.tally)
         blobs = {"weights": wire.pack({}, {"weights": self.fed.weights}),
                  "strategy": wire.pack({}, self.fed.strategy.state_dict())}
         self.store.save_round(rnd, record, blobs)
+        bounced = set(record.get("norm_rejected_clients", []))
+        for part in arrived:
+            self.store.client_result(r.owners[part], part not in bounced)
         if "test_accuracy" in record:
             self.fed.log_round(record)
         for part in r.tally.dropped:

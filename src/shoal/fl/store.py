@@ -2,10 +2,11 @@
 
 A server that restarts must know who may connect, what each client has done,
 which round it finished last and the model that round produced. All of it
-lives in four tables, through SQLAlchemy, so the default single SQLite file
+lives in five tables, through SQLAlchemy, so the default single SQLite file
 and a PostgreSQL server (any SQLAlchemy URL) behave the same:
 
     tokens   name, token_hash, created_at      enrolment tokens, hashes only
+    grants   name, partition                   the partitions each token may claim
     clients  name, first_seen, last_seen,      per-client bookkeeping
              updates_accepted, updates_rejected
     rounds   round, completed_at, metrics      one row per finished round
@@ -24,8 +25,9 @@ import hmac
 import json
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Column,
@@ -57,6 +59,12 @@ tokens = Table(
     Column("token_hash", String(64), nullable=False, unique=True),
     Column("created_at", Float, nullable=False),
 )
+grants = Table(
+    "grants",
+    _metadata,
+    Column("name", String(128), primary_key=True),
+    Column("partition", Integer, primary_key=True, autoincrement=False),
+)
 clients = Table(
     "clients",
     _metadata,
@@ -80,6 +88,13 @@ state = Table(
     Column("value", LargeBinary, nullable=False),
     Column("sha256", String(64), nullable=False),
 )
+
+
+class Grant(NamedTuple):
+    """Who a valid token was issued to, and the partitions it may claim."""
+
+    name: str
+    partitions: frozenset[int]
 
 
 class ServerStore:
@@ -109,43 +124,67 @@ class ServerStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add_token(self, name: str, *, replace: bool = False) -> str:
-        """Issue a token for ``name`` and return it; only its hash is stored."""
+    def add_token(self, name: str, partitions: Iterable[int], *, replace: bool = False) -> str:
+        """Issue a token for ``name`` holding ``partitions`` and return it; only its hash is stored.
+
+        A request carrying the token may speak for those partitions and no
+        other (the server refuses the rest with PERMISSION_DENIED).
+        """
         if not name:
             raise ValueError("a token needs a non-empty name")
+        held = sorted(set(partitions))
+        if not held:
+            raise ValueError(f"token {name!r}: name at least one partition it holds (--partition N)")
+        for part in held:
+            if not isinstance(part, int) or isinstance(part, bool) or part < 0:
+                raise ValueError(f"token {name!r}: a partition is a non-negative integer, got {part!r}")
         token = secrets.token_urlsafe(32)
         row = {"name": name, "token_hash": _sha256(token.encode()), "created_at": time.time()}
         try:
             with self.engine.begin() as conn:
                 if replace:
                     conn.execute(delete(tokens).where(tokens.c.name == name))
+                    conn.execute(delete(grants).where(grants.c.name == name))
                 conn.execute(insert(tokens).values(row))
+                conn.execute(insert(grants), [{"name": name, "partition": p} for p in held])
         except IntegrityError:
             raise ValueError(f"a token named {name!r} exists; revoke it or pass replace=True") from None
         return token
 
-    def check_token(self, token: str) -> str | None:
-        """The name a token was issued to, or None if it is unknown or revoked."""
+    def check_token(self, token: str) -> Grant | None:
+        """Whom a token was issued to and what it holds, or None if it is unknown or revoked.
+
+        A token issued before tokens held partitions comes back holding none.
+        """
         if not isinstance(token, str) or not token:
             return None
         digest = _sha256(token.encode())
         with self.engine.connect() as conn:
             rows = conn.execute(select(tokens.c.name, tokens.c.token_hash)).all()
-        found = None
-        # Every stored hash is compared in constant time, so the answer's
-        # timing says nothing about how close a guess came.
-        for name, stored in rows:
-            if hmac.compare_digest(stored, digest):
-                found = name
-        return found
+            found = None
+            # Every stored hash is compared in constant time, so the answer's
+            # timing says nothing about how close a guess came.
+            for name, stored in rows:
+                if hmac.compare_digest(stored, digest):
+                    found = name
+            if found is None:
+                return None
+            held = conn.execute(select(grants.c.partition).where(grants.c.name == found)).scalars().all()
+        return Grant(found, frozenset(held))
 
     def revoke_token(self, name: str) -> bool:
         with self.engine.begin() as conn:
+            conn.execute(delete(grants).where(grants.c.name == name))
             return conn.execute(delete(tokens).where(tokens.c.name == name)).rowcount > 0
 
-    def list_tokens(self) -> list[tuple[str, float]]:
+    def list_tokens(self) -> list[tuple[str, float, list[int]]]:
+        """``(name, created_at, partitions)`` for every token, by name."""
         with self.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(select(tokens.c.name, tokens.c.created_at).order_by(tokens.c.name))]
+            held: dict[str, list[int]] = {}
+            for name, part in conn.execute(select(grants.c.name, grants.c.partition).order_by(grants.c.partition)):
+                held.setdefault(name, []).append(part)
+            rows = conn.execute(select(tokens.c.name, tokens.c.created_at).order_by(tokens.c.name)).all()
+        return [(name, created, held.get(name, [])) for name, created in rows]
 
     def client_seen(self, name: str) -> None:
         with self.engine.begin() as conn:

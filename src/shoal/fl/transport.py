@@ -12,8 +12,9 @@ you trust (a test, a single machine), since anyone who can reach the port can
 then join and read the model.
 
 A :class:`Connection` rides out a server restart: a call that finds the
-server unavailable is retried with exponential backoff (0.2 s doubling to
-5 s, jittered) for up to ``retry_for_s``. A request the server received just
+server unavailable, busy (its concurrent-call limit reached) or refusing a
+second concurrent call (ABORTED) is retried with exponential backoff (0.2 s
+doubling to 5 s, jittered) for up to ``retry_for_s``. A request the server received just
 before it went down may then arrive twice, so handlers should treat a repeat
 as harmless. Every other failure raises :class:`RpcFailed` at once.
 """
@@ -56,10 +57,13 @@ def serve(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     workers: int = 8,
+    max_concurrent_calls: int | None = None,
 ) -> tuple[grpc.Server, int]:
     """Start serving ``handlers`` (method name -> function) on ``address``.
 
-    Returns the running server and the port it bound, which is the one to
+    ``workers`` threads run the handlers; with ``max_concurrent_calls`` a call
+    beyond that many in progress is refused at once (RESOURCE_EXHAUSTED,
+    which :class:`Connection` retries) instead of queueing. Returns the running server and the port it bound, which is the one to
     dial when ``address`` ends in ``:0``. A handler may end a call with
     ``context.abort(code, details)``; any other exception becomes INTERNAL
     and is logged with its traceback.
@@ -73,6 +77,7 @@ def serve(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shoal-fl"),
         handlers=[grpc.method_handlers_generic_handler(SERVICE, methods)],
         options=_size_options(max_message_bytes),
+        maximum_concurrent_rpcs=max_concurrent_calls,
     )
     if tls is None:
         log.warning("serving on %s WITHOUT TLS: any peer that reaches it can join and read the model", address)
@@ -137,7 +142,7 @@ class Connection:
             except grpc.RpcError as e:
                 code, details = e.code(), e.details() or ""
                 left = give_up - time.monotonic()
-                if code != grpc.StatusCode.UNAVAILABLE or left <= 0:
+                if not _retryable(code, details) or left <= 0:
                     raise RpcFailed(code.name if code else "UNKNOWN", details) from None
             # Jitter keeps clients that lost the same server from returning in lockstep.
             pause = min(delay * self._rng.uniform(0.5, 1.0), left)
@@ -153,6 +158,14 @@ class Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _retryable(code: grpc.StatusCode | None, details: str) -> bool:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+        return True
+    # gRPC's own refusal when the server's concurrent-call limit is reached (a message
+    # over the size limit is RESOURCE_EXHAUSTED too, and retrying would not help it).
+    return code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in details
 
 
 def _guarded(name: str, fn: Handler) -> Handler:

@@ -99,24 +99,7 @@ def unpack(data: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, Any]
     The tensors returned own their memory and are writable; nothing refers
     back to ``data``.
     """
-    _require_little_endian()
-    data = memoryview(data).cast("B")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise WireError(f"message is {len(data)} bytes, over the limit of {max_bytes}")
-    if len(data) < _PREFIX.size:
-        raise WireError(f"too short: {len(data)} bytes, a message starts with {_PREFIX.size}")
-    magic, version, header_len = _PREFIX.unpack_from(data)
-    if magic != MAGIC:
-        raise WireError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise WireError(f"unsupported version {version}, expected {VERSION}")
-    if header_len > MAX_HEADER_BYTES:
-        raise WireError(f"header length {header_len} is over the limit of {MAX_HEADER_BYTES}")
-    if _PREFIX.size + header_len > len(data):
-        raise WireError(f"header length {header_len} runs past the end of a {len(data)}-byte message")
-    header = _parse_header(bytes(data[_PREFIX.size:_PREFIX.size + header_len]))
-    payload = data[_PREFIX.size + header_len:]
-
+    data, header, payload = _split(data, max_bytes)
     tensors: dict[str, torch.Tensor] = {}
     expected = 0
     for i, entry in enumerate(header["tensors"]):
@@ -134,6 +117,35 @@ def unpack(data: bytes, *, max_bytes: int | None = None) -> tuple[dict[str, Any]
     if expected != len(payload):
         raise WireError(f"{len(payload) - expected} trailing bytes after the last tensor")
     return header["meta"], tensors
+
+
+def peek_meta(data: bytes, *, max_bytes: int | None = None) -> dict[str, Any]:
+    """A message's ``meta`` alone, its tensors left unread (to check a token first).
+
+    Raises :class:`WireError` for what :func:`unpack` would refuse up to the
+    end of the header.
+    """
+    return _split(data, max_bytes)[1]["meta"]
+
+
+def _split(data: bytes, max_bytes: int | None) -> tuple[memoryview, dict[str, Any], memoryview]:
+    _require_little_endian()
+    data = memoryview(data).cast("B")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise WireError(f"message is {len(data)} bytes, over the limit of {max_bytes}")
+    if len(data) < _PREFIX.size:
+        raise WireError(f"too short: {len(data)} bytes, a message starts with {_PREFIX.size}")
+    magic, version, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise WireError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise WireError(f"unsupported version {version}, expected {VERSION}")
+    if header_len > MAX_HEADER_BYTES:
+        raise WireError(f"header length {header_len} is over the limit of {MAX_HEADER_BYTES}")
+    if _PREFIX.size + header_len > len(data):
+        raise WireError(f"header length {header_len} runs past the end of a {len(data)}-byte message")
+    header = _parse_header(bytes(data[_PREFIX.size:_PREFIX.size + header_len]))
+    return data, header, data[_PREFIX.size + header_len:]
 
 
 def _parse_header(raw: bytes) -> dict[str, Any]:
