@@ -69,11 +69,14 @@ class _Entry:
 class Registry(Generic[T]):
     """Implementations of one kind (``"codec"``, ``"model"``, ...) by name."""
 
-    def __init__(self, kind: str, plural: str, home: str, *, entry_points: bool = False):
+    def __init__(self, kind: str, plural: str, home: str, *, entry_points: bool = False,
+                 entry_point_needs: tuple[str, str] | None = None):
         self.kind = kind
         self.plural = plural
         self.home = home  # the package whose modules register the built-in ones
         self.entry_points = entry_points
+        # (attribute, what it means): what a user's entry point must have to be one of these.
+        self.entry_point_needs = entry_point_needs
         self._entries: dict[str, _Entry] = {}
 
     def register(self, name: str, options: type[BaseModel] = NoOptions) -> Callable[[T], T]:
@@ -121,6 +124,15 @@ class Registry(Generic[T]):
             return Component(name, entry.target, options)
         if self.entry_points and ":" in name:
             target = load_entry_point(name)
+            if self.entry_point_needs and not hasattr(target, self.entry_point_needs[0]):
+                raise ValueError(f"{self.kind} entry point {name!r} must be {self.entry_point_needs[1]}")
+            # A class that names its options model (``Options``) gets them validated like a built-in's.
+            model = getattr(target, "Options", None)
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                try:
+                    return Component(name, target, model(**raw), entry_point=True)
+                except ValidationError as err:
+                    raise ValueError(f"{self.kind} {name!r}: {_first_error(err)}") from None
             _check_call(name, target, raw)
             return Component(name, target, raw, entry_point=True)
         allowed = ", ".join(self.names())
@@ -214,7 +226,9 @@ def _first_error(err: ValidationError) -> str:
 DATASETS: Registry[Any] = Registry("dataset", "datasets", "shoal.data", entry_points=True)
 MODELS: Registry[Any] = Registry("model", "models", "shoal.models", entry_points=True)
 STRATEGIES: Registry[Any] = Registry("strategy", "strategies", "shoal.strategies")
-CODECS: Registry[Any] = Registry("codec", "codecs", "shoal.comm.codecs")
+CODECS: Registry[Any] = Registry("codec", "codecs", "shoal.comm.codecs", entry_points=True,
+                                 entry_point_needs=("capabilities", "a shoal.comm.codecs.Codec subclass "
+                                                    "(it declares `capabilities`)"))
 FED_STRATEGIES: Registry[Any] = Registry("federated strategy", "federated strategies", "shoal.fl.strategies")
 PARTITIONS: Registry[Any] = Registry("partition", "partitions", "shoal.data")
 PRUNERS: Registry[Any] = Registry("pruner", "pruners", "shoal.compress")

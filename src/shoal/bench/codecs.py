@@ -29,7 +29,7 @@ def time_codec(spec: str, x: torch.Tensor, repeats: int) -> dict[str, Any]:
     times, wire = [], 0
     for i in range(repeats + 1):
         started = time.perf_counter()
-        if hasattr(codec, "exchange"):
+        if codec.capabilities.multi_round:
             comm = LocalComm()  # PowerSGD, threshold: their own rounds, on one worker
             codec.exchange(0, x, comm)
             wire = comm.sent

@@ -124,20 +124,20 @@ def _probe_codec(
     codec = build_codec(CODECS.resolve(spec), rank=rank)
     if spec == "none":
         return 0.0, grad.numel() * grad.element_size(), True
-    if hasattr(codec, "exchange"):  # its own all-reduce rounds: time them on one worker
+    if codec.capabilities.multi_round:  # its own all-reduce rounds: time them on one worker
         comm = LocalComm()
         codec.exchange(0, grad.clone(), comm, shapes=shapes)
         seconds = _median_time(lambda: codec.exchange(0, grad.clone(), LocalComm(), shapes=shapes), repeats)
         return seconds, comm.sent, True
     payload = codec.encode(grad)
-    decodes = 1 if codec.summable else workers  # an all-gather decodes every worker's payload
+    decodes = 1 if codec.capabilities.summable else workers  # an all-gather decodes every worker's payload
 
     def once() -> None:
         p = codec.encode(grad)
         for _ in range(decodes):
             codec.decode(p)
 
-    return _median_time(once, repeats), payload.wire_bytes, codec.summable
+    return _median_time(once, repeats), payload.wire_bytes, codec.capabilities.summable
 
 
 def _probe_link(group, nbytes: int, repeats: int, device: torch.device) -> tuple[float, float]:

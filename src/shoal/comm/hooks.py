@@ -131,7 +131,7 @@ class _Round:
         dense = tensor.numel() if dense_numel is None else dense_numel  # what fp32 all-reduce would send
         codec, world, memory = state.codec, state.world_size, state.memory
         compensated = memory.compensate(name, tensor) if memory is not None else tensor
-        if codec.summable:
+        if codec.capabilities.summable:
             # Scale before the sum, as DDP's own hook does: no overflow in low
             # precision. In place: ``compensated`` is the bucket (ours to change)
             # or a fresh tensor from the memory.
@@ -158,7 +158,7 @@ class _Round:
         """The mean over workers, once the collective has completed."""
         state = self.state
         state.meter.done(self.started)
-        if state.codec.summable:
+        if state.codec.capabilities.summable:
             return state.codec.decode(self.payload).view_as(self.like)
         total = torch.zeros_like(self.like)
         for part in self.gathered.view(state.world_size, -1):
@@ -224,7 +224,7 @@ def exchange(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None
     ``shapes``: the tensors ``tensor`` concatenates, for codecs that treat
     each one apart (PowerSGD's matrices). ``dense_numel``: the entries fp32
     all-reduce would have sent, when ``tensor`` is a packed part of them."""
-    if hasattr(state.codec, "exchange"):
+    if state.codec.capabilities.multi_round:
         return _multi_round(state, name, tensor, shapes)
     pending = _Round(state, name, tensor, dense_numel=dense_numel)
     pending.future.wait()
@@ -235,7 +235,7 @@ def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.
     grad = bucket.buffer()
     params = bucket.parameters()
     _follow_layout(state, bucket.index(), params)
-    if hasattr(state.codec, "exchange"):
+    if state.codec.capabilities.multi_round:
         _adopt_restored(state, bucket.index(), params, None)
         shapes = [p.shape for p in params]
         grad.copy_(_multi_round(state, bucket.index(), grad, shapes))

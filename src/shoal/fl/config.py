@@ -27,7 +27,7 @@ from shoal.config import (
     format_error,
     gather,
 )
-from shoal.registry import CODECS, FED_STRATEGIES, PARTITIONS, load_builtins
+from shoal.registry import FED_STRATEGIES, PARTITIONS
 
 FedStrategySpec = _component(FED_STRATEGIES)
 PartitionSpec = _component(PARTITIONS)
@@ -35,9 +35,10 @@ PartitionSpec = _component(PARTITIONS)
 
 
 def uplink_codecs() -> list[str]:
-    """Codecs whose payload a server can decode alone (``Codec.standalone``)."""
-    load_builtins(CODECS)
-    return [name for name in CODECS.names() if getattr(CODECS.target(name), "standalone", True)]
+    """Codecs whose payload a server can decode alone (``Capabilities.standalone``)."""
+    from shoal.comm.codecs.base import codecs_that
+
+    return codecs_that("standalone")
 
 
 class FleetConfig(_Strict):
@@ -74,7 +75,7 @@ class FederationConfig(_Strict):
             raise ValueError(f"clients_per_round: {self.clients_per_round} exceeds clients={self.clients}")
         if self.min_clients > self.clients_per_round:
             raise ValueError(f"min_clients: {self.min_clients} exceeds clients_per_round={self.clients_per_round}")
-        if not getattr(self.codec.target, "standalone", True):
+        if not self.codec.target.capabilities.standalone:
             raise ValueError(f"codec: {self.codec.name!r} cannot be decoded by the server alone "
                              f"(allowed: {', '.join(uplink_codecs())})")
         if self.fleet.local_epochs_max is not None and self.fleet.local_epochs_max < self.local_epochs:

@@ -46,9 +46,16 @@ def fit_layer(t_small: float, b_small: int, t_large: float, b_large: int) -> tup
 class CodecModel:
     """What a codec sends for ``numel`` gradient values."""
 
-    name: str
-    summable: bool
+    name: str  # a codec spec
     messages: int = 1
+
+    @property
+    def summable(self) -> bool:
+        """All-reduced or all-gathered: as the codec's class declares it."""
+        from shoal.registry import CODECS, load_builtins
+
+        load_builtins(CODECS)
+        return CODECS.resolve(self.name).target.capabilities.summable
 
     def wire_bytes(self, layers: list[LayerCost]) -> float:
         params = sum(layer.param_bytes for layer in layers) / 4  # fp32 values
@@ -64,8 +71,8 @@ class CodecModel:
         return 4 * params
 
 
-CODECS = [CodecModel("none", True), CodecModel("fp16", True), CodecModel("powersgd:rank=4", True, messages=3),
-          CodecModel("topk:ratio=0.01", False)]
+CODECS = [CodecModel("none"), CodecModel("fp16"), CodecModel("powersgd:rank=4", messages=3),
+          CodecModel("topk:ratio=0.01")]
 
 
 @dataclass

@@ -106,9 +106,9 @@ class PipelineStrategy(Strategy):
         if ctx.world_size != self.P * self.D:
             raise ValueError(f"pipeline: stages={self.P} x dp={self.D} needs {self.P * self.D} workers; "
                              f"the job has {ctx.world_size}")
-        if self.codec_spec.name == "auto":
-            raise ValueError("pipeline: codec auto chooses per gradient bucket of data parallel; name a codec "
-                             "for the replicas' gradient average (e.g. none, fp16)")
+        if self.codec_spec.target.capabilities.per_bucket:
+            raise ValueError(f"pipeline: codec {self.codec_spec.name} chooses per gradient bucket of data parallel; "
+                             "name a codec for the replicas' gradient average (e.g. none, fp16)")
         self.V = o.virtual if o.schedule == "interleaved" else 1  # stages per rank
         self.S = self.P * self.V  # stages in all
         # A layer sequence is cut between its layers; any other model through torch.export, at its first step.
@@ -321,7 +321,7 @@ class PipelineStrategy(Strategy):
         """Indices of this rank's flat gradient whose weights are kept (None: all;
         multi-round codecs get the dense gradient, their matrices whole)."""
         masks = self.masks
-        if masks is None or not masks.masks or hasattr(self.dp_state.codec, "exchange"):
+        if masks is None or not masks.masks or self.dp_state.codec.capabilities.multi_round:
             return None
         if self.packing is not None and self.packing[0] == masks.version:
             return self.packing[1]

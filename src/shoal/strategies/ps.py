@@ -61,7 +61,7 @@ import torch.distributed as dist
 import torch.distributed.rpc as rpc
 from torch import nn
 
-from shoal.comm.codecs.base import Payload, build_codec
+from shoal.comm.codecs.base import Payload, build_codec, codecs_that
 from shoal.comm.memory import ErrorFeedback
 from shoal.parallel.partition import min_max_split
 from shoal.strategies.base import StepStats, Strategy
@@ -69,10 +69,6 @@ from shoal.training.checkpoint import LatestSaver, load_checkpoint
 from shoal.training.optim import build_optimizer
 
 log = logging.getLogger(__name__)
-
-# Codecs whose decode needs nothing but the payload (no shared random stream,
-# no extra rounds): those a server can decode alone.
-PUSHABLE_CODECS = {"none", "fp16", "bf16", "int8", "qsgd", "terngrad", "signsgd", "topk"}
 
 
 def shard_layout(numels: list[int], shards: int) -> list[list[int]]:
@@ -471,9 +467,9 @@ class PsStrategy(Strategy):
     @classmethod
     def check(cls, options: Any, codec: Any, world_size: int) -> None:
         """Refuse what this strategy cannot run (before any process is started)."""
-        if codec.name not in PUSHABLE_CODECS:
+        if not codec.target.capabilities.standalone:
             raise ValueError(f"codec {codec.name!r} cannot be decoded by a parameter server; "
-                             f"allowed: {', '.join(sorted(PUSHABLE_CODECS))}")
+                             f"allowed: {', '.join(codecs_that('standalone'))}")
 
     @classmethod
     def make_policy(cls, options: Any, workers: int) -> Any:

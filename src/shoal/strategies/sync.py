@@ -70,7 +70,7 @@ class SyncStrategy(Strategy):
             model, device_ids=device_ids, bucket_cap_mb=self.options.bucket_cap_mb, process_group=self.group
         )
         # codec: auto is decided at the first step; until then nothing is sent.
-        self.auto = self.codec_spec.options if self.codec_spec.name == "auto" else None
+        self.auto = self.codec_spec.options if self.codec_spec.target.capabilities.per_bucket else None
         self.codec_choice: AutoChoice | None = None
         if self.auto is not None:
             self.codec_spec = CODECS.resolve("none")

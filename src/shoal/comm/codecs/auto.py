@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from shoal.comm.codecs.base import Codec, CodecOptions, Payload
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions, Payload
 from shoal.registry import CODECS
 
 Candidate = Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"]
@@ -41,8 +41,9 @@ class AutoOptions(CodecOptions):
 class AutoCodec(Codec):
     """Measure link and compute at start-up, pick the codec predicted fastest to target."""
 
-    summable = True
-    standalone = False  # chooses per bucket from measurements of the cluster
+    # Chooses per bucket from measurements of the cluster; summable as far as the
+    # hook is concerned (each bucket goes through the codec chosen for it).
+    capabilities = Capabilities(summable=True, standalone=False, per_bucket=True)
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         raise RuntimeError(

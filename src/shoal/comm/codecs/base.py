@@ -1,22 +1,25 @@
 """The codec interface: a pure map tensor -> payload -> tensor.
 
 A :class:`Payload` holds exactly the tensors that travel, so its
-``wire_bytes`` is what the network carries. ``summable`` says whether payloads
-from different workers may be all-reduced (their sum decodes to the sum of the
-inputs) or must be all-gathered and decoded one by one. Shapes and dtypes of a
-payload depend only on the input's size, never on its values, so every worker
-can decode every other worker's payload with its own ``ctx``.
+``wire_bytes`` is what the network carries. Shapes and dtypes of a payload
+depend only on the input's size, never on its values, so every worker can
+decode every other worker's payload with its own ``ctx``.
+
+What a codec can do is declared once, on its class, as :class:`Capabilities`;
+every user (the DDP hook, the parameter server, the pipeline's replicas, the
+federation's config and server, ``codec: auto``, ``shoal bench codecs``, the
+planner) reads it there and nowhere else decides by a codec's name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from shoal.registry import Component
+from shoal.registry import CODECS, Component, load_builtins
 
 
 class CodecOptions(BaseModel):
@@ -52,14 +55,42 @@ class Payload:
         return Payload(tensors, self.ctx)
 
 
-class Codec:
-    """Base of all codecs; subclasses set ``summable`` and implement the two maps."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a codec can do; declared on its class as ``capabilities``."""
 
-    summable: bool = True
-    # Whether a receiver can decode a payload with nothing but its own codec
-    # (no random stream shared with the sender, no extra rounds of messages):
-    # what a federated server needs to decode a client's update.
+    # Payloads from different workers may be summed (all-reduce): their sum
+    # decodes to the sum of the inputs. Otherwise they are all-gathered and
+    # decoded one by one.
+    summable: bool
+    # A receiver decodes one payload with nothing but its own codec: no random
+    # stream shared with the sender, no extra rounds of messages. What a
+    # parameter server's shard and a federated server need.
     standalone: bool = True
+    # Collective rounds per exchange. A codec with more than one runs them
+    # itself: it implements ``exchange(name, tensor, comm, shapes)`` instead of
+    # one encode / collective / decode.
+    rounds: int = 1
+    # The payload's values are integers (levels, signs, fixed point) with at
+    # most a few float scales beside them.
+    integer: bool = False
+    # Chooses a codec for each gradient bucket from measurements of the
+    # cluster: for data parallel's DDP hook only.
+    per_bucket: bool = False
+
+    @property
+    def multi_round(self) -> bool:
+        return self.rounds > 1
+
+
+class Codec:
+    """Base of all codecs; subclasses declare ``capabilities`` and implement the two maps
+    (or, with more than one round, ``exchange``)."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(summable=True)
+    # The options a codec outside shoal takes (``codec: package.module:MyCodec:opt=...``);
+    # shoal's own are registered with theirs.
+    Options: ClassVar[type[CodecOptions]] = CodecOptions
 
     def __init__(self, options: CodecOptions, *, rank: int = 0):
         self.options = options
@@ -102,3 +133,9 @@ def per_value(scales: torch.Tensor, bucket: int, numel: int) -> torch.Tensor:
 
 def build_codec(component: Component, *, rank: int = 0) -> Codec:
     return component.target(component.options, rank=rank)
+
+
+def codecs_that(need: str) -> list[str]:
+    """The registered codecs whose capability ``need`` (a field of :class:`Capabilities`) holds."""
+    load_builtins(CODECS)
+    return [name for name in CODECS.names() if getattr(CODECS.target(name).capabilities, need)]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from shoal.comm.codecs.base import Codec, CodecOptions, Payload
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions, Payload
 from shoal.registry import CODECS
 
 
 class _HalfCodec(Codec):
-    summable = True
+    capabilities = Capabilities(summable=True)
     dtype: torch.dtype
 
     def encode(self, tensor: torch.Tensor) -> Payload:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.comm.codecs.base import Codec, CodecOptions, Payload
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions, Payload
 from shoal.registry import CODECS
 
 
@@ -16,7 +16,7 @@ class Int8Codec(Codec):
     all-gathered and decoded one by one. Error per value <= scale / 2.
     """
 
-    summable = False
+    capabilities = Capabilities(summable=False, integer=True)
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         scale = tensor.abs().max().clamp_min(1e-30) / 127

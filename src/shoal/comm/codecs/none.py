@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.comm.codecs.base import Codec, CodecOptions, Payload
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions, Payload
 from shoal.registry import CODECS
 
 
@@ -12,7 +12,7 @@ from shoal.registry import CODECS
 class NoCodec(Codec):
     """No compression: the gradient itself travels."""
 
-    summable = True
+    capabilities = Capabilities(summable=True)
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         return Payload([tensor])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from shoal.comm.codecs.base import Codec, CodecOptions
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions
 from shoal.registry import CODECS
 
 
@@ -34,8 +34,7 @@ class PowerSgdCodec(Codec):
     near-square matrix, zero-padded. Use with ``memory=ef``, as the paper does.
     """
 
-    summable = True
-    standalone = False  # two rounds of all-reduce per bucket
+    capabilities = Capabilities(summable=True, standalone=False, rounds=2)  # P, then Q
 
     def __init__(self, options: PowerSgdOptions, *, rank: int = 0):
         super().__init__(options, rank=rank)

@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from shoal.comm import bitpack
-from shoal.comm.codecs.base import Codec, CodecOptions, Payload, bucket_scales, per_value
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions, Payload, bucket_scales, per_value
 from shoal.registry import CODECS
 
 
@@ -34,7 +34,7 @@ class QsgdCodec(Codec):
     all-gather.
     """
 
-    summable = False
+    capabilities = Capabilities(summable=False, integer=True)
 
     def __init__(self, options: QsgdOptions, *, rank: int = 0):
         super().__init__(options, rank=rank)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from shoal.comm.codecs.base import Codec, CodecOptions, Payload
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions, Payload
 from shoal.registry import CODECS
 
 
@@ -23,8 +23,8 @@ class RandkCodec(Codec):
     ``memory=ef`` so the values not sent are carried to later steps.
     """
 
-    summable = True
-    standalone = False  # indices come from a random stream shared with the sender
+    # Indices come from a random stream shared with the sender.
+    capabilities = Capabilities(summable=True, standalone=False)
 
     def __init__(self, options: RandkOptions, *, rank: int = 0):
         super().__init__(options, rank=rank)

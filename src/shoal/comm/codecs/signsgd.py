@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from shoal.comm import bitpack
-from shoal.comm.codecs.base import Codec, CodecOptions, Payload
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions, Payload
 from shoal.registry import CODECS
 
 
@@ -19,7 +19,7 @@ class SignCodec(Codec):
     3. decode: scale * (2 b - 1)
     """
 
-    summable = False
+    capabilities = Capabilities(summable=False, integer=True)
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         scale = tensor.abs().mean().reshape(1).float()

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from shoal.comm import bitpack
-from shoal.comm.codecs.base import Codec, CodecOptions
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions
 from shoal.registry import CODECS
 
 
@@ -27,8 +27,7 @@ class ThresholdCodec(Codec):
     until they have grown past ``tau``.
     """
 
-    summable = False
-    standalone = False  # a count round before the values
+    capabilities = Capabilities(summable=False, standalone=False, rounds=2)  # counts, then values
 
     def exchange(
         self, name: int, tensor: torch.Tensor, comm: Any, shapes: Any = None

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from shoal.comm import bitpack
-from shoal.comm.codecs.base import Codec, CodecOptions, Payload
+from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions, Payload
 from shoal.registry import CODECS
 
 
@@ -67,7 +67,7 @@ class TopkCodec(Codec):
        payload's layout does too; a bitmap whose count is not k is refused.
     """
 
-    summable = False
+    capabilities = Capabilities(summable=False)
 
     def __init__(self, options: TopkOptions, *, rank: int = 0):
         super().__init__(options, rank=rank)
