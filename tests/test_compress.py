@@ -12,7 +12,7 @@ from torch import nn
 import shoal
 from shoal.compress import CompressError, load_artefact, read_artefact, save_artefact
 from shoal.compress.artefact import decode_tensor, encode_tensor
-from shoal.compress.base import prunable_weights
+from shoal.training.sparsity import weight_slots
 from shoal.compress.conv1d_as_2d import conv1d_as_conv2d
 from shoal.compress.load import load_trained
 from shoal.compress.measure import state_bytes
@@ -64,18 +64,18 @@ def digits_run(tmp_path, model="cnn2d:channels=8,hidden=32", steps=150):
 
 def test_global_magnitude_zeroes_exactly_the_smallest_weights_across_layers():
     model = make_model("mlp:hidden=[64,32]")
-    before = {name: getattr(m, attr).detach().clone() for name, m, attr in prunable_weights(model)}
+    before = {name: getattr(m, attr).detach().clone() for name, m, attr in weight_slots(model)}
     biases = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("bias")}
 
     result = prune("magnitude:sparsity=0.7", model)
 
     total = sum(w.numel() for w in before.values())
-    zeros = sum(int((getattr(m, a) == 0).sum()) for _, m, a in prunable_weights(model))
+    zeros = sum(int((getattr(m, a) == 0).sum()) for _, m, a in weight_slots(model))
     assert zeros == round(0.7 * total)
     removed = torch.cat([before[n][~result.masks[n]].abs() for n in before])
     kept = torch.cat([before[n][result.masks[n]].abs() for n in before])
     assert removed.max() <= kept.min()
-    for name, m, attr in prunable_weights(model):  # survivors keep their values; masks are the zeros
+    for name, m, attr in weight_slots(model):  # survivors keep their values; masks are the zeros
         assert torch.equal(getattr(m, attr), before[name] * result.masks[name])
     # global, not per layer: layers get different sparsities
     sparsities = [1 - result.masks[n].float().mean().item() for n in before]

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from shoal.training.sparsity import weight_slots as prunable_weights  # noqa: F401  (one rule for both)
-
 
 class CompressError(ValueError):
     """Input that cannot be compressed (bad spec, a checkpoint that does not fit

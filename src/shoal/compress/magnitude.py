@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils import prune
 
-from shoal.compress.base import Pruned, prunable_weights
+from shoal.compress.base import Pruned
 from shoal.registry import PRUNERS
+from shoal.training.sparsity import weight_slots
 
 
 class MagnitudeOptions(BaseModel):
@@ -45,7 +46,7 @@ def magnitude(options: MagnitudeOptions, model: nn.Module, example: torch.Tensor
     """Unstructured magnitude pruning of weights, global (default) or per layer; zeros, no shrinking."""
     if options.schedule == "gradual":
         return Pruned(model)  # the masks grow during fine-tuning (shoal.compress.finetune)
-    targets = prunable_weights(model)
+    targets = weight_slots(model)
     if options.scope == "global":
         prune.global_unstructured(
             [(module, attr) for _, module, attr in targets], pruning_method=prune.L1Unstructured,

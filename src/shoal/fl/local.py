@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shoal.comm import layout
 from shoal.comm.codecs.base import Codec, Payload
 from shoal.comm.memory import ErrorFeedback
 from shoal.config import OptimizerConfig
@@ -40,16 +41,13 @@ class FlatWeights:
 
     @torch.no_grad()
     def get(self) -> torch.Tensor:
-        return torch.cat([t.detach().reshape(-1).float().cpu() for t in self.tensors])
+        return layout.flatten(self.tensors, dtype=torch.float32).cpu()
 
     @torch.no_grad()
     def set(self, vector: torch.Tensor) -> None:
         if vector.numel() != self.numel:
             raise ValueError(f"weights have {vector.numel()} values; the model has {self.numel}")
-        offset = 0
-        for t in self.tensors:
-            t.copy_(vector[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        layout.copy_into(self.tensors, vector)
 
 
 @dataclass

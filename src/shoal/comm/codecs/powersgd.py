@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from shoal.comm import layout
 from shoal.comm.codecs.base import Capabilities, Codec, CodecOptions
 from shoal.registry import CODECS
 
@@ -102,13 +103,9 @@ class PowerSgdCodec(Codec):
     @staticmethod
     def _mean_round(parts: list[torch.Tensor], comm: Any, dense_numel: int) -> list[torch.Tensor]:
         """Mean over workers of several small matrices in one all-reduce."""
-        mean = comm.all_reduce(torch.cat([p.reshape(-1) for p in parts]), dense_numel=dense_numel)
+        mean = comm.all_reduce(layout.flatten(parts), dense_numel=dense_numel)
         mean.div_(comm.world_size)
-        out, at = [], 0
-        for p in parts:
-            out.append(mean[at : at + p.numel()].view_as(p))
-            at += p.numel()
-        return out
+        return list(layout.pieces(mean, parts))
 
     def state_dict(self) -> dict[str, Any]:
         return {"q": {k: v.cpu() for k, v in self.q.items()}, "generator": self.generator.get_state()}
