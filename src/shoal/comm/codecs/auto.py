@@ -1,7 +1,7 @@
 """``auto``: the codec is chosen at the first step from measurements of this job.
 
 Not a codec itself: the ``sync`` and ``localsgd`` strategies see it, probe
-the link and the step (``shoal.comm.auto``) and put the chosen codec in its
+the link and the step (``shoal.comm.codec_choice``) and put the chosen codec in its
 place before the first gradient is sent. Every worker makes the same choice.
 """
 
