@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from shoal.comm.auto import AutoChoice, choose_codec
+from shoal.comm.codec_choice import AutoChoice, choose_codec
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, codec_hook, residuals_by_parameter, restore_residuals
 from shoal.comm.memory import ErrorFeedback
