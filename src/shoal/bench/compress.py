@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+from rich.table import Table
 
 from shoal.bench.comm import medians
 from shoal.config import ConfigError, RunConfig, format_error, gather, load_config
@@ -243,6 +245,27 @@ def plot_pareto(results: list[dict[str, Any]], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def print_table(results: list[dict[str, Any]], options: BenchCompressOptions, repeat: int, console: Console) -> None:
+    """One line per row: each figure beside its ratio to the model's fp32 row (``-`` where that row failed)."""
+    table = Table(title=f"shoal bench compress: ONNX Runtime {options.threads} thread(s), median of "
+                        f"{options.latency_repeats} runs" + (f", medians of {repeat} seeds" if repeat > 1 else ""))
+    for column in ("model", "row", "artefact", "non-zeros", "b=1", "b=32", "accuracy"):
+        table.add_column(column, justify="left" if column in ("model", "row") else "right", no_wrap=True)
+
+    def cell(value: Any, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    for r in results:
+        if r["failed"]:
+            table.add_row(r["model"], r["label"], "FAILED", "", "", "", "")
+            continue
+        table.add_row(r["model"], r["label"], f"{r['artefact_bytes'] / 1000:,.1f} KB {cell(r['size_ratio'], '.1f')}x",
+                      f"{r['nonzero_parameters']:,}", f"{r['latency_ms_batch1']:.3f} ms {cell(r['speedup_batch1'], '.2f')}x",
+                      f"{r['latency_ms_batch32']:.3f} ms {cell(r['speedup_batch32'], '.2f')}x",
+                      f"{r['accuracy']:.4f} {cell(r['accuracy_delta'] and r['accuracy_delta'] * 100, '+.1f')}pt")
+    console.print(table)
 
 
 def profile_lines(results: list[dict[str, Any]]) -> list[str]:

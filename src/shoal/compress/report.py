@@ -1,10 +1,14 @@
-"""The printed table of a :class:`~shoal.compress.run.CompressReport`."""
+"""The printed tables of a :class:`~shoal.compress.run.CompressReport` and a
+:class:`~shoal.compress.budget.BudgetReport`."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from shoal.compress.budget import BUDGET, BudgetReport
 from shoal.compress.run import CompressReport
 
 
@@ -47,6 +51,20 @@ def print_report(report: CompressReport, console: Console) -> None:
     ]
     for line in lines:
         console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def print_budget(report: BudgetReport, console: Console) -> None:
+    """Every candidate the budget search measured, the winner in bold, then where it is."""
+    table = Table(title="shoal compress: candidates tried (latency: ONNX Runtime, batch 32, median)")
+    for column in ("candidate", "size", "latency b=32", "accuracy", "within budget"):
+        table.add_column(column, justify="left" if column == "candidate" else "right", no_wrap=True)
+    for c in report.candidates:
+        table.add_row(c.label, f"{c.size_bytes / 1000:,.1f} KB", f"{c.latency_ms_batch32:.3f} ms", f"{c.accuracy:.4f}",
+                      "yes" if c.within else "no", style="bold" if c == report.winner else None)
+    console.print(table)
+    winner = report.winner
+    console.print(f"winner: {winner.label} ({winner.spec}): {winner.file}; wrote {Path(report.out) / BUDGET}",
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 def _finetuned(run: dict) -> str:

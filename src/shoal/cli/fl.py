@@ -1,0 +1,219 @@
+"""``shoal fl ...``: federated learning from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shoal.cli.common import config_errors, err_console, fail, format_bytes
+
+fl_app = typer.Typer(help="Federated learning: certificates, tokens, a gRPC server and clients, and simulation.",
+                     no_args_is_help=True)
+
+
+def _load(config: Path, set_: list[str], **fields):
+    from shoal.fl.config import load_fl_config
+
+    with config_errors():
+        return load_fl_config(config, set_, **fields)
+
+
+@fl_app.command("simulate")
+def simulate_command(
+    config: Path = typer.Argument(..., help="YAML federated config (examples/fl_mnist1d.yaml)"),
+    clients: Optional[int] = typer.Option(None, "--clients", help="clients in the federation (fl.clients)"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="rounds to run (fl.rounds)"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key: --set fl.strategy=fedprox:mu=0.1"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default: the config's 'out')"),
+) -> None:
+    """Run every client of a federation in this process; writes metrics.jsonl, summary.json, curves.png to OUT."""
+    from shoal.fl.simulate import ClientFailed, simulate
+
+    overrides = [*set_]
+    if clients is not None:
+        overrides.append(f"fl.clients={clients}")
+    if rounds is not None:
+        overrides.append(f"fl.rounds={rounds}")
+    cfg = _load(config, overrides, out=str(out) if out else None)
+    try:
+        summary = simulate(cfg)
+    except ClientFailed as err:
+        fail(str(err), "client failed")
+    except ValueError as err:  # e.g. more clients than samples
+        fail(str(err))
+    print_fl_summary(summary)
+
+
+def print_fl_summary(summary: dict) -> None:
+    """A federated run's summary.json as a two-column table."""
+    table = Table(title=f"shoal federated run: {summary['out']}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    target = summary["target_accuracy"]
+    reached = summary["rounds_to_target"]
+    rows = [
+        ("final test accuracy", f"{summary['final_accuracy']:.4f}"),
+        ("best test accuracy", f"{summary['best_accuracy']:.4f}"),
+        ("target accuracy", "-" if target is None else f"{target:.4f}"),
+        ("rounds to target", "not reached" if reached is None
+         else f"{reached} ({summary['time_to_target_s']:.1f} s)"),
+        ("rounds", str(summary["rounds"])),
+        ("clients (per round)", f"{summary['clients']} ({summary['clients_per_round']})"),
+        ("strategy / partition / codec", f"{summary['strategy']} / {summary['partition']} / {summary['codec']}"),
+        ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
+        ("uplink / downlink", f"{format_bytes(summary['uplink_bytes'])} / {format_bytes(summary['downlink_bytes'])}"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+@fl_app.command("certs")
+def certs_command(
+    out: Path = typer.Option(..., "--out", "-o", help="directory for the CA (ca.pem, ca.key) and a folder each "
+                             "for the server (server/) and every client (NAME/), holding its key, certificate and "
+                             "ca.pem"),
+    host: list[str] = typer.Option(["localhost", "127.0.0.1"], "--host", help="a name or address clients dial "
+                                   "the server by (repeatable)"),
+    client: list[str] = typer.Option(["client"], "--client", help="a client certificate to make (repeatable)"),
+    force: bool = typer.Option(False, help="replace an existing CA (every certificate it signed stops working)"),
+) -> None:
+    """Make a federation's CA, the server's certificate and client certificates (mutual TLS).
+
+    Hand each client only its own folder, OUT/NAME; ca.key stays with whoever issues certificates.
+    """
+    from shoal.fl.certs import make_certs
+
+    try:
+        files = make_certs(out, hosts=host, clients=client, force=force)
+    except ValueError as err:
+        fail(str(err), "certs")
+    folders = sorted({p.split("/")[0] for p in files if "/" in p})
+    Console().print(f"wrote {len(files)} files to {out}: ca.pem, ca.key (keep it off the clients) and the folders "
+                    + ", ".join(f"{f}/" for f in folders), highlight=False)
+
+
+token_app = typer.Typer(help="Enrolment tokens: a client must present one to join, and may speak only for the "
+                        "partitions its token holds (stored hashed).",
+                        no_args_is_help=True)
+fl_app.add_typer(token_app, name="token")
+
+
+def _store(db: Optional[str], config: Optional[Path]):
+    from shoal.fl.config import ServerConfig
+    from shoal.fl.store import ServerStore
+
+    if db is None:
+        db = _load(config, []).server.db if config else ServerConfig().db
+    return ServerStore(db)
+
+
+_DB = typer.Option(None, "--db", help="state database: file or SQLAlchemy URL (default: the config's server.db)")
+_CONFIG = typer.Option(None, "--config", help="take server.db from this federated config")
+
+
+@token_app.command("add")
+def token_add(name: str = typer.Argument(..., help="who the token is for: the name on the client's certificate"),
+              partition: list[int] = typer.Option(..., "--partition", "-p", help="a partition the client holds "
+                                                  "(repeatable); requests for any other are refused"),
+              db: Optional[str] = _DB, config: Optional[Path] = _CONFIG,
+              replace: bool = typer.Option(False, help="replace this name's token")) -> None:
+    """Issue a token for NAME holding the given partitions; it is printed once and only its hash is kept."""
+    with _store(db, config) as store:
+        try:
+            token = store.add_token(name, partition, replace=replace)
+        except ValueError as err:
+            fail(str(err), "token")
+        shared = sorted({p for other, _, held in store.list_tokens() if other != name for p in held} & set(partition))
+    if shared:
+        err_console.print(f"note: partition(s) {', '.join(map(str, shared))} are held by another token too; "
+                          "the first to answer a round owns it", highlight=False)
+    print(token)
+
+
+@token_app.command("list")
+def token_list(db: Optional[str] = _DB, config: Optional[Path] = _CONFIG) -> None:
+    """Names holding a token, when it was issued, and the partitions it holds."""
+    import datetime
+
+    with _store(db, config) as store:
+        for name, created, held in store.list_tokens():
+            when = datetime.datetime.fromtimestamp(created).isoformat(timespec="seconds")
+            print(f"{name}\t{when}\tpartitions {','.join(map(str, held)) or 'none (re-issue with --partition)'}")
+
+
+@token_app.command("revoke")
+def token_revoke(name: str, db: Optional[str] = _DB, config: Optional[Path] = _CONFIG) -> None:
+    """Withdraw a name's token: its client is refused from the next call on."""
+    with _store(db, config) as store:
+        if not store.revoke_token(name):
+            fail(f"no token named {name!r}", "token")
+    print(f"revoked {name}")
+
+
+@fl_app.command("server")
+def server_command(
+    config: Path = typer.Argument(..., help="YAML federated config"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default: the config's 'out')"),
+    address: Optional[str] = typer.Option(None, help="HOST:PORT to listen on (server.address; port 0: any)"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="log every join, refusal and dropped client"),
+) -> None:
+    """Run the federation's server: rounds over gRPC with mutual TLS, state in server.db, resumable."""
+    import logging
+
+    from shoal.fl.server import FlServer, ServerGaveUp
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = [*set_] + ([f"server.address={address}"] if address else [])
+    cfg = _load(config, overrides, out=str(out) if out else None)
+    try:
+        server = FlServer(cfg, cfg.out)
+        summary = server.run()
+    except (ValueError, ServerGaveUp) as err:
+        fail(str(err), "server")
+    print_fl_summary(summary)
+
+
+@fl_app.command("client")
+def client_command(
+    config: Path = typer.Argument(..., help="YAML federated config (the server's)"),
+    server: str = typer.Option(..., "--server", help="HOST:PORT of the server"),
+    token: str = typer.Option(..., "--token", envvar="SHOAL_FL_TOKEN", help="enrolment token (or $SHOAL_FL_TOKEN)"),
+    partition: int = typer.Option(..., "--partition", help="which client's share of the data this is"),
+    certs: Optional[Path] = typer.Option(None, help="this client's folder from `shoal fl certs` (ca.pem, "
+                                         "NAME.pem, NAME.key; default: server.certs/NAME)"),
+    name: Optional[str] = typer.Option(None, help="this client's name: its certificate's and its token's "
+                                       "(default: the one pair in --certs)"),
+    insecure: bool = typer.Option(False, help="no TLS (only against a server run with server.insecure)"),
+    retry_for: float = typer.Option(120.0, help="seconds to keep retrying while the server is unreachable"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
+) -> None:
+    """Join a federation: train on this partition whenever selected, until the server finishes."""
+    import logging
+
+    from shoal.fl.client import run_client
+    from shoal.fl.transport import RpcFailed
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _load(config, set_)
+    if not insecure and certs is None and name is None:
+        fail("pass --certs DIR (this client's folder from `shoal fl certs`, OUT/NAME) or --name NAME "
+              f"(its folder under server.certs, {cfg.server.certs}/NAME), or --insecure", "client")
+    try:
+        tally = run_client(cfg, server=server, token=token, partition=partition,
+                           certs=None if insecure else (certs or Path(cfg.server.certs)), name=name,
+                           retry_for_s=retry_for)
+    except ValueError as err:
+        fail(str(err), "client")
+    except RpcFailed as err:
+        fail(f"the server refused or failed: {err.code}: {err.details}", "client", code=1)
+    Console().print(f"took part in {tally['rounds']} rounds ({tally['accepted']} accepted, {tally['rejected']} "
+                    f"rejected, {tally['skipped']} skipped)", highlight=False)

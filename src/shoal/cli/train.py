@@ -1,0 +1,126 @@
+"""``shoal train``: one training run on one or many workers (one or many nodes), and its summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from shoal.cli.common import config_errors, err_console, fail, format_bytes, slowdown_overrides
+from shoal.config import check_job, load_config
+
+
+def train(
+    config: Optional[Path] = typer.Argument(None, help="YAML run config (optional with --resume: the run's own config.yaml)"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="worker processes on this node"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key: --set train.steps=500 (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default: the config's 'out')"),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory from its last checkpoint"),
+    nnodes: int = typer.Option(1, help="nodes in the job (each runs this command)"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, help="HOST:PORT of the rendezvous store (multi-node)"),
+    rdzv_id: Optional[str] = typer.Option(None, help="job id shared by all nodes (multi-node)"),
+    is_host: Optional[bool] = typer.Option(None, "--is-host/--not-host", help="this node hosts the rendezvous store"),
+    local_addr: Optional[str] = typer.Option(None, help="this node's address as the others reach it"),
+    max_restarts: int = typer.Option(0, help="times the launcher may restart a failed worker group"),
+    slowdown: list[str] = typer.Option(
+        [], "--slowdown", help="RANK:FACTOR — make that worker's compute FACTOR times slower (repeatable)"
+    ),
+    kill: Optional[str] = typer.Option(
+        None, "--kill", help="RANK:STEP — SIGKILL that worker after that step, first attempt only (tests recovery); "
+        "RANK:STEP:server — the process serving its parameter shard (parameter-server strategies)"
+    ),
+) -> None:
+    """Train a model on one or many workers; writes metrics.jsonl, summary.json, curves.png and checkpoint.pt to OUT."""
+    if resume is not None:
+        if not (resume / "checkpoint.pt").is_file():
+            fail(f"--resume {resume}: no checkpoint.pt there to resume from")
+        config = config or resume / "config.yaml"
+        out = resume
+    if config is None:
+        fail("give a CONFIG file (or --resume DIR)")
+    if nnodes > 1 and not rdzv_endpoint:
+        fail("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+    with config_errors():
+        faults = kill_overrides(kill) if kill else []
+        cfg = load_config(config, [*set_, *slowdown_overrides(slowdown), *faults], workers=workers,
+                          out=str(out) if out else None)
+        if nnodes == 1:  # nodes may run different worker counts; the workers check the real world size
+            check_job(cfg, cfg.workers)
+    if cfg.backend == "nccl":
+        from shoal.worker import nccl_shortfall
+
+        shortfall = nccl_shortfall(cfg.workers)
+        if shortfall:
+            fail(shortfall)
+    from shoal.preload import start_worker_server
+
+    start_worker_server()  # its imports overlap the launcher's, next
+    from shoal.launch import JobFailed, launch
+
+    try:
+        summary = launch(
+            cfg,
+            resume=resume is not None,
+            nnodes=nnodes,
+            rdzv_endpoint=rdzv_endpoint,
+            run_id=rdzv_id,
+            is_host=is_host,
+            local_addr=local_addr,
+            max_restarts=max_restarts,
+        )
+    except JobFailed as err:
+        # Not fail(): one message per failed rank, each with its traceback.
+        for failure in err.failures:
+            err_console.print(
+                f"[red]rank {failure.rank} failed[/] (exit code {failure.exitcode}): {escape(failure.message)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            if failure.traceback:
+                err_console.print(failure.traceback.rstrip(), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+    if summary is not None:
+        print_summary(summary.model_dump())
+
+
+def kill_overrides(item: str) -> list[str]:
+    """``--kill 1:50`` -> ``--set fault.kill_rank=1 --set fault.kill_step=50``; ``1:50:server``
+    kills the process serving rank 1's parameter shard instead."""
+    rank, _, rest = item.partition(":")
+    step, _, target = rest.partition(":")
+    if not rank.strip().isdigit() or not step.strip().isdigit() or target not in ("", "worker", "server"):
+        fail(f"--kill {item!r}: expected RANK:STEP or RANK:STEP:server, e.g. 1:50")
+    return [f"fault.kill_rank={int(rank)}", f"fault.kill_step={int(step)}", f"fault.target={target or 'worker'}"]
+
+
+def print_summary(summary: dict) -> None:
+    """The run's summary.json as a two-column table."""
+    table = Table(title=f"shoal run: {summary['out']}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    ttt = summary["time_to_target_s"]
+    rows = [
+        ("final test accuracy", f"{summary['final_accuracy']:.4f}"),
+        ("best test accuracy", f"{summary['best_accuracy']:.4f}"),
+        ("target accuracy", "-" if summary["target_accuracy"] is None else f"{summary['target_accuracy']:.4f}"),
+        ("time to target", "not reached" if ttt is None else f"{ttt:.1f} s (step {summary['steps_to_target']})"),
+        ("steps", str(summary["steps"])),
+        ("workers", str(summary["workers"])),
+        ("strategy / codec", f"{summary['strategy']} / {summary['codec']}"
+         + (f" -> {summary['codec_chosen']}" if summary.get("codec_chosen") else "")),
+        ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
+        ("training time", f"{summary['train_time_s']:.1f} s"),
+        ("wall time (after setup)", f"{summary['wall_time_s']:.1f} s"),
+        ("throughput", f"{summary['samples_per_s']:,.0f} samples/s"),
+        ("wire bytes per worker", format_bytes(summary["wire_bytes_per_worker"])),
+        ("fp32 all-reduce would send", format_bytes(summary["dense_bytes_per_worker"])),
+    ]
+    if summary.get("resumed_from_step") is not None:
+        rows.append(("resumed from step", str(summary["resumed_from_step"])))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
