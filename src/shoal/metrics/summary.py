@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ class Summary(BaseModel):
 
     def write(self, path: str | Path) -> None:
         write_json_atomic(path, self.model_dump())
+
+
+def per_worker_means(totals: Sequence[float], workers: int) -> list[float]:
+    """Each of ``totals`` (summed over the workers) as the mean of one worker."""
+    return [value / workers for value in totals]
+
+
+def samples_per_s(samples_per_worker: float, workers: int, longest_clock_s: float) -> float:
+    """The job's throughput: every worker's samples over the longest worker's
+    training clock (under the parameter servers rank 0 may finish well before a
+    slow worker)."""
+    return samples_per_worker * workers / max(longest_clock_s, 1e-9)
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

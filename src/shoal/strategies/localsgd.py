@@ -25,8 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from pydantic import ConfigDict, Field, model_validator
-from torch.nn.utils import parameters_to_vector
 
+from shoal.comm import layout
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, exchange
 from shoal.registry import CODECS, STRATEGIES
@@ -79,7 +79,7 @@ class LocalSgdStrategy(SyncStrategy):
         started = time.perf_counter()
         self.choose_codec(inputs, targets)
         if self.anchor is None:
-            self.anchor = parameters_to_vector(self.model.parameters()).detach().clone()
+            self.anchor = layout.flatten(self.model.parameters())  # torch.cat: storage of its own
         # Local step: no gradient all-reduce (nanoGPT's flag, rather than no_sync()).
         self.ddp.require_backward_grad_sync = False
         self.optimizer.zero_grad(set_to_none=True)
@@ -98,16 +98,16 @@ class LocalSgdStrategy(SyncStrategy):
     @torch.no_grad()
     def _average(self) -> None:
         params = list(self.model.parameters())
-        delta = parameters_to_vector(params) - self.anchor
+        delta = layout.flatten(params) - self.anchor
         mean_delta = exchange(self.hook_state, -1, delta, shapes=[p.shape for p in params])
         self.anchor += mean_delta
-        _copy_into(params, self.anchor)
+        layout.copy_into(params, self.anchor)
 
     @torch.no_grad()
     def _average_group(self) -> None:
         """The exact mean of the group's models; the global anchor stays as it is."""
         params = list(self.model.parameters())
-        _copy_into(params, exchange(self.group_state, -2, parameters_to_vector(params)))
+        layout.copy_into(params, exchange(self.group_state, -2, layout.flatten(params)))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "steps_done": self.steps_done, "anchor": self.anchor}
@@ -117,12 +117,3 @@ class LocalSgdStrategy(SyncStrategy):
         self.steps_done = state.get("steps_done", 0)
         anchor = state.get("anchor")
         self.anchor = anchor.to(self.context.device) if anchor is not None else None
-
-
-def _copy_into(params: list[torch.Tensor], flat: torch.Tensor) -> None:
-    # copy_, not vector_to_parameters: that would make the parameters views of
-    # ``flat`` (and DDP's buckets would lose them).
-    offset = 0
-    for p in params:
-        p.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -45,6 +47,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, model_validator
 from torch import nn
 
+from shoal.comm import layout
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, exchange
 from shoal.comm.wire import WireMeter
@@ -131,17 +134,10 @@ class PipelineStrategy(Strategy):
         self.profiles: list[LayerProfile] = []
         self.segments: list[str] | None = None  # exported models, once planned: the submodule each segment begins at
         self.stage_tensors: list[list[torch.Tensor]] = []  # every stage's parameters and buffers
-        self.busy_s = 0.0  # this rank's forward/backward compute, all steps
-        self.pipeline_s = 0.0  # the schedules' wall time, all steps
-        self.first_busy_s = self.first_pipeline_s = 0.0  # of them, the first step's
-        self.steps = 0
-        self.in_flight = self.peak_in_flight = 0
         self.others: dict[int, tuple[torch.Tensor, torch.Size]] = {}  # parameters outside this rank's stages
         self.released = False
         self.model_bytes = 0
-        self.held_bytes = 0  # parameter storage while training, the most of any step
-        self.peak_step_memory = 0  # memory in use at the end of a step, the most of any step
-        self.activation_bytes = 0  # sent to the neighbouring stages, all steps
+        self.stage_meter = PipelineMeter()
         self.masks: Any = None  # sparse training (use_masks)
         self.packing: tuple[int, torch.Tensor] | None = None  # (mask version, kept entries of the dp gradient)
 
@@ -246,9 +242,7 @@ class PipelineStrategy(Strategy):
                 try:
                     return method(*args, **kwargs)
                 finally:
-                    self.busy_s += time.perf_counter() - started
-                    self.in_flight += delta
-                    self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+                    self.stage_meter.chunk(time.perf_counter() - started, delta)
             return run
 
         stage.forward_one_chunk = timed(stage.forward_one_chunk, +1)
@@ -261,7 +255,7 @@ class PipelineStrategy(Strategy):
         elif not self.released:  # an evaluation or checkpoint gave them back
             self._release()
         started = time.perf_counter()
-        busy_before = self.busy_s
+        busy_before = self.stage_meter.busy_s
         self.optimizer.zero_grad(set_to_none=True)
         first, last = self.stage_index == 0, self.stage_index == self.P - 1
         losses: list[torch.Tensor] = []
@@ -271,32 +265,28 @@ class PipelineStrategy(Strategy):
             self.schedule.step(target=targets, losses=losses)
         else:
             self.schedule.step()
-        self.pipeline_s += time.perf_counter() - started
-        if self.steps == 0:  # the first step also connects the stages' send/recv pairs: not the steady state
-            self.first_busy_s, self.first_pipeline_s = self.busy_s, self.pipeline_s
+        pipeline_s = time.perf_counter() - started
         sent = self.out_bytes + self.in_bytes  # activations forward, their gradients back
-        self.activation_bytes += sent * self.M
         if self.dp_state is not None:
             self._average_gradients()
         self.optimizer.step()
-        self.steps += 1
-        self.peak_step_memory = max(self.peak_step_memory, memory_in_use(self.context.device))
+        memory = memory_in_use(self.context.device)
         held = sum(p.numel() * p.element_size() for p in self.model.parameters())  # what really has storage
-        self.held_bytes = max(self.held_bytes, held)
+        self.stage_meter.step(pipeline_s=pipeline_s, activation_bytes=sent * self.M, memory_bytes=memory,
+                              held_bytes=held)
+        busy_s = self.stage_meter.busy_s - busy_before
         loss = torch.tensor([torch.stack(losses).mean().item() if last else 0.0], device=self.context.device)
         dist.all_reduce(loss, group=self.pp_group)  # the last stage's loss, for rank 0's log
         wire = self.meter.take()
         return StepStats(
-            loss=loss.item(), compute_s=self.busy_s - busy_before,
-            comm_s=time.perf_counter() - started - (self.busy_s - busy_before),
+            loss=loss.item(), compute_s=busy_s, comm_s=time.perf_counter() - started - busy_s,
             wire_bytes=sent * self.M + wire.wire_bytes, dense_bytes=sent * self.M + wire.dense_bytes,
             samples=len(targets) if last else 0,  # each sample counted once, by the stage that finishes it
         )
 
     @torch.no_grad()
     def _average_gradients(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.stage_params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = layout.flatten([p.grad for p in self.stage_params], like=self.stage_params)
         keep = self._kept_entries(flat.numel())
         if keep is None:
             mean = exchange(self.dp_state, self.stage_index, flat, shapes=[p.shape for p in self.stage_params])
@@ -304,10 +294,7 @@ class PipelineStrategy(Strategy):
             mean = torch.zeros_like(flat)
             if keep.numel():
                 mean[keep] = exchange(self.dp_state, self.stage_index, flat[keep], dense_numel=flat.numel())
-        offset = 0
-        for p in self.stage_params:
-            p.grad = mean[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        layout.as_grads(self.stage_params, mean)
 
     def use_masks(self, masks: Any) -> None:
         """Sparse training: the weights are ranked over the whole model, so every
@@ -342,12 +329,9 @@ class PipelineStrategy(Strategy):
         for stage, params in enumerate(self.stage_tensors):  # stage s lives on replica 0's rank s % P
             if not params:
                 continue
-            flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+            flat = layout.flatten(params, dtype=torch.float32)  # one dtype for the broadcast (buffers: ints too)
             dist.broadcast(flat, src=stage % self.P)
-            offset = 0
-            for p in params:
-                p.copy_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype))
-                offset += p.numel()
+            layout.copy_into(params, flat)  # back to each tensor's own dtype
 
     def state_dict(self) -> dict[str, Any]:
         plan = ([(r.start, r.stop) for r in self.bounds], [p.as_dict() for p in self.profiles], self.segments) \
@@ -365,44 +349,91 @@ class PipelineStrategy(Strategy):
 
     def close(self) -> dict[str, Any]:
         """Per-stage compute, bubble, memory and partition figures, gathered on every rank."""
+        mine = {**self.stage_meter.figures(), "peak_memory_bytes": peak_memory_bytes(self.context.device)}
+        everyone: list[Any] = [None] * self.context.world_size
+        dist.all_gather_object(everyone, mine)
+        return {
+            "partition": [[r.start, r.stop] for r in self.bounds],
+            **({"split_points": self._split_points()} if self.layers is None else {}),
+            **pipeline_figures(everyone, stages=self.P, virtual=self.V, microbatches=self.M, bounds=self.bounds,
+                               profiles=self.profiles, model_parameter_bytes=self.model_bytes),
+        }
+
+
+@dataclass
+class PipelineMeter:
+    """What one rank's stages did, over all steps: compute, schedule time,
+    activations held and sent, memory. :meth:`figures` is its share of the summary."""
+
+    busy_s: float = 0.0  # forward/backward compute
+    pipeline_s: float = 0.0  # the schedules' wall time
+    first_busy_s: float = 0.0  # of them, the first step's
+    first_pipeline_s: float = 0.0
+    steps: int = 0
+    in_flight: int = 0  # microbatch chunks whose activations are held now
+    peak_in_flight: int = 0
+    activation_bytes: int = 0  # sent to the neighbouring stages
+    peak_step_memory: int = 0  # memory in use at the end of a step, the most of any step
+    held_bytes: int = 0  # parameter storage while training, the most of any step
+
+    def chunk(self, seconds: float, held: int) -> None:
+        """A stage ran one chunk's forward (``held=+1``: its activations are kept) or backward (-1)."""
+        self.busy_s += seconds
+        self.in_flight += held
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def step(self, *, pipeline_s: float, activation_bytes: int, memory_bytes: int, held_bytes: int) -> None:
+        """A step ended: the schedule ran ``pipeline_s``, sent ``activation_bytes``; memory in use after it."""
+        self.pipeline_s += pipeline_s
+        if self.steps == 0:  # the first step also connects the stages' send/recv pairs: not the steady state
+            self.first_busy_s, self.first_pipeline_s = self.busy_s, self.pipeline_s
+        self.activation_bytes += activation_bytes
+        self.steps += 1
+        self.peak_step_memory = max(self.peak_step_memory, memory_bytes)
+        self.held_bytes = max(self.held_bytes, held_bytes)
+
+    def figures(self) -> dict[str, Any]:
+        """This rank's means per step, idle share and peaks (what :func:`pipeline_figures` combines)."""
         steps = max(self.steps, 1)
-        mine = {
-            "stage": self.stage_index,
+        return {
             "busy_s": self.busy_s / steps,
             "pipeline_s": self.pipeline_s / steps,
             # The idle share in the steady state: past the first step where there are more.
             "idle": _idle(self.busy_s - self.first_busy_s, self.pipeline_s - self.first_pipeline_s)
             if self.steps > 1 else _idle(self.busy_s, self.pipeline_s),
             "peak_in_flight": self.peak_in_flight,
-            "peak_memory_bytes": peak_memory_bytes(self.context.device),
             "training_memory_bytes": self.peak_step_memory,
             "held_parameter_bytes": self.held_bytes,
             "activation_bytes": self.activation_bytes,
         }
-        everyone: list[Any] = [None] * self.context.world_size
-        dist.all_gather_object(everyone, mine)
-        stages = [w for w in everyone[: self.P]]  # replica 0
-        busy = [w["busy_s"] for w in stages]
-        bubble = [w["idle"] for w in stages]
-        stage_act = [sum(self.profiles[i].activation_bytes for k in range(self.V) for i in self.bounds[r + k * self.P])
-                     for r in range(self.P)] if self.profiles else [0] * self.P  # per rank
-        return {
-            "partition": [[r.start, r.stop] for r in self.bounds],
-            **({"split_points": self._split_points()} if self.layers is None else {}),
-            "stage_compute_s": busy,
-            "stage_imbalance": max(busy) / (sum(busy) / len(busy)) if sum(busy) > 0 else None,
-            "predicted_stage_imbalance": imbalance([p.time_s for p in self.profiles], self.bounds)
-            if self.profiles else None,
-            "bubble_fraction": sum(bubble) / len(bubble),
-            "bubble_fraction_theory": (self.P - 1) / (self.V * self.M + self.P - 1),
-            "peak_memory_bytes": max(w["peak_memory_bytes"] for w in everyone),
-            "training_memory_bytes": max(w["training_memory_bytes"] for w in everyone),
-            "held_parameter_bytes": max(w["held_parameter_bytes"] for w in everyone),
-            "model_parameter_bytes": self.model_bytes,
-            "peak_activation_bytes": max(w["peak_in_flight"] * a / self.V for w, a in zip(stages, stage_act)),
-            "stage_peak_in_flight": [w["peak_in_flight"] for w in stages],  # chunk activations held, per rank
-            "activation_bytes_per_worker": sum(w["activation_bytes"] for w in everyone) / len(everyone),
-        }
+
+
+def pipeline_figures(ranks: Sequence[dict[str, Any]], *, stages: int, virtual: int, microbatches: int,
+                     bounds: Sequence[range], profiles: Sequence[LayerProfile],
+                     model_parameter_bytes: int) -> dict[str, Any]:
+    """The pipeline's summary fields from every rank's :meth:`PipelineMeter.figures`
+    (in rank order, each with its ``peak_memory_bytes``): per-stage figures from
+    replica 0 (the first ``stages`` ranks; rank r holds stages r, r+P, ...),
+    memory as the most of any rank, activations sent as the mean of all."""
+    first = ranks[:stages]  # replica 0
+    busy = [w["busy_s"] for w in first]
+    bubble = [w["idle"] for w in first]
+    stage_act = [sum(profiles[i].activation_bytes for k in range(virtual) for i in bounds[r + k * stages])
+                 for r in range(stages)] if profiles else [0] * stages  # per rank
+    return {
+        "stage_compute_s": busy,
+        "stage_imbalance": max(busy) / (sum(busy) / len(busy)) if sum(busy) > 0 else None,
+        "predicted_stage_imbalance": imbalance([p.time_s for p in profiles], bounds) if profiles else None,
+        "bubble_fraction": sum(bubble) / len(bubble),
+        "bubble_fraction_theory": (stages - 1) / (virtual * microbatches + stages - 1),
+        "peak_memory_bytes": max(w["peak_memory_bytes"] for w in ranks),
+        "training_memory_bytes": max(w["training_memory_bytes"] for w in ranks),
+        "held_parameter_bytes": max(w["held_parameter_bytes"] for w in ranks),
+        "model_parameter_bytes": model_parameter_bytes,
+        "peak_activation_bytes": max(w["peak_in_flight"] * a / virtual for w, a in zip(first, stage_act)),
+        "stage_peak_in_flight": [w["peak_in_flight"] for w in first],  # chunk activations held, per rank
+        "activation_bytes_per_worker": sum(w["activation_bytes"] for w in ranks) / len(ranks),
+    }
 
 
 def _idle(busy_s: float, pipeline_s: float) -> float:
