@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import threading
+from unittest import mock
+
 import pytest
 import torch
 
 import shoal
 from shoal.comm.codecs import build_codec
+from shoal.config import load_config
 from shoal.launch import JobFailed
+from shoal.ps.async_ps import AsyncPolicy
+from shoal.ps.backup import BackupPolicy, BackupSyncStrategy
+from shoal.ps.host import PsHost
+from shoal.ps.proxy import Call, SupervisorProxy, answers
+from shoal.ps.shard import ParameterShard, shard_layout
+from shoal.ps.ssp import SspPolicy
+from shoal.ps.strategy import parameter_server_class
+from shoal.ps.supervisor import _serve
+from shoal.training.group import TorchGroup
 from shoal.registry import CODECS, load_builtins
-from shoal.strategies.async_ps import AsyncPolicy
-from shoal.strategies.backup import BackupPolicy
-from shoal.strategies.ps import ParameterShard, shard_layout
-from shoal.strategies.ssp import SspPolicy
 from shoal.training.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
@@ -70,6 +80,44 @@ def test_backup_takes_the_mean_of_the_first_quorum_and_drops_the_late():
     late = push(shard, 2, 0, 1, torch.full((4,), 100.0), 1.0).wait()
     assert late.staleness == -1 and late.version == 1 and shard.policy.dropped == 1
     assert torch.equal(late.params, torch.full((4,), -2.0))  # dropped: nothing applied
+
+
+def test_sync_with_backup_workers_runs_as_the_parameter_server_and_plain_sync_does_not():
+    assert parameter_server_class(load_config({"strategy": "sync:backup=1"}).strategy) is BackupSyncStrategy
+    assert parameter_server_class(load_config({"strategy": "sync"}).strategy) is None
+    assert parameter_server_class(load_config({"strategy": "ssp"}).strategy).__name__ == "SspStrategy"
+
+
+def test_every_call_a_worker_makes_has_an_answer_in_its_supervisor():
+    table = answers(mock.Mock(spec=PsHost), TorchGroup(1, torch.device("cpu")))
+    assert set(table) == set(Call)
+
+
+def test_the_proxy_carries_calls_answers_errors_and_notes_over_the_pipe():
+    host = mock.Mock(spec=PsHost)
+    host.pull.return_value = ["shard 0's reply"]
+    host.load_shard_state.return_value = None
+    host.request_stop.side_effect = ValueError("not now")
+    store = mock.Mock()
+    worker_end, supervisor_end = mp.Pipe()
+    outcome: list = []
+    serving = threading.Thread(target=lambda: outcome.append(
+        _serve(supervisor_end, None, answers(host, TorchGroup(1, torch.device("cpu"))), store, "progress")))
+    serving.start()
+    proxy = SupervisorProxy(worker_end)
+
+    assert proxy.pull() == ["shard 0's reply"]
+    assert proxy.all_reduce([1.0, 2.0], op="max") == [1.0, 2.0]  # one rank: its own values
+    proxy.load_shard_state(None, [3])
+    with pytest.raises(RuntimeError, match="ValueError: not now"):
+        proxy.request_stop()
+    proxy.progress({"step": 7, "loss": float("nan")})
+    proxy.result({"steps": 7})
+    serving.join(timeout=10)
+
+    assert outcome == [("result", {"steps": 7})]
+    host.load_shard_state.assert_called_once_with(None, [3])
+    store.set.assert_called_once_with("progress", '{"step": 7, "loss": null}')
 
 
 @pytest.mark.processes

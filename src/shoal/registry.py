@@ -69,11 +69,11 @@ class _Entry:
 class Registry(Generic[T]):
     """Implementations of one kind (``"codec"``, ``"model"``, ...) by name."""
 
-    def __init__(self, kind: str, plural: str, home: str, *, entry_points: bool = False,
-                 entry_point_needs: tuple[str, str] | None = None):
+    def __init__(self, kind: str, plural: str, home: str, *, also_home: tuple[str, ...] = (),
+                 entry_points: bool = False, entry_point_needs: tuple[str, str] | None = None):
         self.kind = kind
         self.plural = plural
-        self.home = home  # the package whose modules register the built-in ones
+        self.homes = (home, *also_home)  # the packages whose modules register the built-in ones
         self.entry_points = entry_points
         # (attribute, what it means): what a user's entry point must have to be one of these.
         self.entry_point_needs = entry_point_needs
@@ -225,7 +225,7 @@ def _first_error(err: ValidationError) -> str:
 
 DATASETS: Registry[Any] = Registry("dataset", "datasets", "shoal.data", entry_points=True)
 MODELS: Registry[Any] = Registry("model", "models", "shoal.models", entry_points=True)
-STRATEGIES: Registry[Any] = Registry("strategy", "strategies", "shoal.strategies")
+STRATEGIES: Registry[Any] = Registry("strategy", "strategies", "shoal.strategies", also_home=("shoal.ps",))
 CODECS: Registry[Any] = Registry("codec", "codecs", "shoal.comm.codecs", entry_points=True,
                                  entry_point_needs=("capabilities", "a shoal.comm.codecs.Codec subclass "
                                                     "(it declares `capabilities`)"))
@@ -242,4 +242,5 @@ def load_builtins(*registries: Registry[Any]) -> None:
     strategies pull in much of torch.distributed, which a federated client
     does not need)."""
     for registry in registries or ALL:
-        importlib.import_module(registry.home)
+        for home in registry.homes:
+            importlib.import_module(home)

@@ -27,9 +27,9 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from shoal.config import ConfigError, RunConfig, load_config, validate_config
 from shoal.netem.slowdown import Slowdown
+from shoal.ps.strategy import parameter_server_class
+from shoal.ps.supervisor import RESTARTS_KEY, supervise
 from shoal.strategies.base import WorkerContext
-from shoal.strategies.ps import parameter_server_class
-from shoal.training.supervisor import RESTARTS_KEY, supervise
 
 
 def nccl_shortfall(local_workers: int) -> str | None:

@@ -69,6 +69,12 @@ class Strategy(ABC):
 
     collective_eval = True  # every rank evaluates its share; False: rank 0 alone, nobody waits
 
+    @classmethod
+    def runs_as(cls, options: Any) -> type[Strategy]:
+        """The class that runs this strategy with these options: this one, unless
+        the options ask for another topology (``sync:backup=b`` is a parameter server)."""
+        return cls
+
     def finished(self) -> bool:
         """True when the job was told to stop (parameter servers' stop at target)."""
         return False

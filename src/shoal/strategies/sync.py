@@ -43,28 +43,23 @@ class SyncOptions(BaseModel):
 
 
 @STRATEGIES.register("sync", SyncOptions)
-def sync(model, optimizer, **kwargs: Any) -> Strategy:
-    """Synchronous data parallel: DDP all-reduce through the codec hook (backup=b: first N-b gradients)."""
-    return _resolve(kwargs["options"])(model, optimizer, **kwargs)
-
-
-def _resolve(options: SyncOptions) -> type[Strategy]:
-    """The class ``sync`` runs with these options (backup=b is a parameter-server strategy)."""
-    if options.backup:
-        from shoal.strategies.backup import BackupSyncStrategy
-
-        return BackupSyncStrategy
-    return SyncStrategy
-
-
-sync.resolve = _resolve  # type: ignore[attr-defined]
-
-
 class SyncStrategy(Strategy):
-    """Synchronous all-reduce data parallel (DDP + codec hook)."""
+    """Synchronous data parallel: DDP all-reduce through the codec hook (backup=b: first N-b gradients)."""
+
+    @classmethod
+    def runs_as(cls, options: SyncOptions) -> type[Strategy]:
+        """backup=b runs on the parameter server: a collective cannot finish without every rank."""
+        if options.backup:
+            from shoal.ps.backup import BackupSyncStrategy
+
+            return BackupSyncStrategy
+        return cls
 
     def __init__(self, model, optimizer, **kwargs: Any):
         super().__init__(model, optimizer, **kwargs)
+        if self.options.backup:
+            raise RuntimeError(f"sync: backup={self.options.backup} runs as {self.runs_as(self.options).__name__}, "
+                               "under shoal's worker supervisor (shoal train / shoal.train)")
         device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
         self.ddp = DDP(
             model, device_ids=device_ids, bucket_cap_mb=self.options.bucket_cap_mb, process_group=self.group

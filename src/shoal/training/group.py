@@ -3,8 +3,8 @@
 The loop talks to the job's other ranks only at the edges of a run (does a
 checkpoint exist, restore it, gather every worker's state, sum the counters).
 :class:`TorchGroup` does that on the default process group. A worker process
-run under a supervisor (``shoal.training.supervisor``) has no process group of
-its own, since it may die and be replaced; its :class:`~shoal.training.supervisor.PipeGroup`
+run under a supervisor (``shoal.ps.supervisor``) has no process group of
+its own, since it may die and be replaced; its :class:`~shoal.ps.proxy.SupervisorProxy`
 asks the supervising process, which holds one, to do the same calls.
 """
 

@@ -5,7 +5,7 @@ Each version of the parameters takes the mean of the first N - b gradients
 computed on it and moves on; the b late ones are dropped when they arrive,
 and their workers get the current parameters back to start again. A slow
 worker therefore costs nothing but its own wasted step. Built on the
-parameter-server machinery (``shoal.strategies.ps``): collectives cannot
+parameter-server machinery (:mod:`shoal.ps`): collectives cannot
 finish without every rank.
 """
 
@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from shoal.strategies.ps import ParameterShard, PsStrategy, Reply, _done_future
+from shoal.ps.shard import ParameterShard, Policy, Reply, done_future
+from shoal.ps.strategy import PsStrategy
 
 
-class BackupPolicy:
+class BackupPolicy(Policy):
     """Mean of the first ``quorum`` pushes of each version; later ones dropped."""
 
     def __init__(self, backup: int, workers: int):
@@ -35,7 +36,7 @@ class BackupPolicy:
         with shard.lock:
             if version < shard.version:  # computed on parameters already replaced
                 self.dropped += 1
-                return _done_future(shard.reply(-1))
+                return done_future(shard.reply(-1))
             self.total = grad.clone() if self.total is None else self.total.add_(grad)
             self.count += 1
             self.lr = lr

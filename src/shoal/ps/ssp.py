@@ -11,13 +11,13 @@ step no longer hold anyone back.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from shoal.ps.shard import ParameterShard, Policy, Reply
+from shoal.ps.strategy import PsStrategy
 from shoal.registry import STRATEGIES
-from shoal.strategies.ps import ParameterShard, PsStrategy, Reply
 
 
 class SspOptions(BaseModel):
@@ -27,7 +27,7 @@ class SspOptions(BaseModel):
     staleness_lr: bool = Field(False, description="divide a push's learning rate by its staleness")
 
 
-class SspPolicy:
+class SspPolicy(Policy):
     """Apply on arrival; hold a reply while its worker is more than s clocks ahead."""
 
     def __init__(self, staleness: int, workers: int):
@@ -67,12 +67,6 @@ class SspPolicy:
             ready = self._release(shard)
         for future, reply in ready:
             future.set_result(reply)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 @STRATEGIES.register("ssp", SspOptions)

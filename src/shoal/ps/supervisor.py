@@ -3,10 +3,10 @@
 Under the parameter-server strategies a rank is two processes. The one the
 elastic launcher starts (the *supervisor*) holds what must outlive a crash:
 the process group, the RPC membership and the rank's parameter shard
-(:class:`~shoal.strategies.ps.PsHost`). It starts the *worker*, a child that
-runs the ordinary training loop and reaches everything outside itself through
-one pipe to its supervisor: pushes and pulls, the loop's few collectives
-(:class:`PipeGroup`), its counters after every step.
+(:class:`~shoal.ps.host.PsHost`). It starts the *worker*, a child that runs
+the ordinary training loop and reaches everything outside itself through one
+pipe to its supervisor (:class:`~shoal.ps.proxy.SupervisorProxy`): pushes and
+pulls, the loop's few collectives, its counters after every step.
 
 When the worker dies (a crash, SIGKILL, the OOM killer) the other ranks train
 on; the supervisor starts a new worker, which rejoins at the dead one's last
@@ -23,6 +23,8 @@ published in the job's store.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -31,78 +33,27 @@ import pickle
 import signal
 import sys
 import traceback
-from typing import Any, Literal
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from shoal.config import RunConfig, validate_config
+from shoal.ps.host import PsHost
+from shoal.ps.proxy import Call, LinkClosed, Note, SupervisorProxy, answers
+from shoal.ps.strategy import PsStrategy
 from shoal.strategies.base import WorkerContext
-from shoal.training.group import Group, TorchGroup
+from shoal.training.group import TorchGroup
 
 RESTARTS_KEY = "shoal/worker_restarts"  # job-wide count of worker (not group) restarts
 
-_HOST_CALLS = {"push", "pull", "request_stop", "close", "shard_state", "load_shard_state", "load_shard_params",
-               "set_masks"}
-_GROUP_CALLS = {"barrier", "broadcast_object", "all_gather_object", "all_reduce"}
 
-
-class LinkClosed(RuntimeError):
-    """The supervisor is gone (it died, or is killing this process)."""
-
-
-class Link:
-    """The worker's end of the pipe: ``call`` waits for the answer, ``tell`` does not."""
-
-    def __init__(self, conn: Any):
-        self.conn = conn
-
-    def _send(self, message: tuple) -> None:
-        try:
-            self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-        except (OSError, EOFError) as err:
-            raise LinkClosed("the supervising process is gone") from err
-
-    def call(self, target: str, method: str, *args: Any) -> Any:
-        self._send(("call", target, method, args))
-        try:
-            status, value = pickle.loads(self.conn.recv_bytes())
-        except (OSError, EOFError) as err:
-            raise LinkClosed("the supervising process is gone") from err
-        if status != "ok":
-            raise RuntimeError(value)
-        return value
-
-    def tell(self, what: str, *args: Any) -> None:
-        self._send(("tell", what, None, args))
-
-
-class PipeGroup(Group):
-    """The loop's collectives, done by the supervisor on its process group."""
-
-    def __init__(self, link: Link):
-        self.link = link
-
-    def barrier(self) -> None:
-        self.link.call("group", "barrier")
-
-    def broadcast_object(self, obj: Any) -> Any:
-        return self.link.call("group", "broadcast_object", obj)
-
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        return self.link.call("group", "all_gather_object", obj)
-
-    def all_reduce(self, values: list[float], op: Literal["sum", "max"] = "sum") -> list[float]:
-        return self.link.call("group", "all_reduce", values, op)
-
-
-def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist.Store, attempt: int,
+def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type[PsStrategy], *, store: dist.Store, attempt: int,
               resume: bool) -> dict[str, Any] | None:
     """Host this rank's shard, run its worker to the end (restarting it when it
     dies, while the budget lasts); rank 0 returns the run's summary."""
     from shoal.data import build_dataset
     from shoal.models import build_model
-    from shoal.strategies.ps import PsHost
     from shoal.training.checkpoint import load_weights
 
     if cfg.fault.target == "server" and cfg.fault.kill_rank is not None:
@@ -124,7 +75,8 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
 
     def start(rejoin: dict[str, Any] | None, resume: bool) -> tuple[Any, Any]:
         parent, child = spawn.Pipe()
-        worker = spawn.Process(target=_worker_main, args=(child, config, ctx, resume, attempt, rejoin, threads),
+        worker = spawn.Process(target=_worker_main,
+                               args=(child, config, ctx, strategy, resume, attempt, rejoin, threads),
                                name=f"shoal-worker-{ctx.rank}", daemon=True)
         worker.start()
         child.close()
@@ -140,9 +92,9 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
     if host.restored_version is not None:
         print(f"rank {ctx.rank}: shard {ctx.rank} restored from its checkpoint at version {host.restored_version}",
               file=sys.stderr, flush=True)
-    group = TorchGroup(ctx.world_size, ctx.device)
+    table = answers(host, TorchGroup(ctx.world_size, ctx.device))
     while True:
-        outcome, value = _serve(parent, worker, host, group, store, progress_key)
+        outcome, value = _serve(parent, worker, table, store, progress_key)
         parent.close()
         worker.join()
         if outcome == "result":
@@ -166,34 +118,33 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type, *, store: dist
         parent, worker = start(value, False) if value is not None else start(rejoin, resume)
 
 
-def _serve(conn: Any, worker: Any, host: Any, group: Group, store: dist.Store,
+def _serve(conn: Any, worker: Any, table: dict[Call, Callable[..., Any]], store: dist.Store,
            progress_key: str) -> tuple[str, Any]:
     """Answer the worker until it finishes, fails or dies. Returns ``("result",
-    summary)``, ``("error", message)`` or ``("died", last counters)``."""
+    summary)``, ``("error", (message, traceback))`` or ``("died", last counters)``."""
     last: dict[str, Any] | None = None
     while True:
         try:
-            kind, name, method, args = pickle.loads(conn.recv_bytes())
+            kind, args = pickle.loads(conn.recv_bytes())
         except (OSError, EOFError):
             return "died", last
-        if kind == "tell":
-            if name == "progress":
-                last = args[0]
-                store.set(progress_key, json.dumps(_jsonable(last)))
-            elif name == "result":
-                return "result", args[0]
-            elif name == "error":
-                return "error", args[0]
-            elif name == "die":  # fault.target=server: this process, with its shard
-                worker.kill()
-                os.kill(os.getpid(), signal.SIGKILL)
+        if kind is Note.PROGRESS:
+            last = args[0]
+            store.set(progress_key, json.dumps(_jsonable(last)))
             continue
-        allowed = _HOST_CALLS if name == "ps" else _GROUP_CALLS if name == "group" else set()
-        if method not in allowed:
-            reply: tuple[str, Any] = ("error", f"unknown call {name}.{method}")
+        if kind is Note.RESULT:
+            return "result", args[0]
+        if kind is Note.ERROR:
+            return "error", args[0]
+        if kind is Note.DIE:  # fault.target=server: this process, with its shard
+            worker.kill()
+            os.kill(os.getpid(), signal.SIGKILL)
+        answer = table.get(kind)
+        if answer is None:
+            reply: tuple[str, Any] = ("error", f"unknown call {kind!r}")
         else:
             try:
-                reply = ("ok", getattr(host if name == "ps" else group, method)(*args))
+                reply = ("ok", answer(*args))
             except Exception as err:  # the worker raises it; the job fails with its message
                 reply = ("error", f"{type(err).__name__}: {err}")
         try:
@@ -202,29 +153,31 @@ def _serve(conn: Any, worker: Any, host: Any, group: Group, store: dist.Store,
             return "died", last
 
 
-def _worker_main(conn: Any, config: dict[str, Any], ctx: WorkerContext, resume: bool, attempt: int,
-                 rejoin: dict[str, Any] | None, threads: int) -> None:
+def _worker_main(conn: Any, config: dict[str, Any], ctx: WorkerContext, strategy: type[PsStrategy], resume: bool,
+                 attempt: int, rejoin: dict[str, Any] | None, threads: int) -> None:
     """The worker process: the ordinary training loop, linked to its supervisor."""
     from shoal.netem.slowdown import Slowdown
-    from shoal.strategies.ps import set_link
     from shoal.training.loop import run_training
 
     _die_with_parent()
-    link = Link(conn)
+    supervisor = SupervisorProxy(conn)
     try:
         torch.set_num_threads(threads)
         cfg = validate_config(config)
-        set_link(link)
+        # The loop builds its strategy from cfg.strategy.target: here, the class
+        # this rank's host serves (sync:backup=b's too), handed the proxy.
+        bound = functools.partial(strategy, supervisor=supervisor)
+        cfg = cfg.model_copy(update={"strategy": dataclasses.replace(cfg.strategy, target=bound)})
         factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
         with Slowdown(factor, threads=threads, method=cfg.slowdown.method, label=f"rank {ctx.rank}") as slowdown:
             summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt,
-                                   group=PipeGroup(link), rejoin=rejoin)
-        link.tell("result", summary.model_dump() if summary is not None else None)
+                                   group=supervisor, rejoin=rejoin)
+        supervisor.result(summary.model_dump() if summary is not None else None)
     except LinkClosed:
         os._exit(1)  # the supervisor died: nothing to report to
     except BaseException as err:  # noqa: BLE001 - reported to the supervisor, which fails the job
         try:
-            link.tell("error", (f"{type(err).__name__}: {err}", traceback.format_exc()))
+            supervisor.error(f"{type(err).__name__}: {err}", traceback.format_exc())
         except LinkClosed:
             pass
         os._exit(1)

@@ -9,13 +9,12 @@ staleness: a gradient computed on version v lands on version v + k. With
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from shoal.ps.shard import ParameterShard, Policy, done_future
+from shoal.ps.strategy import PsStrategy
 from shoal.registry import STRATEGIES
-from shoal.strategies.ps import ParameterShard, PsStrategy, _done_future
 
 
 class AsyncPsOptions(BaseModel):
@@ -24,24 +23,15 @@ class AsyncPsOptions(BaseModel):
     staleness_lr: bool = Field(False, description="divide a push's learning rate by its staleness")
 
 
-class AsyncPolicy:
-    """Apply on arrival, reply at once."""
+class AsyncPolicy(Policy):
+    """Apply on arrival, reply at once; nobody waits on anybody."""
 
     def push(self, shard: ParameterShard, worker: int, version: int, clock: int, grad: torch.Tensor,
              lr: float) -> torch.futures.Future:
         with shard.lock:
             staleness = shard.version - version
             shard.apply(grad, lr, staleness)
-            return _done_future(shard.reply(staleness))
-
-    def finished(self, shard: ParameterShard, worker: int | None) -> None:
-        pass  # nobody waits on anybody
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+            return done_future(shard.reply(staleness))
 
 
 @STRATEGIES.register("async_ps", AsyncPsOptions)
