@@ -30,6 +30,38 @@ def test_global_masks_prune_the_smallest_magnitudes_over_all_layers_together():
         assert pruned.numel() == round(sparsity * 1105) and pruned.max() <= kept.min()
 
 
+class _Recorder:
+    """A strategy's side of the masks (shoal.strategies.base.Strategy), recording what it is asked."""
+
+    def __init__(self, holds: bool):
+        self.holds, self.calls = holds, []
+
+    def use_masks(self, masks):
+        self.calls.append("use_masks")
+
+    def holds_masks(self):
+        return self.holds
+
+    def before_ranking(self):
+        self.calls.append("before_ranking")
+
+    def masks_changed(self, masks):
+        self.calls.append(("masks_changed", masks.version))
+
+
+def test_the_controller_asks_the_strategy_before_ranking_and_tells_it_of_new_masks():
+    model = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))
+    holder = _Recorder(holds=True)
+    controller = SparsityController(PruneConfig(sparsity=0.5, schedule="oneshot"), model, 100, strategy=holder)
+
+    assert controller.update(0)
+    assert holder.calls == ["use_masks", "before_ranking", ("masks_changed", 1)]
+    # A worker whose masks another process enforces neither ranks nor prunes.
+    follower = _Recorder(holds=False)
+    other = SparsityController(PruneConfig(sparsity=0.5, schedule="oneshot"), model, 100, strategy=follower)
+    assert not other.update(0) and follower.calls == ["use_masks"] and other.masks == {}
+
+
 def test_the_cubic_schedule_and_when_masks_change():
     assert cubic_sparsity(0, 0.9, 0, 100) == 0.0 and cubic_sparsity(100, 0.9, 0, 100) == 0.9
     assert cubic_sparsity(50, 0.9, 0, 100) == pytest.approx(0.9 * (1 - 0.5**3))

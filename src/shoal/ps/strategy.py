@@ -127,15 +127,12 @@ class PsStrategy(Strategy):
     def finished(self) -> bool:
         return self.stopped
 
-    def use_masks(self, masks: Any) -> None:
-        """The shards enforce the masks: rank 0 decides them and sends them on;
-        every other worker's replica gets the zeros with the parameters it pulls."""
-        if self.context.rank == 0:
-            masks.publish = lambda: self._publish_masks(masks)
-        else:
-            masks.follower = True
+    # The shards enforce the masks: rank 0 decides them and sends them on; every
+    # other worker's replica gets the zeros with the parameters it pulls.
+    def holds_masks(self) -> bool:
+        return self.context.rank == 0
 
-    def _publish_masks(self, masks: Any) -> None:
+    def masks_changed(self, masks: Any) -> None:
         self.supervisor.set_masks([masks.flat_mask(self._shard_params(shard)).cpu() for shard in range(self.servers)])
 
     def request_stop(self) -> None:

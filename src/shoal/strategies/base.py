@@ -107,9 +107,22 @@ class Strategy(ABC):
         """The injected fault ``fault.target=server``: kill the process serving this rank's shard."""
         raise NotImplementedError(f"{type(self).__name__} has no parameter server")
 
+    # --- sparse training (shoal.training.sparsity): what the masks ask of a strategy ---
     def use_masks(self, masks: Any) -> None:
-        """Sparse training: ``masks`` (a :class:`shoal.training.sparsity.SparsityController`)
-        says which weights are pruned; a strategy may skip sending their gradients."""
+        """Sparse training: ``masks`` says which weights are pruned (read its
+        ``version``, ``flat_mask(params)`` and ``mask_of(param)``); a strategy
+        may skip sending their gradients."""
+
+    def holds_masks(self) -> bool:
+        """Whether this worker ranks and enforces the masks itself (False: another
+        process holds the model and enforces them, e.g. a parameter server)."""
+        return True
+
+    def before_ranking(self) -> None:
+        """Make every weight this worker ranks current (a pipeline rank holds only its stages)."""
+
+    def masks_changed(self, masks: Any) -> None:
+        """New masks are in force here: pass them on to wherever else they are enforced."""
 
     def split_batch(self, batch_size: int) -> Callable[[], list[int]] | None:
         """Every worker's share of the next global batch, or None for equal shares."""

@@ -301,8 +301,10 @@ class PipelineStrategy(Strategy):
         rank gets every stage's parameters back first (released again at the
         next step); pruned weights are zeroed where they are held, and the
         replicas of a stage (``dp``) average the kept weights' gradients only."""
-        masks.gather = self.prepare_eval
         self.masks = masks
+
+    def before_ranking(self) -> None:
+        self.prepare_eval()
 
     def _kept_entries(self, numel: int) -> torch.Tensor | None:
         """Indices of this rank's flat gradient whose weights are kept (None: all;

@@ -158,9 +158,7 @@ def _build(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slowdo
     batches.split = strategy.split_batch(cfg.data.batch_size)
     steps = total_steps(cfg, batches.steps_per_epoch)
     scheduler = build_scheduler(cfg.schedule, optimizer, steps)
-    sparsity = SparsityController(cfg.prune, model, steps) if cfg.prune is not None else None
-    if sparsity is not None:
-        strategy.use_masks(sparsity)
+    sparsity = SparsityController(cfg.prune, model, steps, strategy=strategy) if cfg.prune is not None else None
     return _Run(cfg=cfg, ctx=ctx, group=group, out=out, slowdown=slowdown, attempt=attempt, rejoin=rejoin,
                 data=data, optimizer=optimizer, strategy=strategy, batches=batches, steps=steps,
                 scheduler=scheduler, sparsity=sparsity)

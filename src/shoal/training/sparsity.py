@@ -24,12 +24,12 @@ weights forced to zero:
   Under the parameter servers (``async_ps``, ``ssp``, ``sync:backup``) the
   servers hold the model, so they hold the masks: rank 0's worker ranks its
   replica (the servers' parameters as of its last push) and sends each shard
-  its part (:attr:`SparsityController.publish`); a shard zeroes the pruned
+  its part (:meth:`Strategy.masks_changed`); a shard zeroes the pruned
   entries of every gradient it applies and of its parameters after every
   step, and the other workers hold no masks of their own (the parameters they
   pull already carry the zeros). Under ``pipeline`` a rank holds only its
   stages' weights while it trains: before ranking, every rank gets the whole
-  model back (:attr:`SparsityController.gather`), and a weight whose storage
+  model back (:meth:`Strategy.before_ranking`), and a weight whose storage
   is released is skipped when the masks are applied.
 
 The masks are ``torch.nn.utils.prune`` masks in content (1 keeps, 0 prunes,
@@ -40,13 +40,14 @@ checkpoints stay those of the dense model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from shoal.config import PruneConfig
+
 
 def weight_slots(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """``(qualified name, module, attribute)`` of every weight matrix or kernel:
@@ -91,7 +92,8 @@ def cubic_sparsity(step: int, final: float, begin: int, end: int) -> float:
 class SparsityController:
     """Holds a model's masks, updates them on the schedule, keeps pruned weights at zero."""
 
-    def __init__(self, config: PruneConfig, model: nn.Module, total_steps: int, group=None):
+    def __init__(self, config: PruneConfig, model: nn.Module, total_steps: int, group=None, *,
+                 strategy: Any = None):
         self.config = config
         self.weights = prunable_weights(model)
         if not self.weights:
@@ -101,11 +103,13 @@ class SparsityController:
         self.masks: dict[int, torch.Tensor] = {}  # id(weight) -> bool mask
         self.version = 0  # bumped at every mask change (packed buckets are rebuilt)
         self.sparsity = 0.0
-        # Set by the strategy (use_masks): who else must learn a new mask, and
-        # what must happen before the weights can be ranked.
-        self.publish: Callable[[], None] | None = None
-        self.gather: Callable[[], None] | None = None
-        self.follower = False  # this worker holds no masks: another process enforces them
+        # What the strategy asks (shoal.strategies.base.Strategy's sparse-training methods):
+        # whether this worker holds the masks, what must happen before ranking, who else
+        # must learn new masks.
+        self.strategy = strategy
+        self.follower = strategy is not None and not strategy.holds_masks()
+        if strategy is not None:
+            strategy.use_masks(self)
 
     def target(self, step: int) -> float:
         c = self.config
@@ -129,8 +133,8 @@ class SparsityController:
         magnitude again could pick other weights among equal zeros)."""
         if self.follower:
             return
-        if self.gather is not None:
-            self.gather()
+        if self.strategy is not None:
+            self.strategy.before_ranking()
         zeros = sum(int((w == 0).sum()) for w in self.weights)
         if zeros < round(sparsity * sum(w.numel() for w in self.weights)):
             # Fewer zeros than the masks in force had (parameter servers restored from an older
@@ -142,8 +146,8 @@ class SparsityController:
     @torch.no_grad()
     def _prune_to(self, wanted: float, masks: list[torch.Tensor] | None = None) -> None:
         if masks is None:
-            if self.gather is not None:
-                self.gather()
+            if self.strategy is not None:
+                self.strategy.before_ranking()
             masks = global_magnitude_masks(self.weights, wanted)
         if dist.is_initialized():
             flat = torch.cat([m.reshape(-1) for m in masks]).to(torch.uint8)
@@ -153,8 +157,8 @@ class SparsityController:
         self.masks = {id(w): m for w, m in zip(self.weights, masks)}
         self.sparsity, self.version = wanted, self.version + 1
         self.apply()
-        if self.publish is not None:
-            self.publish()
+        if self.strategy is not None:
+            self.strategy.masks_changed(self)
 
     @torch.no_grad()
     def apply(self) -> None:
