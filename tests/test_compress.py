@@ -295,7 +295,8 @@ def test_compress_api_reports_every_quantisation(tmp_path):
 
 
 def test_an_artefact_for_other_data_is_refused(tmp_path):
-    from shoal.compress.artefact import load_artefact, save_artefact
+    from shoal.compress.artefact import save_artefact
+    from shoal.models.artefact import load_artefact
     from torch import nn
 
     save_artefact(tmp_path / "m.shoal", nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), model_spec="mlp:hidden=[]",

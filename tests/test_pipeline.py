@@ -16,7 +16,8 @@ from shoal.models.transformer import TinyTransformer, TransformerOptions
 from shoal.parallel.plan import in_flight
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel import profile, split_points
-from shoal.parallel.profile import kept_state, profile_layers, sequential_layers
+from shoal.metrics.probe import kept_state
+from shoal.parallel.profile import profile_layers, sequential_layers
 from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates
 from shoal.strategies.pipeline import PipelineStrategy
 from shoal.training.checkpoint import load_checkpoint

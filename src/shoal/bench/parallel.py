@@ -39,7 +39,8 @@ from shoal.netem.costmodel import Link
 from shoal.netem.testbed import rate_bits
 from shoal.parallel.partition import equal_split
 from shoal.parallel.plan import CODECS, data_parallel, moments_per_parameter, pipeline
-from shoal.parallel.profile import model_costs, update_seconds_per_parameter
+from shoal.parallel.costs import model_costs
+from shoal.parallel.profile import update_seconds_per_parameter
 from shoal.training.optim import build_optimizer
 
 LATENCY_S = 100e-6  # the planner's per-message latency for the emulated links (veth + bridge, loaded host)

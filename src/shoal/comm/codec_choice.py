@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal.netem import costmodel
 from shoal.comm.codecs.auto import AutoOptions
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import LocalComm
-from shoal.parallel.profile import kept_state
+from shoal.metrics.probe import kept_state
+from shoal.netem import costmodel
 from shoal.registry import CODECS, Component
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from shoal.registry import MODELS
+from shoal.data.base import DatasetBundle
+from shoal.models.build import build_model
+from shoal.registry import MODELS, load_builtins, parse_spec
 
 
 class ArtefactModelOptions(BaseModel):
@@ -38,7 +41,77 @@ class ArtefactModelOptions(BaseModel):
 @MODELS.register("artefact", ArtefactModelOptions)
 def artefact(options: ArtefactModelOptions, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The model a ``shoal compress`` artefact holds, weights included."""
-    from shoal.compress.artefact import load_artefact
-
     # One read: the artefact is decompressed once, in every worker.
     return load_artefact(options.path, input_shape=input_shape, num_classes=num_classes, model=options.model).train()
+
+
+def load_artefact(path: str | Path, *, input_shape: tuple[int, ...] | None = None,
+                  num_classes: int | None = None, model: str | dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild the model an artefact holds: build its architecture, resize it
+    to the stored shapes, load the values.
+
+    The architecture is the stored model spec when it names a registered
+    model; a ``package.module:function`` model must come from the caller
+    (``model``, from its own config), never from the file. ``input_shape`` /
+    ``num_classes``: what the caller's data has; an artefact made for other
+    data is a ``ValueError``."""
+    # The file format is compress's, which builds on models: read it late, so neither imports the other first.
+    from shoal.compress.artefact import read_artefact
+    from shoal.compress.base import CompressError
+
+    header, state = read_artefact(path)
+    stored = tuple(header["input_shape"]), header["num_classes"]
+    if (input_shape is not None and tuple(input_shape) != stored[0]) or \
+            (num_classes is not None and num_classes != stored[1]):
+        raise ValueError(f"artefact {path} takes inputs {stored[0]} and {stored[1]} classes; the dataset has "
+                         f"{tuple(input_shape or stored[0])} and {num_classes or stored[1]}")
+    load_builtins(MODELS)
+    spec = model if model is not None else header["model"]
+    if model is None:
+        try:
+            name = parse_spec(spec)[0]
+        except ValueError as err:
+            raise CompressError(f"{path}: refused: its model spec does not parse ({err})") from None
+        if name not in MODELS.names():
+            raise CompressError(
+                f"{path}: refused: its model {name!r} is not one of shoal's ({', '.join(MODELS.names())}); "
+                "an entry point named by a file would import and run code the file chose. For your own "
+                f"model, name it yourself: model: {{name: artefact, path: {path}, model: {name}}}")
+    component = MODELS.resolve(spec)
+    # build_model reads only the shapes of the data bundle.
+    built = build_model(component, DatasetBundle(None, None, tuple(header["input_shape"]), header["num_classes"]))
+    resize_to(built, {name: tuple(t.shape) for name, t in state.items()})
+    built.load_state_dict(state)
+    return built.eval()
+
+
+def resize_to(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give each named parameter / buffer of ``model`` the stored shape (after
+    structured pruning) and set the layers' width attributes to match."""
+    for name, shape in shapes.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, leaf)
+        if current is None or tuple(current.shape) == shape:
+            continue
+        fresh = torch.empty(shape, dtype=current.dtype)
+        if leaf in module._parameters:
+            module._parameters[leaf] = nn.Parameter(fresh, requires_grad=current.requires_grad)
+        else:
+            module._buffers[leaf] = fresh
+    for module in model.modules():
+        _sync_widths(module)
+
+
+def _sync_widths(module: nn.Module) -> None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        first, second = module.weight.shape[0], module.weight.shape[1] * module.groups
+        module.in_channels, module.out_channels = (first, second) if module.transposed else (second, first)
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = (module.running_mean if module.running_mean is not None else module.weight).shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        module.num_channels = module.weight.shape[0]

@@ -11,7 +11,8 @@ from rich.table import Table
 from shoal.config import RunConfig
 from shoal.netem.costmodel import Link
 from shoal.parallel.plan import candidates, moments_per_parameter, recommend
-from shoal.parallel.profile import model_costs, update_seconds_per_parameter
+from shoal.parallel.costs import model_costs
+from shoal.parallel.profile import update_seconds_per_parameter
 from shoal.training.optim import build_optimizer
 
 SCALES = (64, 256, 1024)

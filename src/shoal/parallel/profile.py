@@ -9,17 +9,17 @@ median time, its parameters' bytes and its output's bytes are recorded.
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
+
+from shoal.metrics.probe import kept_state
 
 
 @dataclass
@@ -95,63 +95,6 @@ def time_forward_backward(fn: Callable[..., Any], args: tuple, repeats: int) -> 
         _sync((inputs, out))  # GPU kernels run asynchronously: time them to their end
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:]), out
-
-
-@contextmanager
-def kept_state(modules: list[nn.Module], *inputs: torch.Tensor) -> Iterator[None]:
-    """Whatever runs inside leaves the modules' buffers (running statistics) and the
-    random streams as they were: the CPU one and that of every CUDA device the
-    modules or ``inputs`` live on. Measuring must not train, and must not move
-    one rank's random stream away from the others'."""
-    tensors = [*inputs, *(t for module in modules for t in itertools.chain(module.parameters(), module.buffers()))]
-    cuda_devices = sorted({t.device.index for t in tensors if t.is_cuda})
-    buffers = [[b.clone() for b in module.buffers()] for module in modules]
-    with torch.random.fork_rng(devices=cuda_devices, device_type="cuda"):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for module, saved in zip(modules, buffers):
-                    for b, kept in zip(module.buffers(), saved):
-                        b.copy_(kept)
-
-
-def model_costs(model: nn.Module, inputs: torch.Tensor, max_stages: int, repeats: int = 5,
-                update_s_per_param: float = 0.0) -> tuple[list, list[str]]:
-    """The cost model (:class:`shoal.parallel.plan.LayerCost`) of each piece a
-    pipeline can cut ``model`` into, and the pieces' names.
-
-    An ``nn.Sequential`` is cut between its layers; any other model at the
-    ``torch.export`` split points the pipeline strategy would take for
-    ``max_stages`` stages (:func:`shoal.parallel.split_points.profile_segments`).
-    Each piece is profiled at two batch sizes, ``inputs`` and its first
-    eighth, and its time fitted as fixed + per sample; the optimizer's step
-    costs ``update_s_per_param`` per parameter.
-    """
-    from shoal.parallel.plan import LayerCost, fit_layer
-
-    large = len(inputs)
-    small = max(1, large // 8)
-    if small == large:
-        raise ValueError("profiling needs a batch of at least 2 samples")
-    if isinstance(model, nn.Sequential):
-        layers = sequential_layers(model)
-        names = [f"{index}:{type(layer).__name__}" for index, layer in enumerate(layers)]
-        big, little = profile_layers(layers, inputs, repeats), profile_layers(layers, inputs[:small], repeats)
-    else:
-        from shoal.parallel.split_points import profile_segments
-
-        names, big = profile_segments(model, inputs, max_stages, repeats)
-        small_names, little = profile_segments(model, inputs[:small], max_stages, repeats)
-        if small_names != names:  # the cuts come from the graph, not the batch: a change is a bug
-            raise RuntimeError(f"split points differ between batch {large} ({names}) and {small} ({small_names})")
-    costs = []
-    for p_big, p_small in zip(big, little):
-        fixed, per_sample = fit_layer(p_small.time_s, small, p_big.time_s, large)
-        costs.append(LayerCost(fixed_s=fixed, per_sample_s=per_sample, param_bytes=p_big.param_bytes,
-                               activation_bytes_per_sample=p_big.activation_bytes / large,
-                               matrices=p_big.matrices, update_s=update_s_per_param * p_big.param_bytes / 4))
-    return costs, names
 
 
 def update_seconds_per_parameter(model: nn.Module, make_optimizer, repeats: int = 3) -> float:

@@ -34,7 +34,8 @@ from torch import fx, nn
 from torch.distributed.pipelining import Pipe, SplitPoint, pipeline
 from torch.utils._pytree import tree_leaves, tree_map
 
-from shoal.parallel.profile import LayerProfile, kept_state, time_forward_backward, weight_matrices
+from shoal.metrics.probe import kept_state
+from shoal.parallel.profile import LayerProfile, time_forward_backward, weight_matrices
 
 
 def split_candidates(model: nn.Module, sample: torch.Tensor, stages: int) -> list[str]:
