@@ -3,26 +3,42 @@ for gradient buckets, and a blocking form for anything else (model deltas).
 
 The hook follows the shape of PyTorch's ``ddp_comm_hooks``: a state object plus
 a plain function ``hook(state, bucket) -> Future[Tensor]``, so DDP keeps its
-bucketing and backward overlap. Per tensor:
+bucketing and backward overlap, and cross-cutting features wrap the exchange
+as ``fp16_compress_wrapper`` wraps a hook (GRACE's compressor / memory /
+communicator split). Per bucket:
 
-1. compensate with the error-feedback residual (``memory=ef``)
-2. encode; what the local payload decodes to updates the residual
-3. summable payloads: all-reduce each tensor, decode the sum, divide by N;
-   others: all-gather the payload's bytes in one collective, decode each
-   worker's payload, average
-4. codecs with several dependent rounds (PowerSGD, threshold) run them inside the call,
-   blocking, so every rank issues its collectives in the same order
+1. residuals follow their parameters when DDP regroups its buckets
+   (:mod:`shoal.comm.residual_layout`)
+2. mask packing (sparse training): only the kept entries go on (:func:`_with_mask_packing`)
+3. error feedback (``memory=ef``): compensate with the residual, and keep what
+   the local payload did not carry (:func:`_with_error_feedback`)
+4. the codec exchange proper (:func:`_codec_exchange`): encode, one collective
+   (summable payloads all-reduced, others' bytes all-gathered), decode, average;
+   codecs with several dependent rounds (PowerSGD, threshold) run them inside
+   the call, blocking, so every rank issues its collectives in the same order.
+   Every collective is metered (:class:`shoal.comm.metered.MeteredComm`).
 """
 
 # No "from __future__ import annotations": DDP checks the hook's real annotations.
-from typing import Any
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from shoal.comm.codecs.base import Codec
 from shoal.comm.memory import ErrorFeedback
+from shoal.comm.metered import LocalComm, MeteredComm
+from shoal.comm.residual_layout import adopt_restored, follow_layout, residuals_by_parameter, restore_residuals
 from shoal.comm.wire import WireMeter
+
+__all__ = ["CodecHookState", "LocalComm", "codec_hook", "exchange", "kept_entries", "local_gradient_hook",
+           "residuals_by_parameter", "restore_residuals"]
+
+# LocalComm, residuals_by_parameter and restore_residuals are imported from here by other
+# modules; the residual re-layout also under the names it had when it lived here (tests).
+_adopt_restored, _follow_layout = adopt_restored, follow_layout
 
 
 class CodecHookState:
@@ -40,66 +56,116 @@ class CodecHookState:
         self.masks: Any = None
         self.packed: dict[int, tuple[tuple[int, ...], int, torch.Tensor]] = {}
         # Each bucket's parameters as last seen, and residuals restored per
-        # parameter that wait for the bucket they now belong to: DDP orders a
-        # bucket's parameters one way in its first step and another after it
-        # rebuilds its buckets, so a checkpoint keeps residuals by parameter.
+        # parameter that wait for the bucket they now belong to (shoal.comm.residual_layout).
         self.layouts: dict[int, list[torch.Tensor]] = {}
         self.restored: dict[int, torch.Tensor] = {}  # id(parameter) -> its dense residual
 
 
-def _split_residual(state: CodecHookState, bucket: int) -> dict[int, torch.Tensor]:
-    """A bucket's residual cut per parameter of its last layout, dense (pruned entries zero), by id."""
-    residual, params = state.memory.residuals.get(bucket), state.layouts.get(bucket)
-    if residual is None or params is None:
-        return {}
-    numel = sum(p.numel() for p in params)
-    packed = state.packed.get(bucket)
-    if packed is not None and packed[0] == tuple(id(p) for p in params) and residual.numel() == packed[2].numel() != numel:
-        residual = residual.new_zeros(numel).index_put_((packed[2],), residual)
-    if residual.numel() != numel:
-        return {}  # a stale one
-    return {id(p): part.clone() for p, part in zip(params, residual.detach().split([p.numel() for p in params]))}
+class _Pending(Protocol):
+    """An exchange on its way: ``result()``, the mean over workers, once ``future`` has completed."""
+
+    future: torch.futures.Future
+
+    def result(self) -> torch.Tensor: ...
 
 
-def residuals_by_parameter(state: CodecHookState, names: dict[int, str]) -> dict[str, torch.Tensor]:
-    """The error-feedback residuals cut per parameter, dense (pruned entries zero), by name."""
-    out: dict[str, torch.Tensor] = {}
-    if state.memory is None:
-        return out
-    for bucket in state.memory.residuals:
-        out.update({names[pid]: part.cpu() for pid, part in _split_residual(state, bucket).items()})
-    for pid, residual in state.restored.items():  # restored, not yet used: kept as they came
-        out.setdefault(names[pid], residual.cpu())
-    return out
+# Told (what was encoded, what this worker's payload decodes to), both in the input's units.
+OnEncoded = Callable[[torch.Tensor, torch.Tensor], None]
+Exchange = Callable[..., _Pending]
 
 
-def _follow_layout(state: CodecHookState, name: int, params: list[torch.Tensor]) -> None:
-    """DDP regrouped its buckets (after its first step): every residual is cut per parameter
-    by the layout it was made in, and each bucket puts its own together again when it runs
-    (a parameter may have moved to a bucket that runs earlier)."""
-    before = state.layouts.get(name)
-    if before is not None and state.memory is not None and [id(p) for p in before] != [id(p) for p in params]:
-        for bucket in list(state.memory.residuals):
-            state.restored.update(_split_residual(state, bucket))
-        state.memory.residuals.clear()
-        state.packed.clear()
-    state.layouts[name] = params
+class _Round:
+    """One round of the codec exchange: encode, ONE collective in flight, decode when it lands."""
+
+    def __init__(self, state: CodecHookState, tensor: torch.Tensor, dense_numel: int | None = None,
+                 on_encoded: OnEncoded | None = None):
+        self.state, self.like = state, tensor
+        self.comm = MeteredComm(state.meter, state.group, state.world_size)
+        dense = tensor.numel() if dense_numel is None else dense_numel  # what fp32 all-reduce would send
+        codec, world = state.codec, state.world_size
+        if codec.capabilities.summable:
+            # Scale before the sum, as DDP's own hook does: no overflow in low
+            # precision. In place, the hot path: ``tensor`` is the bucket (ours to
+            # change), its packed entries, or a fresh compensated tensor.
+            scaled = tensor.div_(world)
+            self.payload = codec.encode(scaled)
+            if on_encoded is not None:  # before the all-reduce sums the payload in place
+                on_encoded(scaled * world, codec.decode(self.payload) * world)
+            self.started, self.future = self.comm.start_all_reduce(self.payload.tensors, dense)
+        else:
+            self.payload = codec.encode(tensor)
+            if on_encoded is not None:
+                on_encoded(tensor, codec.decode(self.payload))
+            send = self.payload.to_bytes()
+            self.gathered = send.new_empty(world * send.numel())
+            self.started, self.future = self.comm.start_all_gather(self.gathered, send, dense)
+
+    def result(self) -> torch.Tensor:
+        """The mean over workers, once the collective has completed."""
+        state = self.state
+        self.comm.done(self.started)
+        if state.codec.capabilities.summable:
+            return state.codec.decode(self.payload).view_as(self.like)
+        total = torch.zeros_like(self.like)
+        for part in self.gathered.view(state.world_size, -1):
+            total += state.codec.decode(self.payload.from_bytes(part)).view_as(self.like)
+        return total.div_(state.world_size)
 
 
-def restore_residuals(state: CodecHookState, saved: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> None:
-    """Residuals saved by :func:`residuals_by_parameter`, each bucket's put together when it first runs."""
-    state.restored = {id(params[name]): residual for name, residual in saved.items() if name in params}
-    if state.memory is not None:
-        state.memory.residuals.clear()
+class _Landed:
+    """An exchange already complete (a multi-round codec's, a bucket with nothing to send)."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+        self.future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        self.future.set_result(value)
+
+    def result(self) -> torch.Tensor:
+        return self.value
 
 
-def _adopt_restored(state: CodecHookState, name: int, params: list[torch.Tensor], keep: torch.Tensor | None) -> None:
-    if state.memory is None or not state.restored or not any(id(p) in state.restored for p in params):
-        return
-    parts = [state.restored.pop(id(p), None) for p in params]
-    dense = torch.cat([part.to(p.device).reshape(-1) if part is not None else p.new_zeros(p.numel())
-                       for part, p in zip(parts, params)])
-    state.memory.residuals[name] = dense if keep is None else dense[keep]
+def _codec_exchange(state: CodecHookState, name: int, tensor: torch.Tensor, *, shapes=None,
+                    dense_numel: int | None = None, on_encoded: OnEncoded | None = None) -> _Pending:
+    """The codec exchange proper: one round, or a multi-round codec's own (blocking)."""
+    if not state.codec.capabilities.multi_round:
+        return _Round(state, tensor, dense_numel, on_encoded)
+    comm = MeteredComm(state.meter, state.group, state.world_size)
+    result, local = state.codec.exchange(name, tensor, comm, shapes=shapes)
+    if on_encoded is not None:
+        on_encoded(tensor, local)
+    return _Landed(result)
+
+
+def _with_error_feedback(exchange: Exchange) -> Exchange:
+    """``exchange`` with error feedback (Seide et al. 2014; Karimireddy et al. 2019):
+
+    1. compensate: add the residual left by the tensor's last exchange
+    2. exchange the sum
+    3. the new residual: the sum minus what this worker's payload decodes to"""
+
+    def with_memory(state: CodecHookState, name: int, tensor: torch.Tensor, **options: Any) -> _Pending:
+        memory = state.memory
+        compensated = memory.compensate(name, tensor)
+        return exchange(state, name, compensated, on_encoded=partial(memory.update, name), **options)
+
+    return with_memory
+
+
+def _exchange_of(state: CodecHookState) -> Exchange:
+    """The codec exchange, with error feedback around it when the codec's options ask (``memory=ef``)."""
+    return _codec_exchange if state.memory is None else _with_error_feedback(_codec_exchange)
+
+
+def exchange(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None,
+             dense_numel: int | None = None) -> torch.Tensor:
+    """Blocking: the mean over workers of ``tensor``, sent through the codec.
+
+    ``shapes``: the tensors ``tensor`` concatenates, for codecs that treat
+    each one apart (PowerSGD's matrices). ``dense_numel``: the entries fp32
+    all-reduce would have sent, when ``tensor`` is a packed part of them."""
+    pending = _exchange_of(state)(state, name, tensor, shapes=shapes, dense_numel=dense_numel)
+    pending.future.wait()
+    return pending.result()
 
 
 def kept_entries(state: CodecHookState, bucket: dist.GradBucket) -> torch.Tensor | None:
@@ -123,146 +189,52 @@ def kept_entries(state: CodecHookState, bucket: dist.GradBucket) -> torch.Tensor
     return keep
 
 
-class _Round:
-    """One encoded tensor on its way: the collective in flight and how to finish it."""
+class _Scattered:
+    """The exchange of a bucket's kept entries, its result the whole bucket: zeros elsewhere."""
 
-    def __init__(self, state: CodecHookState, name: int, tensor: torch.Tensor, dense_numel: int | None = None):
-        self.state, self.like = state, tensor
-        dense = tensor.numel() if dense_numel is None else dense_numel  # what fp32 all-reduce would send
-        codec, world, memory = state.codec, state.world_size, state.memory
-        compensated = memory.compensate(name, tensor) if memory is not None else tensor
-        if codec.capabilities.summable:
-            # Scale before the sum, as DDP's own hook does: no overflow in low
-            # precision. In place: ``compensated`` is the bucket (ours to change)
-            # or a fresh tensor from the memory.
-            scaled = compensated.div_(world)
-            self.payload = codec.encode(scaled)
-            if memory is not None:
-                compensated, local = scaled * world, codec.decode(self.payload) * world
-            self.started = state.meter.sent(self.payload.tensors, dense)
-            futures = [dist.all_reduce(t, group=state.group, async_op=True).get_future() for t in self.payload.tensors]
-            # One payload tensor (fp32, fp16, ...) needs no collect_all round.
-            self.future = futures[0] if len(futures) == 1 else torch.futures.collect_all(futures)
-        else:
-            self.payload = codec.encode(compensated)
-            if memory is not None:
-                local = codec.decode(self.payload)
-            send = self.payload.to_bytes()
-            self.gathered = send.new_empty(world * send.numel())
-            self.started = state.meter.sent([send], dense)
-            self.future = dist.all_gather_single(self.gathered, send, group=state.group, async_op=True).get_future()
-        if memory is not None:
-            memory.update(name, compensated, local)
+    def __init__(self, kept: _Pending, grad: torch.Tensor, keep: torch.Tensor):
+        self.kept, self.grad, self.keep = kept, grad, keep
+        self.future = kept.future
 
     def result(self) -> torch.Tensor:
-        """The mean over workers, once the collective has completed."""
-        state = self.state
-        state.meter.done(self.started)
-        if state.codec.capabilities.summable:
-            return state.codec.decode(self.payload).view_as(self.like)
-        total = torch.zeros_like(self.like)
-        for part in self.gathered.view(state.world_size, -1):
-            total += state.codec.decode(self.payload.from_bytes(part)).view_as(self.like)
-        return total.div_(state.world_size)
+        mean = self.kept.result()
+        # In the bucket's own buffer: layout.unpack would build another dense vector
+        # (and count the mask's entries, a device sync per bucket).
+        return self.grad.zero_().index_put_((self.keep,), mean)
 
 
-class _MeteredComm:
-    """Blocking, metered all-reduce for codecs that run their own rounds."""
+def _with_mask_packing(exchange: Exchange) -> Callable[..., _Pending]:
+    """``exchange`` of a bucket's kept entries only (``keep``, from :func:`kept_entries`;
+    None: all of them): the pruned weights' part of the mean is zero."""
 
-    def __init__(self, state: CodecHookState):
-        self.state = state
-        self.world_size = state.world_size
+    def kept_only(state: CodecHookState, name: int, grad: torch.Tensor, keep: torch.Tensor | None) -> _Pending:
+        if keep is None:
+            return exchange(state, name, grad)
+        if not keep.numel():  # every weight in it pruned, on every rank (one mask): nothing to send
+            return _Landed(grad.zero_())
+        return _Scattered(exchange(state, name, grad[keep], dense_numel=grad.numel()), grad, keep)
 
-    def all_reduce(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
-        started = self.state.meter.sent([tensor], dense_numel)
-        dist.all_reduce(tensor, group=self.state.group)
-        self.state.meter.done(started)
-        return tensor
-
-    def all_gather(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
-        """Every worker's ``tensor`` (same shape on all), stacked along a new first axis."""
-        gathered = tensor.new_empty((self.world_size, *tensor.shape))
-        started = self.state.meter.sent([tensor], dense_numel)
-        dist.all_gather_single(gathered.view(-1), tensor.reshape(-1), group=self.state.group)
-        self.state.meter.done(started)
-        return gathered
+    return kept_only
 
 
-class LocalComm:
-    """A one-worker stand-in for :class:`_MeteredComm`: no network, bytes counted.
-
-    For timing a multi-round codec's own compute (``shoal bench codecs``,
-    ``codec: auto``'s probe) and reading what it would send."""
-
-    world_size = 1
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def all_reduce(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
-        self.sent += tensor.numel() * tensor.element_size()
-        return tensor
-
-    def all_gather(self, tensor: torch.Tensor, dense_numel: int = 0) -> torch.Tensor:
-        self.sent += tensor.numel() * tensor.element_size()
-        return tensor.unsqueeze(0)
-
-
-def _multi_round(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None) -> torch.Tensor:
-    memory = state.memory
-    compensated = memory.compensate(name, tensor) if memory is not None else tensor
-    result, local = state.codec.exchange(name, compensated, _MeteredComm(state), shapes=shapes)
-    if memory is not None:
-        memory.update(name, compensated, local)
-    return result
-
-
-def exchange(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None,
-             dense_numel: int | None = None) -> torch.Tensor:
-    """Blocking: the mean over workers of ``tensor``, sent through the codec.
-
-    ``shapes``: the tensors ``tensor`` concatenates, for codecs that treat
-    each one apart (PowerSGD's matrices). ``dense_numel``: the entries fp32
-    all-reduce would have sent, when ``tensor`` is a packed part of them."""
-    if state.codec.capabilities.multi_round:
-        return _multi_round(state, name, tensor, shapes)
-    pending = _Round(state, name, tensor, dense_numel=dense_numel)
-    pending.future.wait()
-    return pending.result()
+def _into(grad: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    if result.data_ptr() != grad.data_ptr():
+        grad.copy_(result)
+    return grad
 
 
 def codec_hook(state: CodecHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    grad = bucket.buffer()
-    params = bucket.parameters()
-    _follow_layout(state, bucket.index(), params)
-    if state.codec.capabilities.multi_round:
-        _adopt_restored(state, bucket.index(), params, None)
-        shapes = [p.shape for p in params]
-        grad.copy_(_multi_round(state, bucket.index(), grad, shapes))
-        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        done.set_result(grad)
-        return done
-    keep = kept_entries(state, bucket)
-    _adopt_restored(state, bucket.index(), params, keep)
-    if keep is not None and not keep.numel():  # every weight in it pruned, on every rank (one mask)
-        grad.zero_()
-        nothing: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        nothing.set_result(grad)
-        return nothing
-    if keep is None:
-        pending = _Round(state, bucket.index(), grad)
-    else:  # pruned weights: send the kept entries only, the rest of the mean is zero
-        pending = _Round(state, bucket.index(), grad[keep], dense_numel=grad.numel())
-
-    def finish(_: torch.futures.Future) -> torch.Tensor:
-        result = pending.result()
-        if keep is not None:
-            grad.zero_().index_put_((keep,), result)
-        elif result.data_ptr() != grad.data_ptr():
-            grad.copy_(result)
-        return grad
-
-    return pending.future.then(finish)
+    name, grad, params = bucket.index(), bucket.buffer(), bucket.parameters()
+    follow_layout(state, name, params)
+    if state.codec.capabilities.multi_round:  # its rounds cut the bucket at the parameters: sent whole
+        adopt_restored(state, name, params, None)
+        pending = _exchange_of(state)(state, name, grad, shapes=[p.shape for p in params])
+    else:
+        keep = kept_entries(state, bucket)
+        adopt_restored(state, name, params, keep)
+        pending = _with_mask_packing(_exchange_of(state))(state, name, grad, keep)
+    # The collective's own value is not read: the round decodes what landed in its buffers.
+    return pending.future.then(lambda _: _into(grad, pending.result()))
 
 
 def local_gradient_hook(_: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
