@@ -20,6 +20,14 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # frozenset of its modules. Remove an entry when its cycle is gone; the test
 # fails on any cycle not listed here, and on a listed one that has gone away.
 KNOWN_CYCLES: set[frozenset[str]] = set()
+# The same, counting imports inside functions. One stands: models/artefact reads
+# the artefact file with compress/artefact at call time, and importing that runs
+# compress/__init__, which imports compress.run, which builds models. Moving the
+# file format out of compress/ (with the error type its readers raise) ends it.
+KNOWN_CALL_TIME_CYCLES: set[frozenset[str]] = {
+    frozenset({"shoal.compress", "shoal.compress.budget", "shoal.compress.load", "shoal.compress.run",
+               "shoal.models", "shoal.models.artefact"}),
+}
 
 
 def module_names(src: Path = SRC) -> dict[str, Path]:
@@ -60,14 +68,36 @@ def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
-def import_graph(src: Path = SRC) -> dict[str, set[str]]:
-    """Module -> the shoal modules its top-level imports run."""
+def _is_type_checking(node: ast.stmt) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+                                         or isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _every_import(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement that can run, in functions too (not under TYPE_CHECKING)."""
+    found: list[ast.Import | ast.ImportFrom] = []
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif _is_type_checking(node):
+            found.extend(_every_import(ast.Module(body=node.orelse, type_ignores=[])))
+        else:
+            found.extend(_every_import(node))
+    return found
+
+
+def import_graph(src: Path = SRC, *, at_call_time: bool = False) -> dict[str, set[str]]:
+    """Module -> the shoal modules its top-level imports run (``at_call_time``:
+    and those its functions import when they run)."""
     modules = module_names(src)
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         package = name if _is_package(name, modules) else name.rpartition(".")[0]
         targets: set[str] = set()
-        for node in _top_level_imports(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        imports = _every_import(tree) if at_call_time else _top_level_imports(tree)
+        for node in imports:
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
                 continue
@@ -153,12 +183,22 @@ def test_no_import_cycle_among_shoals_modules_at_module_level():
     assert not gone, f"cycles listed in KNOWN_CYCLES no longer exist (remove them): {gone}"
 
 
+def test_no_import_cycle_among_shoals_modules_even_counting_imports_inside_functions():
+    # Deferred imports break a cycle at import time but not in the design: a module
+    # that needs another's function at call time still depends on it.
+    found = set(cycles(import_graph(at_call_time=True)))
+    new = [sorted(c) for c in found - KNOWN_CALL_TIME_CYCLES]
+    gone = [sorted(c) for c in KNOWN_CALL_TIME_CYCLES - found]
+    assert not new, f"import cycles through imports inside functions: {new}"
+    assert not gone, f"cycles listed in KNOWN_CALL_TIME_CYCLES no longer exist (remove them): {gone}"
+
+
 def test_the_parameter_server_package_is_in_no_cycle_of_packages():
     # shoal.ps builds on strategies/ and on training's helpers (checkpoint, optim,
     # group); training/ and strategies/ reach it only at call time (the worker
-    # process's loop, SyncStrategy.runs_as). Elsewhere comm/, parallel/,
-    # strategies/ and training/ form a package-level cycle today (comm.codec_choice
-    # -> parallel.profile, parallel.planner -> training.optim): not this test's.
+    # process's loop, SyncStrategy.runs_as). Elsewhere parallel/, training/ and
+    # strategies/ form a package-level cycle today (parallel.planner ->
+    # training.optim -> ... -> strategies.pipeline -> parallel): not this test's.
     packages = package_graph(import_graph())
     assert "shoal.ps" in packages and "shoal.training" in packages["shoal.ps"]
     tangled = [sorted(c) for c in cycles(packages) if "shoal.ps" in c]

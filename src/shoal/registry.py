@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, TypeVar
@@ -243,4 +244,10 @@ def load_builtins(*registries: Registry[Any]) -> None:
     does not need)."""
     for registry in registries or ALL:
         for home in registry.homes:
-            importlib.import_module(home)
+            package = importlib.import_module(home)
+            # Every module of the package: a new implementation is one file and its
+            # decorator, and the package's __init__ need not import it (nor, through
+            # it, everything else the package holds).
+            for module in pkgutil.iter_modules(getattr(package, "__path__", [])):
+                if not module.name.startswith("_"):
+                    importlib.import_module(f"{home}.{module.name}")

@@ -50,4 +50,3 @@ and the push's application. Evaluation runs on rank 0 alone, on its replica as
 of its last pull, so no worker ever waits for another to evaluate.
 """
 
-from shoal.ps import async_ps, ssp  # noqa: F401  (register in shoal.registry.STRATEGIES)

@@ -5,6 +5,5 @@ The parameter-server strategies (``async_ps``, ``ssp``, ``sync:backup=b``) live 
 """
 
 from shoal.strategies.base import StepStats, Strategy, WorkerContext
-from shoal.strategies import ddp_baseline, localsgd, pipeline, sync  # noqa: F401  (registers)
 
 __all__ = ["StepStats", "Strategy", "WorkerContext"]
