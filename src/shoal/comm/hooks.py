@@ -169,14 +169,19 @@ def exchange(state: CodecHookState, name: int, tensor: torch.Tensor, shapes=None
 
 
 def kept_entries(state: CodecHookState, bucket: dist.GradBucket) -> torch.Tensor | None:
-    """Indices of the bucket's entries whose weights are not pruned (None: send it all).
+    """Indices of the bucket's entries whose weights are not pruned (None: send it all)."""
+    return packed_entries(state, bucket.index(), bucket.parameters(), bucket.buffer().numel())
 
-    Rebuilt when the masks change or DDP regroups its buckets; an error-feedback
+
+def packed_entries(state: CodecHookState, name: int, params: list[torch.Tensor], numel: int) -> torch.Tensor | None:
+    """Indices of the entries of ``params``' flat gradient (``numel`` of them, sent
+    under ``name``) whose weights are not pruned; None without masks.
+
+    Rebuilt when the masks change or the parameters regroup; an error-feedback
     residual is carried over to the new packing."""
     masks = state.masks
     if masks is None or not masks.masks:
         return None
-    name, params = bucket.index(), bucket.parameters()
     ids = tuple(id(p) for p in params)
     cached = state.packed.get(name)
     if cached is not None and cached[0] == ids and cached[1] == masks.version:
@@ -184,7 +189,7 @@ def kept_entries(state: CodecHookState, bucket: dist.GradBucket) -> torch.Tensor
     keep = masks.flat_mask(params).nonzero().squeeze(1)
     if state.memory is not None:
         old = cached[2] if cached is not None and cached[0] == ids else None
-        state.memory.repack(name, old, keep, bucket.buffer().numel())
+        state.memory.repack(name, old, keep, numel)
     state.packed[name] = (ids, masks.version, keep)
     return keep
 

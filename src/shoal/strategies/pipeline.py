@@ -49,7 +49,7 @@ from torch import nn
 
 from shoal.comm import layout
 from shoal.comm.codecs.base import build_codec
-from shoal.comm.hooks import CodecHookState, exchange
+from shoal.comm.hooks import CodecHookState, exchange, packed_entries
 from shoal.comm.wire import WireMeter
 from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
 from shoal.parallel.plan import in_flight, layer_memory, moments_per_parameter
@@ -138,8 +138,6 @@ class PipelineStrategy(Strategy):
         self.released = False
         self.model_bytes = 0
         self.stage_meter = PipelineMeter()
-        self.masks: Any = None  # sparse training (use_masks)
-        self.packing: tuple[int, torch.Tensor] | None = None  # (mask version, kept entries of the dp gradient)
 
     # --- set-up -----------------------------------------------------------
     def data_shard(self) -> tuple[int, int]:
@@ -301,7 +299,8 @@ class PipelineStrategy(Strategy):
         rank gets every stage's parameters back first (released again at the
         next step); pruned weights are zeroed where they are held, and the
         replicas of a stage (``dp``) average the kept weights' gradients only."""
-        self.masks = masks
+        if self.dp_state is not None:
+            self.dp_state.masks = masks
 
     def before_ranking(self) -> None:
         self.prepare_eval()
@@ -309,16 +308,9 @@ class PipelineStrategy(Strategy):
     def _kept_entries(self, numel: int) -> torch.Tensor | None:
         """Indices of this rank's flat gradient whose weights are kept (None: all;
         multi-round codecs get the dense gradient, their matrices whole)."""
-        masks = self.masks
-        if masks is None or not masks.masks or self.dp_state.codec.capabilities.multi_round:
+        if self.dp_state.codec.capabilities.multi_round:
             return None
-        if self.packing is not None and self.packing[0] == masks.version:
-            return self.packing[1]
-        keep = masks.flat_mask(self.stage_params).nonzero().squeeze(1)
-        if self.dp_state.memory is not None:  # the error-feedback residual follows the new packing
-            self.dp_state.memory.repack(self.stage_index, self.packing[1] if self.packing else None, keep, numel)
-        self.packing = (masks.version, keep)
-        return keep
+        return packed_entries(self.dp_state, self.stage_index, self.stage_params, numel)
 
     # --- evaluation, checkpoints, summary -------------------------------------
     @torch.no_grad()
