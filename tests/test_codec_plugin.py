@@ -61,8 +61,11 @@ def test_an_entry_point_codec_gets_its_options_validated_and_round_trips():
 @pytest.mark.processes
 @pytest.mark.parametrize("strategy", ["sync", "async_ps"])
 def test_an_entry_point_codec_trains_under_data_parallel_and_a_parameter_server(tmp_path, strategy):
+    # 80 steps, as the parameter-server tests train: under async_ps the order in which pushes
+    # arrive varies from run to run, and 40 steps left accuracy within a hair of the bar.
     summary = shoal.train(small_config(tmp_path / "run", strategy=strategy, codec=SPEC,
-                                       optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.5}))
+                                       optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.5},
+                                       train__steps=80, train__eval_every=40))
     assert summary.final_accuracy > 0.7, summary.final_accuracy
     # int16 levels: half of fp32's bytes, all-gathered (sync), or pushed while the pulled
     # weights stay fp32 (async_ps: half of one way, all of the other).
