@@ -237,6 +237,9 @@ QUANTIZERS: Registry[Any] = Registry("quantizer", "quantizers", "shoal.compress"
 ALL = (DATASETS, MODELS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS)
 
 
+_LOADED: set[str] = set()  # homes whose modules are all imported
+
+
 def load_builtins(*registries: Registry[Any]) -> None:
     """Import the packages whose modules register shoal's own implementations
     (of the given registries; all when none are given: the training
@@ -244,6 +247,8 @@ def load_builtins(*registries: Registry[Any]) -> None:
     does not need)."""
     for registry in registries or ALL:
         for home in registry.homes:
+            if home in _LOADED:  # validators call this for every spec: list each package once
+                continue
             package = importlib.import_module(home)
             # Every module of the package: a new implementation is one file and its
             # decorator, and the package's __init__ need not import it (nor, through
@@ -251,3 +256,4 @@ def load_builtins(*registries: Registry[Any]) -> None:
             for module in pkgutil.iter_modules(getattr(package, "__path__", [])):
                 if not module.name.startswith("_"):
                     importlib.import_module(f"{home}.{module.name}")
+            _LOADED.add(home)
