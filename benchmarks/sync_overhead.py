@@ -30,7 +30,7 @@ from shoal.data import ShardedBatches, build_dataset
 from shoal.launch import free_port
 from shoal.models import build_model
 from shoal.strategies.base import WorkerContext
-from shoal.training.optim import build_optimizer
+from shoal.engine.optim import build_optimizer
 
 
 def worker(kind: str, config: dict, steps: int, warmup: int) -> float:

@@ -10,7 +10,7 @@ import shoal
 from shoal.data.shard import ShardedBatches
 from shoal.strategies import balance
 from shoal.strategies.balance import ThroughputBalancer, proportional_split
-from shoal.training.checkpoint import load_checkpoint
+from shoal.engine.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
 

@@ -13,7 +13,7 @@ from shoal.netem import costmodel
 from shoal.comm.codecs.auto import AutoOptions
 from shoal.comm.codec_choice import candidate_specs
 from shoal.netem import Testbed, check_available
-from shoal.training.checkpoint import load_checkpoint
+from shoal.engine.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
 

@@ -12,7 +12,7 @@ from torch import nn
 import shoal
 from shoal.compress import CompressError, load_artefact, read_artefact, save_artefact
 from shoal.compress.artefact import decode_tensor, encode_tensor
-from shoal.training.sparsity import weight_slots
+from shoal.engine.sparsity import weight_slots
 from shoal.compress.conv1d_as_2d import conv1d_as_conv2d
 from shoal.compress.load import load_trained
 from shoal.compress.measure import state_bytes
@@ -21,7 +21,7 @@ from shoal.config import load_config
 from shoal.data.base import build_dataset
 from shoal.models import build_model
 from shoal.registry import MODELS, PRUNERS, load_builtins
-from shoal.training.checkpoint import save_checkpoint
+from shoal.engine.checkpoint import save_checkpoint
 
 load_builtins(MODELS, PRUNERS)
 

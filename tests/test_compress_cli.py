@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 import shoal
 from shoal.cli import app
-from shoal.training.checkpoint import save_checkpoint
+from shoal.engine.checkpoint import save_checkpoint
 from tests.conftest import run_cli, small_config
 from tests.test_compress import digits_run, make_model
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import shoal
-from shoal.training.checkpoint import load_checkpoint
+from shoal.engine.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
 STEPS = 30

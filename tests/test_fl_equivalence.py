@@ -18,7 +18,7 @@ from shoal.fl.config import load_fl_config
 from shoal.fl.local import client_seed
 from shoal.fl.simulate import simulate
 from shoal.models.build import build_model
-from shoal.training.evaluate import evaluate
+from shoal.engine.evaluate import evaluate
 
 
 def _cfg(out, **fl):

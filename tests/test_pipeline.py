@@ -20,7 +20,7 @@ from shoal.metrics.probe import kept_state
 from shoal.parallel.profile import profile_layers, sequential_layers
 from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates
 from shoal.strategies.pipeline import PipelineStrategy
-from shoal.training.checkpoint import load_checkpoint
+from shoal.engine.checkpoint import load_checkpoint
 from tests.conftest import run_cli, small_config
 
 

@@ -22,9 +22,9 @@ from shoal.ps.shard import ParameterShard, shard_layout
 from shoal.ps.ssp import SspPolicy
 from shoal.ps.strategy import parameter_server_class
 from shoal.ps.supervisor import _serve
-from shoal.training.group import TorchGroup
+from shoal.engine.group import TorchGroup
 from shoal.registry import CODECS, load_builtins
-from shoal.training.checkpoint import load_checkpoint
+from shoal.engine.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
 

@@ -8,7 +8,7 @@ import pytest
 import shoal
 from shoal.launch import JobFailed
 from shoal.metrics.writer import read_metrics
-from shoal.training.checkpoint import load_checkpoint
+from shoal.engine.checkpoint import load_checkpoint
 from tests.conftest import small_config
 from tests.test_resume_and_failures import train_from_tests
 

@@ -14,7 +14,7 @@ import yaml
 import shoal
 from shoal.launch import JobFailed
 from shoal.metrics.writer import read_metrics
-from shoal.training.checkpoint import CorruptCheckpoint, load_checkpoint, save_checkpoint
+from shoal.engine.checkpoint import CorruptCheckpoint, load_checkpoint, save_checkpoint
 from tests.conftest import ROOT, run_cli, small_config
 
 STEPS = 500

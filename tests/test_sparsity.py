@@ -7,8 +7,8 @@ from torch import nn
 
 import shoal
 from shoal.comm.memory import ErrorFeedback
-from shoal.training.checkpoint import WrongModel, load_checkpoint, load_weights, save_checkpoint
-from shoal.training.sparsity import (PruneConfig, SparsityController, cubic_sparsity, global_magnitude_masks,
+from shoal.engine.checkpoint import WrongModel, load_checkpoint, load_weights, save_checkpoint
+from shoal.engine.sparsity import (PruneConfig, SparsityController, cubic_sparsity, global_magnitude_masks,
                                      prunable_weights)
 from tests.conftest import run_cli, small_config
 from tests.test_pipeline import MODEL, assert_same_weights

@@ -8,7 +8,7 @@ import shoal
 from shoal.config import load_config
 from shoal.data import build_dataset
 from shoal.models import build_model
-from shoal.training.checkpoint import load_checkpoint
+from shoal.engine.checkpoint import load_checkpoint
 from tests.conftest import small_config
 
 GLOBAL_BATCH = 32

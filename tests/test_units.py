@@ -5,7 +5,7 @@ import torch
 
 from shoal.comm.wire import WireMeter, _union_length
 from shoal.config import ScheduleConfig
-from shoal.training.optim import lr_factor
+from shoal.engine.optim import lr_factor
 
 
 def test_union_of_in_flight_intervals_counts_overlap_once():

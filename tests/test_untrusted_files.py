@@ -20,7 +20,7 @@ from shoal.data.base import DatasetBundle
 from shoal.models import build_model
 from shoal.models.artefact import ArtefactModelOptions, artefact
 from shoal.registry import MODELS, load_builtins
-from shoal.training.checkpoint import MAGIC, CorruptCheckpoint, load_checkpoint, load_weights, save_checkpoint
+from shoal.engine.checkpoint import MAGIC, CorruptCheckpoint, load_checkpoint, load_weights, save_checkpoint
 from tests.conftest import run_cli, small_config
 
 

@@ -131,7 +131,7 @@ class SlowdownConfig(_Strict):
 
 
 class PruneConfig(_Strict):
-    """Sparse training with global magnitude masks (shoal.training.sparsity)."""
+    """Sparse training with global magnitude masks (shoal.engine.sparsity)."""
 
     sparsity: float = Field(..., gt=0, lt=1, description="share of the prunable weights set to zero at the end")
     schedule: Literal["oneshot", "gradual"] = Field("gradual", description="oneshot: all at begin_step; "
@@ -163,7 +163,7 @@ class RunConfig(_Strict):
     slowdown: SlowdownConfig = Field(default_factory=SlowdownConfig)
     fault: FaultConfig = Field(default_factory=FaultConfig)
     prune: PruneConfig | None = Field(None, description="sparse training: global magnitude masks "
-                                      "(shoal.training.sparsity)")
+                                      "(shoal.engine.sparsity)")
     out: str = "runs/latest"
 
     @model_validator(mode="after")

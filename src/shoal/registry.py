@@ -234,6 +234,9 @@ FED_STRATEGIES: Registry[Any] = Registry("federated strategy", "federated strate
 PARTITIONS: Registry[Any] = Registry("partition", "partitions", "shoal.data")
 PRUNERS: Registry[Any] = Registry("pruner", "pruners", "shoal.compress")
 QUANTIZERS: Registry[Any] = Registry("quantizer", "quantizers", "shoal.compress")
+# Parameter-server topologies that run another strategy's options (sync:backup=b):
+# named by Strategy.topology, not listed by `shoal list` (a user names the strategy).
+TOPOLOGIES: Registry[Any] = Registry("topology", "topologies", "shoal.ps")
 ALL = (DATASETS, MODELS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS)
 
 

@@ -160,7 +160,7 @@ def _run(cfg: RunConfig, backend: str, device: torch.device, local_rank: int, at
         raise ValueError(f"slowdown.factors: rank {beyond[0]} does not exist in a job of {ctx.world_size} workers")
     ps_strategy = parameter_server_class(cfg.strategy)
     if ps_strategy is not None:  # a worker process that may die and rejoin, under this one
-        result = supervise(cfg, ctx, ps_strategy, store=store, attempt=attempt, resume=resume)
+        result = supervise(cfg, ctx, ps_strategy, store=store, attempt=attempt, resume=resume, train=run_training)
         dist.barrier()
         return result
     if cfg.fault.target == "server":

@@ -45,7 +45,7 @@ from shoal.fl.config import FlRunConfig, load_fl_config
 from shoal.fl.federation import Federation, RoundTally
 from shoal.fl.simulate import simulate
 from shoal.metrics.summary import write_json_atomic
-from shoal.training.optim import build_optimizer, lr_factor
+from shoal.engine.optim import build_optimizer, lr_factor
 
 
 class BenchFlOptions(BaseModel):

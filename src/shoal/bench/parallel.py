@@ -41,7 +41,7 @@ from shoal.parallel.partition import equal_split
 from shoal.parallel.plan import CODECS, data_parallel, moments_per_parameter, pipeline
 from shoal.parallel.costs import model_costs
 from shoal.parallel.profile import update_seconds_per_parameter
-from shoal.training.optim import build_optimizer
+from shoal.engine.optim import build_optimizer
 
 LATENCY_S = 100e-6  # the planner's per-message latency for the emulated links (veth + bridge, loaded host)
 UNSHAPED_BITS = 1e9  # unshaped veth pairs on this 2-core machine carry about 1 Gbit/s (DESIGN.md)

@@ -50,7 +50,7 @@ class CodecHookState:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.memory = ErrorFeedback() if codec.options.memory == "ef" else None
-        # Sparse training (shoal.training.sparsity.SparsityController): only the
+        # Sparse training (shoal.engine.sparsity.SparsityController): only the
         # gradients of kept weights are sent. Per bucket: (its parameters, mask
         # version, indices of the kept entries in its buffer).
         self.masks: Any = None

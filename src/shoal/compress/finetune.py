@@ -25,8 +25,8 @@ from torch import nn
 
 from shoal.compress.artefact import ArtefactOptions, save_artefact
 from shoal.config import RunConfig
-from shoal.training.checkpoint import load_weights
-from shoal.training.sparsity import prunable_weights
+from shoal.engine.checkpoint import load_weights
+from shoal.engine.sparsity import prunable_weights
 
 PRUNED = "pruned.shoal"
 RUN_DIR = "finetune"

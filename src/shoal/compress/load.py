@@ -10,7 +10,7 @@ from shoal.compress.base import CompressError
 from shoal.config import RunConfig
 from shoal.data.base import DatasetBundle, build_dataset
 from shoal.models import build_model
-from shoal.training.checkpoint import CorruptCheckpoint, WrongModel, load_weights
+from shoal.engine.checkpoint import CorruptCheckpoint, WrongModel, load_weights
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -23,7 +23,7 @@ from torch.nn.utils import prune
 
 from shoal.compress.base import Pruned
 from shoal.registry import PRUNERS
-from shoal.training.sparsity import weight_slots
+from shoal.engine.sparsity import weight_slots
 
 
 class MagnitudeOptions(BaseModel):

@@ -35,7 +35,7 @@ from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models.build import build_model, count_parameters
-from shoal.training.evaluate import evaluate
+from shoal.engine.evaluate import evaluate
 
 log = logging.getLogger("shoal.fl")
 

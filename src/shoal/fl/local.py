@@ -29,7 +29,7 @@ from shoal.comm import layout
 from shoal.comm.codecs.base import Codec, Payload
 from shoal.comm.memory import ErrorFeedback
 from shoal.config import OptimizerConfig
-from shoal.training.optim import build_optimizer
+from shoal.engine.optim import build_optimizer
 
 
 class FlatWeights:

@@ -13,7 +13,7 @@ from shoal.netem.costmodel import Link
 from shoal.parallel.plan import candidates, moments_per_parameter, recommend
 from shoal.parallel.costs import model_costs
 from shoal.parallel.profile import update_seconds_per_parameter
-from shoal.training.optim import build_optimizer
+from shoal.engine.optim import build_optimizer
 
 SCALES = (64, 256, 1024)
 MAX_STAGES = 8  # pipelines deeper than this are not profiled for

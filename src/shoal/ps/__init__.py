@@ -34,7 +34,7 @@ The modules, from the bottom up:
   last shard checkpoint.
 - :mod:`~shoal.ps.async_ps`, :mod:`~shoal.ps.ssp`, :mod:`~shoal.ps.backup`:
   the policies and their strategies (``sync:backup=b`` reaches
-  ``BackupSyncStrategy`` through ``SyncStrategy.runs_as``).
+  ``BackupSyncStrategy``, the ``backup`` topology ``SyncStrategy.topology`` names).
 
 Sparse training (``prune:``): the shards hold the masks. Rank 0's worker
 ranks its replica and sends every shard its part (:meth:`PsHost.set_masks`);

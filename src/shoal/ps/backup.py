@@ -17,6 +17,7 @@ import torch
 
 from shoal.ps.shard import ParameterShard, Policy, Reply, done_future
 from shoal.ps.strategy import PsStrategy
+from shoal.registry import TOPOLOGIES
 
 
 class BackupPolicy(Policy):
@@ -71,6 +72,7 @@ class BackupPolicy(Policy):
         self.dropped = state.get("dropped", 0)
 
 
+@TOPOLOGIES.register("backup")
 class BackupSyncStrategy(PsStrategy):
     """``sync`` with ``backup=b``: each update is the mean of the first N - b gradients."""
 

@@ -26,8 +26,8 @@ from torch import nn
 from shoal.comm.codecs.base import Payload, build_codec
 from shoal.comm.layout import copy_into
 from shoal.ps.shard import ParameterShard, Reply, done_future, shard_layout
-from shoal.training.checkpoint import load_checkpoint
-from shoal.training.optim import build_optimizer
+from shoal.engine.checkpoint import load_checkpoint
+from shoal.engine.optim import build_optimizer
 
 if TYPE_CHECKING:
     from shoal.ps.strategy import PsStrategy

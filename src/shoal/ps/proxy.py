@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 
-from shoal.training.group import Group
+from shoal.engine.group import Group
 
 if TYPE_CHECKING:
     from shoal.ps.host import PsHost
@@ -80,7 +80,7 @@ class LinkClosed(RuntimeError):
 
 class SupervisorProxy(Group):
     """The worker's end of the pipe: the parameter-server calls, and the loop's
-    collectives (as a :class:`~shoal.training.group.Group`) done by the supervisor."""
+    collectives (as a :class:`~shoal.engine.group.Group`) done by the supervisor."""
 
     def __init__(self, conn: Any):
         self.conn = conn

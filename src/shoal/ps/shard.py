@@ -21,7 +21,7 @@ import torch
 
 from shoal.comm.layout import as_grads, flatten, pack, pieces, unpack
 from shoal.parallel.partition import min_max_split
-from shoal.training.checkpoint import LatestSaver
+from shoal.engine.checkpoint import LatestSaver
 
 
 def shard_layout(numels: list[int], shards: int) -> list[list[int]]:

@@ -28,7 +28,7 @@ from shoal.comm.codecs.base import build_codec, codecs_that
 from shoal.comm.layout import copy_into, flatten, pack, unpack
 from shoal.comm.memory import ErrorFeedback
 from shoal.ps.shard import Policy, Reply, shard_layout
-from shoal.registry import Component
+from shoal.registry import TOPOLOGIES, Component, load_builtins
 from shoal.strategies.base import StepStats, Strategy
 
 if TYPE_CHECKING:
@@ -187,7 +187,12 @@ class PsStrategy(Strategy):
 
 
 def parameter_server_class(component: Component) -> type[PsStrategy] | None:
-    """The :class:`PsStrategy` subclass a strategy spec runs as, else None
-    (the registered class says, through :meth:`Strategy.runs_as`)."""
-    cls = component.target.runs_as(component.options)
+    """The :class:`PsStrategy` subclass a strategy spec runs as, else None: the
+    registered class itself, or the topology it names (:meth:`Strategy.topology`)."""
+    name = component.target.topology(component.options)
+    if name is not None:
+        load_builtins(TOPOLOGIES)
+        cls = TOPOLOGIES.target(name)
+    else:
+        cls = component.target
     return cls if issubclass(cls, PsStrategy) else None

@@ -43,18 +43,22 @@ from shoal.ps.host import PsHost
 from shoal.ps.proxy import Call, LinkClosed, Note, SupervisorProxy, answers
 from shoal.ps.strategy import PsStrategy
 from shoal.strategies.base import WorkerContext
-from shoal.training.group import TorchGroup
+from shoal.engine.group import TorchGroup
 
 RESTARTS_KEY = "shoal/worker_restarts"  # job-wide count of worker (not group) restarts
 
 
 def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type[PsStrategy], *, store: dist.Store, attempt: int,
-              resume: bool) -> dict[str, Any] | None:
+              resume: bool, train: Callable[..., Any]) -> dict[str, Any] | None:
     """Host this rank's shard, run its worker to the end (restarting it when it
-    dies, while the budget lasts); rank 0 returns the run's summary."""
+    dies, while the budget lasts); rank 0 returns the run's summary.
+
+    ``train`` is the loop the worker process runs (``shoal.training.loop.run_training``,
+    handed down by the caller so that this package never imports the layer above it);
+    it must be a module-level function, since it travels to the spawned worker by name."""
     from shoal.data import build_dataset
     from shoal.models import build_model
-    from shoal.training.checkpoint import load_weights
+    from shoal.engine.checkpoint import load_weights
 
     if cfg.fault.target == "server" and cfg.fault.kill_rank is not None:
         servers = strategy.server_count(cfg.strategy.options)
@@ -76,7 +80,7 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type[PsStrategy], *,
     def start(rejoin: dict[str, Any] | None, resume: bool) -> tuple[Any, Any]:
         parent, child = spawn.Pipe()
         worker = spawn.Process(target=_worker_main,
-                               args=(child, config, ctx, strategy, resume, attempt, rejoin, threads),
+                               args=(child, train, config, ctx, strategy, resume, attempt, rejoin, threads),
                                name=f"shoal-worker-{ctx.rank}", daemon=True)
         worker.start()
         child.close()
@@ -153,11 +157,11 @@ def _serve(conn: Any, worker: Any, table: dict[Call, Callable[..., Any]], store:
             return "died", last
 
 
-def _worker_main(conn: Any, config: dict[str, Any], ctx: WorkerContext, strategy: type[PsStrategy], resume: bool,
-                 attempt: int, rejoin: dict[str, Any] | None, threads: int) -> None:
+def _worker_main(conn: Any, train: Callable[..., Any], config: dict[str, Any], ctx: WorkerContext,
+                 strategy: type[PsStrategy], resume: bool, attempt: int, rejoin: dict[str, Any] | None,
+                 threads: int) -> None:
     """The worker process: the ordinary training loop, linked to its supervisor."""
     from shoal.netem.slowdown import Slowdown
-    from shoal.training.loop import run_training
 
     _die_with_parent()
     supervisor = SupervisorProxy(conn)
@@ -170,8 +174,8 @@ def _worker_main(conn: Any, config: dict[str, Any], ctx: WorkerContext, strategy
         cfg = cfg.model_copy(update={"strategy": dataclasses.replace(cfg.strategy, target=bound)})
         factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
         with Slowdown(factor, threads=threads, method=cfg.slowdown.method, label=f"rank {ctx.rank}") as slowdown:
-            summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt,
-                                   group=supervisor, rejoin=rejoin)
+            summary = train(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt,
+                            group=supervisor, rejoin=rejoin)
         supervisor.result(summary.model_dump() if summary is not None else None)
     except LinkClosed:
         os._exit(1)  # the supervisor died: nothing to report to

@@ -70,10 +70,11 @@ class Strategy(ABC):
     collective_eval = True  # every rank evaluates its share; False: rank 0 alone, nobody waits
 
     @classmethod
-    def runs_as(cls, options: Any) -> type[Strategy]:
-        """The class that runs this strategy with these options: this one, unless
-        the options ask for another topology (``sync:backup=b`` is a parameter server)."""
-        return cls
+    def topology(cls, options: Any) -> str | None:
+        """The registered topology (``shoal.registry.TOPOLOGIES``) that runs this
+        strategy with these options, or None for this class itself
+        (``sync:backup=b`` runs on the parameter server's ``backup``)."""
+        return None
 
     def finished(self) -> bool:
         """True when the job was told to stop (parameter servers' stop at target)."""
@@ -107,7 +108,7 @@ class Strategy(ABC):
         """The injected fault ``fault.target=server``: kill the process serving this rank's shard."""
         raise NotImplementedError(f"{type(self).__name__} has no parameter server")
 
-    # --- sparse training (shoal.training.sparsity): what the masks ask of a strategy ---
+    # --- sparse training (shoal.engine.sparsity): what the masks ask of a strategy ---
     def use_masks(self, masks: Any) -> None:
         """Sparse training: ``masks`` says which weights are pruned (read its
         ``version``, ``flat_mask(params)`` and ``mask_of(param)``); a strategy

@@ -47,18 +47,15 @@ class SyncStrategy(Strategy):
     """Synchronous data parallel: DDP all-reduce through the codec hook (backup=b: first N-b gradients)."""
 
     @classmethod
-    def runs_as(cls, options: SyncOptions) -> type[Strategy]:
+    def topology(cls, options: SyncOptions) -> str | None:
         """backup=b runs on the parameter server: a collective cannot finish without every rank."""
-        if options.backup:
-            from shoal.ps.backup import BackupSyncStrategy
-
-            return BackupSyncStrategy
-        return cls
+        return "backup" if options.backup else None
 
     def __init__(self, model, optimizer, **kwargs: Any):
         super().__init__(model, optimizer, **kwargs)
         if self.options.backup:
-            raise RuntimeError(f"sync: backup={self.options.backup} runs as {self.runs_as(self.options).__name__}, "
+            raise RuntimeError(f"sync: backup={self.options.backup} runs on the parameter server's "
+                               f"{self.topology(self.options)!r} topology, "
                                "under shoal's worker supervisor (shoal train / shoal.train)")
         device_ids = [self.context.device.index] if self.context.device.type == "cuda" else None
         self.ddp = DDP(

@@ -1,4 +1,7 @@
-"""The training loop, evaluation, optimisers and atomic checkpoints.
+"""The training loop: build, start or resume, train, summarise.
 
-(Named ``training`` so that ``shoal.train`` stays the public function.)
+(Named ``training`` so that ``shoal.train`` stays the public function.) The
+pieces the loop shares with the other ways of training (optimiser, evaluation,
+checkpoints, process group, sparse masks) live one layer down, in
+:mod:`shoal.engine`.
 """

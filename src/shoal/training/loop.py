@@ -38,11 +38,11 @@ from shoal.metrics.writer import MetricsWriter
 from shoal.models import build_model, count_parameters
 from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import StepStats, Strategy, WorkerContext
-from shoal.training.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from shoal.training.evaluate import evaluate
-from shoal.training.group import Group, TorchGroup
-from shoal.training.optim import build_optimizer, build_scheduler
-from shoal.training.sparsity import SparsityController
+from shoal.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from shoal.engine.evaluate import evaluate
+from shoal.engine.group import Group, TorchGroup
+from shoal.engine.optim import build_optimizer, build_scheduler
+from shoal.engine.sparsity import SparsityController
 
 CHECKPOINT = "checkpoint.pt"
 FAULT = "fault.json"  # written by a worker killed by config fault.kill_rank
