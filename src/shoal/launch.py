@@ -18,7 +18,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from shoal.config import RunConfig
 from shoal.metrics.summary import Summary
-from shoal.preload import START_METHOD, Inherited, start_worker_server
+from shoal.preload import START_METHOD, Inherited, start_worker_server, workers_skip_main
 from shoal.worker import worker_main
 
 
@@ -87,7 +87,8 @@ def launch(
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     start_worker_server()
     try:
-        results = elastic_launch(config, _entry)(cfg.model_dump(mode="json"), resume, Inherited())
+        with workers_skip_main():
+            results = elastic_launch(config, _entry)(cfg.model_dump(mode="json"), resume, Inherited())
     except ChildFailedError as err:
         raise JobFailed(_failures(err)) from None
     summary = results.get(0) if results else None

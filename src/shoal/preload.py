@@ -12,11 +12,12 @@ This module imports no torch: the command line calls it first.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sys
-from multiprocessing import reduction
-from typing import Any
+from multiprocessing import reduction, spawn
+from typing import Any, Iterator
 
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 PRELOAD = ["shoal.launch", "shoal.worker"]
@@ -67,3 +68,31 @@ def _apply(env: dict[str, str], streams: list[tuple[int, Any]]) -> None:
             (sys.stdout if target == 1 else sys.stderr).flush()
             os.dup2(fd, target)
             os.close(fd)
+
+
+@contextlib.contextmanager
+def workers_skip_main() -> Iterator[None]:
+    """Start workers that do not import the caller's ``__main__``.
+
+    multiprocessing's spawn and fork-server workers re-import the parent's main
+    script (or ``-m`` module) before they unpickle their target. A script that
+    calls ``shoal.train`` without an ``if __name__ == "__main__":`` guard would
+    then start the job again inside every worker, and from ``python -`` the
+    worker fails on ``<stdin>``. A shoal worker's target lives in shoal's own
+    modules and needs nothing of the main module, so the workers started inside
+    this block are told to leave it alone (which is also why a config may not
+    name ``__main__:...`` as an entry point: see ``shoal.registry``).
+    """
+    original = spawn.get_preparation_data
+
+    def without_main(name: str) -> dict[str, Any]:
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    spawn.get_preparation_data = without_main
+    try:
+        yield
+    finally:
+        spawn.get_preparation_data = original

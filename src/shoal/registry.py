@@ -194,6 +194,9 @@ def load_entry_point(path: str) -> Callable[..., Any]:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ValueError(f"entry point {path!r} must look like 'package.module:function'")
+    if module_name in ("__main__", "__mp_main__"):  # shoal.preload.workers_skip_main
+        raise ValueError(f"entry point {path!r} names the running script, which shoal's workers do not import: "
+                         f"move {attr!r} into a module of its own (e.g. mymodels.py) and name it 'mymodels:{attr}'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:

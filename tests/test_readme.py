@@ -1,0 +1,59 @@
+"""The README's examples, run as a newcomer would: copied out and executed."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, small_config
+
+pytestmark = pytest.mark.processes
+
+
+def readme_block(heading: str, language: str) -> str:
+    """The first ``language`` code block under ``## heading`` in README.md."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    match = re.search(rf"```{language}\n(.*?)```", section, re.S)
+    assert match, f"no {language} block under {heading!r}"
+    return match.group(1)
+
+
+def test_the_python_api_example_runs_as_an_unguarded_script(tmp_path):
+    # Saved as a file and run: no `if __name__ == "__main__":` guard, as the
+    # README prints it. Workers must not re-run the script (each one would
+    # start the job again, and the first run failed with rank 1 exiting 1).
+    script = tmp_path / "example.py"
+    script.write_text(readme_block("Python API", "python")
+                      + "\nimport json, pathlib\n"
+                        "pathlib.Path('done.json').write_text(json.dumps(summary.model_dump()))\n")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "done.json").read_text())
+    assert summary["steps"] == 200 and summary["final_accuracy"] > 0.5
+    first = json.loads((tmp_path / "runs" / "api" / "summary.json").read_text())
+    assert first["steps"] == 300 and first["workers"] == 2
+    # Each worker printing the example's own line would show the script re-run in it.
+    printed = [line for line in done.stdout.splitlines() if re.fullmatch(r"0\.\d+ \S+ [\d.e+]+", line.strip())]
+    assert len(printed) == 1, done.stdout
+
+
+def test_a_program_read_from_stdin_can_train(tmp_path):
+    cfg = small_config(tmp_path / "run", train__steps=10)
+    program = f"import shoal\nprint('accuracy', shoal.train({cfg!r}).final_accuracy)\n"
+    done = subprocess.run([sys.executable, "-"], input=program, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "accuracy" in done.stdout
+    assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_config_may_not_name_the_running_script_as_an_entry_point(tmp_path):
+    from shoal import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="names the running script.*mymodels:Net"):
+        load_config({**small_config(tmp_path), "model": "__main__:Net"})
