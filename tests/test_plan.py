@@ -137,3 +137,35 @@ def test_interleaved_in_flight_follows_pytorchs_rounds():
     assert in_flight("interleaved", 2, 4, 2) == 2 and in_flight("gpipe", 8, 4) == 8 and in_flight("1f1b", 8, 4) == 4
     with pytest.raises(ValueError, match="microbatches=9 must be a multiple of 2"):
         PipelineOptions(stages=4, microbatches=9, schedule="interleaved")
+
+
+def test_the_layouts_table_reads_at_80_columns_with_every_number_whole():
+    from rich.console import Console
+
+    from shoal.parallel.planner import layouts_table
+
+    row = {"label": "pipeline P=4 M=16 V=2 x dp 2", "step_s": 1.1672345, "compute_s": 0.9876, "comm_s": 12.3456,
+           "bubble_fraction": 0.43, "memory_bytes": 12345.6 * 2**20, "wire_bytes": 9876.54e6, "fits": False}
+    report = {"model": "resnet", "parameters": 11_000_000, "layers": 12, "workers": 4, "batch_per_worker": 32,
+              "link": {"mbit_per_s": 10_000, "latency_s": 50e-6}, "memory_cap_bytes": 2**30,
+              "memory_cap_from": "--memory", "layouts": [row, {**row, "label": "data x4 powersgd:rank=4"}]}
+    console = Console(width=80, record=True, color_system=None)
+    console.print(layouts_table(report))
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for cell in ("1,167.2", "987.6", "12,345.6", "0.43", "9,876.54", "comm+idle", "no"):
+        assert cell in text, cell
+
+
+@pytest.mark.processes
+def test_plan_takes_the_configs_own_memory_cap(tmp_path):
+    config, out = tmp_path / "capped.yaml", tmp_path / "plan.json"
+    config.write_text("data: {dataset: 'mnist1d:samples=400', batch_size: 16}\nmodel: mlp\n"
+                      "strategy: 'pipeline:stages=2,max_memory_per_worker=1KiB'\n")
+    result = run_cli("plan", str(config), "--workers", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["memory_cap_bytes"] == 1024 and report["memory_cap_from"] == "strategy.max_memory_per_worker"
+    assert not any(row["fits"] for row in report["layouts"]) and report["recommended"] is None
+    assert "memory cap" in result.stdout

@@ -17,7 +17,8 @@ def plan_command(
     workers: int = typer.Option(4, "--workers", "-n", min=1, help="workers to plan for"),
     rate: str = typer.Option("10gbit", help="each worker's link, e.g. 1gbit, 100mbit"),
     latency: str = typer.Option("50us", help="per-message latency, e.g. 50us, 1ms"),
-    memory: Optional[str] = typer.Option(None, help="memory per worker, e.g. 16GiB (layouts above it do not fit)"),
+    memory: Optional[str] = typer.Option(None, help="memory per worker, e.g. 16GiB (layouts above it do not fit; "
+                                  "default: the config's max_memory_per_worker, if it sets one)"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write the plan as JSON here"),
 ) -> None:

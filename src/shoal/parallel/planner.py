@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -20,10 +21,23 @@ MAX_STAGES = 8  # pipelines deeper than this are not profiled for
 RATES = {"1gbit": 1e9, "10gbit": 1e10, "100gbit": 1e11}
 
 
+def config_cap(cfg: RunConfig) -> float | None:
+    """The memory per worker the config itself allows (``pipeline:max_memory_per_worker=...``), if any."""
+    cap = getattr(cfg.strategy.options, "max_memory_per_worker", None)
+    return float(cap) if cap is not None else None
+
+
 def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) -> dict[str, Any]:
+    """Every layout's predictions for ``cfg`` on ``workers`` workers and ``link``.
+
+    ``cap``: memory per worker (layouts above it do not fit); None takes the
+    config's own cap (:func:`config_cap`), if it has one."""
     from shoal.data import build_dataset
     from shoal.models import build_model
 
+    cap_from = "--memory" if cap is not None else None
+    if cap is None and config_cap(cfg) is not None:
+        cap, cap_from = config_cap(cfg), "strategy.max_memory_per_worker"
     data = build_dataset(cfg.data.dataset)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data)
@@ -52,32 +66,54 @@ def make_plan(cfg: RunConfig, *, workers: int, link: Link, cap: float | None) ->
     return {
         "model": cfg.model.name, "parameters": sum(p.numel() for p in model.parameters()),
         "layers": len(costs), "pieces": pieces, "batch_per_worker": batch, "workers": workers,
-        "link": {"latency_s": link.alpha_s, "mbit_per_s": link.mbit_per_s}, "memory_cap_bytes": cap,
+        "link": {"latency_s": link.alpha_s, "mbit_per_s": link.mbit_per_s}, "memory_cap_bytes": cap, "memory_cap_from": cap_from,
         "layouts": [layout.as_dict() for layout in layouts],
         "recommended": best.label if best else None, "reason": reason, "scaled": scaled,
     }
 
 
-def print_plan(report: dict[str, Any], console: Console) -> None:
+def _ms(seconds: float) -> str:
+    """Milliseconds in at most 8 characters (``1,167.2``, ``36.25``)."""
+    ms = seconds * 1e3
+    return f"{ms:,.1f}" if ms >= 100 else f"{ms:.2f}"
+
+
+def layouts_table(report: dict[str, Any]) -> Table:
+    """Every layout's predictions, readable at 80 columns: numbers are never cut,
+    the layout's label wraps."""
     link = report["link"]
+    cap = report.get("memory_cap_bytes")
     table = Table(title=f"{report['model']} ({report['parameters']:,} parameters, {report['layers']} layers), "
                         f"{report['workers']} workers x batch {report['batch_per_worker']}, "
-                        f"{link['mbit_per_s']:,.0f} Mbit/s, {link['latency_s'] * 1e6:,.0f} us")
-    for column in ("layout", "step ms", "compute ms", "comm+idle ms", "bubble", "memory MiB", "wire MB/step", "fits"):
-        table.add_column(column, justify="left" if column == "layout" else "right")
+                        f"{link['mbit_per_s']:,.0f} Mbit/s, {link['latency_s'] * 1e6:,.0f} us"
+                        + (f", memory cap {cap / 2**20:,.1f} MiB ({report.get('memory_cap_from')})"
+                           if cap else ""),
+                  caption="times in ms per step; comm+idle: communication and pipeline idle time",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
+    table.add_column("layout", ratio=1, min_width=12, overflow="fold")
+    for column in ("step", "compute", "comm+idle", "bubble", "MiB", "wire MB", "fits"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in report["layouts"]:
-        table.add_row(row["label"], f"{row['step_s'] * 1e3:,.2f}", f"{row['compute_s'] * 1e3:,.2f}",
-                      f"{row['comm_s'] * 1e3:,.2f}", f"{row['bubble_fraction']:.2f}",
-                      f"{row['memory_bytes'] / 2**20:,.1f}", f"{row['wire_bytes'] / 1e6:,.2f}",
-                      "yes" if row["fits"] else "[red]no[/]")
-    console.print(table)
-    console.print(f"[bold]recommended:[/] {report['recommended'] or 'none'} — {report['reason']}")
-    scaled = Table(title="best layout at scale (same per-worker batch, same latency)")
-    scaled.add_column("workers", justify="right")
+        table.add_row(row["label"], _ms(row["step_s"]), _ms(row["compute_s"]), _ms(row["comm_s"]),
+                      f"{row['bubble_fraction']:.2f}", f"{row['memory_bytes'] / 2**20:,.1f}",
+                      f"{row['wire_bytes'] / 1e6:,.2f}", "yes" if row["fits"] else "[red]no[/]")
+    return table
+
+
+def scale_table(report: dict[str, Any]) -> Table:
+    """The best layout at 64, 256 and 1024 workers on each link rate."""
+    scaled = Table(title="best layout at scale (same per-worker batch, same latency)", box=box.SIMPLE_HEAD)
+    scaled.add_column("workers", justify="right", no_wrap=True)
     for rate in RATES:
-        scaled.add_column(rate)
+        scaled.add_column(rate, ratio=1)
     for n in SCALES:
         cells = [r for r in report["scaled"] if r["workers"] == n]
         scaled.add_row(str(n), *(f"{c['best']} ({c['step_s'] * 1e3:,.1f} ms)" if c["best"] else "none fits"
                                  for c in cells))
-    console.print(scaled)
+    return scaled
+
+
+def print_plan(report: dict[str, Any], console: Console) -> None:
+    console.print(layouts_table(report))
+    console.print(f"[bold]recommended:[/] {report['recommended'] or 'none'} — {report['reason']}")
+    console.print(scale_table(report))
