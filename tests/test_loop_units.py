@@ -10,7 +10,7 @@ from shoal.metrics.summary import per_worker_means, samples_per_s
 from shoal.parallel.partition import imbalance
 from shoal.parallel.profile import LayerProfile
 from shoal.strategies.base import StepStats
-from shoal.strategies.pipeline import PipelineMeter, pipeline_figures
+from shoal.strategies.pipeline_meter import PipelineMeter, pipeline_figures
 from shoal.training.loop import FAULT, _restart_time, _RunState, checkpoint_due, is_due, kill_step, total_steps
 
 

@@ -32,15 +32,15 @@ parameters, gradients and optimizer state only. Before an evaluation or
 checkpoint the released parameters are allocated again and each stage's
 parameters broadcast from replica 0, so evaluation runs data parallel on the
 whole model; the next step releases them again.
+
+The stages are built in :mod:`shoal.strategies.pipeline_stages`; the meter
+and the summary maths are in :mod:`shoal.strategies.pipeline_meter`.
 """
 
 from __future__ import annotations
 
-import resource
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -51,19 +51,18 @@ from shoal.comm import layout
 from shoal.comm.codecs.base import build_codec
 from shoal.comm.hooks import CodecHookState, exchange, packed_entries
 from shoal.comm.wire import WireMeter
-from shoal.parallel.partition import NoFeasibleSplit, equal_split, imbalance, min_max_split
-from shoal.parallel.plan import in_flight, layer_memory, moments_per_parameter
-from shoal.parallel.profile import LayerProfile, profile_layers, sequential_layers
+from shoal.parallel.profile import LayerProfile, sequential_layers
 from shoal.registry import STRATEGIES
 from shoal.strategies.base import StepStats, Strategy
-
-if TYPE_CHECKING:
-    from torch.distributed.pipelining import PipelineStage
-
-# PyTorch's schedule classes by option name. torch.distributed.pipelining (and
-# split_points, which needs it) is imported when a pipeline is built: it takes
-# most of a second, which every worker of every other strategy would pay.
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
+from shoal.strategies.pipeline_meter import PipelineMeter, memory_in_use, peak_memory_bytes, pipeline_figures
+from shoal.strategies.pipeline_stages import (
+    boundary_bytes,
+    build_schedule,
+    choose_partition,
+    exported_stages,
+    sequential_stages,
+    time_chunks,
+)
 
 
 class PipelineOptions(BaseModel):
@@ -144,48 +143,33 @@ class PipelineStrategy(Strategy):
         return self.context.rank // self.options.stages, self.options.dp
 
     def _setup(self, inputs: torch.Tensor) -> None:
-        from torch.distributed import pipelining
-
-        from shoal.parallel.split_points import export_pipe, stage_tensors
-
         if len(inputs) % self.M:
             raise ValueError(f"pipeline: microbatches={self.M} must divide the batch of {len(inputs)}")
-        microbatch = inputs[: len(inputs) // self.M]
+        microbatch, device = inputs[: len(inputs) // self.M], self.context.device
         plan: list[Any] = [None]
-        if self.context.rank == 0:
-            plan[0] = self._saved_plan or self._partition(microbatch)
+        if self.context.rank == 0:  # rank 0 profiles and chooses the stages; everyone gets the answer
+            plan[0] = self._saved_plan or choose_partition(self.model, self.layers, microbatch.to(device),
+                                                           self.options, self.optimizer, virtual=self.V)
         dist.broadcast_object_list(plan, src=0)
         bounds, profiles, self.segments = plan[0]
         self.bounds = [range(a, b) for a, b in bounds]
         self.profiles = [LayerProfile(**p) for p in profiles]
         if self.layers is not None:
-            modules = [nn.Sequential(*(self.layers[i] for i in part)) for part in self.bounds]
-            held = [([*m.parameters()], [*m.buffers()]) for m in modules]
-            built = [pipelining.PipelineStage(modules[index], index, self.S, self.context.device, group=self.pp_group)
-                     for index in self.local]
+            held, built = sequential_stages(self.layers, self.bounds, self.S, self.local,
+                                            device=device, group=self.pp_group)
         else:
-            # Every rank traces the whole model (same graph everywhere) and keeps its own stages.
-            pipe = export_pipe(self.model, microbatch.to(self.context.device), self._split_points())
-            held = [stage_tensors(self.model, pipe.get_stage_module(s)) for s in range(self.S)]
-            built = [pipe.build_stage(index, self.context.device, group=self.pp_group) for index in self.local]
+            held, built = exported_stages(self.model, microbatch.to(device), self._split_points(), self.S,
+                                          self.local, device=device, group=self.pp_group)
         self.stage_tensors = [[*params, *buffers] for params, buffers in held]
         self.stage_params = [p for index in self.local for p in held[index][0] if p.requires_grad]
         self.model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         own = {id(p) for index in self.local for p in held[index][0]}
         self.others = {id(p): (p, p.shape) for index in range(self.S) if index not in self.local
                        for p in held[index][0] if id(p) not in own}
-        stages, self.out_bytes, self.in_bytes = [], 0, 0
-        for index, stage in zip(self.local, built):
-            part = self.bounds[index]
-            self._time(stage)
-            stages.append(stage)
-            if index < self.S - 1:
-                self.out_bytes += self.profiles[part[-1]].activation_bytes  # per microbatch, to the next stage
-            if index > 0:
-                self.in_bytes += self.profiles[part[0] - 1].activation_bytes  # gradients back to the previous
-        schedule = getattr(pipelining, SCHEDULES[self.options.schedule])
-        self.schedule = schedule(stages if self.options.schedule == "interleaved" else stages[0],
-                                 n_microbatches=self.M, loss_fn=self.loss_fn)
+        for stage in built:
+            time_chunks(stage, self.stage_meter)
+        self.out_bytes, self.in_bytes = boundary_bytes(self.local, self.bounds, self.profiles, self.S)
+        self.schedule = build_schedule(self.options.schedule, built, self.M, self.loss_fn)
         self._release()
 
     def _release(self) -> None:
@@ -204,47 +188,6 @@ class PipelineStrategy(Strategy):
         """Exported models: the submodule each stage after the first begins at (none before the first step)."""
         segments = self.segments or []
         return [segments[part.start] for part in self.bounds[1:]]
-
-    def _partition(self, microbatch: torch.Tensor) -> tuple[list[tuple[int, int]], list[dict], list[str] | None]:
-        """Rank 0: profile the layers (or an exported model's segments) and
-        choose the stages (everyone gets the answer)."""
-        sample, repeats = microbatch.to(self.context.device), self.options.profile_repeats
-        names = None
-        if self.layers is not None:
-            profiles = profile_layers(self.layers, sample, repeats)
-        else:
-            from shoal.parallel.split_points import profile_segments
-
-            names, profiles = profile_segments(self.model, sample, self.S, repeats)
-        if self.options.partition == "equal":
-            bounds = equal_split(len(profiles), self.S)
-        else:
-            cap = self.options.max_memory_per_worker
-            cap = cap / self.V if cap else cap  # a rank holds V stages: each gets its share
-            held = in_flight(self.options.schedule, self.M, self.P, self.V)
-            moments = moments_per_parameter(type(self.optimizer).__name__, self.optimizer.defaults.get("momentum", 0.0))
-            sizes = [layer_memory(p.param_bytes, p.activation_bytes, held, moments) for p in profiles]
-            try:
-                bounds = min_max_split([p.time_s for p in profiles], self.S,
-                                       sizes=sizes if cap else None, cap=float(cap) if cap else None)
-            except NoFeasibleSplit as err:
-                raise ValueError(f"pipeline: max_memory_per_worker="
-                                 f"{self.options.max_memory_per_worker.human_readable()}: {err}") from None
-        return [(r.start, r.stop) for r in bounds], [p.as_dict() for p in profiles], names
-
-    def _time(self, stage: PipelineStage) -> None:
-        """Count this stage's compute and the microbatches it holds activations for."""
-        def timed(method, delta: int):
-            def run(*args, **kwargs):
-                started = time.perf_counter()
-                try:
-                    return method(*args, **kwargs)
-                finally:
-                    self.stage_meter.chunk(time.perf_counter() - started, delta)
-            return run
-
-        stage.forward_one_chunk = timed(stage.forward_one_chunk, +1)
-        stage.backward_one_chunk = timed(stage.backward_one_chunk, -1)
 
     # --- a step -------------------------------------------------------------
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
@@ -352,100 +295,3 @@ class PipelineStrategy(Strategy):
             **pipeline_figures(everyone, stages=self.P, virtual=self.V, microbatches=self.M, bounds=self.bounds,
                                profiles=self.profiles, model_parameter_bytes=self.model_bytes),
         }
-
-
-@dataclass
-class PipelineMeter:
-    """What one rank's stages did, over all steps: compute, schedule time,
-    activations held and sent, memory. :meth:`figures` is its share of the summary."""
-
-    busy_s: float = 0.0  # forward/backward compute
-    pipeline_s: float = 0.0  # the schedules' wall time
-    first_busy_s: float = 0.0  # of them, the first step's
-    first_pipeline_s: float = 0.0
-    steps: int = 0
-    in_flight: int = 0  # microbatch chunks whose activations are held now
-    peak_in_flight: int = 0
-    activation_bytes: int = 0  # sent to the neighbouring stages
-    peak_step_memory: int = 0  # memory in use at the end of a step, the most of any step
-    held_bytes: int = 0  # parameter storage while training, the most of any step
-
-    def chunk(self, seconds: float, held: int) -> None:
-        """A stage ran one chunk's forward (``held=+1``: its activations are kept) or backward (-1)."""
-        self.busy_s += seconds
-        self.in_flight += held
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-
-    def step(self, *, pipeline_s: float, activation_bytes: int, memory_bytes: int, held_bytes: int) -> None:
-        """A step ended: the schedule ran ``pipeline_s``, sent ``activation_bytes``; memory in use after it."""
-        self.pipeline_s += pipeline_s
-        if self.steps == 0:  # the first step also connects the stages' send/recv pairs: not the steady state
-            self.first_busy_s, self.first_pipeline_s = self.busy_s, self.pipeline_s
-        self.activation_bytes += activation_bytes
-        self.steps += 1
-        self.peak_step_memory = max(self.peak_step_memory, memory_bytes)
-        self.held_bytes = max(self.held_bytes, held_bytes)
-
-    def figures(self) -> dict[str, Any]:
-        """This rank's means per step, idle share and peaks (what :func:`pipeline_figures` combines)."""
-        steps = max(self.steps, 1)
-        return {
-            "busy_s": self.busy_s / steps,
-            "pipeline_s": self.pipeline_s / steps,
-            # The idle share in the steady state: past the first step where there are more.
-            "idle": _idle(self.busy_s - self.first_busy_s, self.pipeline_s - self.first_pipeline_s)
-            if self.steps > 1 else _idle(self.busy_s, self.pipeline_s),
-            "peak_in_flight": self.peak_in_flight,
-            "training_memory_bytes": self.peak_step_memory,
-            "held_parameter_bytes": self.held_bytes,
-            "activation_bytes": self.activation_bytes,
-        }
-
-
-def pipeline_figures(ranks: Sequence[dict[str, Any]], *, stages: int, virtual: int, microbatches: int,
-                     bounds: Sequence[range], profiles: Sequence[LayerProfile],
-                     model_parameter_bytes: int) -> dict[str, Any]:
-    """The pipeline's summary fields from every rank's :meth:`PipelineMeter.figures`
-    (in rank order, each with its ``peak_memory_bytes``): per-stage figures from
-    replica 0 (the first ``stages`` ranks; rank r holds stages r, r+P, ...),
-    memory as the most of any rank, activations sent as the mean of all."""
-    first = ranks[:stages]  # replica 0
-    busy = [w["busy_s"] for w in first]
-    bubble = [w["idle"] for w in first]
-    stage_act = [sum(profiles[i].activation_bytes for k in range(virtual) for i in bounds[r + k * stages])
-                 for r in range(stages)] if profiles else [0] * stages  # per rank
-    return {
-        "stage_compute_s": busy,
-        "stage_imbalance": max(busy) / (sum(busy) / len(busy)) if sum(busy) > 0 else None,
-        "predicted_stage_imbalance": imbalance([p.time_s for p in profiles], bounds) if profiles else None,
-        "bubble_fraction": sum(bubble) / len(bubble),
-        "bubble_fraction_theory": (stages - 1) / (virtual * microbatches + stages - 1),
-        "peak_memory_bytes": max(w["peak_memory_bytes"] for w in ranks),
-        "training_memory_bytes": max(w["training_memory_bytes"] for w in ranks),
-        "held_parameter_bytes": max(w["held_parameter_bytes"] for w in ranks),
-        "model_parameter_bytes": model_parameter_bytes,
-        "peak_activation_bytes": max(w["peak_in_flight"] * a / virtual for w, a in zip(first, stage_act)),
-        "stage_peak_in_flight": [w["peak_in_flight"] for w in first],  # chunk activations held, per rank
-        "activation_bytes_per_worker": sum(w["activation_bytes"] for w in ranks) / len(ranks),
-    }
-
-
-def _idle(busy_s: float, pipeline_s: float) -> float:
-    return 1 - busy_s / pipeline_s if pipeline_s > 0 else 0.0
-
-
-def memory_in_use(device: torch.device) -> int:
-    """Bytes this process holds now: CUDA memory allocated, or the resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * resource.getpagesize()
-    except OSError:  # no /proc: the peak so far is the best there is
-        return peak_memory_bytes(device)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
