@@ -11,7 +11,7 @@ from torch import nn
 
 import shoal
 from shoal.compress import CompressError, load_artefact, read_artefact, save_artefact
-from shoal.compress.artefact import decode_tensor, encode_tensor
+from shoal.models.artefact_file import decode_tensor, encode_tensor
 from shoal.engine.sparsity import weight_slots
 from shoal.compress.conv1d_as_2d import conv1d_as_conv2d
 from shoal.compress.load import load_trained
@@ -295,7 +295,7 @@ def test_compress_api_reports_every_quantisation(tmp_path):
 
 
 def test_an_artefact_for_other_data_is_refused(tmp_path):
-    from shoal.compress.artefact import save_artefact
+    from shoal.models.artefact_file import save_artefact
     from shoal.models.artefact import load_artefact
     from torch import nn
 

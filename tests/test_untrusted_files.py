@@ -15,9 +15,8 @@ import torch
 import yaml
 
 from shoal.compress import CompressError, load_artefact, read_artefact, save_artefact
-from shoal.compress import artefact as artefact_module
 from shoal.data.base import DatasetBundle
-from shoal.models import build_model
+from shoal.models import artefact_file, build_model
 from shoal.models.artefact import ArtefactModelOptions, artefact
 from shoal.registry import MODELS, load_builtins
 from shoal.engine.checkpoint import MAGIC, CorruptCheckpoint, load_checkpoint, load_weights, save_checkpoint
@@ -91,12 +90,12 @@ def _artefact_with_header(path: Path, change) -> Path:
     """A real artefact of a small MLP whose header JSON ``change`` rewrites (as a crafted file would)."""
     save_artefact(path, _mlp(), model_spec=MLP, input_shape=(1, 8, 8), num_classes=10)
     raw = path.read_bytes()
-    codec, _, packed = raw[len(artefact_module.MAGIC):].partition(b"\n")
+    codec, _, packed = raw[len(artefact_file.MAGIC):].partition(b"\n")
     body = lzma.decompress(packed)
     (size,) = struct.unpack("<I", body[:4])
     header = change(json.loads(body[4:4 + size]))
     encoded = json.dumps(header).encode()
-    path.write_bytes(artefact_module.MAGIC + codec + b"\n" + lzma.compress(
+    path.write_bytes(artefact_file.MAGIC + codec + b"\n" + lzma.compress(
         struct.pack("<I", len(encoded)) + encoded + body[4 + size:]))
     return path
 
@@ -133,7 +132,7 @@ def test_an_artefact_header_out_of_bounds_is_refused(tmp_path, change, words):
 
 def test_an_artefact_that_inflates_past_the_limit_is_refused(tmp_path, monkeypatch):
     path = _artefact_with_header(tmp_path / "m.shoal", lambda h: h)
-    monkeypatch.setattr(artefact_module, "MAX_BODY_BYTES", 100)
+    monkeypatch.setattr(artefact_file, "MAX_BODY_BYTES", 100)
     with pytest.raises(CompressError, match="inflates past 100 bytes"):
         read_artefact(path)
 

@@ -20,10 +20,10 @@ import sys
 import types
 
 from shoal.compress import channels, fp16, int8_dynamic, int8_static, magnitude, qat  # noqa: F401  (register)
-from shoal.compress.artefact import ArtefactOptions, read_artefact, save_artefact
 from shoal.compress.base import CompressError, Pruned
 from shoal.compress.run import CompressReport, Row, compress
 from shoal.models.artefact import load_artefact
+from shoal.models.artefact_file import ArtefactOptions, read_artefact, save_artefact
 from shoal.compress.budget import BudgetError, BudgetReport, search as search_budget  # noqa: E402  (uses run)
 
 __all__ = ["compress", "CompressReport", "Row", "CompressError", "Pruned", "ArtefactOptions", "load_artefact",

@@ -6,10 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-
-class CompressError(ValueError):
-    """Input that cannot be compressed (bad spec, a checkpoint that does not fit
-    the config); the message says what and where. The CLI exits with code 2."""
+# Defined with the artefact file format, whose readers (in shoal.models) raise it too.
+from shoal.models.artefact_file import CompressError
 
 
 @dataclass

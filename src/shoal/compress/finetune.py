@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.compress.artefact import ArtefactOptions, save_artefact
 from shoal.config import RunConfig
 from shoal.engine.checkpoint import load_weights
 from shoal.engine.sparsity import prunable_weights
+from shoal.models.artefact_file import ArtefactOptions, save_artefact
 
 PRUNED = "pruned.shoal"
 RUN_DIR = "finetune"

@@ -9,7 +9,7 @@ Weights and Connections for Efficient Neural Networks").
    (``prune.remove``) and returned, so a later fine-tuning can keep them.
 
 Masks alone make no model faster on a dense runtime; they make it smaller
-once stored sparse (:mod:`shoal.compress.artefact`).
+once stored sparse (:mod:`shoal.models.artefact_file`).
 """
 
 from __future__ import annotations

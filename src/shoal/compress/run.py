@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
-from shoal.compress.artefact import ArtefactOptions, save_artefact
 from shoal.compress.base import CompressError
 from shoal.compress.finetune import finetune
 from shoal.compress.load import checkpoint_path, load_trained
@@ -33,6 +32,7 @@ from shoal.compress.measure import dataset_arrays, latency_ms, parameter_counts,
 from shoal.compress.onnx_export import export_onnx, ort_run, ort_session
 from shoal.config import ConfigError, RunConfig, format_error, load_config
 from shoal.models.artefact import load_artefact
+from shoal.models.artefact_file import ArtefactOptions, save_artefact
 from shoal.registry import PRUNERS, QUANTIZERS, Component, load_builtins, parse_spec
 
 REPORT = "report.json"

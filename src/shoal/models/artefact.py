@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from shoal.data.base import DatasetBundle
+from shoal.models.artefact_file import CompressError, read_artefact
 from shoal.models.build import build_model
 from shoal.registry import MODELS, load_builtins, parse_spec
 
@@ -55,10 +56,6 @@ def load_artefact(path: str | Path, *, input_shape: tuple[int, ...] | None = Non
     (``model``, from its own config), never from the file. ``input_shape`` /
     ``num_classes``: what the caller's data has; an artefact made for other
     data is a ``ValueError``."""
-    # The file format is compress's, which builds on models: read it late, so neither imports the other first.
-    from shoal.compress.artefact import read_artefact
-    from shoal.compress.base import CompressError
-
     header, state = read_artefact(path)
     stored = tuple(header["input_shape"]), header["num_classes"]
     if (input_shape is not None and tuple(input_shape) != stored[0]) or \

@@ -20,6 +20,10 @@ coding. Per tensor, in state-dict order:
 
 Pruned channels are no special case: each tensor's stored shape is its real
 shape, and :func:`shoal.models.artefact.load_artefact` resizes the freshly built model to it.
+
+``shoal compress`` writes these files and ``model: artefact`` reads them. The
+format lives in models, below compress, so that reading an artefact never
+imports compress (which builds models).
 """
 
 from __future__ import annotations
@@ -37,10 +41,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from shoal.compress.artefact_header import MAX_HEADER_BYTES, parse_header
-from shoal.compress.base import CompressError
+from shoal.models.artefact_header import MAX_HEADER_BYTES, parse_header
 
 MAGIC = b"SHOAL-SPARSE-1\n"
+
+
+class CompressError(ValueError):
+    """Input that cannot be compressed (bad spec, a checkpoint that does not fit
+    the config) or an artefact that cannot be read; the message says what and
+    where. The CLI exits with code 2.
+
+    Users catch it as :class:`shoal.compress.CompressError`, the same class: it
+    is defined here, with the file format, because artefact readers raise it and
+    models sits below compress, which must not be imported from here."""
 
 
 class ArtefactOptions(BaseModel):
@@ -145,7 +158,7 @@ MAX_BODY_BYTES = 4 << 30
 
 def read_artefact(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(header, state dict)`` of an artefact file; its header is checked
-    (:mod:`shoal.compress.artefact_header`) before any tensor is decoded."""
+    (:mod:`shoal.models.artefact_header`) before any tensor is decoded."""
     raw = Path(path).read_bytes()
     if not raw.startswith(MAGIC):
         raise CompressError(f"{path}: not a shoal sparse artefact")
