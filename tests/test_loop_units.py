@@ -11,7 +11,10 @@ from shoal.parallel.partition import imbalance
 from shoal.parallel.profile import LayerProfile
 from shoal.strategies.base import StepStats
 from shoal.strategies.pipeline_meter import PipelineMeter, pipeline_figures
-from shoal.training.loop import FAULT, _restart_time, _RunState, checkpoint_due, is_due, kill_step, total_steps
+from shoal.training.build import total_steps
+from shoal.training.faults import FAULT, kill_step, restart_time
+from shoal.training.loop import checkpoint_due, is_due
+from shoal.training.state import RunState
 
 
 def test_total_steps_are_the_steps_given_or_whole_epochs_rounded_up():
@@ -50,7 +53,7 @@ def _stats(samples=16, wire=100, dense=400, comm_s=0.5):
 
 
 def test_run_state_counts_each_step():
-    state = _RunState()
+    state = RunState()
     state.add(_stats(), step_s=0.25, wall=1.0)
     state.add(_stats(samples=8), step_s=0.5, wall=2.5)
     assert (state.step, state.clock, state.wall, state.samples) == (2, 0.75, 2.5, 24)
@@ -58,35 +61,35 @@ def test_run_state_counts_each_step():
 
 
 def test_time_to_target_is_the_training_clock_at_the_first_evaluation_that_reaches_it():
-    state = _RunState()
+    state = RunState()
     for step_s, acc in [(1.0, 0.5), (1.0, 0.91), (1.0, 0.8), (1.0, 0.95)]:
         state.add(_stats(), step_s=step_s, wall=0.0)
         state.record_eval(acc, loss=0.1, target=0.9)
     assert (state.time_to_target, state.steps_to_target, state.best_accuracy) == (2.0, 2, 0.95)
-    untargeted = _RunState()
+    untargeted = RunState()
     untargeted.record_eval(0.99, loss=0.1, target=None)
     assert untargeted.time_to_target is None and untargeted.best_accuracy == 0.99
 
 
 def test_run_state_round_trips_through_a_checkpoint_in_its_order():
-    state = _RunState()
+    state = RunState()
     state.add(_stats(), step_s=0.25, wall=1.0)
     state.record_eval(0.7, loss=0.3, target=0.5)
     saved = state.state_dict()
     assert list(saved) == ["step", "clock", "wall", "wall_before", "samples", "wire_bytes", "dense_bytes",
                            "comm_s", "best_accuracy", "time_to_target", "steps_to_target", "resumed_from",
                            "sparsity"]  # the checkpoint's "run" entry
-    restored = _RunState()
+    restored = RunState()
     restored.load(saved)
     assert restored.state_dict() == saved
 
 
 def test_restart_time_is_measured_from_the_injected_kill(tmp_path):
-    assert _restart_time(tmp_path) is None  # no fault.json: no injected kill
+    assert restart_time(tmp_path) is None  # no fault.json: no injected kill
     (tmp_path / FAULT).write_text(json.dumps({"rank": 1, "target": "worker", "time": time.time() - 3.0}))
-    assert 3.0 <= _restart_time(tmp_path) < 60.0
+    assert 3.0 <= restart_time(tmp_path) < 60.0
     (tmp_path / FAULT).write_text("{not json")
-    assert _restart_time(tmp_path) is None
+    assert restart_time(tmp_path) is None
 
 
 def test_the_pipeline_meter_keeps_the_peak_of_chunks_in_flight():

@@ -2,56 +2,43 @@
 
 :func:`run_training` runs one worker's part of a job in phases:
 
-1. :func:`_build`: data, model, optimizer, strategy, batches and schedule from the config
+1. :func:`~shoal.training.build.build_run`: data, model, optimizer, strategy, batches and
+   schedule from the config
 2. :func:`_start_or_resume`: a fresh start, a resume from the run's checkpoint,
    or a rejoin of a job that trained on without this worker
 3. :func:`_train`: step, log, evaluate and checkpoint until the last step or the target
 4. :func:`_finish`: close the strategy, evaluate the final model, checkpoint, total the counters
 5. :func:`_summarise`: rank 0 writes ``summary.json`` and the curves
 
-It is strategy-agnostic: all a strategy has to provide is ``step``.
+It is strategy-agnostic: all a strategy has to provide is ``step``. The run's
+counters and checkpoint are in :mod:`~shoal.training.state`, fault injection in
+:mod:`~shoal.training.faults`, the console's progress bar in :mod:`~shoal.training.progress`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
 import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shoal.config import FaultConfig, RunConfig
-from shoal.data import DatasetBundle, ShardedBatches, build_dataset
+from shoal.config import RunConfig
 from shoal.metrics.plots import plot_curves
-from shoal.metrics.summary import Summary, per_worker_means, samples_per_s, write_json_atomic
+from shoal.metrics.summary import Summary, per_worker_means, samples_per_s
 from shoal.metrics.writer import MetricsWriter
-from shoal.models import build_model, count_parameters
+from shoal.models import count_parameters
 from shoal.netem.slowdown import Slowdown
-from shoal.strategies.base import StepStats, Strategy, WorkerContext
-from shoal.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from shoal.strategies.base import StepStats, WorkerContext
 from shoal.engine.evaluate import evaluate
 from shoal.engine.group import Group, TorchGroup
-from shoal.engine.optim import build_optimizer, build_scheduler
-from shoal.engine.sparsity import SparsityController
-
-CHECKPOINT = "checkpoint.pt"
-FAULT = "fault.json"  # written by a worker killed by config fault.kill_rank
-
-
-def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
-    if cfg.train.steps is not None:
-        return cfg.train.steps
-    return max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+from shoal.training.build import Run, build_run
+from shoal.training.faults import die, kill_step, restart_time
+from shoal.training.progress import TrainProgress
+from shoal.training.state import CHECKPOINT, RunState, checkpoint_run, restore_run
 
 
 def is_due(step: int, every: int, last: int) -> bool:
@@ -62,12 +49,6 @@ def is_due(step: int, every: int, last: int) -> bool:
 def checkpoint_due(step: int, every: int, last: int) -> bool:
     """A checkpoint in the loop every ``every`` steps (0: none); the last step's comes after the loop."""
     return bool(every) and step % every == 0 and step < last
-
-
-def kill_step(fault: FaultConfig, rank: int, *, first_start: bool) -> int | None:
-    """The step after which config ``fault`` kills this worker: on its first start
-    only (not after a restart, nor when it rejoins), or never (None)."""
-    return fault.kill_step if first_start and fault.kill_rank == rank else None
 
 
 def run_training(
@@ -85,12 +66,12 @@ def run_training(
     died; it continues from there with the servers' current parameters."""
     group = group or TorchGroup(ctx.world_size, ctx.device)
     setup_started = time.perf_counter()
-    run = _build(cfg, ctx, group, slowdown=slowdown, attempt=attempt, rejoin=rejoin)
+    run = build_run(cfg, ctx, group, slowdown=slowdown, attempt=attempt, rejoin=rejoin)
     state = _start_or_resume(run, resume)
     metrics = _open_outputs(run, state)
     setup_s = time.perf_counter() - setup_started
     loop_started = time.perf_counter()
-    restart_s = _restart_time(run.out) if attempt > 0 and run.is_main else None
+    restart_s = restart_time(run.out) if attempt > 0 and run.is_main else None
     loss, acc = _train(run, state, metrics, loop_started)
     final = _finish(run, state, loss, acc)
     if metrics is not None:
@@ -101,70 +82,7 @@ def run_training(
     return _summarise(run, state, final, setup_s=setup_s, wall_s=wall_s, restart_s=restart_s)
 
 
-@dataclass(frozen=True)
-class _Run:
-    """One worker's run: what it was started with, and what :func:`_build` made
-    from the config. Fixed once built; what changes as it trains is :class:`_RunState`."""
-
-    cfg: RunConfig
-    ctx: WorkerContext
-    group: Group
-    out: Path
-    slowdown: Slowdown | None
-    attempt: int
-    rejoin: dict[str, Any] | None
-    data: DatasetBundle
-    optimizer: torch.optim.Optimizer
-    strategy: Strategy
-    batches: ShardedBatches
-    steps: int
-    scheduler: Any
-    sparsity: SparsityController | None
-
-    @property
-    def is_main(self) -> bool:
-        return self.ctx.rank == 0
-
-    @property
-    def collective(self) -> bool:
-        return self.strategy.collective_eval
-
-
-def _build(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slowdown | None, attempt: int,
-           rejoin: dict[str, Any] | None) -> _Run:
-    """Phase 1: data, model, optimizer, strategy, batches, schedule and masks from the config."""
-    out = Path(cfg.out)
-    if ctx.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    data = build_dataset(cfg.data.dataset)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, data).to(ctx.device)
-    if cfg.train.init_from:
-        load_weights(model, cfg.train.init_from, ctx.device)
-    if slowdown is not None:
-        slowdown.attach(model)
-    torch.manual_seed(cfg.seed + 1 + ctx.rank)  # per-worker stream for dropout and the like
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    strategy: Strategy = cfg.strategy.target(
-        model,
-        optimizer,
-        options=cfg.strategy.options,
-        codec=cfg.codec,
-        context=ctx,
-        loss_fn=F.cross_entropy,
-    )
-    shard, shards = strategy.data_shard()
-    batches = ShardedBatches(data.train, rank=shard, world_size=shards, batch_size=cfg.data.batch_size, seed=cfg.seed)
-    batches.split = strategy.split_batch(cfg.data.batch_size)
-    steps = total_steps(cfg, batches.steps_per_epoch)
-    scheduler = build_scheduler(cfg.schedule, optimizer, steps)
-    sparsity = SparsityController(cfg.prune, model, steps, strategy=strategy) if cfg.prune is not None else None
-    return _Run(cfg=cfg, ctx=ctx, group=group, out=out, slowdown=slowdown, attempt=attempt, rejoin=rejoin,
-                data=data, optimizer=optimizer, strategy=strategy, batches=batches, steps=steps,
-                scheduler=scheduler, sparsity=sparsity)
-
-
-def _start_or_resume(run: _Run, resume: bool) -> _RunState:
+def _start_or_resume(run: Run, resume: bool) -> RunState:
     """Phase 2: the counters to start from. A resume (asked for, or after the
     group restarted with a checkpoint on disk) restores the whole run; a rejoin
     takes the counters the dead worker left and the strategy catches up."""
@@ -173,9 +91,9 @@ def _start_or_resume(run: _Run, resume: bool) -> _RunState:
         resume = False
     elif not resume and run.attempt > 0:
         resume = group.broadcast_object((run.out / CHECKPOINT).is_file() if run.is_main else None)
-    state = _RunState()
+    state = RunState()
     if resume:
-        state = _restore(run)
+        state = restore_run(run)
         group.barrier()  # parameter servers: every shard restored before anyone pushes
     elif run.rejoin is not None:
         state.load(run.rejoin)
@@ -194,7 +112,7 @@ def _start_or_resume(run: _Run, resume: bool) -> _RunState:
     return state
 
 
-def _open_outputs(run: _Run, state: _RunState) -> MetricsWriter | None:
+def _open_outputs(run: Run, state: RunState) -> MetricsWriter | None:
     """Rank 0 writes the run's config and opens its metrics log (a resumed run's cut back to where it resumed)."""
     if not run.is_main:
         return None
@@ -202,7 +120,7 @@ def _open_outputs(run: _Run, state: _RunState) -> MetricsWriter | None:
     return MetricsWriter(run.out / "metrics.jsonl", resume_step=state.step if state.resumed_from is not None else None)
 
 
-def _train(run: _Run, state: _RunState, metrics: MetricsWriter | None, loop_started: float) -> tuple[float, float]:
+def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_started: float) -> tuple[float, float]:
     """Phase 3: step until the last step, the target (train.stop_at_target) or
     the strategy's stop; log, evaluate and checkpoint when due. Returns the last
     evaluation's (loss, accuracy): NaN when none ran."""
@@ -210,7 +128,7 @@ def _train(run: _Run, state: _RunState, metrics: MetricsWriter | None, loop_star
     loss = acc = float("nan")
     batch_iter = run.batches.iterate(state.step)
     kill_at = kill_step(cfg.fault, run.ctx.rank, first_start=run.attempt == 0 and run.rejoin is None)
-    progress = _Progress(run.is_main, steps, state.step)
+    progress = TrainProgress(run.is_main, steps, state.step)
     with progress if run.is_main else nullcontext():
         while state.step < steps:
             stats, spun_s = _step(run, state, batch_iter, loop_started=loop_started, kill_at=kill_at)
@@ -231,7 +149,7 @@ def _train(run: _Run, state: _RunState, metrics: MetricsWriter | None, loop_star
             reached = state.time_to_target is not None and cfg.train.stop_at_target
             # A checkpoint gathers every worker's state: only where workers keep in step.
             if run.collective and checkpoint_due(state.step, cfg.train.checkpoint_every, steps):
-                _checkpoint(run, state)
+                checkpoint_run(run, state)
             if reached and not run.collective:
                 strategy.request_stop()
             if reached or strategy.finished():
@@ -239,7 +157,7 @@ def _train(run: _Run, state: _RunState, metrics: MetricsWriter | None, loop_star
     return loss, acc
 
 
-def _step(run: _Run, state: _RunState, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], *,
+def _step(run: Run, state: RunState, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], *,
           loop_started: float, kill_at: int | None) -> tuple[StepStats, float]:
     """One training step, counted into ``state``; returns its stats and the seconds a busy slowdown spun."""
     step_started = time.perf_counter()  # fetching the batch counts as training time
@@ -252,14 +170,14 @@ def _step(run: _Run, state: _RunState, batch_iter: Iterator[tuple[torch.Tensor, 
         run.sparsity.apply()  # the optimizer step may have moved pruned weights
     spun_s = run.slowdown.after_step(stats.compute_s) if run.slowdown is not None else 0.0
     if state.step + 1 == kill_at:
-        _die(run.out, run.ctx.rank, run.strategy, run.cfg.fault.target)
+        die(run.out, run.ctx.rank, run.strategy, run.cfg.fault.target)
     run.scheduler.step()
     now = time.perf_counter()
     state.add(stats, step_s=now - step_started, wall=state.wall_before + now - loop_started)
     return stats, spun_s
 
 
-def _log_record(run: _Run, state: _RunState, stats: StepStats, spun_s: float, loop_started: float) -> dict[str, Any]:
+def _log_record(run: Run, state: RunState, stats: StepStats, spun_s: float, loop_started: float) -> dict[str, Any]:
     """The step's line of metrics.jsonl (an evaluation adds its results to it)."""
     record: dict[str, Any] = {
         "step": state.step,
@@ -279,7 +197,7 @@ def _log_record(run: _Run, state: _RunState, stats: StepStats, spun_s: float, lo
     return record
 
 
-def _evaluate(run: _Run) -> tuple[float, float]:
+def _evaluate(run: Run) -> tuple[float, float]:
     """(test loss, test accuracy) of the whole current model; NaN on the ranks that do not evaluate."""
     if not run.collective and not run.is_main:
         return float("nan"), float("nan")  # rank 0 evaluates alone; nobody waits for it
@@ -309,13 +227,13 @@ class _Final:
     longest_clock_s: float
 
 
-def _finish(run: _Run, state: _RunState, loss: float, acc: float) -> _Final:
+def _finish(run: Run, state: RunState, loss: float, acc: float) -> _Final:
     """Phase 4, on every rank: close the strategy, evaluate the final model
     unless the last step just did, checkpoint, and total the counters."""
     extra = run.strategy.close()  # parameter servers: wait for all, pull the final model
     if math.isnan(acc) or not run.collective:  # resumed a finished run, or the final model was just pulled
         loss, acc = _evaluate(run)
-    _checkpoint(run, state)
+    checkpoint_run(run, state)
     # Mean over workers of what each one handed to the process group.
     totals = run.group.all_reduce([state.wire_bytes, state.dense_bytes, state.comm_s, state.samples])
     wire, dense, comm_s, samples = per_worker_means(totals, run.ctx.world_size)
@@ -324,7 +242,7 @@ def _finish(run: _Run, state: _RunState, loss: float, acc: float) -> _Final:
                   samples=samples, longest_clock_s=longest)
 
 
-def _summarise(run: _Run, state: _RunState, final: _Final, *, setup_s: float, wall_s: float,
+def _summarise(run: Run, state: RunState, final: _Final, *, setup_s: float, wall_s: float,
                restart_s: float | None) -> Summary:
     """Phase 5, rank 0: summary.json and the curves."""
     cfg, ctx, sparsity = run.cfg, run.ctx, run.sparsity
@@ -364,139 +282,3 @@ def _summarise(run: _Run, state: _RunState, final: _Final, *, setup_s: float, wa
     plot_curves(run.out / "metrics.jsonl", run.out / "curves.png",
                 title=f"{cfg.model.name} / {cfg.strategy.name} / {ctx.world_size} workers")
     return summary
-
-
-class _Progress:
-    """Rank 0's progress bar and one printed line per evaluation."""
-
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.console = Console()
-        self.enabled = enabled
-        self.bar = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            disable=not enabled,
-        )
-        self.task = self.bar.add_task("train", total=total, completed=start, loss="-", acc="-")
-
-    def __enter__(self) -> "_Progress":
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.__exit__(*exc)
-
-    def advance(self, loss: float) -> None:
-        self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
-
-    def evaluated(self, step: int, loss: float, acc: float, clock: float) -> None:
-        self.bar.update(self.task, acc=f"{acc:.4f}")
-        if self.enabled:
-            self.console.print(f"step {step:>6}  test loss {loss:.4f}  test acc {acc:.4f}  {clock:7.1f}s")
-
-
-class _RunState:
-    """Counters that a checkpoint carries so a resumed run continues exactly."""
-
-    def __init__(self) -> None:
-        self.step = 0
-        self.clock = 0.0  # training seconds, evaluation and checkpointing excluded
-        self.wall = 0.0  # wall seconds of the training loop so far, all sessions
-        self.wall_before = 0.0  # of earlier sessions, when resumed
-        self.samples = 0
-        self.wire_bytes = 0
-        self.dense_bytes = 0
-        self.comm_s = 0.0
-        self.best_accuracy = 0.0
-        self.time_to_target: float | None = None
-        self.steps_to_target: int | None = None
-        self.resumed_from: int | None = None
-        self.sparsity = 0.0  # of the masks in force (prune:)
-
-    def add(self, stats: StepStats, *, step_s: float, wall: float) -> None:
-        self.step += 1
-        self.clock += step_s
-        self.wall = wall
-        self.samples += stats.samples
-        self.wire_bytes += stats.wire_bytes
-        self.dense_bytes += stats.dense_bytes
-        self.comm_s += stats.comm_s
-
-    def record_eval(self, acc: float, loss: float, target: float | None) -> None:
-        self.best_accuracy = max(self.best_accuracy, acc)
-        if target is not None and self.time_to_target is None and acc >= target:
-            self.time_to_target = self.clock
-            self.steps_to_target = self.step
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
-
-    def load(self, saved: dict[str, Any]) -> None:
-        vars(self).update(saved)
-
-
-def _die(out: Path, rank: int, strategy: Strategy, target: str) -> None:
-    """The injected fault: note when, then SIGKILL this worker (no cleanup, as a
-    crash); ``target="server"``: the process serving its parameter shard instead."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / FAULT, {"rank": rank, "target": target, "time": time.time()})
-    if target == "server":
-        strategy.kill_server()  # does not return
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _checkpoint(run: _Run, state: _RunState) -> None:
-    # Random streams and strategy state (error-feedback residuals, codec
-    # generators) differ per worker: keep every worker's.
-    run.strategy.prepare_eval()
-    mine = {"rng": torch.get_rng_state(), "strategy": run.strategy.state_dict()}
-    workers = run.group.all_gather_object(mine)
-    if not run.is_main:
-        return
-    save_checkpoint(
-        run.out / CHECKPOINT,
-        {
-            "run": state.state_dict(),
-            "model": run.strategy.eval_model.state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "workers": workers,
-        },
-    )
-
-
-def _restart_time(out: Path) -> float | None:
-    """Seconds from an injected kill to this attempt's first step (same machine only)."""
-    try:
-        return time.time() - json.loads((out / FAULT).read_text())["time"]
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _restore(run: _Run) -> _RunState:
-    """Rank 0 reads the checkpoint and sends it to the others (no shared disk needed)."""
-    ctx = run.ctx
-    saved = run.group.broadcast_object(load_checkpoint(run.out / CHECKPOINT) if ctx.rank == 0 else None)
-    run.strategy.eval_model.load_state_dict(saved["model"])
-    run.optimizer.load_state_dict(saved["optimizer"])
-    run.scheduler.load_state_dict(saved["scheduler"])
-    workers = saved["workers"]
-    if len(workers) == ctx.world_size:
-        torch.set_rng_state(workers[ctx.rank]["rng"])
-        run.strategy.load_state_dict(workers[ctx.rank]["strategy"])
-    elif ctx.rank == 0:
-        # Residuals and random streams belong to workers that no longer exist.
-        warnings.warn(
-            f"resuming {len(workers)}-worker state on {ctx.world_size} workers: "
-            "per-worker strategy state (error-feedback residuals, codec streams) starts fresh"
-        )
-    state = _RunState()
-    state.load(saved["run"])
-    state.wall_before = state.wall
-    state.resumed_from = state.step
-    return state
