@@ -18,6 +18,12 @@ def test_bench_codecs_reports_every_codec_and_the_sampled_topk_speedup(tmp_path)
     assert by_name["fp16"]["compression"] == 2 and by_name["signsgd"]["compression"] > 30
     assert report["sampled_topk_speedup"] > 0
     assert "sampled top-k" in result.stdout
+    # The identity codec does no work: no throughput for it (it printed 1560 GB/s), a memory copy instead.
+    assert by_name["none"]["passthrough"] and by_name["none"]["gb_per_s"] is None
+    assert not by_name["fp16"]["passthrough"] and by_name["fp16"]["gb_per_s"] > 0
+    assert report["copy_gb_per_s"] > 0 and "(memory copy)" in result.stdout
+    none_row = next(line for line in result.stdout.splitlines() if line.startswith("│ none "))
+    assert none_row.split("│")[3].strip() == "-"
 
 
 @pytest.mark.processes

@@ -14,12 +14,14 @@ import sys
 import typer
 
 from shoal.cli import bench, components, compress, fl, netem, plan, train
+from shoal.cli.common import CONTEXT_SETTINGS
 
 app = typer.Typer(
     help="shoal: distributed deep-learning training on PyTorch's distributed engine, made cheaper.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings=CONTEXT_SETTINGS,
 )
 # Registration order is the order ``shoal --help`` lists them in.
 app.command("train")(train.train)

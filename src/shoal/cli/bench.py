@@ -13,12 +13,12 @@ from typing import Any, Optional, Sequence
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from shoal.cli.common import config_errors, fail, format_bytes, log_to, slowdown_overrides, wide_console
+from shoal.cli.common import CONTEXT_SETTINGS, config_errors, fail, log_to, slowdown_overrides, wide_console
 from shoal.config import load_config
 
-bench_app = typer.Typer(help="Benchmarks; each writes DIR/bench.json and compares against its baseline in the same run.")
+bench_app = typer.Typer(help="Benchmarks; each writes DIR/bench.json and compares against its baseline in the same run.",
+                        context_settings=CONTEXT_SETTINGS)
 
 
 class BenchRun:
@@ -70,35 +70,20 @@ def bench_codecs(
     codec: list[str] = typer.Option([], "--codec", "-c", help="codec spec to time (repeatable; default: all)"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write DIR/bench.json"),
 ) -> None:
-    """Encode+decode throughput (GB/s of fp32 input) and compression of each codec; sampled vs exact top-k."""
-    from shoal.bench.codecs import run
+    """Encode+decode throughput (GB/s of fp32 input, beside a memory copy's) and compression of each codec;
+    sampled vs exact top-k."""
+    from shoal.bench.codecs import report_table, run
 
     if numel < 1000 or repeats < 1:
         fail("--numel must be >= 1000 and --repeats >= 1")
     with config_errors(ValueError):
         report = run(numel=numel, repeats=repeats, specs=codec or None)
-    console = Console()
-    _print_codecs(report, numel, console)
+    Console().print(report_table(report))
     if out is not None:
         from shoal.metrics.summary import write_json_atomic
 
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "bench.json", report)
-
-
-def _print_codecs(report: dict[str, Any], numel: int, console: Console) -> None:
-    # Here rather than in shoal.bench.codecs: its wire bytes are formatted as every command formats bytes.
-    table = Table(title=f"codec throughput, {numel:,} fp32 elements, {report['threads']} threads")
-    for column in ("codec", "encode+decode", "GB/s", "wire bytes", "compression"):
-        table.add_column(column, justify="left" if column == "codec" else "right")
-    for row in report["rows"]:
-        table.add_row(
-            row["codec"], f"{row['median_s'] * 1000:.1f} ms", f"{row['gb_per_s']:.2f}",
-            format_bytes(row["wire_bytes"]), f"{row['compression']:.0f}x",
-        )
-    console.print(table)
-    if report["sampled_topk_speedup"] is not None:
-        console.print(f"sampled top-k (DGC) vs exact torch.topk at ratio 0.001: {report['sampled_topk_speedup']:.2f}x faster")
 
 
 @bench_app.command("comm")

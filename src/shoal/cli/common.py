@@ -1,7 +1,9 @@
-"""What the ``shoal`` commands share: the one way to fail, config errors, consoles and formatting.
+"""What the ``shoal`` commands share: the one way to fail, config errors, consoles, ``-h``.
 
 Imports stay light (typer, rich, the config module): ``import shoal.cli`` must not import torch,
-so every command imports what it runs inside its own function.
+so every command imports what it runs inside its own function. The tables a command prints are
+drawn by the module that owns their figures (``shoal.metrics.report``, ``shoal.fl.report``,
+``shoal.bench.codecs``, ...); the command prints them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from rich.markup import escape
 from shoal.config import ConfigError
 
 err_console = Console(stderr=True)
+# Every Typer app and sub-app takes these, so that ``-h`` works as ``--help`` at each level.
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 
 def fail(message: str, what: str = "config error", code: int = 2) -> NoReturn:
@@ -44,15 +48,6 @@ def wide_console(width: int) -> Console:
 def log_to(console: Console) -> Callable[[str], None]:
     """The ``log`` callback a long command hands its library: each progress line printed as it is."""
     return lambda line: console.print(line, highlight=False, markup=False)
-
-
-def format_bytes(n: float) -> str:
-    """``1234567`` -> ``1.2 MB`` (powers of 1000, up to TB)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:,.1f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def slowdown_overrides(items: list[str]) -> list[str]:

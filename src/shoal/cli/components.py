@@ -5,23 +5,46 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from rich.console import Console
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
+    from shoal.registry import Registry
+
 
 def list_components() -> None:
-    """List the registered datasets, models, strategies, codecs, pruners and quantizers."""
-    from shoal.registry import CODECS, DATASETS, MODELS, PRUNERS, QUANTIZERS, STRATEGIES, load_builtins
+    """List every registered component: datasets, models, strategies, codecs, federated strategies,
+    partitions, pruners and quantizers, each with its options and their defaults."""
+    from shoal.registry import ALL, load_builtins
 
     load_builtins()
     console = Console()
-    for registry in (DATASETS, MODELS, STRATEGIES, CODECS, PRUNERS, QUANTIZERS):
-        table = Table(title=registry.plural, show_header=True)
-        table.add_column("name", style="bold")
-        table.add_column("options")
-        table.add_column("what it is")
-        for name, summary in registry:
-            fields = registry.options_model(name).model_fields
-            opts = ", ".join(f"{k}={f.default!r}" if f.default_factory is None else f"{k}=..." for k, f in fields.items())
-            table.add_row(name, opts or "-", summary)
-        console.print(table)
+    for registry in ALL:
+        console.print(registry_table(registry))
+
+
+def registry_table(registry: Registry[Any]) -> Table:
+    """One row per name: its options (``key=default``, ``key=<required>``) and what it is. Every
+    column wraps, folding a word longer than the column, so nothing is cut at 80 columns."""
+    table = Table(title=registry.plural, show_header=True)
+    table.add_column("name", style="bold", overflow="fold")
+    table.add_column("options", overflow="fold")
+    table.add_column("what it is", overflow="fold")
+    for name, summary in registry:
+        fields = registry.options_model(name).model_fields
+        options = ", ".join(f"{key}={_default(field)}" for key, field in fields.items())
+        table.add_row(name, options or "-", summary)
+    return table
+
+
+def _default(field: FieldInfo) -> str:
+    """A pydantic field's default as a user would write it; ``<required>`` when it has none."""
+    if field.is_required():
+        return "<required>"
+    if getattr(field, "default_factory_takes_data", False):  # depends on the other fields' values
+        return "..."
+    return repr(field.get_default(call_default_factory=True))

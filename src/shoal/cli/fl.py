@@ -7,12 +7,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from shoal.cli.common import config_errors, err_console, fail, format_bytes
+from shoal.cli.common import CONTEXT_SETTINGS, config_errors, err_console, fail
 
 fl_app = typer.Typer(help="Federated learning: certificates, tokens, a gRPC server and clients, and simulation.",
-                     no_args_is_help=True)
+                     no_args_is_help=True, context_settings=CONTEXT_SETTINGS)
 
 
 def _load(config: Path, set_: list[str], **fields):
@@ -49,29 +48,9 @@ def simulate_command(
 
 
 def print_fl_summary(summary: dict) -> None:
-    """A federated run's summary.json as a two-column table."""
-    table = Table(title=f"shoal federated run: {summary['out']}", show_header=False)
-    table.add_column("metric", style="bold")
-    table.add_column("value", justify="right")
-    target = summary["target_accuracy"]
-    reached = summary["rounds_to_target"]
-    rows = [
-        ("final test accuracy", f"{summary['final_accuracy']:.4f}"),
-        ("best test accuracy", f"{summary['best_accuracy']:.4f}"),
-        ("target accuracy", "-" if target is None else f"{target:.4f}"),
-        ("rounds to target", "not reached" if reached is None
-         else f"{reached} ({summary['time_to_target_s']:.1f} s)"),
-        ("rounds", str(summary["rounds"])),
-        ("clients (per round)", f"{summary['clients']} ({summary['clients_per_round']})"),
-        ("strategy / partition / codec", f"{summary['strategy']} / {summary['partition']} / {summary['codec']}"),
-        ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
-        ("uplink / downlink", f"{format_bytes(summary['uplink_bytes'])} / {format_bytes(summary['downlink_bytes'])}"),
-        ("wall time", f"{summary['wall_time_s']:.1f} s"),
-        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)
+    from shoal.fl.report import summary_table
+
+    Console().print(summary_table(summary))
 
 
 @fl_app.command("certs")
@@ -101,7 +80,7 @@ def certs_command(
 
 token_app = typer.Typer(help="Enrolment tokens: a client must present one to join, and may speak only for the "
                         "partitions its token holds (stored hashed).",
-                        no_args_is_help=True)
+                        no_args_is_help=True, context_settings=CONTEXT_SETTINGS)
 fl_app.add_typer(token_app, name="token")
 
 

@@ -6,11 +6,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from shoal.cli.common import fail
+from shoal.cli.common import CONTEXT_SETTINGS, fail
 
-netem_app = typer.Typer(help="Emulated cluster: network-namespace hosts on shaped links (needs root and iproute2).")
+netem_app = typer.Typer(help="Emulated cluster: network-namespace hosts on shaped links (needs root and iproute2).",
+                        context_settings=CONTEXT_SETTINGS)
 
 
 @netem_app.command("up")
@@ -26,6 +26,7 @@ def netem_up(
     import time
 
     from shoal.netem import Testbed, TestbedError, check_available
+    from shoal.netem.report import hosts_table
 
     reason = check_available()
     if reason:
@@ -43,13 +44,8 @@ def netem_up(
         signal.signal(sig, signal.default_int_handler)
     try:
         with testbed:
-            table = Table(title=f"shoal testbed {testbed.run_id}")
-            for column in ("host", "namespace", "address", "link"):
-                table.add_column(column)
-            for i in range(hosts):
-                table.add_row(str(i), testbed.namespace(i), testbed.host_address(i), testbed.rates[i] or "unshaped")
             console = Console()
-            console.print(table)
+            console.print(hosts_table(testbed))
             console.print(
                 f"run on host 0:  ip netns exec {testbed.namespace(0)} env GLOO_SOCKET_IFNAME=eth0 COMMAND\n"
                 f"ready: press Ctrl-C to remove the testbed", highlight=False,

@@ -8,9 +8,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from shoal.cli.common import config_errors, err_console, fail, format_bytes, slowdown_overrides
+from shoal.cli.common import config_errors, err_console, fail, slowdown_overrides
 from shoal.config import check_job, load_config
 
 
@@ -84,7 +83,9 @@ def train(
                 err_console.print(failure.traceback.rstrip(), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(1)
     if summary is not None:
-        print_summary(summary.model_dump())
+        from shoal.metrics.report import summary_table
+
+        Console().print(summary_table(summary.model_dump()))
 
 
 def kill_overrides(item: str) -> list[str]:
@@ -95,32 +96,3 @@ def kill_overrides(item: str) -> list[str]:
     if not rank.strip().isdigit() or not step.strip().isdigit() or target not in ("", "worker", "server"):
         fail(f"--kill {item!r}: expected RANK:STEP or RANK:STEP:server, e.g. 1:50")
     return [f"fault.kill_rank={int(rank)}", f"fault.kill_step={int(step)}", f"fault.target={target or 'worker'}"]
-
-
-def print_summary(summary: dict) -> None:
-    """The run's summary.json as a two-column table."""
-    table = Table(title=f"shoal run: {summary['out']}", show_header=False)
-    table.add_column("metric", style="bold")
-    table.add_column("value", justify="right")
-    ttt = summary["time_to_target_s"]
-    rows = [
-        ("final test accuracy", f"{summary['final_accuracy']:.4f}"),
-        ("best test accuracy", f"{summary['best_accuracy']:.4f}"),
-        ("target accuracy", "-" if summary["target_accuracy"] is None else f"{summary['target_accuracy']:.4f}"),
-        ("time to target", "not reached" if ttt is None else f"{ttt:.1f} s (step {summary['steps_to_target']})"),
-        ("steps", str(summary["steps"])),
-        ("workers", str(summary["workers"])),
-        ("strategy / codec", f"{summary['strategy']} / {summary['codec']}"
-         + (f" -> {summary['codec_chosen']}" if summary.get("codec_chosen") else "")),
-        ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
-        ("training time", f"{summary['train_time_s']:.1f} s"),
-        ("wall time (after setup)", f"{summary['wall_time_s']:.1f} s"),
-        ("throughput", f"{summary['samples_per_s']:,.0f} samples/s"),
-        ("wire bytes per worker", format_bytes(summary["wire_bytes_per_worker"])),
-        ("fp32 all-reduce would send", format_bytes(summary["dense_bytes_per_worker"])),
-    ]
-    if summary.get("resumed_from_step") is not None:
-        rows.append(("resumed from step", str(summary["resumed_from_step"])))
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)

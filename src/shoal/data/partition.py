@@ -47,12 +47,14 @@ def partition(component: Component, labels: np.ndarray, clients: int, seed: int)
 
 @PARTITIONS.register("iid", NoOptions)
 def iid(options: BaseModel, labels: np.ndarray, clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A random permutation cut into equal parts."""
     return np.array_split(rng.permutation(len(labels)), clients)
 
 
 @PARTITIONS.register("dirichlet", DirichletOptions)
 def dirichlet(options: DirichletOptions, labels: np.ndarray, clients: int,
               rng: np.random.Generator) -> list[np.ndarray]:
+    """Every class split over the clients in proportions drawn from Dirichlet(alpha) (Hsu et al. 2019)."""
     classes = np.unique(labels)
     for _ in range(100):  # redraw until every client holds enough (as Hsu et al.'s code does)
         parts: list[list[int]] = [[] for _ in range(clients)]
@@ -69,6 +71,7 @@ def dirichlet(options: DirichletOptions, labels: np.ndarray, clients: int,
 
 @PARTITIONS.register("shards", ShardOptions)
 def shards(options: ShardOptions, labels: np.ndarray, clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Sorted by label, cut into clients x ``classes`` shards, ``classes`` dealt to each (McMahan et al. 2017)."""
     order = np.argsort(labels, kind="stable")
     count = clients * options.classes
     if count > len(labels):
@@ -82,6 +85,7 @@ def shards(options: ShardOptions, labels: np.ndarray, clients: int, rng: np.rand
 @PARTITIONS.register("quantity", DirichletOptions)
 def quantity(options: DirichletOptions, labels: np.ndarray, clients: int,
              rng: np.random.Generator) -> list[np.ndarray]:
+    """IID labels, but client sizes in proportions drawn from Dirichlet(alpha)."""
     n = len(labels)
     if clients * options.min_size > n:
         raise ValueError(f"quantity: {clients} clients x min_size {options.min_size} exceeds {n} samples")

@@ -22,8 +22,10 @@ class PowerSgdOptions(CodecOptions):
 
 @CODECS.register("powersgd", PowerSgdOptions)
 class PowerSgdCodec(Codec):
-    """Each gradient tensor of 2 or more dimensions viewed as a matrix M
-    (first dimension x the rest, as PyTorch's hook does), per step:
+    """Rank-r estimate of each gradient matrix by one step of power iteration; its two factors all-reduced.
+
+    Each gradient tensor of 2 or more dimensions is viewed as a matrix M
+    (first dimension x the rest, as PyTorch's hook does); per step:
 
     1. everything not worth compressing (biases, norms, small matrices):
        one plain all-reduce

@@ -10,5 +10,7 @@ from shoal.registry import FED_STRATEGIES
 
 @FED_STRATEGIES.register("fedadam", FedOptOptions)
 class FedAdam(FedOpt):
+    """FedOpt with Adam on the server, the averaged client change as its gradient (Reddi et al. 2021)."""
+
     def second_moment(self, v: torch.Tensor, square: torch.Tensor) -> torch.Tensor:
         return v.mul_(self.options.beta2).add_(square, alpha=1 - self.options.beta2)

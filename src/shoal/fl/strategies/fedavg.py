@@ -14,5 +14,7 @@ from shoal.registry import FED_STRATEGIES, NoOptions
 
 @FED_STRATEGIES.register("fedavg", NoOptions)
 class FedAvg(FedStrategy):
+    """Federated averaging: the clients' models weighted by their sample counts (McMahan et al. 2017)."""
+
     def aggregate(self, rnd: int, weights: torch.Tensor, results: list[ClientResult]) -> torch.Tensor:
         return weights + weighted_mean(results)

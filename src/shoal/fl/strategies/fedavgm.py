@@ -21,6 +21,8 @@ class FedAvgMOptions(BaseModel):
 
 @FED_STRATEGIES.register("fedavgm", FedAvgMOptions)
 class FedAvgM(FedStrategy):
+    """FedAvg with server momentum on the averaged client change (Hsu et al. 2019)."""
+
     def __init__(self, options: FedAvgMOptions):
         super().__init__(options)
         self.velocity: torch.Tensor | None = None

@@ -24,6 +24,8 @@ class FedProxOptions(BaseModel):
 
 @FED_STRATEGIES.register("fedprox", FedProxOptions)
 class FedProx(FedStrategy):
+    """FedAvg with a proximal term mu/2 * ||w - w_global||^2 on each client (Li et al. 2020)."""
+
     def client_config(self, rnd: int) -> dict[str, Any]:
         return {"mu": self.options.mu}
 

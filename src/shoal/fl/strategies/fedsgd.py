@@ -18,6 +18,8 @@ from shoal.registry import FED_STRATEGIES, NoOptions
 
 @FED_STRATEGIES.register("fedsgd", NoOptions)
 class FedSgd(FedStrategy):
+    """Federated SGD: one full-batch gradient step per client and round, averaged (McMahan et al. 2017)."""
+
     def client_config(self, rnd: int) -> dict[str, Any]:
         return {"full_batch_step": True}
 

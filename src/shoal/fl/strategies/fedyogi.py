@@ -14,5 +14,7 @@ from shoal.registry import FED_STRATEGIES
 
 @FED_STRATEGIES.register("fedyogi", FedOptOptions)
 class FedYogi(FedOpt):
+    """FedOpt with Yogi's bounded additive second moment on the server (Zaheer et al. 2018)."""
+
     def second_moment(self, v: torch.Tensor, square: torch.Tensor) -> torch.Tensor:
         return v.sub_((1 - self.options.beta2) * square * torch.sign(v - square))

@@ -21,6 +21,8 @@ class TrimmedMeanOptions(BaseModel):
 
 @FED_STRATEGIES.register("trimmed_mean", TrimmedMeanOptions)
 class TrimmedMean(FedStrategy):
+    """Coordinate-wise mean without each coordinate's beta largest and smallest values (Yin et al. 2018)."""
+
     def aggregate(self, rnd: int, weights: torch.Tensor, results: list[ClientResult]) -> torch.Tensor:
         k = len(results)
         cut = int(self.options.beta * k)

@@ -1,0 +1,36 @@
+"""A federated run's summary (what ``OUT/summary.json`` holds) as the table ``shoal fl simulate``
+and ``shoal fl server`` print."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from shoal.metrics.report import format_bytes
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    """A federated run's summary.json as a two-column table."""
+    table = Table(title=f"shoal federated run: {summary['out']}", show_header=False)
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    target = summary["target_accuracy"]
+    reached = summary["rounds_to_target"]
+    rows = [
+        ("final test accuracy", f"{summary['final_accuracy']:.4f}"),
+        ("best test accuracy", f"{summary['best_accuracy']:.4f}"),
+        ("target accuracy", "-" if target is None else f"{target:.4f}"),
+        ("rounds to target", "not reached" if reached is None
+         else f"{reached} ({summary['time_to_target_s']:.1f} s)"),
+        ("rounds", str(summary["rounds"])),
+        ("clients (per round)", f"{summary['clients']} ({summary['clients_per_round']})"),
+        ("strategy / partition / codec", f"{summary['strategy']} / {summary['partition']} / {summary['codec']}"),
+        ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
+        ("uplink / downlink", f"{format_bytes(summary['uplink_bytes'])} / {format_bytes(summary['downlink_bytes'])}"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
