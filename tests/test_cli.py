@@ -115,13 +115,16 @@ def test_summary_tables_show_the_runs_figures():
     federated = {"out": "runs/f", "final_accuracy": 0.9, "best_accuracy": 0.91, "target_accuracy": None,
                  "rounds_to_target": 7, "time_to_target_s": 3.31, "rounds": 10, "clients": 8, "clients_per_round": 4,
                  "strategy": "fedavg", "partition": "iid", "codec": "none", "model": "mlp", "parameters": 100,
-                 "uplink_bytes": 2e6, "downlink_bytes": 4e6, "wall_time_s": 5.0, "peak_memory_bytes": 3e8}
+                 "uplink_bytes": 2e6, "downlink_bytes": 4e6, "wall_time_s": 5.0, "peak_memory_bytes": 3e8,
+                 "mean_participants": 2.5}
 
     text, fl_text = _render(summary_table(run)), _render(fl_table(federated))
 
     for words in ("shoal run: runs/x", "not reached", "sync / auto -> topk", "mlp (12,345)", "1.5 MB",
                   "25.0 MB", "4,321 samples/s", "resumed from step"):
         assert words in text
-    for words in ("shoal federated run: runs/f", "7 (3.3 s)", "8 (4)", "fedavg / iid / none", "2.0 MB / 4.0 MB",
+    for words in ("shoal federated run: runs/f", "7 (3.3 s)", "2.5 of 4 asked", "fedavg / iid / none", "2.0 MB / 4.0 MB",
                   "300.0 MB"):
         assert words in fl_text
+    older = _render(fl_table({k: v for k, v in federated.items() if k != "mean_participants"}))
+    assert "4 asked" in older  # a summary.json from before the count still renders

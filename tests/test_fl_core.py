@@ -258,3 +258,13 @@ def test_the_norm_bound_rejects_or_clips_what_is_over_it():
     both = bound_updates(results, limit=100.0, median_multiple=3.0, action="reject")  # the smaller bound holds
     assert both[2] == ["3"]
     assert bound_updates(results, limit=None, median_multiple=None, action="reject")[0] == results
+
+
+def test_a_federated_run_refuses_an_out_that_holds_the_other_modes_results(tmp_path):
+    from shoal.fl.federation import claim_output
+
+    claim_output(tmp_path, "simulation")
+    claim_output(tmp_path, "simulation")  # the same mode again: a re-run overwrites its own
+    with pytest.raises(ValueError, match="holds a federated simulation's results, which this server would"):
+        claim_output(tmp_path, "server")
+    claim_output(tmp_path / "elsewhere", "server")

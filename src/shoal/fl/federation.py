@@ -12,6 +12,7 @@ down and size the same clients.
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -82,11 +83,27 @@ def client_partitions(cfg: FlRunConfig, data: Any) -> list[np.ndarray]:
     return partition(cfg.fl.partition, labels, cfg.fl.clients, cfg.seed)
 
 
+def claim_output(out: Path, mode: str) -> None:
+    """Mark ``out`` as this mode's (``simulation``, ``server``, ``benchmark``); refuse one that holds
+    another mode's results, which this run would overwrite (both write summary.json and metrics.jsonl)."""
+    marker = out / "fl-run.json"
+    try:
+        held = json.loads(marker.read_text()).get("mode")
+    except (OSError, ValueError, AttributeError):
+        held = None
+    if held is not None and held != mode:
+        raise ValueError(f"out: {out} holds a federated {held}'s results, which this {mode} would overwrite; "
+                         "pass --out DIR (or set out: in the config) for this one")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, {"mode": mode})
+
+
 class Federation:
-    def __init__(self, cfg: FlRunConfig, out: str | Path, *, start_round: int = 0, console: Console | None = None):
+    def __init__(self, cfg: FlRunConfig, out: str | Path, *, start_round: int = 0, console: Console | None = None,
+                 mode: str = "simulation"):
         self.cfg = cfg
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        claim_output(self.out, mode)
         (self.out / "config.yaml").write_text(cfg.to_yaml())
         self.console = console or Console()
         self.started = time.perf_counter()
@@ -219,6 +236,9 @@ class Federation:
             "wall_time_s": time.perf_counter() - self.started,
             "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "clients": fl.clients, "clients_per_round": fl.clients_per_round,
+            # Clients whose update was aggregated, per round on average (fewer than clients_per_round
+            # when fewer are connected, drop out or miss the deadline).
+            "mean_participants": _mean([r["participating"] for r in self.history if "participating" in r]),
             "strategy": fl.strategy.spec(), "partition": fl.partition.spec(), "codec": fl.codec.spec(),
             "model": self.cfg.model.name, "dataset": self.cfg.data.dataset.name, "parameters": count_parameters(self.model),
             "out": str(self.out), **extra,
@@ -240,3 +260,7 @@ class Federation:
 def client_data(fed: Federation, client: int) -> tuple[torch.Tensor, torch.Tensor]:
     return fetch(fed.data.train, fed.parts[client].tolist())
 
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None

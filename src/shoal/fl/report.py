@@ -24,7 +24,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("rounds to target", "not reached" if reached is None
          else f"{reached} ({summary['time_to_target_s']:.1f} s)"),
         ("rounds", str(summary["rounds"])),
-        ("clients (per round)", f"{summary['clients']} ({summary['clients_per_round']})"),
+        ("clients", str(summary["clients"])),
+        ("taking part per round", _taking_part(summary)),
         ("strategy / partition / codec", f"{summary['strategy']} / {summary['partition']} / {summary['codec']}"),
         ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
         ("uplink / downlink", f"{format_bytes(summary['uplink_bytes'])} / {format_bytes(summary['downlink_bytes'])}"),
@@ -34,3 +35,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _taking_part(summary: dict[str, Any]) -> str:
+    """Clients aggregated per round on average, against the configured number a round."""
+    mean = summary.get("mean_participants")  # absent from summaries written before it was counted
+    asked = summary["clients_per_round"]
+    return f"{asked} asked" if mean is None else f"{mean:.3g} of {asked} asked"

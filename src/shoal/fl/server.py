@@ -89,7 +89,7 @@ class FlServer:
         self.console = console or Console()
         self.store = ServerStore(cfg.server.db)
         start = self.store.last_round()
-        self.fed = Federation(cfg, out, start_round=start, console=self.console)
+        self.fed = Federation(cfg, out, start_round=start, console=self.console, mode="server")
         if start:
             state = self.store.load_state()
             _, tensors = wire.unpack(state["weights"])
@@ -276,12 +276,20 @@ class FlServer:
 
     def _round(self, rnd: int) -> None:
         cfg = self.cfg.fl
-        give_up = time.monotonic() + self.cfg.server.wait_for_clients_s
+        wait_s = self.cfg.server.wait_for_clients_s
+        give_up = time.monotonic() + wait_s
+        told = -1  # clients connected when the server last said it waits
         with self.cond:
             while len(self._alive()) < cfg.min_clients:
-                if time.monotonic() > give_up:
+                now = time.monotonic()
+                if now > give_up:
                     raise ServerGaveUp(f"round {rnd}: fewer than fl.min_clients={cfg.min_clients} clients connected "
-                                       f"within server.wait_for_clients_s={self.cfg.server.wait_for_clients_s:g}")
+                                       f"within server.wait_for_clients_s={wait_s:g}")
+                if len(self._alive()) != told:  # say so at once, and again whenever the count changes
+                    told = len(self._alive())
+                    self.console.print(f"round {rnd}: waiting for clients, {told} of fl.min_clients="
+                                       f"{cfg.min_clients} connected; giving up in {give_up - now:.0f} s "
+                                       "(server.wait_for_clients_s)", highlight=False)
                 self.cond.wait(0.5)
             selected = self.fed.sample(rnd, self._alive())
             r = _Round(rnd, selected, self.fed.weights, self.fed.strategy.client_config(rnd), self.incarnation)
