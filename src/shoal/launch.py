@@ -9,14 +9,19 @@ the node whose address the endpoint names (that node hosts the store).
 from __future__ import annotations
 
 import logging
+import signal as signal_module
 import socket
+import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from shoal.config import RunConfig
+from shoal.engine.stop import EXIT_CODES, STOPPED, read_stopped
 from shoal.metrics.summary import Summary
 from shoal.preload import START_METHOD, Inherited, start_worker_server, workers_skip_main
 from shoal.worker import worker_main
@@ -28,6 +33,20 @@ class RankFailure:
     exitcode: int
     message: str
     traceback: str
+
+
+class Stopped(Exception):
+    """The job was stopped by SIGINT or SIGTERM. ``step``: the step its workers
+    checkpointed after (None: stopped before training began, nothing to resume)."""
+
+    def __init__(self, signal: str, step: int | None, out: str):
+        self.signal, self.step, self.out = signal, step, out
+        where = f"at step {step}" if step is not None else "before its first step"
+        super().__init__(f"stopped by {signal} {where}")
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(getattr(signal_module.Signals, self.signal, None), 1)
 
 
 class JobFailed(RuntimeError):
@@ -63,7 +82,9 @@ def launch(
 ) -> Summary | None:
     """Run the job; returns the summary on the node that holds rank 0, else ``None``.
 
-    Raises :class:`JobFailed` naming each failed rank and its error.
+    Raises :class:`JobFailed` naming each failed rank and its error, and
+    :class:`Stopped` when a SIGINT or SIGTERM stopped the job (its workers
+    checkpointed at an agreed step first: ``resume=True`` continues there).
     """
     rdzv_configs: dict[str, object] = {"timeout": 300}
     if is_host is not None:
@@ -81,16 +102,27 @@ def launch(
         start_method=START_METHOD,
         local_addr=local_addr or ("127.0.0.1" if nnodes == 1 else None),
     )
-    # The agent logs every rendezvous step at INFO; a user wants the failures only.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # The agent logs every rendezvous step at INFO, and a stop's shutdown at WARNING;
+    # a user wants the failures only.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)  # its own level
     # Worker failures are reported once, by rank, from the error files; not also as a log dump.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
     start_worker_server()
+    (Path(cfg.out) / STOPPED).unlink(missing_ok=True)  # only this launch's stop counts
+    started = time.time()
     try:
         with workers_skip_main():
             results = elastic_launch(config, _entry)(cfg.model_dump(mode="json"), resume, Inherited())
     except ChildFailedError as err:
         raise JobFailed(_failures(err)) from None
+    except SignalException as err:  # the agent waited (up to 30 s) for the workers' stop first
+        stopped = read_stopped(Path(cfg.out))
+        finished = Path(cfg.out) / "summary.json"
+        if stopped is None and finished.is_file() and finished.stat().st_mtime >= started:
+            return Summary.model_validate_json(finished.read_text())  # the signal came after the last step
+        raise Stopped(signal_module.Signals(err.sigval).name, stopped["step"] if stopped else None,
+                      cfg.out) from None
     summary = results.get(0) if results else None
     return Summary.model_validate(summary) if summary else None
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from shoal.config import ConfigError, RunConfig, load_config, validate_config
+from shoal.engine.stop import GracefulStop
 from shoal.netem.slowdown import Slowdown
 from shoal.ps.strategy import parameter_server_class
 from shoal.ps.supervisor import RESTARTS_KEY, supervise
@@ -107,6 +108,12 @@ def cpu_threads() -> int:
 @record
 def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] | None:
     """Run one worker of a job; rank 0 returns the summary as a dict."""
+    # From the start: a SIGINT/SIGTERM while the worker starts up stops it at its first step boundary.
+    with GracefulStop() as stop:
+        return _worker_main(config, resume, stop)
+
+
+def _worker_main(config: dict[str, Any], resume: bool, stop: GracefulStop) -> dict[str, Any] | None:
     cfg = validate_config(config)
     backend = pick_backend(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -117,10 +124,11 @@ def worker_main(config: dict[str, Any], resume: bool = False) -> dict[str, Any] 
         device = torch.device("cpu")
         torch.set_num_threads(cpu_threads())
     attempt, store = _init_process_group(backend, timeout=timedelta(minutes=10))
+    stop.store, stop.key = store, f"shoal/stop_after/attempt_{attempt}"
     # No teardown on an error: the process exits at once, and the launcher sees
     # the rank that failed first, before the others fail on its closed sockets.
     try:
-        result = _run(cfg, backend, device, local_rank, attempt, store, resume)
+        result = _run(cfg, backend, device, local_rank, attempt, store, resume, stop)
     except Exception as err:
         if lost_a_peer(err):
             # A peer that died surfaces here as a broken connection. The launcher
@@ -143,7 +151,7 @@ def lost_a_peer(err: BaseException) -> bool:
 
 
 def _run(cfg: RunConfig, backend: str, device: torch.device, local_rank: int, attempt: int, store: dist.Store,
-         resume: bool) -> dict[str, Any] | None:
+         resume: bool, stop: GracefulStop) -> dict[str, Any] | None:
     """The worker's part of the job, once the process group is up."""
     from shoal.training.loop import run_training
 
@@ -160,7 +168,8 @@ def _run(cfg: RunConfig, backend: str, device: torch.device, local_rank: int, at
         raise ValueError(f"slowdown.factors: rank {beyond[0]} does not exist in a job of {ctx.world_size} workers")
     ps_strategy = parameter_server_class(cfg.strategy)
     if ps_strategy is not None:  # a worker process that may die and rejoin, under this one
-        result = supervise(cfg, ctx, ps_strategy, store=store, attempt=attempt, resume=resume, train=run_training)
+        result = supervise(cfg, ctx, ps_strategy, store=store, attempt=attempt, resume=resume, train=run_training,
+                           stop=stop)
         dist.barrier()
         return result
     if cfg.fault.target == "server":
@@ -168,7 +177,7 @@ def _run(cfg: RunConfig, backend: str, device: torch.device, local_rank: int, at
     factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
     with Slowdown(factor, threads=torch.get_num_threads(), method=cfg.slowdown.method,
                   label=f"rank {ctx.rank}") as slowdown:
-        summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt)
+        summary = run_training(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt, stop=stop)
     # Without this barrier a rank can reach interpreter shutdown while a gloo
     # thread still frees the last all-reduce's tensors, and abort (SIGABRT):
     # seen in about 1 run in 8 on a loaded machine.

@@ -58,7 +58,7 @@ def train(
     from shoal.preload import start_worker_server
 
     start_worker_server()  # its imports overlap the launcher's, next
-    from shoal.launch import JobFailed, launch
+    from shoal.launch import JobFailed, Stopped, launch
 
     try:
         summary = launch(
@@ -71,6 +71,13 @@ def train(
             local_addr=local_addr,
             max_restarts=max_restarts,
         )
+    except Stopped as err:
+        if err.step is None:
+            err_console.print(f"shoal: {err}; nothing to resume", highlight=False)
+        else:
+            err_console.print(f"shoal: {err}, checkpoint in {err.out}; resume with: "
+                              f"shoal train --resume {err.out}", highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code)
     except JobFailed as err:
         # Not fail(): one message per failed rank, each with its traceback.
         for failure in err.failures:

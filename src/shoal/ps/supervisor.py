@@ -44,18 +44,21 @@ from shoal.ps.proxy import Call, LinkClosed, Note, SupervisorProxy, answers
 from shoal.ps.strategy import PsStrategy
 from shoal.strategies.base import WorkerContext
 from shoal.engine.group import TorchGroup
+from shoal.engine.stop import GracefulStop
 
 RESTARTS_KEY = "shoal/worker_restarts"  # job-wide count of worker (not group) restarts
 
 
 def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type[PsStrategy], *, store: dist.Store, attempt: int,
-              resume: bool, train: Callable[..., Any]) -> dict[str, Any] | None:
+              resume: bool, train: Callable[..., Any], stop: GracefulStop | None = None) -> dict[str, Any] | None:
     """Host this rank's shard, run its worker to the end (restarting it when it
     dies, while the budget lasts); rank 0 returns the run's summary.
 
     ``train`` is the loop the worker process runs (``shoal.training.loop.run_training``,
     handed down by the caller so that this package never imports the layer above it);
-    it must be a module-level function, since it travels to the spawned worker by name."""
+    it must be a module-level function, since it travels to the spawned worker by name.
+    ``stop``: this process's SIGINT/SIGTERM record; a signal is passed on to the worker
+    process, which stops the job as at a target (the terminal's Ctrl-C reaches it anyway)."""
     from shoal.data import build_dataset
     from shoal.models import build_model
     from shoal.engine.checkpoint import load_weights
@@ -87,6 +90,8 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type[PsStrategy], *,
         return parent, worker
 
     parent, worker = start(rejoin, resume)  # it imports and builds while the shard is set up here
+    if stop is not None:
+        stop.relay = lambda sig: _signal(worker, sig)
     torch.manual_seed(cfg.seed)  # the workers' initial weights: the shards start from them
     model = build_model(cfg.model, build_dataset(cfg.data.dataset))
     if cfg.train.init_from:  # fine-tuning: the shards start from the checkpoint, as the workers' replicas do
@@ -173,9 +178,10 @@ def _worker_main(conn: Any, train: Callable[..., Any], config: dict[str, Any], c
         bound = functools.partial(strategy, supervisor=supervisor)
         cfg = cfg.model_copy(update={"strategy": dataclasses.replace(cfg.strategy, target=bound)})
         factor = cfg.slowdown.factors.get(ctx.rank, 1.0)
-        with Slowdown(factor, threads=threads, method=cfg.slowdown.method, label=f"rank {ctx.rank}") as slowdown:
+        with GracefulStop() as stop, Slowdown(factor, threads=threads, method=cfg.slowdown.method,
+                                              label=f"rank {ctx.rank}") as slowdown:
             summary = train(cfg, ctx, resume=resume, slowdown=slowdown, attempt=attempt,
-                            group=supervisor, rejoin=rejoin)
+                            group=supervisor, rejoin=rejoin, stop=stop)
         supervisor.result(summary.model_dump() if summary is not None else None)
     except LinkClosed:
         os._exit(1)  # the supervisor died: nothing to report to
@@ -186,6 +192,13 @@ def _worker_main(conn: Any, train: Callable[..., Any], config: dict[str, Any], c
             pass
         os._exit(1)
     conn.close()
+
+
+def _signal(worker: Any, sig: int) -> None:
+    try:
+        os.kill(worker.pid, sig)
+    except (ProcessLookupError, TypeError):  # gone, or not started yet
+        pass
 
 
 def _die_with_parent() -> None:

@@ -80,6 +80,11 @@ class Strategy(ABC):
         """True when the job was told to stop (parameter servers' stop at target)."""
         return False
 
+    def stop_margin(self) -> int:
+        """How many steps apart two workers can be at a step boundary: a stop
+        after a signal is agreed this far ahead (see shoal.engine.stop)."""
+        return 2
+
     def request_stop(self) -> None:
         """Rank 0 reached the target: tell the other workers (strategies without collective eval)."""
 

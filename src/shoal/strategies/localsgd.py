@@ -109,6 +109,12 @@ class LocalSgdStrategy(SyncStrategy):
         params = list(self.model.parameters())
         layout.copy_into(params, exchange(self.group_state, -2, layout.flatten(params)))
 
+    def stop_margin(self) -> int:
+        """Workers wait for each other only at averages: between them one can run a period ahead
+        (hierarchical: a global period, K group averages)."""
+        o = self.options
+        return o.period * (o.global_period if o.group_size else 1) + 2
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "steps_done": self.steps_done, "anchor": self.anchor}
 

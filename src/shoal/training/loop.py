@@ -6,7 +6,8 @@
    schedule from the config
 2. :func:`_start_or_resume`: a fresh start, a resume from the run's checkpoint,
    or a rejoin of a job that trained on without this worker
-3. :func:`_train`: step, log, evaluate and checkpoint until the last step or the target
+3. :func:`_train`: step, log, evaluate and checkpoint until the last step, the target or
+   early stopping; evaluations follow the task's main metric (keep-best writes ``best.pt``)
 4. :func:`_finish`: close the strategy, evaluate the final model, checkpoint, total the counters
 5. :func:`_summarise`: rank 0 writes ``summary.json`` and the curves
 
@@ -17,7 +18,6 @@ counters and checkpoint are in :mod:`~shoal.training.state`, fault injection in
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from contextlib import nullcontext
@@ -33,12 +33,13 @@ from shoal.metrics.writer import MetricsWriter
 from shoal.models import count_parameters
 from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import StepStats, WorkerContext
-from shoal.engine.evaluate import evaluate
+from shoal.engine.evaluate import evaluate_task
 from shoal.engine.group import Group, TorchGroup
 from shoal.training.build import Run, build_run
 from shoal.training.faults import die, kill_step, restart_time
 from shoal.training.progress import TrainProgress
-from shoal.training.state import CHECKPOINT, RunState, checkpoint_run, restore_run
+from shoal.training.state import BEST, CHECKPOINT, RunState, checkpoint_run, restore_run, save_best
+from shoal.engine.stop import STOPPED, GracefulStop, write_stopped
 
 
 def is_due(step: int, every: int, last: int) -> bool:
@@ -54,6 +55,7 @@ def checkpoint_due(step: int, every: int, last: int) -> bool:
 def run_training(
     cfg: RunConfig, ctx: WorkerContext, *, resume: bool = False, slowdown: Slowdown | None = None,
     attempt: int = 0, group: Group | None = None, rejoin: dict[str, Any] | None = None,
+    stop: GracefulStop | None = None,
 ) -> Summary | None:
     """Train on this worker; rank 0 returns the :class:`Summary`, others ``None``.
 
@@ -63,8 +65,11 @@ def run_training(
     the model's forward; a cgroup quota needs nothing from the loop). ``group``: the
     collectives the loop needs (default: the process group). ``rejoin``: a worker
     restarted under a supervisor while the others train on: its counters when it
-    died; it continues from there with the servers' current parameters."""
+    died; it continues from there with the servers' current parameters. ``stop``: the
+    worker's SIGINT/SIGTERM record; after one the run stops at an agreed step
+    boundary, checkpoints, writes ``stopped.json`` and returns None on every rank."""
     group = group or TorchGroup(ctx.world_size, ctx.device)
+    stop = stop or GracefulStop()
     setup_started = time.perf_counter()
     run = build_run(cfg, ctx, group, slowdown=slowdown, attempt=attempt, rejoin=rejoin)
     state = _start_or_resume(run, resume)
@@ -72,10 +77,16 @@ def run_training(
     setup_s = time.perf_counter() - setup_started
     loop_started = time.perf_counter()
     restart_s = restart_time(run.out) if attempt > 0 and run.is_main else None
-    loss, acc = _train(run, state, metrics, loop_started)
-    final = _finish(run, state, loss, acc)
+    evaluated = _train(run, state, metrics, loop_started, stop)
+    # Stopped: a signal ended the loop before its last step (one after the loop ends changes nothing).
+    stopped = stop.after is not None and state.step < run.steps
+    final = _finish(run, state, evaluated, evaluate_final=not stopped)
     if metrics is not None:
         metrics.close()
+    if stopped and stop.signal is not None:
+        if run.is_main:
+            write_stopped(run.out, stop.signal, state.step)
+        return None
     if not run.is_main:
         return None
     wall_s = state.wall_before + time.perf_counter() - loop_started
@@ -117,20 +128,23 @@ def _open_outputs(run: Run, state: RunState) -> MetricsWriter | None:
     if not run.is_main:
         return None
     (run.out / "config.yaml").write_text(run.cfg.to_yaml())
+    (run.out / STOPPED).unlink(missing_ok=True)  # a stopped run resumed: no longer stopped
     return MetricsWriter(run.out / "metrics.jsonl", resume_step=state.step if state.resumed_from is not None else None)
 
 
-def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_started: float) -> tuple[float, float]:
-    """Phase 3: step until the last step, the target (train.stop_at_target) or
-    the strategy's stop; log, evaluate and checkpoint when due. Returns the last
-    evaluation's (loss, accuracy): NaN when none ran."""
+def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_started: float,
+           stop: GracefulStop) -> dict[str, float]:
+    """Phase 3: step until the last step, the target (train.stop_at_target),
+    the strategy's stop or the agreed step after a signal; log, evaluate and
+    checkpoint when due; early stopping (train.early_stopping) ends it too.
+    Returns the last evaluation's metrics: none when none ran."""
     cfg, strategy, steps = run.cfg, run.strategy, run.steps
-    loss = acc = float("nan")
+    evaluated: dict[str, float] = {}
     batch_iter = run.batches.iterate(state.step)
     kill_at = kill_step(cfg.fault, run.ctx.rank, first_start=run.attempt == 0 and run.rejoin is None)
-    progress = TrainProgress(run.is_main, steps, state.step)
+    progress = TrainProgress(run.is_main, steps, state.step, metric=run.task.main_metric)
     with progress if run.is_main else nullcontext():
-        while state.step < steps:
+        while state.step < steps and state.stopped_early_at is None:  # a resumed run that stopped early stays so
             stats, spun_s = _step(run, state, batch_iter, loop_started=loop_started, kill_at=kill_at)
             record: dict[str, Any] = {}
             if run.is_main and is_due(state.step, cfg.train.log_every, steps):
@@ -138,23 +152,47 @@ def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_starte
             if run.is_main:
                 progress.advance(stats.loss)
             if is_due(state.step, cfg.train.eval_every, steps) and (run.collective or run.is_main):
-                loss, acc = _evaluate(run)
-                state.record_eval(acc, loss, cfg.train.target_accuracy)
+                evaluated = _evaluate(run)
+                _record_eval(run, state, evaluated)
                 if run.is_main:
-                    record.update(step=state.step, time_s=round(state.clock, 6), test_loss=loss, test_accuracy=acc)
-                    progress.evaluated(state.step, loss, acc, state.clock)
+                    record.update(step=state.step, time_s=round(state.clock, 6),
+                                  **{f"test_{name}": value for name, value in evaluated.items()})
+                    progress.evaluated(state.step, evaluated, state.clock)
             if metrics is not None and record:
                 metrics.write(record)
             strategy.progress(state.state_dict())
-            reached = state.time_to_target is not None and cfg.train.stop_at_target
+            done = state.stopped_early_at is not None or state.time_to_target is not None and cfg.train.stop_at_target
             # A checkpoint gathers every worker's state: only where workers keep in step.
             if run.collective and checkpoint_due(state.step, cfg.train.checkpoint_every, steps):
                 checkpoint_run(run, state)
-            if reached and not run.collective:
+            if done and not run.collective:
                 strategy.request_stop()
-            if reached or strategy.finished():
+            if done or strategy.finished() or _signalled(run, state, stop):
                 break
-    return loss, acc
+    return evaluated
+
+
+def _record_eval(run: Run, state: RunState, evaluated: dict[str, float]) -> None:
+    """Count an evaluation on the task's main metric: a new best (keep_best writes
+    best.pt), the target, early stopping's patience (spent before the last step: stop)."""
+    train, task = run.cfg.train, run.task
+    best = state.record_eval(evaluated[task.main_metric], higher_is_better=task.higher_is_better,
+                             target=train.main_target, early_stopping=train.early_stopping)
+    if best and train.keep_best and run.is_main:
+        save_best(run, state, evaluated)
+    if state.patience_spent(train.early_stopping) and state.step < run.steps:
+        state.stopped_early_at = state.step
+
+
+def _signalled(run: Run, state: RunState, stop: GracefulStop) -> bool:
+    """Whether a SIGINT/SIGTERM ends the loop after this step (see :mod:`~shoal.engine.stop`)."""
+    after = stop.stop_after(state.step, run.strategy.stop_margin())
+    if after is None:
+        return False
+    if not run.collective:  # workers out of step: the servers tell them all, as at a target
+        run.strategy.request_stop()
+        return False
+    return state.step >= after
 
 
 def _step(run: Run, state: RunState, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], *,
@@ -182,7 +220,7 @@ def _log_record(run: Run, state: RunState, stats: StepStats, spun_s: float, loop
     record: dict[str, Any] = {
         "step": state.step,
         "time_s": round(state.clock, 6),
-        "wall_s": round(time.perf_counter() - loop_started, 6),
+        "wall_s": round(state.wall_before + time.perf_counter() - loop_started, 6),  # all sessions
         "loss": stats.loss,
         "lr": run.scheduler.get_last_lr()[0],
         "compute_s": stats.compute_s,
@@ -197,14 +235,15 @@ def _log_record(run: Run, state: RunState, stats: StepStats, spun_s: float, loop
     return record
 
 
-def _evaluate(run: Run) -> tuple[float, float]:
-    """(test loss, test accuracy) of the whole current model; NaN on the ranks that do not evaluate."""
+def _evaluate(run: Run) -> dict[str, float]:
+    """The task's test metrics of the whole current model; none on the ranks that do not evaluate."""
     if not run.collective and not run.is_main:
-        return float("nan"), float("nan")  # rank 0 evaluates alone; nobody waits for it
+        return {}  # rank 0 evaluates alone; nobody waits for it
     run.strategy.prepare_eval()
-    return evaluate(
+    return evaluate_task(
         run.strategy.eval_model,
         run.data.test,
+        run.task,
         batch_size=run.cfg.data.eval_batch_size,
         device=run.ctx.device,
         rank=run.ctx.rank if run.collective else 0,
@@ -217,8 +256,7 @@ class _Final:
     """What the job ended with: the final model's test figures, the strategy's
     own summary fields, and the counters as means over the workers."""
 
-    loss: float
-    accuracy: float
+    metrics: dict[str, float]  # the task's, loss first
     extra: dict[str, Any]
     wire_bytes: float
     dense_bytes: float
@@ -227,18 +265,19 @@ class _Final:
     longest_clock_s: float
 
 
-def _finish(run: Run, state: RunState, loss: float, acc: float) -> _Final:
+def _finish(run: Run, state: RunState, evaluated: dict[str, float], *, evaluate_final: bool = True) -> _Final:
     """Phase 4, on every rank: close the strategy, evaluate the final model
-    unless the last step just did, checkpoint, and total the counters."""
+    unless the last step just did (or the run was stopped), checkpoint, and
+    total the counters."""
     extra = run.strategy.close()  # parameter servers: wait for all, pull the final model
-    if math.isnan(acc) or not run.collective:  # resumed a finished run, or the final model was just pulled
-        loss, acc = _evaluate(run)
+    if evaluate_final and (not evaluated or not run.collective):  # resumed a finished run, or just pulled
+        evaluated = _evaluate(run)
     checkpoint_run(run, state)
     # Mean over workers of what each one handed to the process group.
     totals = run.group.all_reduce([state.wire_bytes, state.dense_bytes, state.comm_s, state.samples])
     wire, dense, comm_s, samples = per_worker_means(totals, run.ctx.world_size)
     longest = run.group.all_reduce([state.clock], op="max")[0]
-    return _Final(loss=loss, accuracy=acc, extra=extra, wire_bytes=wire, dense_bytes=dense, comm_s=comm_s,
+    return _Final(metrics=evaluated, extra=extra, wire_bytes=wire, dense_bytes=dense, comm_s=comm_s,
                   samples=samples, longest_clock_s=longest)
 
 
@@ -247,11 +286,23 @@ def _summarise(run: Run, state: RunState, final: _Final, *, setup_s: float, wall
     """Phase 5, rank 0: summary.json and the curves."""
     cfg, ctx, sparsity = run.cfg, run.ctx, run.sparsity
     choice = getattr(run.strategy, "codec_choice", None)  # codec: auto
+    main = run.task.main_metric
+    classification = main == "accuracy"  # the *_accuracy fields: classification's, null for other tasks
     summary = Summary(
-        final_accuracy=final.accuracy,
-        best_accuracy=state.best_accuracy,
-        final_loss=final.loss,
-        target_accuracy=cfg.train.target_accuracy,
+        final_accuracy=final.metrics["accuracy"] if classification else None,
+        best_accuracy=state.best_metric if classification else None,
+        final_loss=final.metrics["loss"],
+        target_accuracy=cfg.train.main_target if classification else None,
+        task=cfg.task.spec(),
+        metric=main,
+        higher_is_better=run.task.higher_is_better,
+        final_metric=final.metrics[main],
+        best_metric=state.best_metric,
+        best_step=state.best_step,
+        target=cfg.train.main_target,
+        final_metrics=final.metrics,
+        stopped_early_at_step=state.stopped_early_at,
+        best_checkpoint=str(run.out / BEST) if cfg.train.keep_best and (run.out / BEST).is_file() else None,
         time_to_target_s=state.time_to_target,
         steps_to_target=state.steps_to_target,
         wall_time_s=wall_s,
@@ -280,5 +331,5 @@ def _summarise(run: Run, state: RunState, final: _Final, *, setup_s: float, wall
     )
     summary.write(run.out / "summary.json")
     plot_curves(run.out / "metrics.jsonl", run.out / "curves.png",
-                title=f"{cfg.model.name} / {cfg.strategy.name} / {ctx.world_size} workers")
+                title=f"{cfg.model.name} / {cfg.strategy.name} / {ctx.world_size} workers", metric=main)
     return summary
