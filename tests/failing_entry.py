@@ -41,3 +41,8 @@ def make_plain_model(die_at: int = 50) -> nn.Module:
 def make_model_that_reports_its_environment() -> nn.Module:
     """Fails on every rank, saying what SHOAL_TEST_MARK and the working directory were there."""
     raise RuntimeError(f"mark={os.environ.get('SHOAL_TEST_MARK')} cwd={os.getcwd()}")
+
+
+def make_wrong_width_model() -> nn.Module:
+    """An MLP for 40 inputs: digits has 64."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(40, 10))

@@ -33,14 +33,21 @@ def train(
 
     ``config`` is a :class:`RunConfig`, a mapping of config keys, or a YAML
     path. Raises :class:`ConfigError` for a bad config (before any process
-    starts) and :class:`shoal.launch.JobFailed` when a worker fails.
+    starts; a model that does not fit the data is one), :class:`shoal.launch.JobFailed`
+    when a worker fails and :class:`shoal.launch.Stopped` after a SIGINT or SIGTERM
+    (the run checkpointed first: ``resume=True`` goes on).
     ``max_restarts``: restarts allowed to the whole job (group restarts, and
     single workers restarted under the parameter-server strategies).
     """
     from shoal.launch import launch
+    from shoal.models.fit import check_fits
 
     cfg = load_config(config, overrides, workers=workers, out=str(out) if out is not None else None)
     check_job(cfg, cfg.workers)
+    try:
+        check_fits(cfg)  # a model that cannot take the data fails here, not in every worker
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     summary = launch(cfg, resume=resume, max_restarts=max_restarts)
     assert summary is not None  # a single-node job always holds rank 0
     return summary

@@ -49,6 +49,17 @@ def train(
                           out=str(out) if out else None)
         if nnodes == 1:  # nodes may run different worker counts; the workers check the real world size
             check_job(cfg, cfg.workers)
+    if resume is not None and not _resume_goes_on(resume, cfg):
+        return
+    console = Console()
+    backend = "" if cfg.backend == "auto" else f", {cfg.backend}"
+    console.print(f"shoal: {'resuming' if resume else 'training'} {cfg.model.name} on {cfg.data.dataset.name}, "
+                  f"{cfg.workers * nnodes} workers ({cfg.strategy.name}{backend}) -> {cfg.out}; "
+                  "starting the workers (the first start imports torch) ...", highlight=False)
+    with config_errors(ValueError):  # in this process, before any worker starts
+        from shoal.models.fit import check_fits
+
+        check_fits(cfg)
     if cfg.backend == "nccl":
         from shoal.worker import nccl_shortfall
 
@@ -93,6 +104,34 @@ def train(
         from shoal.metrics.report import summary_table
 
         Console().print(summary_table(summary.model_dump()))
+
+
+def _resume_goes_on(run: Path, cfg) -> bool:
+    """Before resuming RUN: say what the new config changes, and whether there is anything to train."""
+    import json
+
+    def figure(name: str, key: str) -> int | None:
+        try:
+            return int(json.loads((run / name).read_text())[key])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    finished = figure("summary.json", "steps")
+    done = figure("stopped.json", "step") if finished is None else finished
+    steps = cfg.train.steps
+    if finished is not None and steps is not None and finished >= steps:
+        Console().print(f"shoal: {run} finished at step {finished} of train.steps={steps}: nothing to train "
+                        f"(--set train.steps=N, N > {finished}, trains on)", highlight=False)
+        return False
+    with config_errors():
+        earlier = load_config(run / "config.yaml").train.steps
+    if done is not None and earlier is not None and steps is not None:
+        from shoal.engine.optim import schedule_change
+
+        note = schedule_change(cfg.schedule, cfg.optimizer.lr, done, earlier, steps)
+        if note:
+            err_console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    return True
 
 
 def kill_overrides(item: str) -> list[str]:

@@ -33,6 +33,20 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def schedule_change(cfg: ScheduleConfig, lr: float, done: int, old_total: int, new_total: int) -> str | None:
+    """What resuming after ``done`` steps with ``new_total`` steps instead of
+    ``old_total`` does to the learning rate, in a sentence; None when nothing changes.
+
+    Only a cosine schedule depends on the total: it is stretched (or squeezed)
+    over the new total, so the learning rate jumps at the resume."""
+    if old_total == new_total or cfg.name != "cosine" or done <= cfg.warmup_steps:
+        return None
+    before, after = lr * lr_factor(cfg, done - 1, old_total), lr * lr_factor(cfg, done, new_total)
+    return (f"train.steps {old_total} -> {new_total}: the cosine schedule now spans {new_total} steps, so the "
+            f"learning rate goes from {before:.4g} at step {done} to {after:.4g} at step {done + 1} "
+            "(keep train.steps, or set schedule.name=constant, for no jump)")
+
+
 def build_scheduler(
     cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
