@@ -18,8 +18,8 @@ def test_cli_prunes_channels_quantizes_and_prints_the_table(tmp_path):
 
     # In-process (the bad-input tests below run the real command): a fresh
     # interpreter would pay torch's and the ONNX exporter's imports again.
-    result = CliRunner().invoke(app, [
-        "compress", str(run / "config.yaml"), "--checkpoint", str(run), "--prune", "channels:ratio=0.5",
+    result = CliRunner().invoke(app, [  # no CONFIG: the run's own config.yaml
+        "compress", "--checkpoint", str(run), "--prune", "channels:ratio=0.5",
         "--quantize", "int8-static", "--repeats", "3", "--out", str(tmp_path / "out")])
 
     assert result.exit_code == 0, result.output
@@ -42,6 +42,7 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     save_checkpoint(run / "checkpoint.pt", {"model": make_model("mlp:hidden=[32]").state_dict()})
+    (run / "config.yaml").write_text("data: {dataset: digits}\nmodel: mlp:hidden=[32]\n")
     config = tmp_path / "c.yaml"
     config.write_text("data: {dataset: digits}\nmodel: mlp:hidden=[16]\n")
 
@@ -49,6 +50,7 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
 
     assert result.returncode == 2
     assert "compress error:" in result.stderr and "does not match the config's model" in result.stderr
+    assert f"the run trained with {run / 'config.yaml'}: leave CONFIG out" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists()
 

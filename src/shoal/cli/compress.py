@@ -13,7 +13,8 @@ from shoal.config import ConfigError
 
 
 def compress_command(
-    config: Path = typer.Argument(..., help="the run's YAML config (the one 'shoal train' ran)"),
+    config: Optional[Path] = typer.Argument(None, help="the run's YAML config (default: the config.yaml "
+                                            "'shoal train' saved in the --checkpoint directory)"),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="the 'shoal train --out' directory (or its checkpoint.pt)"),
     prune: list[str] = typer.Option(
         [], "--prune", "-p", help="pruning spec, applied in order (repeatable): magnitude:sparsity=0.9 "
@@ -54,6 +55,7 @@ def compress_command(
     from shoal.compress import CompressError, compress
     from shoal.compress.report import print_report
 
+    config = config or _run_config(checkpoint)
     console = wide_console(120)  # the report's table is ~110 columns wide
     if target_size_kb is not None or target_latency_ms is not None:
         if prune or quantize:
@@ -71,6 +73,14 @@ def compress_command(
     except CompressError as err:
         fail(str(err), "compress error")
     print_report(report, console)
+
+
+def _run_config(checkpoint: Path) -> Path:
+    """The config a run directory holds (``shoal train`` saves it there), for a command given none."""
+    run = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if not (run / "config.yaml").is_file():
+        fail(f"no CONFIG given and no config.yaml in {run}: give the run's config as CONFIG")
+    return run / "config.yaml"
 
 
 def _compress_to_budget(config: Path, checkpoint: Path, out: Path, overrides: list[str], threads: int, repeats: int,

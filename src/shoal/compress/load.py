@@ -37,8 +37,11 @@ def load_trained(cfg: RunConfig, run: str | Path) -> tuple[nn.Module, DatasetBun
     try:
         load_weights(model, path)
     except WrongModel as err:
+        own = path.parent / "config.yaml"
+        hint = (f"; the run trained with {own}: leave CONFIG out of shoal compress (or give that file) to use it"
+                if own.is_file() else "")
         raise CompressError(f"checkpoint {path} does not match the config's model {cfg.model.spec()!r}: "
-                            f"{err.differences}") from None
+                            f"{err.differences}{hint}") from None
     except (CorruptCheckpoint, ValueError) as err:
         raise CompressError(str(err)) from None
     return model.eval(), data
