@@ -188,6 +188,9 @@ def _run_row(
 
 MEDIAN_KEYS = ("final_accuracy", "wire_bytes_per_worker", "wire_bytes_per_step", "steps", "train_time_s",
                "steps_per_s", "median_step_s")
+# report.html's table, in this order (labels and formats: shoal.bench.report.FIELDS)
+COLUMNS = ["rate", "label", "strategy", "codec", "time_to_target_s", "speedup_vs_ddp_fp32", "final_accuracy",
+           "steps_to_target", "steps_per_s", "wire_bytes_per_step", "ceiling_vs_ddp_fp32"]
 
 
 def medians(runs: list[dict[str, Any]], keys: tuple[str, ...] = MEDIAN_KEYS, *,

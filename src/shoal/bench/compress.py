@@ -50,6 +50,7 @@ QUICK_OVERRIDES = [
 MEDIAN_KEYS = ("artefact_bytes", "size_ratio", "latency_ms_batch1", "latency_ms_batch32", "speedup_batch1",
                "speedup_batch32", "accuracy", "accuracy_delta")
 SPEEDUP_TARGETS = {"int8": 1.5, "channels": 3.0}  # issue 7: int8-static and channels-50, batch 32
+# report.html's table, in this order (labels and formats: shoal.bench.report.FIELDS)
 COLUMNS = ["model", "label", "artefact_bytes", "size_ratio", "nonzero_parameters", "latency_ms_batch1",
            "speedup_batch1", "latency_ms_batch32", "speedup_batch32", "accuracy", "accuracy_delta", "finetune_steps"]
 
@@ -212,10 +213,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(results: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Per model: accuracy against artefact size and against batch-32 latency, Pareto fronts drawn."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
+    """Per model: accuracy against artefact size and against batch-32 latency, Pareto fronts drawn, each
+    point labelled where its label covers no other."""
+    from shoal.bench.labels import label_points
     from shoal.bench.report import plt
+    from shoal.metrics.ticks import plain_ticks
 
     paths = []
     for model in dict.fromkeys(r["model"] for r in results):
@@ -223,23 +225,22 @@ def plot_pareto(results: list[dict[str, Any]], out: Path) -> list[Path]:
         if not rows:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
-        for ax, key, xlabel in ((axes[0], "artefact_bytes", "artefact (KB, log)"),
-                                (axes[1], "latency_ms_batch32", "ONNX Runtime latency at batch 32 (ms, log)")):
-            scale = 1000 if key == "artefact_bytes" else 1
-            points = [(r[key] / scale, r["accuracy"]) for r in rows]
+        panels = [(ax, [(r[key] / scale, r["accuracy"]) for r in rows]) for ax, key, scale in
+                  ((axes[0], "artefact_bytes", 1000), (axes[1], "latency_ms_batch32", 1))]
+        for (ax, points), xlabel in zip(panels, ("artefact (KB, log)", "ONNX Runtime latency at batch 32 (ms, log)")):
             front = pareto_front(points)
             ax.plot(*zip(*[points[i] for i in front]), color="tab:red", alpha=0.5, marker="o", markersize=11,
                     markerfacecolor="none", label="Pareto front")
-            for r, (x, y) in zip(rows, points):
-                ax.scatter(x, y, color="tab:blue" if r["label"] != "fp32" else "black")
-                ax.annotate(r["label"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(*zip(*points), color=["black" if r["label"] == "fp32" else "tab:blue" for r in rows])
             ax.set(xscale="log", xlabel=xlabel, title=f"{model}: accuracy against {xlabel.split(' (')[0]}")
-            ax.xaxis.set_minor_formatter(NullFormatter())  # log-scale minor labels overlap
-            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.margins(x=0.15, y=0.12)  # room for the labels of the outermost points
+            plain_ticks(ax)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("test accuracy (ONNX Runtime)")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
+        for ax, points in panels:  # once the layout is final: placement is in pixels
+            label_points(ax, points, [r["label"] for r in rows])
         path = out / f"pareto-{model}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -110,6 +110,10 @@ QUICK_OVERRIDES = [
     "bench.fedsgd_rounds_factor=3",
 ]
 MEDIAN_KEYS = ("final_accuracy", "best_accuracy", "uplink_bytes", "wall_time_s")  # rounds_to_target: medians()
+# report.html's table, in this order (labels and formats: shoal.bench.report.FIELDS)
+COLUMNS = ["label", "partition", "strategy", "codec", "rounds_to_target", "rounds", "rounds_vs_fedavg",
+           "final_accuracy", "accuracy_vs_fedavg", "accuracy_vs_centralised", "uplink_bytes", "uplink_reduction",
+           "note"]
 
 
 def load_bench(config: Path, overrides: list[str]) -> tuple[FlRunConfig, BenchFlOptions]:

@@ -52,6 +52,9 @@ QUICK_OVERRIDES = [
 ]
 MEDIAN_KEYS = ("final_accuracy", "steps", "train_time_s", "steps_per_s", "median_step_s", "mean_staleness",
                "samples_per_s")
+# report.html's table, in this order (labels and formats: shoal.bench.report.FIELDS)
+COLUMNS = ["label", "strategy", "slowdown", "time_to_target_s", "speedup_vs_sync", "final_accuracy",
+           "accuracy_vs_sync", "samples_per_s", "throughput_vs_sync", "mean_staleness"]
 
 
 def run_row(row: StragglerRow, *, workers: int, slowdown: list[str], config: Path, overrides: list[str],

@@ -130,7 +130,7 @@ def bench_comm(
         timeout_s=timeout, repeat=repeat, log=run.log,
     )
     images = [*report.plot_accuracy(results, out), report.plot_bytes(results, out)]
-    run.finish(results, title="shoal bench comm", images=images, columns=report.COMM_COLUMNS)
+    run.finish(results, title="shoal bench comm", images=images, columns=comm.COLUMNS)
 
 
 @bench_app.command("straggler")
@@ -164,9 +164,7 @@ def bench_straggler(
         timeout_s=timeout, repeat=repeat, log=run.log,
     )
     images = report.plot_accuracy(results, out, group="slowdown", title="slowdown {}")
-    columns = ["label", "strategy", "slowdown", "time_to_target_s", "speedup_vs_sync", "final_accuracy",
-               "accuracy_vs_sync", "samples_per_s", "throughput_vs_sync", "mean_staleness"]
-    run.finish(results, title="shoal bench straggler", images=images, columns=columns)
+    run.finish(results, title="shoal bench straggler", images=images, columns=straggler.COLUMNS)
 
 
 @bench_app.command("fl")
@@ -194,10 +192,7 @@ def bench_fl(
     run = BenchRun(out)
     results = fl.run_bench(cfg, selected, options, out=out, repeat=repeat, log=run.log)
     images = report.plot_accuracy(results, out, group="partition", title="{}", x="round", xlabel="round")
-    columns = ["label", "partition", "strategy", "codec", "rounds_to_target", "rounds", "rounds_vs_fedavg",
-               "final_accuracy", "accuracy_vs_fedavg", "accuracy_vs_centralised", "uplink_bytes",
-               "uplink_reduction", "note"]
-    run.finish(results, title="shoal bench fl", images=images, columns=columns)
+    run.finish(results, title="shoal bench fl", images=images, columns=fl.COLUMNS)
 
 
 @bench_app.command("compress")

@@ -1,4 +1,4 @@
-"""``curves.png``: training loss and test accuracy against wall time."""
+"""``curves.png``: training loss and test accuracy against wall time, or against rounds for a federated run."""
 
 from __future__ import annotations
 
@@ -9,24 +9,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from shoal.metrics.ticks import plain_ticks  # noqa: E402
 from shoal.metrics.writer import read_metrics  # noqa: E402
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path, *, title: str = "") -> None:
     records = read_metrics(metrics_path)
+    # A federated run's records carry their round: progress is counted in rounds, not seconds.
+    by_round = any("round" in r for r in records)
+    x, xlabel = ("round", "round") if by_round else ("time_s", "wall time (s)")
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    train = [(r["time_s"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["time_s"], r["test_accuracy"]) for r in records if "test_accuracy" in r]
+    train = [(r[x], r["loss"]) for r in records if "loss" in r and x in r]
+    evals = [(r[x], r["test_accuracy"]) for r in records if "test_accuracy" in r and x in r]
     if train:
         ax_loss.plot(*zip(*train), lw=0.8, label="train loss (rank 0)")
         ax_loss.legend()
-    ax_loss.set(xlabel="wall time (s)", ylabel="loss", yscale="log")
+    ax_loss.set(xlabel=xlabel, ylabel="loss", yscale="log")
     if evals:
         ax_acc.plot(*zip(*evals), marker="o", label="test accuracy")
-    ax_acc.set(xlabel="wall time (s)", ylabel="accuracy", ylim=(0, 1))
+    ax_acc.set(xlabel=xlabel, ylabel="accuracy", ylim=(0, 1))
     ax_acc.legend()
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+        plain_ticks(ax, integer_x=by_round)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
