@@ -64,21 +64,30 @@ def test_time_to_target_is_the_training_clock_at_the_first_evaluation_that_reach
     state = RunState()
     for step_s, acc in [(1.0, 0.5), (1.0, 0.91), (1.0, 0.8), (1.0, 0.95)]:
         state.add(_stats(), step_s=step_s, wall=0.0)
-        state.record_eval(acc, loss=0.1, target=0.9)
-    assert (state.time_to_target, state.steps_to_target, state.best_accuracy) == (2.0, 2, 0.95)
+        state.record_eval(acc, higher_is_better=True, target=0.9)
+    assert (state.time_to_target, state.steps_to_target, state.best_metric, state.best_step) == (2.0, 2, 0.95, 4)
     untargeted = RunState()
-    untargeted.record_eval(0.99, loss=0.1, target=None)
-    assert untargeted.time_to_target is None and untargeted.best_accuracy == 0.99
+    untargeted.record_eval(0.99, higher_is_better=True, target=None)
+    assert untargeted.time_to_target is None and untargeted.best_metric == 0.99
+
+
+def test_a_lower_is_better_target_is_reached_at_or_below_it():
+    state = RunState()
+    for mse in [0.5, 0.2, 0.3, 0.05]:
+        state.add(_stats(), step_s=1.0, wall=0.0)
+        state.record_eval(mse, higher_is_better=False, target=0.2)
+    assert (state.steps_to_target, state.best_metric, state.best_step) == (2, 0.05, 4)
 
 
 def test_run_state_round_trips_through_a_checkpoint_in_its_order():
     state = RunState()
     state.add(_stats(), step_s=0.25, wall=1.0)
-    state.record_eval(0.7, loss=0.3, target=0.5)
+    state.record_eval(0.7, higher_is_better=True, target=0.5)
     saved = state.state_dict()
     assert list(saved) == ["step", "clock", "wall", "wall_before", "samples", "wire_bytes", "dense_bytes",
-                           "comm_s", "best_accuracy", "time_to_target", "steps_to_target", "resumed_from",
-                           "sparsity"]  # the checkpoint's "run" entry
+                           "comm_s", "time_to_target", "steps_to_target", "resumed_from", "sparsity",
+                           "best_metric", "best_step", "patience_best", "evals_without_improvement",
+                           "stopped_early_at"]  # the checkpoint's "run" entry
     restored = RunState()
     restored.load(saved)
     assert restored.state_dict() == saved

@@ -122,6 +122,18 @@ def test_a_two_stage_pipeline_trains_exactly_as_one_process(tmp_path, schedule):
 
 
 @pytest.mark.processes
+def test_a_pipeline_trains_on_the_tasks_loss_exactly_as_one_process(tmp_path):
+    # The schedule calls the task's loss per microbatch: regression's mse, a mean per microbatch.
+    common = dict(model=MODEL, task="regression", train__steps=20, train__eval_every=10,
+                  data={"dataset": "synthetic_regression:samples=512,test_samples=128,shape=[16]", "batch_size": 16})
+    one = shoal.train(small_config(tmp_path / "one", workers=1, **common))
+    summary = shoal.train(small_config(tmp_path / "pp", workers=2, strategy="pipeline:stages=2,microbatches=4",
+                                       **common))
+    assert_same_weights(tmp_path / "one", tmp_path / "pp")
+    assert summary.metric == "mse" and summary.final_metric == pytest.approx(one.final_metric, rel=1e-4)
+
+
+@pytest.mark.processes
 def test_interleaved_1f1b_holds_two_stages_per_rank_and_trains_exactly_as_one_process(tmp_path):
     common = dict(model=MODEL, train__steps=20, train__eval_every=20)
     shoal.train(small_config(tmp_path / "one", workers=1, **common))

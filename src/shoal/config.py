@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from shoal.registry import CODECS, DATASETS, MODELS, STRATEGIES, Component, Registry, load_builtins
+from shoal.registry import CODECS, DATASETS, MODELS, STRATEGIES, TASKS, Component, Registry, load_builtins
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,7 @@ DatasetSpec = _component(DATASETS)
 ModelSpec = _component(MODELS)
 StrategySpec = _component(STRATEGIES)
 CodecSpec = _component(CODECS)
+TaskSpec = _component(TASKS)
 
 
 class _Strict(BaseModel):
@@ -74,12 +75,28 @@ class ScheduleConfig(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
 
 
+class EarlyStoppingConfig(_Strict):
+    """End the run when the task's main metric stops improving."""
+
+    patience: int = Field(..., ge=1, description="evaluations in a row without an improvement of at least "
+                          "min_delta that end the run")
+    min_delta: float = Field(0.0, ge=0, description="the smallest change of the main metric that counts "
+                             "as an improvement")
+
+
 class TrainConfig(_Strict):
     steps: int | None = Field(None, ge=1, description="optimizer steps; or give epochs")
     epochs: float | None = Field(None, gt=0)
     eval_every: int = Field(100, ge=1, description="steps between test-set evaluations")
-    target_accuracy: float | None = Field(None, gt=0, le=1)
+    target: float | None = Field(None, description="target of the task's main metric: reached at >= for a "
+                                 "higher-is-better metric (accuracy), <= for a lower-is-better one (mse, perplexity)")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="classification: the same as "
+                                          "train.target")
     stop_at_target: bool = False
+    keep_best: bool = Field(False, description="write OUT/best.pt whenever an evaluation improves the best main "
+                            "metric so far")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="stop when the main metric has not "
+                                                       "improved for `patience` evaluations")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     init_from: str | None = Field(None, description="start from these weights: a run directory (its "
                                   "checkpoint.pt) or a checkpoint file of the same model (fine-tuning)")
@@ -101,7 +118,14 @@ class TrainConfig(_Strict):
             raise ValueError("give train.steps or train.epochs, not both")
         if self.steps is None and self.epochs is None:
             self.steps = 1000
+        if self.target is not None and self.target_accuracy is not None:
+            raise ValueError("give train.target or train.target_accuracy, not both")
         return self
+
+    @property
+    def main_target(self) -> float | None:
+        """The target of the task's main metric: ``target``, or ``target_accuracy`` (classification)."""
+        return self.target if self.target is not None else self.target_accuracy
 
 
 class FaultConfig(_Strict):
@@ -155,6 +179,8 @@ class RunConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSpec = "cnn1d"
+    task: TaskSpec = Field("classification", description="what is minimised and measured: classification, "
+                           "regression, language_model (options loss=, metrics=: 'pkg.mod:function')")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     strategy: StrategySpec = "sync"
@@ -170,6 +196,20 @@ class RunConfig(_Strict):
     def _codec_fits_strategy(self) -> "RunConfig":
         if self.codec.name != "none" and not getattr(self.strategy.target, "accepts_codec", True):
             raise ValueError(f"codec: strategy {self.strategy.name!r} takes no codec (allowed: none)")
+        return self
+
+    @model_validator(mode="after")
+    def _target_fits_task(self) -> "RunConfig":
+        task = self.task.target  # the class: its main metric is declared there
+        if self.train.target_accuracy is not None and task.main_metric != "accuracy":
+            raise ValueError(f"train.target_accuracy: task {self.task.name!r} measures no accuracy; give "
+                             f"train.target for its main metric, {task.main_metric} "
+                             f"({'higher' if task.higher_is_better else 'lower'} is better)")
+        if self.train.target is not None:
+            try:
+                task.check_target(self.train.target)
+            except ValueError as err:
+                raise ValueError(f"train.target: {err} (the main metric of task {self.task.name!r})") from None
         return self
 
     def to_yaml(self) -> str:

@@ -1,12 +1,12 @@
 """Name -> implementation registries and the spec strings that select them.
 
-Every pluggable part of shoal (datasets, models, strategies, codecs) is
+Every pluggable part of shoal (datasets, models, tasks, strategies, codecs) is
 registered under a name together with a pydantic model of its options. A
 config names it with a spec string, ``"topk:ratio=0.01,memory=ef"``, or a
 mapping, ``{name: topk, ratio: 0.01}``; the options are validated against that
 implementation's own model, so a wrong option is an error before any process
-starts. Datasets and models may also be a user's ``package.module:function``
-entry point.
+starts. Datasets, models, codecs and tasks may also be a user's
+``package.module:function`` entry point.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def _check_call(name: str, target: Callable[..., Any], kwargs: dict[str, Any]) -
 def _first_error(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     return f"{where}: {msg}" if where else msg
 
 
@@ -237,10 +237,13 @@ FED_STRATEGIES: Registry[Any] = Registry("federated strategy", "federated strate
 PARTITIONS: Registry[Any] = Registry("partition", "partitions", "shoal.data")
 PRUNERS: Registry[Any] = Registry("pruner", "pruners", "shoal.compress")
 QUANTIZERS: Registry[Any] = Registry("quantizer", "quantizers", "shoal.compress")
+TASKS: Registry[Any] = Registry("task", "tasks", "shoal.tasks", entry_points=True,
+                                entry_point_needs=("main_metric", "a shoal.tasks.Task subclass "
+                                                   "(it declares `main_metric`)"))
 # Parameter-server topologies that run another strategy's options (sync:backup=b):
 # named by Strategy.topology, not listed by `shoal list` (a user names the strategy).
 TOPOLOGIES: Registry[Any] = Registry("topology", "topologies", "shoal.ps")
-ALL = (DATASETS, MODELS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS)
+ALL = (DATASETS, MODELS, TASKS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS)
 
 
 _LOADED: set[str] = set()  # homes whose modules are all imported

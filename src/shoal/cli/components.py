@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 
 def list_components() -> None:
-    """List every registered component: datasets, models, strategies, codecs, federated strategies,
-    partitions, pruners and quantizers, each with its options and their defaults."""
+    """List every registered component: datasets, models, tasks, strategies, codecs, federated
+    strategies, partitions, pruners and quantizers, each with its options and their defaults."""
     from shoal.registry import ALL, load_builtins
 
     load_builtins()

@@ -58,8 +58,9 @@ def finetune(cfg: RunConfig, model: nn.Module, *, steps: int, out: Path, input_s
     run = cfg.model_dump(mode="json")
     run.update(model={"name": "artefact", "path": str(artefact), "model": cfg.model.to_config()}, prune=prune,
                out=str(out / RUN_DIR))
-    run["train"].update(steps=steps, epochs=None, eval_every=steps, target_accuracy=None, stop_at_target=False,
-                        checkpoint_every=0, init_from=None)
+    # A fixed number of steps: no target, early stopping or best.pt from the original run's config.
+    run["train"].update(steps=steps, epochs=None, eval_every=steps, target=None, target_accuracy=None,
+                        stop_at_target=False, keep_best=False, early_stopping=None, checkpoint_every=0, init_from=None)
     say(f"fine-tuning {steps} steps on {run['workers']} worker(s), strategy {cfg.strategy.spec()}"
         + (f", {prune['schedule']} pruning to {prune['sparsity']:.3f}" if prune else ""))
     summary = shoal.train(run)

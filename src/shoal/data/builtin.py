@@ -1,4 +1,4 @@
-"""Built-in datasets that need no download: MNIST-1D, scikit-learn digits, synthetic.
+"""Built-in datasets that need no download: MNIST-1D, scikit-learn digits, synthetic (classes or real values).
 
 MNIST-1D (Greydanus & Kobak, 2020) is generated procedurally by the ``mnist1d``
 package; the result is cached under ``$SHOAL_CACHE`` (default
@@ -130,4 +130,33 @@ def synthetic(options: SyntheticOptions) -> DatasetBundle:
     n = options.samples
     return DatasetBundle(
         TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), tuple(options.shape), options.classes
+    )
+
+
+class SyntheticRegressionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(8192, ge=10)
+    test_samples: int = Field(2048, ge=10)
+    shape: list[int] = Field(default_factory=lambda: [1, 40], min_length=1, max_length=3)
+    outputs: int = Field(1, ge=1, description="real values to predict per sample")
+    noise: float = Field(0.1, ge=0, description="standard deviation of the noise added to the targets")
+    data_seed: int = 0
+
+
+@DATASETS.register("synthetic_regression", SyntheticRegressionOptions)
+def synthetic_regression(options: SyntheticRegressionOptions) -> DatasetBundle:
+    """Gaussian inputs, float targets from a random linear teacher plus noise (task: regression)."""
+    if any(d < 1 for d in options.shape):
+        raise ValueError(f"synthetic_regression shape must be positive, got {options.shape}")
+    gen = torch.Generator().manual_seed(options.data_seed)
+    features = int(np.prod(options.shape))
+    teacher = torch.randn(features, options.outputs, generator=gen)
+    total = options.samples + options.test_samples
+    x = torch.randn(total, features, generator=gen)
+    y = x @ teacher / features**0.5 + options.noise * torch.randn(total, options.outputs, generator=gen)
+    x = x.view(total, *options.shape)
+    n = options.samples
+    # num_classes is the models' output width: one unit per predicted value.
+    return DatasetBundle(
+        TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), tuple(options.shape), options.outputs
     )

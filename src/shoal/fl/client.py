@@ -34,6 +34,7 @@ from shoal.fl.federation import Fleet, client_partitions
 from shoal.fl.local import LocalTrainer, client_seed
 from shoal.fl.transport import Connection
 from shoal.models.build import build_model
+from shoal.tasks.base import build_task
 
 log = logging.getLogger("shoal.fl")
 
@@ -53,7 +54,7 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
     x, y = fetch(data.train, client_partitions(cfg, data)[partition].tolist())
     torch.manual_seed(cfg.seed)
     trainer = LocalTrainer(build_model(cfg.model, data), cfg.optimizer, cfg.data.batch_size,
-                           build_codec(cfg.fl.codec))
+                           build_codec(cfg.fl.codec), loss_fn=build_task(cfg.task).loss)
     memory = ErrorFeedback() if cfg.fl.codec.options.memory == "ef" else None
     fleet = Fleet(cfg)
     tls = None if certs is None else TlsFiles.client(Path(certs), name)

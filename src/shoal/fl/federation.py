@@ -36,7 +36,8 @@ from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models.build import build_model, count_parameters
-from shoal.engine.evaluate import evaluate
+from shoal.engine.evaluate import evaluate_task
+from shoal.tasks.base import build_task
 
 log = logging.getLogger("shoal.fl")
 
@@ -110,6 +111,7 @@ class Federation:
         self.data = build_dataset(cfg.data.dataset)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg.model, self.data)
+        self.task = build_task(cfg.task)
         self.flat = FlatWeights(self.model)
         self.weights = self.flat.get()
         self.strategy = build_fed_strategy(cfg.fl.strategy)
@@ -204,17 +206,18 @@ class Federation:
             record["loss"] = sum(r.loss * r.num_examples for r in tally.results) / sum(
                 r.num_examples for r in tally.results)
         if rnd % self.cfg.fl.eval_every == 0 or rnd == self.cfg.fl.rounds:
-            loss, acc = self.evaluate()
-            record.update(test_loss=loss, test_accuracy=acc)
+            record.update(self.evaluate())
             self._note_target(record)
         self.history.append(record)
         self.metrics.write(record)
         return record
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self) -> dict[str, float]:
+        """The global model's test metrics as metrics.jsonl keys: test_loss, test_accuracy, the task's others."""
         self.flat.set(self.weights)
-        return evaluate(self.model, self.data.test, batch_size=self.cfg.data.eval_batch_size,
-                        device=torch.device("cpu"), rank=0, world_size=1)
+        metrics = evaluate_task(self.model, self.data.test, self.task, batch_size=self.cfg.data.eval_batch_size,
+                                device=torch.device("cpu"), rank=0, world_size=1)
+        return {f"test_{name}": value for name, value in metrics.items()}
 
     def done(self) -> bool:
         return self.round >= self.cfg.fl.rounds or (self.cfg.fl.stop_at_target and self.rounds_to_target is not None)
@@ -224,8 +227,7 @@ class Federation:
         self.metrics.close()
         evals = [r for r in self.history if "test_accuracy" in r]
         if not evals or evals[-1]["round"] != self.round:
-            loss, acc = self.evaluate()
-            evals.append({"round": self.round, "test_loss": loss, "test_accuracy": acc})
+            evals.append({"round": self.round, **self.evaluate()})
         fl = self.cfg.fl
         summary = {
             "final_accuracy": evals[-1]["test_accuracy"], "final_loss": evals[-1]["test_loss"],

@@ -9,6 +9,7 @@ keep no optimiser state between rounds). FedProx's proximal term
 mu/2 * ||w - w_global||^2 is applied here, as its gradient mu * (w - w_global)
 added after every backward pass, so a user's model and loss need no change.
 FedSGD's single full-batch step is also taken here (``full_batch_step``).
+The loss is the run's task's (``loss_fn``, cross-entropy by default).
 
 The uplink carries ``encode(delta + residual)`` for the configured codec; the
 residual (error feedback, ``memory=ef``) is the client's own, kept between
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,10 @@ class LocalResult:
 class LocalTrainer:
     """Local training for any client: one model object, reloaded every round."""
 
-    def __init__(self, model: nn.Module, optimizer: OptimizerConfig, batch_size: int, codec: Codec):
+    def __init__(self, model: nn.Module, optimizer: OptimizerConfig, batch_size: int, codec: Codec, *,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
         self.model = model
+        self.loss_fn = loss_fn
         self.flat = FlatWeights(model)
         self.optimizer_cfg = optimizer
         self.batch_size = batch_size
@@ -100,7 +103,7 @@ class LocalTrainer:
             for start in range(0, len(y), self.batch_size):
                 batch = order[start : start + self.batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(self.model(x[batch]), y[batch])
+                loss = self.loss_fn(self.model(x[batch]), y[batch])
                 loss.backward()
                 if anchor is not None:
                     with torch.no_grad():
@@ -114,7 +117,7 @@ class LocalTrainer:
     def _full_batch_step(self, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> float:
         for p in params:
             p.grad = None
-        loss = F.cross_entropy(self.model(x), y)
+        loss = self.loss_fn(self.model(x), y)
         loss.backward()
         with torch.no_grad():
             for p in params:

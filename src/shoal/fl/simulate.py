@@ -44,7 +44,7 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
     torch.set_num_threads(1)  # small client batches: threads cost more than they give
     console = Console()
     fed = Federation(cfg, out or cfg.out, console=console)
-    trainer = LocalTrainer(fed.model, cfg.optimizer, cfg.data.batch_size, fed.codec)
+    trainer = LocalTrainer(fed.model, cfg.optimizer, cfg.data.batch_size, fed.codec, loss_fn=fed.task.loss)
     data = [client_data(fed, c) for c in range(cfg.fl.clients)]
     memories: dict[int, ErrorFeedback] = {}
     use_memory = cfg.fl.codec.options.memory == "ef"

@@ -17,16 +17,30 @@ def format_bytes(n: float) -> str:
     return str(n)
 
 
+def format_metric(value: float | None) -> str:
+    """A test metric: four decimals (``0.9731``), or three significant digits when that would show
+    nothing (an mse of ``0.000123``)."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if abs(value) >= 0.01 or value == 0 else f"{value:.3g}"
+
+
 def summary_table(summary: dict[str, Any]) -> Table:
-    """The run's summary.json as a two-column table."""
+    """The run's summary.json as a two-column table, led by the task's main metric."""
     table = Table(title=f"shoal run: {summary['out']}", show_header=False)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     ttt = summary["time_to_target_s"]
+    # A summary.json from before tasks: classification's accuracy fields alone.
+    metric = summary.get("metric", "accuracy")
+    final = summary.get("final_metric", summary.get("final_accuracy"))
+    best = summary.get("best_metric", summary.get("best_accuracy"))
+    target = summary.get("target", summary.get("target_accuracy"))
+    best_step = f" (step {summary['best_step']})" if summary.get("best_step") is not None else ""
     rows = [
-        ("final test accuracy", f"{summary['final_accuracy']:.4f}"),
-        ("best test accuracy", f"{summary['best_accuracy']:.4f}"),
-        ("target accuracy", "-" if summary["target_accuracy"] is None else f"{summary['target_accuracy']:.4f}"),
+        (f"final test {metric}", format_metric(final)),
+        (f"best test {metric}", format_metric(best) + best_step),
+        (f"target {metric}", format_metric(target)),
         ("time to target", "not reached" if ttt is None else f"{ttt:.1f} s (step {summary['steps_to_target']})"),
         ("steps", str(summary["steps"])),
         ("workers", str(summary["workers"])),
@@ -39,6 +53,10 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("wire bytes per worker", format_bytes(summary["wire_bytes_per_worker"])),
         ("fp32 all-reduce would send", format_bytes(summary["dense_bytes_per_worker"])),
     ]
+    if summary.get("stopped_early_at_step") is not None:
+        rows.append(("stopped early", f"after step {summary['stopped_early_at_step']} (no improvement)"))
+    if summary.get("best_checkpoint"):
+        rows.append(("best weights", summary["best_checkpoint"]))
     if summary.get("resumed_from_step") is not None:
         rows.append(("resumed from step", str(summary["resumed_from_step"])))
     for name, value in rows:

@@ -12,12 +12,26 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Summary(BaseModel):
+    """The run's figures. The task's main metric is ``metric`` (``final_metric``,
+    ``best_metric``, ``target``, and every final metric in ``final_metrics``);
+    the ``*_accuracy`` fields are classification's and null for other tasks."""
+
     model_config = ConfigDict(extra="allow")
 
-    final_accuracy: float
-    best_accuracy: float
+    final_accuracy: float | None
+    best_accuracy: float | None
     final_loss: float
     target_accuracy: float | None
+    task: str = "classification"  # the task's spec
+    metric: str = "accuracy"  # the task's main metric
+    higher_is_better: bool = True
+    final_metric: float | None = None
+    best_metric: float | None = None
+    best_step: int | None = None  # of the best evaluation (train.keep_best: best.pt holds its weights)
+    target: float | None = None  # of the main metric
+    final_metrics: dict[str, float] = {}  # the final model's test metrics, loss first
+    stopped_early_at_step: int | None = None  # train.early_stopping ended the run after this step
+    best_checkpoint: str | None = None  # train.keep_best: OUT/best.pt
     time_to_target_s: float | None
     steps_to_target: int | None
     wall_time_s: float

@@ -1,6 +1,6 @@
 """Phase 1 of the training loop: what one worker's run is built from the config.
 
-:func:`build_run` makes the data, model, optimizer, strategy, batches, learning-rate
+:func:`build_run` makes the data, task, model, optimizer, strategy, batches, learning-rate
 schedule and sparse masks; :class:`Run` holds them, fixed once built.
 """
 
@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from shoal.config import RunConfig
 from shoal.data import DatasetBundle, ShardedBatches, build_dataset
@@ -23,6 +22,7 @@ from shoal.engine.checkpoint import load_weights
 from shoal.engine.group import Group
 from shoal.engine.optim import build_optimizer, build_scheduler
 from shoal.engine.sparsity import SparsityController
+from shoal.tasks.base import Task, build_task
 
 
 def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
@@ -46,6 +46,7 @@ class Run:
     attempt: int
     rejoin: dict[str, Any] | None
     data: DatasetBundle
+    task: Task
     optimizer: torch.optim.Optimizer
     strategy: Strategy
     batches: ShardedBatches
@@ -64,11 +65,12 @@ class Run:
 
 def build_run(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slowdown | None, attempt: int,
               rejoin: dict[str, Any] | None) -> Run:
-    """Phase 1: data, model, optimizer, strategy, batches, schedule and masks from the config."""
+    """Phase 1: data, task, model, optimizer, strategy, batches, schedule and masks from the config."""
     out = Path(cfg.out)
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     data = build_dataset(cfg.data.dataset)
+    task = build_task(cfg.task)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, data).to(ctx.device)
     if cfg.train.init_from:
@@ -83,7 +85,7 @@ def build_run(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slo
         options=cfg.strategy.options,
         codec=cfg.codec,
         context=ctx,
-        loss_fn=F.cross_entropy,
+        loss_fn=task.loss,
     )
     shard, shards = strategy.data_shard()
     batches = ShardedBatches(data.train, rank=shard, world_size=shards, batch_size=cfg.data.batch_size, seed=cfg.seed)
@@ -92,5 +94,5 @@ def build_run(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slo
     scheduler = build_scheduler(cfg.schedule, optimizer, steps)
     sparsity = SparsityController(cfg.prune, model, steps, strategy=strategy) if cfg.prune is not None else None
     return Run(cfg=cfg, ctx=ctx, group=group, out=out, slowdown=slowdown, attempt=attempt, rejoin=rejoin,
-               data=data, optimizer=optimizer, strategy=strategy, batches=batches, steps=steps,
+               data=data, task=task, optimizer=optimizer, strategy=strategy, batches=batches, steps=steps,
                scheduler=scheduler, sparsity=sparsity)

@@ -1,6 +1,7 @@
 """What a run carries across a restart: the counters of :class:`RunState`, and
 the checkpoint that saves them with the model, optimizer, schedule and every
-worker's random stream and strategy state, and restores them."""
+worker's random stream and strategy state, and restores them; and the
+keep-best checkpoint, ``best.pt``."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from typing import Any
 
 import torch
 
+from shoal.config import EarlyStoppingConfig
 from shoal.strategies.base import StepStats
 from shoal.engine.checkpoint import load_checkpoint, save_checkpoint
+from shoal.tasks.base import improves, reaches
 from shoal.training.build import Run
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 
 
 class RunState:
@@ -28,11 +32,16 @@ class RunState:
         self.wire_bytes = 0
         self.dense_bytes = 0
         self.comm_s = 0.0
-        self.best_accuracy = 0.0
         self.time_to_target: float | None = None
         self.steps_to_target: int | None = None
         self.resumed_from: int | None = None
         self.sparsity = 0.0  # of the masks in force (prune:)
+        # The task's main metric: its best evaluation so far, and early stopping's patience.
+        self.best_metric: float | None = None
+        self.best_step: int | None = None
+        self.patience_best: float | None = None  # where the last improvement of at least min_delta reached
+        self.evals_without_improvement = 0
+        self.stopped_early_at: int | None = None
 
     def add(self, stats: StepStats, *, step_s: float, wall: float) -> None:
         self.step += 1
@@ -43,11 +52,31 @@ class RunState:
         self.dense_bytes += stats.dense_bytes
         self.comm_s += stats.comm_s
 
-    def record_eval(self, acc: float, loss: float, target: float | None) -> None:
-        self.best_accuracy = max(self.best_accuracy, acc)
-        if target is not None and self.time_to_target is None and acc >= target:
+    def record_eval(self, value: float, *, higher_is_better: bool, target: float | None = None,
+                    early_stopping: EarlyStoppingConfig | None = None) -> bool:
+        """Count an evaluation whose main metric is ``value``: the best so far,
+        the time to target, and early stopping's patience. Returns whether it is
+        a new best (keep-best writes it)."""
+        new_best = improves(value, self.best_metric, higher_is_better=higher_is_better)
+        if new_best:
+            self.best_metric, self.best_step = value, self.step
+        if target is not None and self.time_to_target is None and reaches(value, target,
+                                                                          higher_is_better=higher_is_better):
             self.time_to_target = self.clock
             self.steps_to_target = self.step
+        if early_stopping is not None:
+            # Measured from the last improvement of at least min_delta, so that many
+            # small gains in a row do not keep a stalled run going (Keras' EarlyStopping).
+            if improves(value, self.patience_best, higher_is_better=higher_is_better,
+                        min_delta=early_stopping.min_delta):
+                self.patience_best, self.evals_without_improvement = value, 0
+            else:
+                self.evals_without_improvement += 1
+        return new_best
+
+    def patience_spent(self, early_stopping: EarlyStoppingConfig | None) -> bool:
+        """Whether early stopping's patience has run out."""
+        return early_stopping is not None and self.evals_without_improvement >= early_stopping.patience
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -75,6 +104,21 @@ def checkpoint_run(run: Run, state: RunState) -> None:
             "workers": workers,
         },
     )
+
+
+def save_best(run: Run, state: RunState, metrics: dict[str, float]) -> None:
+    """Rank 0, after an evaluation that improved the main metric: ``best.pt``,
+    written atomically, with the evaluated weights, the step and the metrics
+    (``train.init_from`` reads its weights like a checkpoint's)."""
+    task = run.task
+    save_checkpoint(run.out / BEST, {
+        "model": run.strategy.eval_model.state_dict(),
+        "step": state.step,
+        "task": run.cfg.task.spec(),
+        "metric": task.main_metric,
+        "value": metrics[task.main_metric],
+        "metrics": dict(metrics),
+    })
 
 
 def restore_run(run: Run) -> RunState:
