@@ -96,6 +96,12 @@ def test_tensorboard_off_writes_only_metrics_jsonl(tmp_path):
     assert load_config(None).train.tensorboard and not load_config(None, ["train.tensorboard=false"]).train.tensorboard
 
 
+@pytest.mark.processes
+def test_a_run_with_tensorboard_off_writes_no_event_files(tmp_path):
+    shoal.train(small_config(tmp_path / "run", train__steps=10, train__tensorboard=False))
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and not (tmp_path / "run" / "tensorboard").exists()
+
+
 def test_tags_group_the_records_keys_and_skip_what_is_no_scalar():
     record = {"step": 3, "round": 3, "loss": 0.5, "test_perplexity": 12.0, "wire_bytes": 40, "time_s": 1.5,
               "aggregated": True, "dropped_clients": [1, 2], "name": "x"}

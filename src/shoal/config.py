@@ -101,6 +101,16 @@ class TrainConfig(_Strict):
     init_from: str | None = Field(None, description="start from these weights: a run directory (its "
                                   "checkpoint.pt) or a checkpoint file of the same model (fine-tuning)")
     log_every: int = Field(1, ge=1, description="steps between metrics.jsonl lines")
+    tensorboard: bool = Field(True, description="also write metrics.jsonl's scalars as TensorBoard event "
+                              "files in OUT/tensorboard/")
+    # shoal.engine.recipe: how a strategy's step makes its gradients and its update.
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16: autocast forward and loss "
+                                                       "(CPU and GPU); fp16: autocast with a gradient scaler "
+                                                       "(CUDA only)")
+    accumulate: int = Field(1, ge=1, description="micro-batches per step: the batch is split, gradients add up, "
+                            "DDP communicates once")
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the gradient's global L2 norm to this "
+                                         "before the optimizer step")
 
     @field_validator("init_from")
     @classmethod
@@ -217,8 +227,16 @@ class RunConfig(_Strict):
 
 
 def check_job(cfg: RunConfig, world_size: int) -> None:
-    """Checks that need the job's size (workers x nodes): a strategy's options
-    may define ``check_job(world_size, batch_size)``. :class:`ConfigError` if one fails."""
+    """Checks that need the job's size (workers x nodes) or this machine: a strategy's
+    options may define ``check_job(world_size, batch_size)``, and the strategy must honour
+    the train recipe (precision, accumulation, clipping). :class:`ConfigError` if one fails."""
+    if (cfg.train.precision, cfg.train.accumulate, cfg.train.clip_grad_norm) != ("fp32", 1, None):
+        from shoal.engine.recipe import check_recipe
+
+        try:
+            check_recipe(cfg.train, cfg.strategy.target)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     check = getattr(cfg.strategy.options, "check_job", None)
     if check is not None:
         try:

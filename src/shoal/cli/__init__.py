@@ -1,9 +1,9 @@
 """The ``shoal`` command line: the root app, and each command group from its own module.
 
 ``shoal train`` (train.py), ``list`` (components.py), ``plan`` (plan.py), ``compress`` (compress.py),
-``bench ...`` (bench.py), ``netem ...`` (netem.py), ``fl ...`` (fl.py); what they share is in
-common.py. Every command imports what it runs (torch among it) inside its own function, so that
-``shoal --help`` and ``import shoal.cli`` stay fast.
+``bench ...`` (bench.py), ``netem ...`` (netem.py), ``fl ...`` (fl.py), ``runs ...`` (runs.py); what
+they share is in common.py. Every command imports what it runs (torch among it) inside its own
+function, so that ``shoal --help`` and ``import shoal.cli`` stay fast.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from shoal.cli import bench, components, compress, fl, netem, plan, train
+from shoal.cli import bench, components, compress, fl, netem, plan, runs, train
 from shoal.cli.common import CONTEXT_SETTINGS
 
 app = typer.Typer(
@@ -31,10 +31,15 @@ app.command("compress")(compress.compress_command)
 app.add_typer(bench.bench_app, name="bench")
 app.add_typer(netem.netem_app, name="netem")
 app.add_typer(fl.fl_app, name="fl")
+app.add_typer(runs.runs_app, name="runs")
 
 
 def main() -> None:
     # Like ``python -m``, let entry points name modules in the working directory.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except KeyboardInterrupt:  # Ctrl-C before a command took over the signal (e.g. while it imports)
+        print("shoal: interrupted", file=sys.stderr)
+        sys.exit(130)

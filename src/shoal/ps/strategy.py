@@ -39,6 +39,9 @@ class PsStrategy(Strategy):
     """Worker side of a parameter-server strategy; subclasses give the policy."""
 
     collective_eval = False
+    # The servers take the optimizer step: no gradient scaler here, so bf16 but not fp16.
+    recipe_support = frozenset({"precision", "accumulate", "clip_grad_norm"})
+    precisions = ("bf16",)
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  supervisor: SupervisorProxy | None = None, **kwargs: Any):
@@ -79,8 +82,8 @@ class PsStrategy(Strategy):
         started = time.perf_counter()
         for p in self.params:
             p.grad = None
-        loss = self.loss_fn(self.model(inputs), targets)
-        loss.backward()
+        loss = self.recipe.gradients(lambda x, y: self.loss_fn(self.model(x), y), inputs, targets)
+        self.recipe.clip(self.params)  # each worker's gradient, before its push
         compute_s = time.perf_counter() - started
         lr = self.optimizer.param_groups[0]["lr"]
         self.clock += 1

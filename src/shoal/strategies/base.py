@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shoal.engine.recipe import StepRecipe
 from shoal.registry import Component
 
 
@@ -54,6 +55,7 @@ class Strategy(ABC):
         context: WorkerContext,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         group: dist.ProcessGroup | None = None,
+        recipe: StepRecipe | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -62,12 +64,16 @@ class Strategy(ABC):
         self.context = context
         self.loss_fn = loss_fn
         self.group = group
+        self.recipe = recipe or StepRecipe(device=context.device)  # precision, accumulation, clipping
 
     @abstractmethod
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
         """One optimisation step on this worker's batch."""
 
     collective_eval = True  # every rank evaluates its share; False: rank 0 alone, nobody waits
+    # Which of train.precision / accumulate / clip_grad_norm step() honours (shoal.engine.recipe):
+    # none unless a strategy says so, and the config check refuses the others.
+    recipe_support: frozenset[str] = frozenset()
 
     @classmethod
     def topology(cls, options: Any) -> str | None:

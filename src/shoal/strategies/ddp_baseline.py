@@ -66,6 +66,8 @@ def _count_all_reduce() -> None:
 class DdpBaseline(Strategy):
     """PyTorch DDP with its built-in all-reduce or one of its own hooks (benchmark baselines)."""
 
+    recipe_support = frozenset({"precision", "accumulate", "clip_grad_norm"})  # shoal.engine.recipe
+
     accepts_codec = False
 
     def __init__(self, model, optimizer, **kwargs: Any):
@@ -99,9 +101,9 @@ class DdpBaseline(Strategy):
         _METER = self.meter
         try:
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.ddp(inputs), targets)
-            loss.backward()
-            self.optimizer.step()
+            loss = self.recipe.gradients(lambda x, y: self.loss_fn(self.ddp(x), y), inputs, targets,
+                                         quiet=self.ddp.no_sync)
+            self.recipe.step(self.optimizer, self.model.parameters())
         finally:
             _METER = None
         wall = time.perf_counter() - started

@@ -83,9 +83,8 @@ class LocalSgdStrategy(SyncStrategy):
         # Local step: no gradient all-reduce (nanoGPT's flag, rather than no_sync()).
         self.ddp.require_backward_grad_sync = False
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.ddp(inputs), targets)
-        loss.backward()
-        self.optimizer.step()
+        loss = self.recipe.gradients(lambda x, y: self.loss_fn(self.ddp(x), y), inputs, targets)
+        self.recipe.step(self.optimizer, self.model.parameters())
         self.steps_done += 1
         local = self.steps_done - self.options.warmup
         if local % self.options.period == 0:

@@ -46,6 +46,8 @@ class SyncOptions(BaseModel):
 class SyncStrategy(Strategy):
     """Synchronous data parallel: DDP all-reduce through the codec hook (backup=b: first N-b gradients)."""
 
+    recipe_support = frozenset({"precision", "accumulate", "clip_grad_norm"})  # shoal.engine.recipe
+
     @classmethod
     def topology(cls, options: SyncOptions) -> str | None:
         """backup=b runs on the parameter server: a collective cannot finish without every rank."""
@@ -107,11 +109,12 @@ class SyncStrategy(Strategy):
         started = time.perf_counter()
         self.choose_codec(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.ddp(inputs), targets)
         # Unequal shares: weight by samples so DDP's mean is the per-sample mean.
         weight = self.balancer.loss_weight(self.context.rank) if self.balancer else 1.0
-        (loss * weight if weight != 1.0 else loss).backward()  # returns once DDP's hook futures have completed
-        self.optimizer.step()
+        # The last micro-batch's backward returns once DDP's hook futures have completed.
+        loss = self.recipe.gradients(lambda x, y: self.loss_fn(self.ddp(x), y), inputs, targets,
+                                     quiet=self.ddp.no_sync, weight=weight)
+        self.recipe.step(self.optimizer, self.model.parameters())
         stats = self.stats(loss, started, len(targets))
         if self.balancer is not None:
             self.balancer.record(stats.compute_s, stats.samples, self.group)

@@ -20,6 +20,7 @@ from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import Strategy, WorkerContext
 from shoal.engine.checkpoint import load_weights
 from shoal.engine.group import Group
+from shoal.engine.recipe import StepRecipe
 from shoal.engine.optim import build_optimizer, build_scheduler
 from shoal.engine.sparsity import SparsityController
 from shoal.tasks.base import Task, build_task
@@ -86,6 +87,7 @@ def build_run(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slo
         codec=cfg.codec,
         context=ctx,
         loss_fn=task.loss,
+        recipe=StepRecipe.from_config(cfg.train, ctx.device),
     )
     shard, shards = strategy.data_shard()
     batches = ShardedBatches(data.train, rank=shard, world_size=shards, batch_size=cfg.data.batch_size, seed=cfg.seed)

@@ -129,7 +129,8 @@ def _open_outputs(run: Run, state: RunState) -> MetricsWriter | None:
         return None
     (run.out / "config.yaml").write_text(run.cfg.to_yaml())
     (run.out / STOPPED).unlink(missing_ok=True)  # a stopped run resumed: no longer stopped
-    return MetricsWriter(run.out / "metrics.jsonl", resume_step=state.step if state.resumed_from is not None else None)
+    return MetricsWriter(run.out / "metrics.jsonl", resume_step=state.step if state.resumed_from is not None else None,
+                         tensorboard=run.cfg.train.tensorboard)
 
 
 def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_started: float,
