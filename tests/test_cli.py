@@ -38,7 +38,11 @@ def test_list_shows_every_registry_whole_at_80_and_120_columns(columns):
     assert max(len(line) for line in result.stdout.splitlines()) <= columns
     assert "PydanticUndefined" not in result.stdout and "…" not in result.stdout
     tables = _cells(result.stdout)
-    assert list(tables) == [registry.plural for registry in ALL]  # federated strategies, partitions too
+    train = "train options (train.KEY in a config, or --set train.KEY=...)"
+    assert list(tables) == [registry.plural for registry in ALL] + [train]  # federated strategies, partitions too
+    for key in ("precision", "accumulate", "clip_grad_norm", "keep_best", "early_stopping", "target"):
+        assert key in tables[train], key
+    assert tables[train]["precision"][1].startswith("fp32|bf16|fp16:")
     assert TOPOLOGIES.plural not in tables
     for registry in ALL:
         for name, summary in registry:

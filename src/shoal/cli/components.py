@@ -21,10 +21,28 @@ def list_components() -> None:
     strategies, partitions, pruners and quantizers, each with its options and their defaults."""
     from shoal.registry import ALL, load_builtins
 
+    from shoal.config import TrainConfig
+
     load_builtins()
     console = Console()
     for registry in ALL:
         console.print(registry_table(registry))
+    console.print(options_table("train options (train.KEY in a config, or --set train.KEY=...)", TrainConfig))
+
+
+def options_table(title: str, model: Any) -> Table:
+    """A config section's keys: default and what each does (precision, accumulation, clipping, ...)."""
+    table = Table(title=title, show_header=True)
+    table.add_column("key", style="bold", overflow="fold")
+    table.add_column("default", overflow="fold")
+    table.add_column("what it does", overflow="fold")
+    for key, field in model.model_fields.items():
+        allowed = getattr(field.annotation, "__args__", None)
+        what = field.description or ""
+        if allowed and all(isinstance(a, str) for a in allowed):  # a Literal: name the choices
+            what = f"{' | '.join(allowed)}: {what}" if what else " | ".join(allowed)
+        table.add_row(key, _default(field), what or "-")
+    return table
 
 
 def registry_table(registry: Registry[Any]) -> Table:
