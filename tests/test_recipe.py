@@ -8,8 +8,8 @@ from torch import nn
 import shoal
 from conftest import small_config
 from shoal import ConfigError, load_config
-from shoal.config import check_job
-from shoal.engine.recipe import StepRecipe, check_recipe
+from shoal.config import check_job, check_recipe
+from shoal.engine.recipe import StepRecipe
 
 
 def _model_and_batch():

@@ -231,8 +231,6 @@ def check_job(cfg: RunConfig, world_size: int) -> None:
     options may define ``check_job(world_size, batch_size)``, and the strategy must honour
     the train recipe (precision, accumulation, clipping). :class:`ConfigError` if one fails."""
     if (cfg.train.precision, cfg.train.accumulate, cfg.train.clip_grad_norm) != ("fp32", 1, None):
-        from shoal.engine.recipe import check_recipe
-
         try:
             check_recipe(cfg.train, cfg.strategy.target)
         except ValueError as err:
@@ -243,6 +241,29 @@ def check_job(cfg: RunConfig, world_size: int) -> None:
             check(world_size, cfg.data.batch_size)
         except ValueError as err:
             raise ConfigError(f"strategy: {err}") from None
+
+
+def check_recipe(train: Any, strategy: Any, *, cuda: bool | None = None) -> None:
+    """ValueError naming the field when ``strategy`` (a registered class) cannot honour ``train``'s recipe."""
+    support = getattr(strategy, "recipe_support", frozenset())
+    name = getattr(strategy, "__name__", str(strategy))
+    asked = {"precision": train.precision != "fp32", "accumulate": train.accumulate > 1,
+             "clip_grad_norm": train.clip_grad_norm is not None}
+    for field, used in asked.items():
+        if used and field not in support:
+            allowed = ", ".join(sorted(support)) or "none of precision, accumulate, clip_grad_norm"
+            raise ValueError(f"train.{field}: {name} cannot honour it (it honours: {allowed})")
+    if train.precision == "fp16":
+        if "fp16" not in getattr(strategy, "precisions", ("bf16", "fp16")):
+            raise ValueError(f"train.precision: fp16 needs an optimizer step in the worker, which {name} "
+                             "does not take (its servers update); use bf16")
+        if cuda is None:
+            import torch  # here only: the config module itself stays free of torch
+
+            cuda = torch.cuda.is_available()
+        if not cuda:
+            raise ValueError("train.precision: fp16 (a gradient scaler) needs CUDA, and this machine has no "
+                             "GPU; bf16 runs on CPU and GPU")
 
 
 def format_error(err: ValidationError) -> str:

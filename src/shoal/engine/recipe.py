@@ -18,7 +18,7 @@ gradient accumulation and gradient-norm clipping (``train.precision``,
   servers it is each worker's gradient, before its push.
 
 A strategy says which of these it honours (``Strategy.recipe_support``);
-:func:`check_recipe` refuses the rest before any worker starts.
+:func:`shoal.config.check_recipe` refuses the rest before any worker starts.
 """
 
 from __future__ import annotations
@@ -93,21 +93,3 @@ class StepRecipe:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
-
-def check_recipe(train: Any, strategy: Any, *, cuda: bool | None = None) -> None:
-    """ValueError naming the field when ``strategy`` (a registered class) cannot honour ``train``'s recipe."""
-    support = getattr(strategy, "recipe_support", frozenset())
-    name = getattr(strategy, "__name__", str(strategy))
-    asked = {"precision": train.precision != "fp32", "accumulate": train.accumulate > 1,
-             "clip_grad_norm": train.clip_grad_norm is not None}
-    for field, used in asked.items():
-        if used and field not in support:
-            allowed = ", ".join(sorted(support)) or "none of precision, accumulate, clip_grad_norm"
-            raise ValueError(f"train.{field}: {name} cannot honour it (it honours: {allowed})")
-    if train.precision == "fp16":
-        if "fp16" not in getattr(strategy, "precisions", ("bf16", "fp16")):
-            raise ValueError(f"train.precision: fp16 needs an optimizer step in the worker, which {name} "
-                             "does not take (its servers update); use bf16")
-        if not (torch.cuda.is_available() if cuda is None else cuda):
-            raise ValueError("train.precision: fp16 (a gradient scaler) needs CUDA, and this machine has no "
-                             "GPU; bf16 runs on CPU and GPU")
