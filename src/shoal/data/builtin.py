@@ -117,20 +117,26 @@ class SyntheticOptions(BaseModel):
 @DATASETS.register("synthetic", SyntheticOptions)
 def synthetic(options: SyntheticOptions) -> DatasetBundle:
     """Gaussian inputs labelled by a random linear teacher plus noise: learnable, any shape."""
-    if any(d < 1 for d in options.shape):
-        raise ValueError(f"synthetic shape must be positive, got {options.shape}")
-    gen = torch.Generator().manual_seed(options.data_seed)
-    features = int(np.prod(options.shape))
-    teacher = torch.randn(features, options.classes, generator=gen)
-    total = options.samples + options.test_samples
-    x = torch.randn(total, features, generator=gen)
-    logits = x @ teacher / features**0.5 + options.noise * torch.randn(total, options.classes, generator=gen)
+    x, logits = _teacher(options, options.classes, "synthetic")
     y = logits.argmax(dim=1)
-    x = x.view(total, *options.shape)
     n = options.samples
     return DatasetBundle(
         TensorDataset(x[:n], y[:n]), TensorDataset(x[n:], y[n:]), tuple(options.shape), options.classes
     )
+
+
+def _teacher(options: SyntheticOptions | SyntheticRegressionOptions, width: int,
+             name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian inputs of ``options.shape`` and a random linear teacher's ``width`` scores of them plus noise."""
+    if any(d < 1 for d in options.shape):
+        raise ValueError(f"{name} shape must be positive, got {options.shape}")
+    gen = torch.Generator().manual_seed(options.data_seed)
+    features = int(np.prod(options.shape))
+    teacher = torch.randn(features, width, generator=gen)
+    total = options.samples + options.test_samples
+    x = torch.randn(total, features, generator=gen)
+    scores = x @ teacher / features**0.5 + options.noise * torch.randn(total, width, generator=gen)
+    return x.view(total, *options.shape), scores
 
 
 class SyntheticRegressionOptions(BaseModel):
@@ -146,15 +152,7 @@ class SyntheticRegressionOptions(BaseModel):
 @DATASETS.register("synthetic_regression", SyntheticRegressionOptions)
 def synthetic_regression(options: SyntheticRegressionOptions) -> DatasetBundle:
     """Gaussian inputs, float targets from a random linear teacher plus noise (task: regression)."""
-    if any(d < 1 for d in options.shape):
-        raise ValueError(f"synthetic_regression shape must be positive, got {options.shape}")
-    gen = torch.Generator().manual_seed(options.data_seed)
-    features = int(np.prod(options.shape))
-    teacher = torch.randn(features, options.outputs, generator=gen)
-    total = options.samples + options.test_samples
-    x = torch.randn(total, features, generator=gen)
-    y = x @ teacher / features**0.5 + options.noise * torch.randn(total, options.outputs, generator=gen)
-    x = x.view(total, *options.shape)
+    x, y = _teacher(options, options.outputs, "synthetic_regression")
     n = options.samples
     # num_classes is the models' output width: one unit per predicted value.
     return DatasetBundle(
