@@ -8,8 +8,8 @@
    or a rejoin of a job that trained on without this worker
 3. :func:`_train`: step, log, evaluate and checkpoint until the last step, the target or
    early stopping; evaluations follow the task's main metric (keep-best writes ``best.pt``)
-4. :func:`_finish`: close the strategy, evaluate the final model, checkpoint, total the counters
-5. :func:`_summarise`: rank 0 writes ``summary.json`` and the curves
+4. :func:`~shoal.training.finish.finish_run`: close the strategy, evaluate the final model, checkpoint, total the counters
+5. :func:`~shoal.training.finish.summarise_run`: rank 0 writes ``summary.json`` and the curves
 
 It is strategy-agnostic: all a strategy has to provide is ``step``. The run's
 counters and checkpoint are in :mod:`~shoal.training.state`, fault injection in
@@ -21,24 +21,21 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
 from shoal.config import RunConfig
-from shoal.metrics.plots import plot_curves
-from shoal.metrics.summary import Summary, per_worker_means, samples_per_s
+from shoal.metrics.summary import Summary
 from shoal.metrics.writer import MetricsWriter
-from shoal.models import count_parameters
 from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import StepStats, WorkerContext
-from shoal.engine.evaluate import evaluate_task
 from shoal.engine.group import Group, TorchGroup
 from shoal.training.build import Run, build_run
 from shoal.training.faults import die, kill_step, restart_time
+from shoal.training.finish import evaluate_run, finish_run, summarise_run
 from shoal.training.progress import TrainProgress
-from shoal.training.state import BEST, CHECKPOINT, RunState, checkpoint_run, restore_run, save_best
+from shoal.training.state import CHECKPOINT, RunState, checkpoint_run, restore_run, save_best
 from shoal.engine.stop import STOPPED, GracefulStop, write_stopped
 
 
@@ -80,7 +77,7 @@ def run_training(
     evaluated = _train(run, state, metrics, loop_started, stop)
     # Stopped: a signal ended the loop before its last step (one after the loop ends changes nothing).
     stopped = stop.after is not None and state.step < run.steps
-    final = _finish(run, state, evaluated, evaluate_final=not stopped)
+    final = finish_run(run, state, evaluated, evaluate_final=not stopped)
     if metrics is not None:
         metrics.close()
     if stopped and stop.signal is not None:
@@ -90,7 +87,7 @@ def run_training(
     if not run.is_main:
         return None
     wall_s = state.wall_before + time.perf_counter() - loop_started
-    return _summarise(run, state, final, setup_s=setup_s, wall_s=wall_s, restart_s=restart_s)
+    return summarise_run(run, state, final, setup_s=setup_s, wall_s=wall_s, restart_s=restart_s)
 
 
 def _start_or_resume(run: Run, resume: bool) -> RunState:
@@ -153,7 +150,7 @@ def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_starte
             if run.is_main:
                 progress.advance(stats.loss)
             if is_due(state.step, cfg.train.eval_every, steps) and (run.collective or run.is_main):
-                evaluated = _evaluate(run)
+                evaluated = evaluate_run(run)
                 _record_eval(run, state, evaluated)
                 if run.is_main:
                     record.update(step=state.step, time_s=round(state.clock, 6),
@@ -234,103 +231,3 @@ def _log_record(run: Run, state: RunState, stats: StepStats, spun_s: float, loop
     if run.slowdown is not None and run.slowdown.method == "busy":
         record["slowdown_s"] = spun_s  # of compute_s, the emulated slowness
     return record
-
-
-def _evaluate(run: Run) -> dict[str, float]:
-    """The task's test metrics of the whole current model; none on the ranks that do not evaluate."""
-    if not run.collective and not run.is_main:
-        return {}  # rank 0 evaluates alone; nobody waits for it
-    run.strategy.prepare_eval()
-    return evaluate_task(
-        run.strategy.eval_model,
-        run.data.test,
-        run.task,
-        batch_size=run.cfg.data.eval_batch_size,
-        device=run.ctx.device,
-        rank=run.ctx.rank if run.collective else 0,
-        world_size=run.ctx.world_size if run.collective else 1,
-    )
-
-
-@dataclass(frozen=True)
-class _Final:
-    """What the job ended with: the final model's test figures, the strategy's
-    own summary fields, and the counters as means over the workers."""
-
-    metrics: dict[str, float]  # the task's, loss first
-    extra: dict[str, Any]
-    wire_bytes: float
-    dense_bytes: float
-    comm_s: float
-    samples: float
-    longest_clock_s: float
-
-
-def _finish(run: Run, state: RunState, evaluated: dict[str, float], *, evaluate_final: bool = True) -> _Final:
-    """Phase 4, on every rank: close the strategy, evaluate the final model
-    unless the last step just did (or the run was stopped), checkpoint, and
-    total the counters."""
-    extra = run.strategy.close()  # parameter servers: wait for all, pull the final model
-    if evaluate_final and (not evaluated or not run.collective):  # resumed a finished run, or just pulled
-        evaluated = _evaluate(run)
-    checkpoint_run(run, state)
-    # Mean over workers of what each one handed to the process group.
-    totals = run.group.all_reduce([state.wire_bytes, state.dense_bytes, state.comm_s, state.samples])
-    wire, dense, comm_s, samples = per_worker_means(totals, run.ctx.world_size)
-    longest = run.group.all_reduce([state.clock], op="max")[0]
-    return _Final(metrics=evaluated, extra=extra, wire_bytes=wire, dense_bytes=dense, comm_s=comm_s,
-                  samples=samples, longest_clock_s=longest)
-
-
-def _summarise(run: Run, state: RunState, final: _Final, *, setup_s: float, wall_s: float,
-               restart_s: float | None) -> Summary:
-    """Phase 5, rank 0: summary.json and the curves."""
-    cfg, ctx, sparsity = run.cfg, run.ctx, run.sparsity
-    choice = getattr(run.strategy, "codec_choice", None)  # codec: auto
-    main = run.task.main_metric
-    classification = main == "accuracy"  # the *_accuracy fields: classification's, null for other tasks
-    summary = Summary(
-        final_accuracy=final.metrics["accuracy"] if classification else None,
-        best_accuracy=state.best_metric if classification else None,
-        final_loss=final.metrics["loss"],
-        target_accuracy=cfg.train.main_target if classification else None,
-        task=cfg.task.spec(),
-        metric=main,
-        higher_is_better=run.task.higher_is_better,
-        final_metric=final.metrics[main],
-        best_metric=state.best_metric,
-        best_step=state.best_step,
-        target=cfg.train.main_target,
-        final_metrics=final.metrics,
-        stopped_early_at_step=state.stopped_early_at,
-        best_checkpoint=str(run.out / BEST) if cfg.train.keep_best and (run.out / BEST).is_file() else None,
-        time_to_target_s=state.time_to_target,
-        steps_to_target=state.steps_to_target,
-        wall_time_s=wall_s,
-        train_time_s=state.clock,
-        setup_s=setup_s,
-        steps=state.step,
-        workers=ctx.world_size,
-        strategy=cfg.strategy.name,
-        codec=cfg.codec.name,
-        codec_chosen=choice.codec if choice else None,
-        codec_auto=choice.as_dict() if choice else None,
-        model=cfg.model.name,
-        dataset=cfg.data.dataset.name,
-        parameters=count_parameters(run.strategy.eval_model),
-        samples_per_s=samples_per_s(final.samples, ctx.world_size, final.longest_clock_s),
-        wire_bytes_per_worker=final.wire_bytes,
-        dense_bytes_per_worker=final.dense_bytes,
-        comm_s_per_worker=final.comm_s,
-        resumed_from_step=state.resumed_from,
-        **({"sparsity": sparsity.measured_sparsity(), "sparsity_target": cfg.prune.sparsity}
-           if sparsity is not None else {}),
-        **final.extra,
-        restarts=run.attempt,
-        restart_s=restart_s,
-        out=str(run.out),
-    )
-    summary.write(run.out / "summary.json")
-    plot_curves(run.out / "metrics.jsonl", run.out / "curves.png",
-                title=f"{cfg.model.name} / {cfg.strategy.name} / {ctx.world_size} workers", metric=main)
-    return summary
