@@ -18,7 +18,8 @@ pytestmark = pytest.mark.processes
 def readme_block(heading: str, language: str) -> str:
     """The first ``language`` code block under the heading ``heading`` (any level) in README.md."""
     text = (ROOT / "README.md").read_text()
-    section = re.split(rf"\n#+ {re.escape(heading)}\n", text, maxsplit=1)[1].split("\n#", 1)[0]
+    # Up to the next heading of level 2 or more (a "# comment" inside a code block is none).
+    section = re.split(rf"\n#+ {re.escape(heading)}\n", text, maxsplit=1)[1].split("\n##", 1)[0]
     match = re.search(rf"```{language}\n(.*?)```", section, re.S)
     assert match, f"no {language} block under {heading!r}"
     return match.group(1)

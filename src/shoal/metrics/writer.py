@@ -88,6 +88,15 @@ class _EventLog:
         self._writer.close()  # flushes what is queued
 
 
+def preload_tensorboard() -> None:
+    """Import what the event files need (a second or more of CPU). The training loop calls this
+    on rank 0 while it builds, before the workers start together: opening the writer later, after
+    the start barrier, would hold rank 0 back while the others train (under a parameter server,
+    rank 1 then pushed dense gradients before rank 0's masks reached the servers)."""
+    from tensorboard.compat.proto import summary_pb2  # noqa: F401
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+
 def tensorboard_tag(key: str) -> str:
     """A record key's TensorBoard tag: ``section/name``."""
     if key.startswith("test_"):

@@ -22,7 +22,12 @@ def check_fits(cfg: Any) -> None:
     """Raise ValueError when ``cfg.model`` cannot take ``cfg.data``'s training samples."""
     data = build_dataset(cfg.data.dataset)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data)
+    try:
+        model = build_model(cfg.model, data)
+    except (ValueError, TypeError):
+        raise  # a model that cannot be built for this data: a config error too
+    except Exception:  # noqa: BLE001 - a user's builder failing its own way: the workers report it, by rank
+        return
     x, _ = fetch(data.train, [0, 1] if len(data.train) > 1 else [0])
     model.eval()
     try:

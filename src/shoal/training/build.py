@@ -16,6 +16,7 @@ import torch
 from shoal.config import RunConfig
 from shoal.data import DatasetBundle, ShardedBatches, build_dataset
 from shoal.models import build_model
+from shoal.metrics.writer import preload_tensorboard
 from shoal.netem.slowdown import Slowdown
 from shoal.strategies.base import Strategy, WorkerContext
 from shoal.engine.checkpoint import load_weights
@@ -70,6 +71,8 @@ def build_run(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slo
     out = Path(cfg.out)
     if ctx.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        if cfg.train.tensorboard:
+            preload_tensorboard()  # now, not after the workers start together
     data = build_dataset(cfg.data.dataset)
     task = build_task(cfg.task)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
