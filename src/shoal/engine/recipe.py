@@ -59,6 +59,10 @@ class StepRecipe:
         context in which backward does not communicate (DDP's ``no_sync``), for
         every micro-batch but the last. ``weight`` scales the gradient (unequal shares)."""
         parts = max(1, min(self.accumulate, len(targets)))
+        if parts == 1 and self.precision == "fp32":  # the plain step, with nothing added to it
+            loss = loss_of(inputs, targets)
+            (loss * weight if weight != 1.0 else loss).backward()
+            return loss.detach()
         total = torch.zeros((), device=self.device)
         chunks = list(zip(inputs.tensor_split(parts), targets.tensor_split(parts)))
         for i, (x, y) in enumerate(chunks):
