@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, Callable
@@ -71,6 +72,13 @@ class GracefulStop:
     def requested(self) -> bool:
         return self.signal is not None
 
+    def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a signal on its way (relayed, or passed on by the agent)."""
+        deadline = time.monotonic() + seconds
+        while self.signal is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.signal is not None
+
     def stop_after(self, step: int, margin: int) -> int | None:
         """At a step boundary (``step`` steps done): the step to stop after, or None to go on."""
         if self.signal is None:
@@ -84,11 +92,11 @@ class GracefulStop:
         return self.after
 
 
-def write_stopped(out: Path, sig: signal.Signals, step: int) -> None:
+def write_stopped(out: Path, signal_name: str, step: int) -> None:
     """Rank 0, after the stop's checkpoint: what stopped the run, and where."""
     from shoal.metrics.summary import write_json_atomic
 
-    write_json_atomic(out / STOPPED, {"signal": sig.name, "step": step, "checkpoint": str(out / "checkpoint.pt")})
+    write_json_atomic(out / STOPPED, {"signal": signal_name, "step": step, "checkpoint": str(out / "checkpoint.pt")})
 
 
 def read_stopped(out: Path) -> dict[str, Any] | None:

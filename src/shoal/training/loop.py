@@ -75,14 +75,13 @@ def run_training(
     loop_started = time.perf_counter()
     restart_s = restart_time(run.out) if attempt > 0 and run.is_main else None
     evaluated = _train(run, state, metrics, loop_started, stop)
-    # Stopped: a signal ended the loop before its last step (one after the loop ends changes nothing).
-    stopped = stop.after is not None and state.step < run.steps
+    stopped = _stopped_by_a_signal(run, state, stop)
     final = finish_run(run, state, evaluated, evaluate_final=not stopped)
     if metrics is not None:
         metrics.close()
-    if stopped and stop.signal is not None:
+    if stopped:
         if run.is_main:
-            write_stopped(run.out, stop.signal, state.step)
+            write_stopped(run.out, stop.signal.name if stop.signal else "a signal", state.step)
         return None
     if not run.is_main:
         return None
@@ -165,7 +164,8 @@ def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_starte
                 checkpoint_run(run, state)
             if done and not run.collective:
                 strategy.request_stop()
-            if done or strategy.finished() or _signalled(run, state, stop):
+            signalled = _signalled(run, state, stop)  # asked every step, even when another reason ends it
+            if done or strategy.finished() or signalled:
                 break
     return evaluated
 
@@ -180,6 +180,22 @@ def _record_eval(run: Run, state: RunState, evaluated: dict[str, float]) -> None
         save_best(run, state, evaluated)
     if state.patience_spent(train.early_stopping) and state.step < run.steps:
         state.stopped_early_at = state.step
+
+
+def _stopped_by_a_signal(run: Run, state: RunState, stop: GracefulStop) -> bool:
+    """Whether a SIGINT/SIGTERM ended the loop before its last step (one after the loop ended
+    changes nothing). Under the parameter servers another worker's signal may have ended it
+    (the servers told everyone) before this worker's own arrived: a loop that ended early,
+    neither at the target nor by early stopping, was stopped."""
+    if state.step >= run.steps:
+        return False
+    if stop.after is not None:
+        return True
+    at_target = state.time_to_target is not None and run.cfg.train.stop_at_target
+    if run.collective or not run.strategy.finished() or at_target or state.stopped_early_at is not None:
+        return False
+    stop.wait(2.0)  # this worker's own signal is on its way: name it in stopped.json
+    return True
 
 
 def _signalled(run: Run, state: RunState, stop: GracefulStop) -> bool:
