@@ -52,6 +52,24 @@ class FleetConfig(_Strict):
                                          "once from [fl.local_epochs, this]")
 
 
+class PrivacyConfig(_Strict):
+    """Client-level differential privacy (``shoal.privacy.dp_fedavg``): clip each update, noise the mean."""
+
+    mechanism: Literal["dp_fedavg"] = Field("dp_fedavg", description="DP-FedAvg (McMahan et al. 2018)")
+    noise_multiplier: float = Field(..., gt=0, description="Gaussian noise std as a multiple of the clip norm "
+                                    "(on the sum of clipped updates)")
+    clip: float = Field(1.0, gt=0, description="L2 clip norm of one client's update (adaptive: the initial one)")
+    adaptive: bool = Field(False, description="move the clip norm towards target_quantile of the update norms "
+                           "(Andrew et al. 2021)")
+    target_quantile: float = Field(0.5, gt=0, lt=1, description="adaptive: share of updates meant to be within "
+                                   "the clip norm")
+    clip_lr: float = Field(0.2, gt=0, description="adaptive: geometric learning rate of the clip norm")
+    count_noise: Optional[float] = Field(None, gt=0, description="adaptive: noise std on the count of updates "
+                                         "within the clip norm (none: clients_per_round / 20)")
+    where: Literal["server", "client"] = Field("server", description="who clips: the server (trusted) or each "
+                                               "client before its update leaves")
+
+
 class FederationConfig(_Strict):
     clients: int = Field(100, ge=1, le=100_000, description="clients in the federation")
     clients_per_round: int = Field(10, ge=1, description="clients selected each round")
@@ -69,6 +87,8 @@ class FederationConfig(_Strict):
     deadline_s: float = Field(60.0, gt=0, description="the server waits this long for a round's results; "
                               "simulation: a client whose emulated time exceeds it is late")
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    privacy: Optional[PrivacyConfig] = Field(None, description="client-level differential privacy "
+                                             "(none: updates are averaged as they are)")
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
@@ -82,6 +102,10 @@ class FederationConfig(_Strict):
         if self.fleet.local_epochs_max is not None and self.fleet.local_epochs_max < self.local_epochs:
             raise ValueError(f"fleet.local_epochs_max: {self.fleet.local_epochs_max} is below "
                              f"local_epochs={self.local_epochs}")
+        if self.privacy is not None:
+            from shoal.privacy.dp_fedavg import check_privacy
+
+            check_privacy(self.privacy, self.strategy.target, self.clients_per_round)
         return self
 
 

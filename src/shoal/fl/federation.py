@@ -36,6 +36,7 @@ from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models.build import build_model, count_parameters
+from shoal.privacy.dp_fedavg import DpFedAvg
 from shoal.engine.evaluate import evaluate_task
 from shoal.tasks.base import build_task
 
@@ -114,7 +115,11 @@ class Federation:
         self.task = build_task(cfg.task)
         self.flat = FlatWeights(self.model)
         self.weights = self.flat.get()
-        self.strategy = build_fed_strategy(cfg.fl.strategy)
+        strategy = build_fed_strategy(cfg.fl.strategy)
+        # DP wraps whatever strategy was chosen; kept apart too, for its per-round record.
+        self.privacy = None if cfg.fl.privacy is None else DpFedAvg(
+            strategy, cfg.fl.privacy, clients_per_round=cfg.fl.clients_per_round, seed=cfg.seed)
+        self.strategy = self.privacy or strategy
         self.codec = build_codec(cfg.fl.codec)
         self.template = self.codec.encode(torch.zeros(self.flat.numel))  # layout of every client's payload
         self.parts = client_partitions(cfg, self.data)
@@ -202,6 +207,8 @@ class Federation:
             "uplink_bytes": tally.uplink_bytes, "downlink_bytes": tally.downlink_bytes,
             "uplink_bytes_total": self.uplink_bytes, "downlink_bytes_total": self.downlink_bytes,
         }
+        if aggregated and self.privacy is not None:
+            record.update(self.privacy.last_round)
         if tally.results:
             record["loss"] = sum(r.loss * r.num_examples for r in tally.results) / sum(
                 r.num_examples for r in tally.results)

@@ -9,6 +9,8 @@ keep no optimiser state between rounds). FedProx's proximal term
 mu/2 * ||w - w_global||^2 is applied here, as its gradient mu * (w - w_global)
 added after every backward pass, so a user's model and loss need no change.
 FedSGD's single full-batch step is also taken here (``full_batch_step``).
+Under DP-FedAvg with client-side clipping the round config holds
+``clip_norm``, and what is encoded is clipped to it before it leaves.
 The loss is the run's task's (``loss_fn``, cross-entropy by default).
 
 The uplink carries ``encode(delta + residual)`` for the configured codec; the
@@ -31,6 +33,7 @@ from shoal.comm.codecs.base import Codec, Payload
 from shoal.comm.memory import ErrorFeedback
 from shoal.config import OptimizerConfig
 from shoal.engine.optim import build_optimizer
+from shoal.privacy.clipping import clip
 
 
 class FlatWeights:
@@ -86,6 +89,10 @@ class LocalTrainer:
             losses = self._epochs(params, x, y, epochs, seed, mu, anchor)
         delta = self.flat.get() - weights
         compensated = memory.compensate(0, delta) if memory is not None else delta
+        if config.get("clip_norm") is not None:
+            # Clip what is encoded (delta plus any residual), so the payload itself is bounded;
+            # the clipped-off part is dropped, as in DP-FedAvg: the residual keeps codec error only.
+            compensated, _ = clip(compensated, float(config["clip_norm"]))
         payload = self.codec.encode(compensated)
         decoded = self.codec.decode(payload).reshape(-1).float()
         if memory is not None:

@@ -1,0 +1,151 @@
+"""DP-FedAvg and adaptive clipping: the clip norm's quantile tracking, the noise's scale,
+the bound on one client's influence, which strategies it wraps, and a short simulation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from shoal.config import ConfigError
+from shoal.fl.config import PrivacyConfig, load_fl_config
+from shoal.fl.simulate import simulate
+from shoal.fl.strategies.base import ClientResult, build_fed_strategy
+from shoal.privacy.clipping import AdaptiveClip, clip, delta_noise_multiplier
+from shoal.privacy.dp_fedavg import DpFedAvg
+from shoal.registry import FED_STRATEGIES, load_builtins
+
+load_builtins()
+
+
+def _dp(strategy="fedavg", m=10, **privacy):
+    options = PrivacyConfig(**{"noise_multiplier": 1.0, **privacy})
+    return DpFedAvg(build_fed_strategy(FED_STRATEGIES.resolve(strategy)), options, clients_per_round=m, seed=0)
+
+
+def _results(deltas):
+    return [ClientResult(str(k), d, 1, 0.0) for k, d in enumerate(deltas)]
+
+
+def test_clip_scales_to_the_norm_and_says_whether_it_had_to():
+    big, small = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])
+    clipped, within = clip(big, 1.0)
+    assert not within and torch.allclose(clipped, torch.tensor([0.6, 0.8]))
+    assert clip(small, 1.0) == (small, True)
+
+
+def _replay_adaptive(target, rounds=50, m=10, seed=0):
+    """The clip norm after each of ``rounds`` rounds of m updates with norms ~ N(1, 0.1), from C = 0.1."""
+    rng = np.random.default_rng(seed)
+    dp = _dp(m=m, clip=0.1, adaptive=True, target_quantile=target, noise_multiplier=0.5)
+    norms_c = []
+    for rnd in range(1, rounds + 1):
+        norms = rng.normal(1.0, 0.1, size=m)
+        directions = torch.nn.functional.normalize(torch.randn(m, 8, generator=torch.Generator().manual_seed(rnd)))
+        deltas = directions * torch.tensor(norms, dtype=torch.float32)[:, None]
+        dp.aggregate(rnd, torch.zeros(8), _results(list(deltas)))
+        norms_c.append(dp.clip_norm)
+    return norms_c
+
+
+def test_adaptive_clip_moves_up_to_the_target_quantile_of_the_norms():
+    population = np.random.default_rng(99).normal(1.0, 0.1, size=100_000)
+    # With eta = 0.2 each round moves C by up to ~10%, one std of these norms, so C keeps
+    # oscillating by design; the settled value is the geometric mean of the last 10 rounds.
+    median = _replay_adaptive(0.5)
+    settled = float(np.exp(np.mean(np.log(median[-10:]))))
+    assert median[-1] > 0.5 and settled > 0.5  # it rose from 0.1 towards norms of ~1 (Flower 1.42 moves it down)
+    assert 0.4 <= (population <= median[-1]).mean() <= 0.6
+    assert 0.4 <= (population <= settled).mean() <= 0.6
+    high = _replay_adaptive(0.9)
+    settled_high = float(np.exp(np.mean(np.log(high[-10:]))))
+    assert settled_high > settled and 0.8 <= (population <= settled_high).mean() <= 1.0
+
+
+def test_adaptive_clip_follows_the_geometric_rule():
+    clip_state = AdaptiveClip(initial_norm=2.0, target_quantile=0.5, learning_rate=0.2, count_noise=0.0,
+                              expected_clients=10)
+    fraction = clip_state.update(8, torch.Generator().manual_seed(0))
+    assert fraction == pytest.approx(0.8) and clip_state.norm == pytest.approx(2.0 * np.exp(-0.2 * 0.3))
+    restored = AdaptiveClip(initial_norm=1.0, count_noise=0.0, expected_clients=10)
+    restored.load_state_dict(clip_state.state_dict())
+    assert restored.norm == pytest.approx(clip_state.norm)
+
+
+def test_noise_budget_split_follows_andrew_et_al_and_refuses_a_small_count_noise():
+    assert delta_noise_multiplier(1.0, 5.0) == pytest.approx((1 - 0.01) ** -0.5)
+    with pytest.raises(ValueError, match="count_noise"):
+        delta_noise_multiplier(1.0, 0.5)
+    with pytest.raises(ValueError, match="count_noise"):
+        _dp(m=10, adaptive=True, noise_multiplier=1.0)  # sigma_b = 10/20 = 0.5, not above z/2
+
+
+def test_noise_std_is_noise_multiplier_times_clip_over_expected_clients():
+    dp = _dp(m=10, clip=2.0, noise_multiplier=1.5)
+    out = dp.aggregate(1, torch.zeros(200_000), _results([torch.zeros(200_000)] * 7))
+    expected = 1.5 * 2.0 / 10
+    assert float(out.std()) == pytest.approx(expected, rel=0.02) and abs(float(out.mean())) < 0.01 * expected
+    assert dp.last_round == {"clip_norm": 2.0, "noise_std": pytest.approx(expected), "clipped_fraction": 0.0}
+    again = _dp(m=10, clip=2.0, noise_multiplier=1.5).aggregate(1, torch.zeros(200_000),
+                                                                 _results([torch.zeros(200_000)] * 7))
+    assert torch.equal(out, again)  # seeded by (seed, round)
+
+
+def test_clipping_bounds_one_clients_influence_to_clip_over_m():
+    honest = [torch.full((4,), 0.1)] * 9
+    base = _dp(m=10, clip=1.0, noise_multiplier=1e-9).aggregate(1, torch.zeros(4), _results(honest))
+    dp = _dp(m=10, clip=1.0, noise_multiplier=1e-9)
+    attacked = dp.aggregate(1, torch.zeros(4), _results(honest + [torch.full((4,), 1e6)]))
+    assert float((attacked - base).norm()) <= 1.0 / 10 + 1e-6
+    assert dp.last_round["clipped_fraction"] == pytest.approx(0.1)
+
+
+def test_client_side_clipping_sends_the_norm_and_the_server_clips_again():
+    dp = _dp(strategy="fedprox:mu=0.1", m=2, clip=1.0, where="client", noise_multiplier=1e-9)
+    assert dp.client_config(1) == {"mu": 0.1, "clip_norm": 1.0}
+    out = dp.aggregate(1, torch.zeros(2), _results([torch.tensor([0.6, 0.8]), torch.tensor([30.0, 40.0])]))
+    assert torch.allclose(out, torch.tensor([0.6, 0.8]), atol=1e-6)
+    assert dp.last_round["clipped_fraction"] == 1.0  # both arrived at the bound: both counted as clipped
+
+
+def test_wrapping_fedadam_applies_its_step_to_the_noised_mean_and_keeps_its_state():
+    dp = _dp(strategy="fedadam:eta=0.1", m=2, clip=10.0, noise_multiplier=1e-9, adaptive=True, count_noise=1.0)
+    out = dp.aggregate(1, torch.zeros(2), _results([torch.tensor([1.0, -1.0])] * 2))
+    # Adam's first step from m = v = 0 on the mean g = (1, -1): eta (1-b1) g / (sqrt(1-b2) |g| + tau)
+    step = 0.1 * 0.1 / (0.1 + 1e-3)
+    assert torch.allclose(out, torch.tensor([step, -step]), atol=1e-6)
+    state = dp.state_dict()
+    assert {"inner.m", "inner.v", "clip_norm"} <= set(state)
+    fresh = _dp(strategy="fedadam:eta=0.1", m=2, clip=10.0, adaptive=True, count_noise=1.0)
+    fresh.load_state_dict(state)
+    assert fresh.clip_norm == dp.clip_norm and torch.equal(fresh.inner.m, dp.inner.m)
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "trimmed_mean:beta=0.2"])
+def test_robust_aggregators_that_are_not_a_mean_are_refused(strategy):
+    with pytest.raises(ValueError, match="does not average"):
+        _dp(strategy=strategy)
+    with pytest.raises(ConfigError, match="does not average"):
+        load_fl_config({"fl": {"strategy": strategy, "clients": 10, "clients_per_round": 4}},
+                       ["fl.privacy.noise_multiplier=1.0"])
+
+
+def _sim(tmp_path, *overrides):
+    base = {
+        "data": {"dataset": "digits", "batch_size": 16}, "model": "mlp:hidden=[32]",
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        "fl": {"clients": 10, "clients_per_round": 10, "rounds": 8, "eval_every": 4}, "out": str(tmp_path),
+    }
+    return simulate(base, overrides=list(overrides), progress=False)
+
+
+def test_simulation_with_privacy_records_clip_and_noise_and_heavy_noise_hurts(tmp_path):
+    plain = _sim(tmp_path / "plain")
+    private = _sim(tmp_path / "dp", "fl.privacy.noise_multiplier=0.5", "fl.privacy.clip=1.0",
+                   "fl.privacy.adaptive=true", "fl.privacy.count_noise=1.0", "fl.privacy.where=client")
+    lines = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and all({"clip_norm", "noise_std", "clipped_fraction"} <= set(r) for r in lines)
+    assert lines[0]["clip_norm"] == 1.0 and lines[-1]["clip_norm"] != 1.0  # adaptive: it moved
+    noisy = _sim(tmp_path / "noisy", "fl.privacy.noise_multiplier=50", "fl.privacy.clip=1.0")
+    assert noisy["final_accuracy"] < plain["final_accuracy"] - 0.3
+    assert private["final_accuracy"] > noisy["final_accuracy"]
