@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, run_cli, small_config
-from shoal.engine.stop import GracefulStop
+from shoal.engine.stop import POLL_EVERY, GracefulStop
 
 
 class FakeStore:
@@ -26,6 +26,12 @@ class FakeStore:
             self.values[key] = desired.encode()
         return self.values[key]
 
+    def check(self, keys):
+        return all(key in self.values for key in keys)
+
+    def get(self, key):
+        return self.values[key]
+
 
 def test_the_first_proposal_wins_and_every_worker_reads_it():
     store = FakeStore()
@@ -34,9 +40,21 @@ def test_the_first_proposal_wins_and_every_worker_reads_it():
     assert store.values == {}
     first._note(signal.SIGINT, None)
     second._note(signal.SIGINT, None)
-    assert first.stop_after(10, margin=2) == 12
-    assert second.stop_after(11, margin=2) == 12  # a step behind or ahead, the same boundary
-    assert first.stop_after(11, margin=2) == 12  # decided once
+    # margin + POLL_EVERY ahead: room for a worker without a signal of its own to look (below)
+    assert first.stop_after(10, margin=2) == 10 + 2 + POLL_EVERY
+    assert second.stop_after(11, margin=2) == 16  # a step behind or ahead, the same boundary
+    assert first.stop_after(11, margin=2) == 16  # decided once
+
+
+def test_a_worker_without_a_signal_finds_the_proposal_before_the_agreed_step():
+    store = FakeStore()
+    signalled, unsignalled = GracefulStop(store), GracefulStop(store)
+    signalled._note(signal.SIGTERM, None)
+    after = signalled.stop_after(9, margin=2)
+    # One step ahead of the proposer (workers in step are at most the margin apart): it looks every
+    # POLL_EVERY steps and has the agreed step before it gets there.
+    found = next(step for step in range(10, after + 1) if unsignalled.stop_after(step, margin=2) is not None)
+    assert found <= after and unsignalled.after == after and unsignalled.signal is None
 
 
 def test_repeated_signals_keep_the_first_and_handlers_come_back():

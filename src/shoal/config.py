@@ -230,17 +230,30 @@ def check_job(cfg: RunConfig, world_size: int) -> None:
     """Checks that need the job's size (workers x nodes) or this machine: a strategy's
     options may define ``check_job(world_size, batch_size)``, and the strategy must honour
     the train recipe (precision, accumulation, clipping). :class:`ConfigError` if one fails."""
-    if (cfg.train.precision, cfg.train.accumulate, cfg.train.clip_grad_norm) != ("fp32", 1, None):
-        try:
-            check_recipe(cfg.train, cfg.strategy.target)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    check_train_recipe(cfg)
     check = getattr(cfg.strategy.options, "check_job", None)
     if check is not None:
         try:
             check(world_size, cfg.data.batch_size)
         except ValueError as err:
             raise ConfigError(f"strategy: {err}") from None
+
+
+def check_train_recipe(cfg: RunConfig) -> None:
+    """:class:`ConfigError` when the run's strategy or codec cannot honour train.precision /
+    accumulate / clip_grad_norm (any number of nodes: it needs no world size)."""
+    if (cfg.train.precision, cfg.train.accumulate, cfg.train.clip_grad_norm) == ("fp32", 1, None):
+        return
+    try:
+        check_recipe(cfg.train, cfg.strategy.target)
+        residual = getattr(cfg.codec.options, "memory", None) == "ef" or cfg.codec.name == "powersgd"
+        if cfg.train.precision == "fp16" and residual:
+            # The scaler's first overflows would put inf into the residual, and every later
+            # gradient with it: the scaler would skip every step from then on.
+            raise ValueError(f"train.precision: fp16 with codec {cfg.codec.spec()!r} keeps scaled gradients in "
+                             "a residual that an overflow poisons for good; use bf16 or a codec without one")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_recipe(train: Any, strategy: Any, *, cuda: bool | None = None) -> None:

@@ -115,7 +115,10 @@ def launch(
         with workers_skip_main():
             results = elastic_launch(config, _entry)(cfg.model_dump(mode="json"), resume, Inherited())
     except ChildFailedError as err:
-        raise JobFailed(_failures(err)) from None
+        failures, stopped = _failures(err), read_stopped(Path(cfg.out))
+        if stopped is not None and all(f.exitcode in EXIT_CODES.values() for f in failures):
+            raise Stopped(stopped["signal"], stopped["step"], cfg.out) from None  # the workers were signalled
+        raise JobFailed(failures) from None
     except SignalException as err:  # the agent waited (up to 30 s) for the workers' stop first
         stopped = read_stopped(Path(cfg.out))
         finished = Path(cfg.out) / "summary.json"

@@ -141,10 +141,12 @@ def _worker_main(config: dict[str, Any], resume: bool, stop: GracefulStop) -> di
     if stop.signal is not None:
         # The agent that passed the signal on is shutting the job down: it joins its workers and
         # reads no result, while a worker that returns one waits for it to be read (for the
-        # agent's whole 30 s shutdown timeout, then SIGKILL). Everything is on disk: exit now.
+        # agent's whole 30 s shutdown timeout, then SIGKILL). Everything is on disk: exit now,
+        # with the signal's code, so that an agent that got no signal itself sees the job end
+        # (shoal.launch reads stopped.json and reports a stop, not a failure).
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(stop.exit_code)
     return result
 
 

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from shoal.cli.common import config_errors, err_console, fail, slowdown_overrides
-from shoal.config import check_job, load_config
+from shoal.config import check_job, check_train_recipe, load_config
 
 
 def train(
@@ -49,6 +49,8 @@ def train(
                           out=str(out) if out else None)
         if nnodes == 1:  # nodes may run different worker counts; the workers check the real world size
             check_job(cfg, cfg.workers)
+        else:
+            check_train_recipe(cfg)
     if resume is not None and not _resume_goes_on(resume, cfg):
         return
     console = Console()
@@ -83,7 +85,11 @@ def train(
             max_restarts=max_restarts,
         )
     except Stopped as err:
-        if err.step is None:
+        if err.step is None and (Path(err.out) / "checkpoint.pt").is_file():
+            err_console.print(f"shoal: {err}, before it could checkpoint; the last checkpoint in {err.out} "
+                              f"is older: shoal train --resume {err.out} goes on from there", highlight=False,
+                              soft_wrap=True)
+        elif err.step is None:
             err_console.print(f"shoal: {err}; nothing to resume", highlight=False)
         else:
             err_console.print(f"shoal: {err}, checkpoint in {err.out}; resume with: "

@@ -32,6 +32,7 @@ from types import FrameType
 from typing import Any, Callable
 
 STOPPED = "stopped.json"
+POLL_EVERY = 4  # steps between an unsignalled worker's looks for a stop proposal (one store round trip)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as a shell reports it
 
@@ -68,6 +69,17 @@ class GracefulStop:
             if self.relay is not None:
                 self.relay(self.signal)
 
+    def relay_to(self, relay: Callable[[signal.Signals], None]) -> None:
+        """Pass the first signal on through ``relay``: from now on, and at once if it came already."""
+        self.relay = relay
+        if self.signal is not None:
+            relay(self.signal)
+
+    @property
+    def exit_code(self) -> int:
+        """What a stopped worker exits with: the shell's 128 + signal."""
+        return EXIT_CODES.get(self.signal, 1) if self.signal is not None else 0
+
     @property
     def requested(self) -> bool:
         return self.signal is not None
@@ -80,15 +92,22 @@ class GracefulStop:
         return self.signal is not None
 
     def stop_after(self, step: int, margin: int) -> int | None:
-        """At a step boundary (``step`` steps done): the step to stop after, or None to go on."""
+        """At a step boundary (``step`` steps done): the step to stop after, or None to go on.
+
+        A worker that got no signal of its own (one node's agent signalled, a single worker
+        killed, or its signal late on a loaded machine) still looks for another's proposal in
+        the store every ``POLL_EVERY`` steps; the proposal leaves room for that look."""
+        if self.after is not None:
+            return self.after
         if self.signal is None:
-            return None
-        if self.after is None:
-            proposal = str(step + margin)
-            if self.store is None:
-                self.after = step
-            else:  # the first proposal in the store wins; everyone reads it
-                self.after = int(self.store.compare_set(self.key, "", proposal))
+            if self.store is None or step % POLL_EVERY or not self.store.check([self.key]):
+                return None
+            self.after = int(self.store.get(self.key))
+        elif self.store is None:
+            self.after = step
+        else:  # the first proposal in the store wins; everyone reads it
+            proposal = str(step + margin + POLL_EVERY)
+            self.after = int(self.store.compare_set(self.key, "", proposal))
         return self.after
 
 

@@ -21,13 +21,14 @@ from shoal.models.build import build_model
 def check_fits(cfg: Any) -> None:
     """Raise ValueError when ``cfg.model`` cannot take ``cfg.data``'s training samples."""
     data = build_dataset(cfg.data.dataset)
-    torch.manual_seed(cfg.seed)
-    try:
-        model = build_model(cfg.model, data)
-    except (ValueError, TypeError):
-        raise  # a model that cannot be built for this data: a config error too
-    except Exception:  # noqa: BLE001 - a user's builder failing its own way: the workers report it, by rank
-        return
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+        torch.manual_seed(cfg.seed)
+        try:
+            model = build_model(cfg.model, data)
+        except (ValueError, TypeError):
+            raise  # a model that cannot be built for this data: a config error too
+        except Exception:  # noqa: BLE001 - a user's builder failing its own way: the workers report it, by rank
+            return
     x, _ = fetch(data.train, [0, 1] if len(data.train) > 1 else [0])
     model.eval()
     try:

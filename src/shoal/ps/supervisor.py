@@ -91,7 +91,7 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type[PsStrategy], *,
 
     parent, worker = start(rejoin, resume)  # it imports and builds while the shard is set up here
     if stop is not None:
-        stop.relay = lambda sig: _signal(worker, sig)
+        stop.relay_to(lambda sig: _signal(worker, sig))  # a signal during start-up is passed on now
     torch.manual_seed(cfg.seed)  # the workers' initial weights: the shards start from them
     model = build_model(cfg.model, build_dataset(cfg.data.dataset))
     if cfg.train.init_from:  # fine-tuning: the shards start from the checkpoint, as the workers' replicas do
@@ -112,6 +112,9 @@ def supervise(cfg: RunConfig, ctx: WorkerContext, strategy: type[PsStrategy], *,
             message, trace = value
             print(f"rank {ctx.rank}: worker process failed:\n{trace}", file=sys.stderr, flush=True)
             raise RuntimeError(message)
+        if stop is not None and stop.requested:  # ended by the signal (e.g. before it set its handlers)
+            raise RuntimeError(f"rank {ctx.rank}'s worker process {_exit_reason(worker.exitcode)} on "
+                               f"{stop.signal.name}; no restart while the job stops")
         # Died without a word: a crash. Start another while the job's budget lasts.
         restarts = store.add(RESTARTS_KEY, 1)
         how = _exit_reason(worker.exitcode)

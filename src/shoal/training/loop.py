@@ -194,7 +194,8 @@ def _stopped_by_a_signal(run: Run, state: RunState, stop: GracefulStop) -> bool:
     at_target = state.time_to_target is not None and run.cfg.train.stop_at_target
     if run.collective or not run.strategy.finished() or at_target or state.stopped_early_at is not None:
         return False
-    stop.wait(2.0)  # this worker's own signal is on its way: name it in stopped.json
+    if run.is_main:  # rank 0 alone knows the target and early stopping: the others need not wait
+        stop.wait(2.0)  # this worker's own signal is on its way: name it in stopped.json
     return True
 
 
