@@ -51,12 +51,12 @@ def test_rdp_is_a_looser_bound_than_pld_but_close(q, sigma, steps):
 def test_mnist_dp_sgd_reference_figure():
     # Abadi et al. 2016's MNIST setup as in TF Privacy's tutorial: batch 256 of
     # 60,000 (q = 0.00427), sigma = 1.1, 60 epochs, delta = 1e-5; RDP reports
-    # about 3.0 there, and PLD is a little tighter.
+    # about 3.0 there (older RDP orders; 2.60 here), PLD gives 2.38.
     q = 256 / 60000
     steps = 60 * 60000 // 256
     tight = epsilon(1.1, q, steps, DELTA)
     assert 1.5 < tight < 3.2
-    assert 2.5 < epsilon(1.1, q, steps, DELTA, accountant="rdp") < 3.5
+    assert tight <= epsilon(1.1, q, steps, DELTA, accountant="rdp") < 3.5
 
 
 def test_epsilon_grows_with_steps_and_is_zero_before_any():
