@@ -19,7 +19,7 @@ load_builtins()
 
 
 def _dp(strategy="fedavg", m=10, **privacy):
-    options = PrivacyConfig(**{"noise_multiplier": 1.0, **privacy})
+    options = PrivacyConfig(**{"noise_multiplier": 1.0, "reproducible_noise": True, **privacy})
     return DpFedAvg(build_fed_strategy(FED_STRATEGIES.resolve(strategy)), options, clients_per_round=m, seed=0)
 
 
@@ -88,7 +88,11 @@ def test_noise_std_is_noise_multiplier_times_clip_over_expected_clients():
     assert dp.last_round == {"clip_norm": 2.0, "noise_std": pytest.approx(expected), "clipped_fraction": 0.0}
     again = _dp(m=10, clip=2.0, noise_multiplier=1.5).aggregate(1, torch.zeros(200_000),
                                                                  _results([torch.zeros(200_000)] * 7))
-    assert torch.equal(out, again)  # seeded by (seed, round)
+    assert torch.equal(out, again)  # reproducible_noise: seeded by (seed, round)
+    # By default the noise comes from the OS's entropy: the same config and seed do not repeat it.
+    secret = [_dp(m=10, clip=2.0, noise_multiplier=1.5, reproducible_noise=False).aggregate(
+        1, torch.zeros(1000), _results([torch.zeros(1000)] * 7)) for _ in range(2)]
+    assert not torch.equal(secret[0], secret[1])
 
 
 def test_clipping_bounds_one_clients_influence_to_clip_over_m():
@@ -136,6 +140,8 @@ def _sim(tmp_path, *overrides):
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
         "fl": {"clients": 10, "clients_per_round": 10, "rounds": 8, "eval_every": 4}, "out": str(tmp_path),
     }
+    if any(o.startswith("fl.privacy.") for o in overrides):
+        overrides = (*overrides, "fl.privacy.reproducible_noise=true")  # the same figures on every run
     return simulate(base, overrides=list(overrides), progress=False)
 
 

@@ -66,6 +66,9 @@ class PrivacyConfig(_Strict):
     clip_lr: float = Field(0.2, gt=0, description="adaptive: geometric learning rate of the clip norm")
     count_noise: Optional[float] = Field(None, gt=0, description="adaptive: noise std on the count of updates "
                                          "within the clip norm (none: clients_per_round / 20)")
+    reproducible_noise: bool = Field(False, description="draw the noise from the run's seed (tests, research); "
+                                     "default: from the operating system's entropy, so nobody who knows the "
+                                     "config can subtract it")
     where: Literal["server", "client"] = Field("server", description="who clips: the server (trusted) or each "
                                                "client before its update leaves")
 

@@ -20,14 +20,18 @@ Models" (ICLR), with the adaptive clip norm of Andrew et al. 2021,
 5. with ``adaptive``, C moves towards ``target_quantile`` of the update norms
    (:class:`~shoal.privacy.clipping.AdaptiveClip`), after the round.
 
-The noise is drawn from a ``torch.Generator`` seeded by (seed, round), so a
-run is reproducible; it is therefore only as secret as the seed (which the
-run's config.yaml records): whoever knows both can subtract it. The
+The noise is drawn from a ``torch.Generator`` seeded from the operating
+system's entropy once per process (``secrets``), then by round: nobody who
+reads the config can subtract it. ``reproducible_noise: true`` seeds it from
+the run's seed instead, for tests and research, and is then only as secret as
+the seed (which the run's config.yaml records). The
 per-round record (``clip_norm``, ``noise_std``, ``clipped_fraction``) is the
 server's view and is not itself noised.
 """
 
 from __future__ import annotations
+
+import secrets
 
 import logging
 from typing import Any
@@ -78,7 +82,8 @@ class DpFedAvg(FedStrategy):
         super().__init__(options)
         self.inner = inner
         self.clients_per_round = clients_per_round
-        self.seed = seed
+        # The noise's secret: the OS's entropy, unless the run asks for reproducible noise.
+        self.seed = seed if options.reproducible_noise else secrets.randbits(63)
         self.adaptive: AdaptiveClip | None = None
         self.delta_multiplier = options.noise_multiplier
         self.fixed_norm = options.clip
