@@ -12,7 +12,7 @@ from shoal.fl.config import PrivacyConfig, load_fl_config
 from shoal.fl.simulate import simulate
 from shoal.fl.strategies.base import ClientResult, build_fed_strategy
 from shoal.privacy.clipping import AdaptiveClip, clip, delta_noise_multiplier
-from shoal.privacy.dp_fedavg import DpFedAvg
+from shoal.fl.privacy.dp_fedavg import DpFedAvg
 from shoal.registry import FED_STRATEGIES, load_builtins
 
 load_builtins()

@@ -53,7 +53,7 @@ class FleetConfig(_Strict):
 
 
 class PrivacyConfig(_Strict):
-    """Client-level differential privacy (``shoal.privacy.dp_fedavg``): clip each update, noise the mean."""
+    """Client-level differential privacy (``shoal.fl.privacy.dp_fedavg``): clip each update, noise the mean."""
 
     mechanism: Literal["dp_fedavg"] = Field("dp_fedavg", description="DP-FedAvg (McMahan et al. 2018)")
     noise_multiplier: float = Field(..., gt=0, description="Gaussian noise std as a multiple of the clip norm "
@@ -106,7 +106,7 @@ class FederationConfig(_Strict):
             raise ValueError(f"fleet.local_epochs_max: {self.fleet.local_epochs_max} is below "
                              f"local_epochs={self.local_epochs}")
         if self.privacy is not None:
-            from shoal.privacy.dp_fedavg import check_privacy
+            from shoal.fl.privacy.dp_fedavg import check_privacy
 
             check_privacy(self.privacy, self.strategy.target, self.clients_per_round)
         return self

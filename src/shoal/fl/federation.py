@@ -36,7 +36,7 @@ from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models.build import build_model, count_parameters
-from shoal.privacy.dp_fedavg import DpFedAvg
+from shoal.fl.privacy.dp_fedavg import DpFedAvg
 from shoal.engine.evaluate import evaluate_task
 from shoal.tasks.base import build_task
 

@@ -31,6 +31,10 @@ class ClientResult:
 class FedStrategy:
     """Base: uniform sampling without replacement, no client options, no server state."""
 
+    # Whether aggregate() applies its server step to a mean of the updates: a privacy wrapper
+    # (DP-FedAvg) then hands it one noised mean. The robust rules (median, trimmed mean) say False.
+    aggregates_mean = True
+
     def __init__(self, options: BaseModel):
         self.options = options
 

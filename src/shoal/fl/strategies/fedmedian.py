@@ -16,6 +16,8 @@ from shoal.registry import FED_STRATEGIES, NoOptions
 class FedMedian(FedStrategy):
     """Coordinate-wise median of the clients' models, robust to a Byzantine minority (Yin et al. 2018)."""
 
+    aggregates_mean = False  # a robust rule: DP-FedAvg cannot wrap it
+
     def aggregate(self, rnd: int, weights: torch.Tensor, results: list[ClientResult]) -> torch.Tensor:
         ordered = torch.stack([r.delta for r in results]).sort(dim=0).values
         k = len(results)

@@ -23,6 +23,8 @@ class TrimmedMeanOptions(BaseModel):
 class TrimmedMean(FedStrategy):
     """Coordinate-wise mean without each coordinate's beta largest and smallest values (Yin et al. 2018)."""
 
+    aggregates_mean = False  # a robust rule: DP-FedAvg cannot wrap it
+
     def aggregate(self, rnd: int, weights: torch.Tensor, results: list[ClientResult]) -> torch.Tensor:
         k = len(results)
         cut = int(self.options.beta * k)

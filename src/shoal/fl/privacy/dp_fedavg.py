@@ -34,29 +34,25 @@ from __future__ import annotations
 import secrets
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from shoal.fl.config import PrivacyConfig
 from shoal.fl.strategies.base import ClientResult, FedStrategy
-from shoal.fl.strategies.fedmedian import FedMedian
-from shoal.fl.strategies.trimmed_mean import TrimmedMean
 from shoal.privacy.clipping import AdaptiveClip, clip, delta_noise_multiplier
+
+if TYPE_CHECKING:  # the config validates with check_privacy: no import back at run time
+    from shoal.fl.config import PrivacyConfig
 
 log = logging.getLogger("shoal.privacy")
 
-# FedStrategy declares no "aggregates a mean" capability yet (STYLE 12 would put
-# one on each class); until it does, the robust rules whose output is not a mean
-# of the updates, so whose sensitivity is not C/m, are named here.
-NOT_A_MEAN = (FedMedian, TrimmedMean)
 AT_BOUND = 1e-4  # relative: a client-clipped update arrives with norm C up to float (and codec) rounding
 
 
 def check_privacy(options: PrivacyConfig, strategy: type, clients_per_round: int) -> None:
     """Raise ``ValueError`` for a strategy DP-FedAvg cannot wrap or a count noise too small for z."""
-    if issubclass(strategy, NOT_A_MEAN):
+    if not getattr(strategy, "aggregates_mean", False):  # its sensitivity would not be C/m
         raise ValueError(f"privacy: {strategy.__name__} does not average the updates, so DP-FedAvg's noise "
                          "(scaled to a mean's sensitivity C/m) would not cover it; use fedavg, fedavgm, fedprox, "
                          "fedsgd, fedadam, fedyogi or fedadagrad")
