@@ -81,11 +81,14 @@ def test_noise_budget_split_follows_andrew_et_al_and_refuses_a_small_count_noise
 
 
 def test_noise_std_is_noise_multiplier_times_clip_over_expected_clients():
+    from shoal.privacy.accountant import epsilon
+
     dp = _dp(m=10, clip=2.0, noise_multiplier=1.5)
     out = dp.aggregate(1, torch.zeros(200_000), _results([torch.zeros(200_000)] * 7))
     expected = 1.5 * 2.0 / 10
     assert float(out.std()) == pytest.approx(expected, rel=0.02) and abs(float(out.mean())) < 0.01 * expected
-    assert dp.last_round == {"clip_norm": 2.0, "noise_std": pytest.approx(expected), "clipped_fraction": 0.0}
+    assert dp.last_round == {"clip_norm": 2.0, "noise_std": pytest.approx(expected), "clipped_fraction": 0.0,
+                             "epsilon": pytest.approx(epsilon(1.5, 1.0, 1, 1e-5))}  # m of m: sampling rate 1
     again = _dp(m=10, clip=2.0, noise_multiplier=1.5).aggregate(1, torch.zeros(200_000),
                                                                  _results([torch.zeros(200_000)] * 7))
     assert torch.equal(out, again)  # reproducible_noise: seeded by (seed, round)
@@ -155,3 +158,41 @@ def test_simulation_with_privacy_records_clip_and_noise_and_heavy_noise_hurts(tm
     noisy = _sim(tmp_path / "noisy", "fl.privacy.noise_multiplier=50", "fl.privacy.clip=1.0")
     assert noisy["final_accuracy"] < plain["final_accuracy"] - 0.3
     assert private["final_accuracy"] > noisy["final_accuracy"]
+
+
+def test_the_budget_is_spent_one_round_at_a_time_refused_past_its_target_and_saved():
+    from shoal.privacy.accountant import BudgetExhausted, epsilon
+
+    dp = DpFedAvg(build_fed_strategy(FED_STRATEGIES.resolve("fedavg")),
+                  PrivacyConfig(noise_multiplier=1.0, target_epsilon=epsilon(1.0, 0.1, 3, 1e-5) * 1.001),
+                  clients_per_round=10, seed=0, clients=100)
+    for rnd in (1, 2, 3):
+        assert dp.round_allowed()
+        dp.aggregate(rnd, torch.zeros(4), _results([torch.zeros(4)] * 10))
+        assert dp.last_round["epsilon"] == pytest.approx(epsilon(1.0, 0.1, rnd, 1e-5))
+    assert not dp.round_allowed()
+    with pytest.raises(BudgetExhausted):
+        dp.aggregate(4, torch.zeros(4), _results([torch.zeros(4)] * 10))
+    again = DpFedAvg(build_fed_strategy(FED_STRATEGIES.resolve("fedavg")), dp.options, clients_per_round=10,
+                     seed=0, clients=100)
+    again.load_state_dict(dp.state_dict())  # a restarted server: neither reset nor spent twice
+    assert again.ledger.steps == 3 and not again.round_allowed()
+
+
+def test_a_planned_run_that_cannot_fit_its_budget_is_a_config_error_naming_the_epsilon():
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon: 400 rounds at noise_multiplier 1 .*would "
+                                          r"spend epsilon [0-9.]+ > 1"):
+        load_fl_config({"fl": {"clients": 100, "clients_per_round": 10, "rounds": 400}},
+                       ["fl.privacy.noise_multiplier=1.0", "fl.privacy.target_epsilon=1"])
+
+
+def test_every_round_logs_its_epsilon_and_the_summary_states_the_guarantee(tmp_path):
+    from shoal.privacy.accountant import epsilon
+
+    summary = _sim(tmp_path / "dp", "fl.privacy.noise_multiplier=1.0", "fl.clients=20", "fl.clients_per_round=5")
+    lines = [json.loads(line) for line in (tmp_path / "dp" / "metrics.jsonl").read_text().splitlines()]
+    spent = [r["epsilon"] for r in lines]
+    assert spent == sorted(spent) and spent[-1] == pytest.approx(epsilon(1.0, 0.25, 8, 1e-5))
+    privacy = summary["privacy"]
+    assert privacy["epsilon"] == pytest.approx(spent[-1]) and privacy["delta"] == 1e-5
+    assert privacy["noise_multiplier"] == 1.0 and privacy["rdp_epsilon"] >= privacy["epsilon"]

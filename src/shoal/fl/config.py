@@ -66,6 +66,9 @@ class PrivacyConfig(_Strict):
     clip_lr: float = Field(0.2, gt=0, description="adaptive: geometric learning rate of the clip norm")
     count_noise: Optional[float] = Field(None, gt=0, description="adaptive: noise std on the count of updates "
                                          "within the clip norm (none: clients_per_round / 20)")
+    target_epsilon: Optional[float] = Field(None, gt=0, description="the privacy budget, a hard limit: no round "
+                                            "starts that would spend more (none: account, do not stop)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the (epsilon, delta) guarantee")
     reproducible_noise: bool = Field(False, description="draw the noise from the run's seed (tests, research); "
                                      "default: from the operating system's entropy, so nobody who knows the "
                                      "config can subtract it")
@@ -109,6 +112,16 @@ class FederationConfig(_Strict):
             from shoal.fl.privacy.dp_fedavg import check_privacy
 
             check_privacy(self.privacy, self.strategy.target, self.clients_per_round)
+            if self.privacy.target_epsilon is not None:  # the planned run must fit its budget
+                from shoal.privacy.accountant import epsilon
+
+                q = self.clients_per_round / self.clients
+                planned = epsilon(self.privacy.noise_multiplier, q, self.rounds, self.privacy.delta)
+                if planned > self.privacy.target_epsilon:
+                    raise ValueError(f"privacy.target_epsilon: {self.rounds} rounds at noise_multiplier "
+                                     f"{self.privacy.noise_multiplier:g} (sampling {q:g}) would spend epsilon "
+                                     f"{planned:.3g} > {self.privacy.target_epsilon:g} at delta "
+                                     f"{self.privacy.delta:g}: raise the noise or cut fl.rounds")
         return self
 
 

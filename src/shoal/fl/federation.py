@@ -118,7 +118,8 @@ class Federation:
         strategy = build_fed_strategy(cfg.fl.strategy)
         # DP wraps whatever strategy was chosen; kept apart too, for its per-round record.
         self.privacy = None if cfg.fl.privacy is None else DpFedAvg(
-            strategy, cfg.fl.privacy, clients_per_round=cfg.fl.clients_per_round, seed=cfg.seed)
+            strategy, cfg.fl.privacy, clients_per_round=cfg.fl.clients_per_round, seed=cfg.seed,
+            clients=cfg.fl.clients)
         self.strategy = self.privacy or strategy
         self.codec = build_codec(cfg.fl.codec)
         self.template = self.codec.encode(torch.zeros(self.flat.numel))  # layout of every client's payload
@@ -127,6 +128,7 @@ class Federation:
         self.round = start_round
         self.uplink_bytes = self.downlink_bytes = 0
         self.history: list[dict[str, Any]] = []
+        self.budget_spent = False  # the privacy budget stopped the run
         self.rounds_to_target: int | None = None
         self.time_to_target_s: float | None = None
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=start_round if start_round else None)
@@ -227,6 +229,13 @@ class Federation:
         return {f"test_{name}": value for name, value in metrics.items()}
 
     def done(self) -> bool:
+        if self.privacy is not None and not self.privacy.round_allowed():
+            if not self.budget_spent:
+                self.budget_spent = True
+                self.console.print(f"round {self.round + 1} would take epsilon past fl.privacy.target_epsilon="
+                                   f"{self.cfg.fl.privacy.target_epsilon:g} (spent "
+                                   f"{self.privacy.ledger.spent():.3g}): stopping", highlight=False)
+            return True
         return self.round >= self.cfg.fl.rounds or (self.cfg.fl.stop_at_target and self.rounds_to_target is not None)
 
     def close(self, **extra: Any) -> dict[str, Any]:
@@ -250,7 +259,11 @@ class Federation:
             "mean_participants": _mean([r["participating"] for r in self.history if "participating" in r]),
             "strategy": fl.strategy.spec(), "partition": fl.partition.spec(), "codec": fl.codec.spec(),
             "model": self.cfg.model.name, "dataset": self.cfg.data.dataset.name, "parameters": count_parameters(self.model),
-            "out": str(self.out), **extra,
+            "out": str(self.out),
+            **({"privacy": {**self.privacy.ledger.report(), "clip": self.privacy.clip_norm,
+                            "adaptive": self.cfg.fl.privacy.adaptive, "where": self.cfg.fl.privacy.where,
+                            "stopped_by_budget": self.budget_spent}} if self.privacy is not None else {}),
+            **extra,
         }
         write_json_atomic(self.out / "summary.json", summary)
         plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from shoal.fl.strategies.base import ClientResult, FedStrategy
+from shoal.privacy.accountant import Ledger
 from shoal.privacy.clipping import AdaptiveClip, clip, delta_noise_multiplier
 
 if TYPE_CHECKING:  # the config validates with check_privacy: no import back at run time
@@ -73,7 +74,8 @@ class DpFedAvg(FedStrategy):
     server step to ``inner``.
     """
 
-    def __init__(self, inner: FedStrategy, options: PrivacyConfig, *, clients_per_round: int, seed: int):
+    def __init__(self, inner: FedStrategy, options: PrivacyConfig, *, clients_per_round: int, seed: int,
+                 clients: int | None = None):
         check_privacy(options, type(inner), clients_per_round)
         super().__init__(options)
         self.inner = inner
@@ -90,6 +92,17 @@ class DpFedAvg(FedStrategy):
                                          expected_clients=clients_per_round)
             self.delta_multiplier = delta_noise_multiplier(options.noise_multiplier, sigma_b)
         self.last_round: dict[str, Any] = {}
+        # The budget: each aggregated round is one Poisson-subsampled Gaussian release at
+        # rate clients_per_round / clients (shoal samples a fixed number without replacement,
+        # the accountant's usual stand-in for it). Saved with the strategy's state, which the
+        # server stores in the round's own transaction.
+        self.ledger = Ledger(noise_multiplier=options.noise_multiplier,
+                             sampling_rate=min(1.0, clients_per_round / (clients or clients_per_round)),
+                             delta=options.delta, target_epsilon=options.target_epsilon)
+
+    def round_allowed(self) -> bool:
+        """Whether one more round fits the budget (always, without a target)."""
+        return not self.ledger.would_exceed(1)
 
     @property
     def clip_norm(self) -> float:
@@ -106,6 +119,7 @@ class DpFedAvg(FedStrategy):
         return config
 
     def aggregate(self, rnd: int, weights: torch.Tensor, results: list[ClientResult]) -> torch.Tensor:
+        spent = self.ledger.spend(1)  # BudgetExhausted before any noise is drawn or weights change
         m, norm = self.clients_per_round, self.clip_norm
         generator = torch.Generator().manual_seed(_round_seed(self.seed, rnd))
         total = torch.zeros_like(results[0].delta)
@@ -128,11 +142,13 @@ class DpFedAvg(FedStrategy):
         new_weights = self.inner.aggregate(rnd, weights, [ClientResult("dp_fedavg", noised, 1, loss)])
         if self.adaptive is not None:
             self.adaptive.update(within, generator)
-        self.last_round = {"clip_norm": norm, "noise_std": std, "clipped_fraction": 1 - within / len(results)}
+        self.last_round = {"clip_norm": norm, "noise_std": std, "clipped_fraction": 1 - within / len(results),
+                           "epsilon": spent}
         return new_weights
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
+        state["privacy_rounds"] = torch.tensor([self.ledger.steps], dtype=torch.int64)  # the budget spent
         if self.adaptive is not None:
             state.update(self.adaptive.state_dict())
         return state
@@ -141,6 +157,8 @@ class DpFedAvg(FedStrategy):
         self.inner.load_state_dict({k[len("inner."):]: v for k, v in state.items() if k.startswith("inner.")})
         if self.adaptive is not None and "clip_norm" in state:
             self.adaptive.load_state_dict(state)
+        if "privacy_rounds" in state:  # a restarted server goes on from the budget already spent
+            self.ledger.load_state_dict({**self.ledger.state_dict(), "steps": int(state["privacy_rounds"][0])})
 
 
 def _round_seed(seed: int, rnd: int) -> int:
