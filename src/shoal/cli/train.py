@@ -123,7 +123,9 @@ def _resume_goes_on(run: Path, cfg) -> bool:
             return None
 
     finished = figure("summary.json", "steps")
-    done = figure("stopped.json", "step") if finished is None else finished
+    # stopped.json is the newer when both are there: a resumed run removes it, a stop writes it.
+    stopped = figure("stopped.json", "step")
+    done = stopped if stopped is not None else finished
     steps = cfg.train.steps
     if finished is not None and steps is not None and finished >= steps:
         Console().print(f"shoal: {run} finished at step {finished} of train.steps={steps}: nothing to train "

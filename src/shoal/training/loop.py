@@ -187,12 +187,14 @@ def _stopped_by_a_signal(run: Run, state: RunState, stop: GracefulStop) -> bool:
     changes nothing). Under the parameter servers another worker's signal may have ended it
     (the servers told everyone) before this worker's own arrived: a loop that ended early,
     neither at the target nor by early stopping, was stopped."""
-    if state.step >= run.steps:
+    at_target = state.time_to_target is not None and run.cfg.train.stop_at_target
+    # Ended at its last step, its target or by early stopping: finished, whatever signal came
+    # with it (in step, every rank decides alike: they all evaluated).
+    if state.step >= run.steps or at_target or state.stopped_early_at is not None:
         return False
     if stop.after is not None:
         return True
-    at_target = state.time_to_target is not None and run.cfg.train.stop_at_target
-    if run.collective or not run.strategy.finished() or at_target or state.stopped_early_at is not None:
+    if run.collective or not run.strategy.finished():
         return False
     if run.is_main:  # rank 0 alone knows the target and early stopping: the others need not wait
         stop.wait(2.0)  # this worker's own signal is on its way: name it in stopped.json
