@@ -44,8 +44,11 @@ def train(
 
     cfg = load_config(config, overrides, workers=workers, out=str(out) if out is not None else None)
     check_job(cfg, cfg.workers)
+    from shoal.engine.privacy import preflight
+
     try:
         check_fits(cfg)  # a model that cannot take the data fails here, not in every worker
+        cfg, _ = preflight(cfg, cfg.workers)  # DP-SGD: a model it cannot train, a budget the run cannot fit
     except ValueError as err:
         raise ConfigError(str(err)) from None
     summary = launch(cfg, resume=resume, max_restarts=max_restarts)

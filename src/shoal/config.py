@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from shoal.registry import CODECS, DATASETS, MODELS, STRATEGIES, TASKS, Component, Registry, load_builtins
+from shoal.registry import CODECS, DATASETS, MODELS, PRIVACY, STRATEGIES, TASKS, Component, Registry, load_builtins
 
 
 class ConfigError(ValueError):
@@ -47,6 +47,7 @@ ModelSpec = _component(MODELS)
 StrategySpec = _component(STRATEGIES)
 CodecSpec = _component(CODECS)
 TaskSpec = _component(TASKS)
+PrivacySpec = _component(PRIVACY)
 
 
 class _Strict(BaseModel):
@@ -200,7 +201,29 @@ class RunConfig(_Strict):
     fault: FaultConfig = Field(default_factory=FaultConfig)
     prune: PruneConfig | None = Field(None, description="sparse training: global magnitude masks "
                                       "(shoal.engine.sparsity)")
+    privacy: PrivacySpec | None = Field(None, description="sample-level differential privacy: "
+                                        "dp_sgd:noise_multiplier=...,clip=... or dp_sgd:target_epsilon=...")
     out: str = "runs/latest"
+
+    @model_validator(mode="after")
+    def _privacy_fits_the_run(self) -> "RunConfig":
+        if self.privacy is None:
+            return self
+        strategy = self.strategy
+        if not getattr(strategy.target, "dp_sgd", False) or getattr(strategy.options, "backup", 0) \
+                or getattr(strategy.options, "balance", "none") != "none":
+            raise ValueError(f"privacy: dp_sgd runs under strategy sync (plain, without backup or balance), not "
+                             f"{strategy.spec()!r}")
+        if self.codec.name != "none":
+            raise ValueError(f"codec: {self.codec.spec()!r} with privacy: dp_sgd all-reduces the noised gradient "
+                             "as it is (allowed: none)")
+        if self.train.precision != "fp32":
+            raise ValueError("train.precision: privacy: dp_sgd computes per-example gradients in fp32 "
+                             "(allowed: fp32)")
+        if self.train.clip_grad_norm is not None:
+            raise ValueError("train.clip_grad_norm: privacy: dp_sgd clips each example's gradient to its own clip= "
+                             "(leave train.clip_grad_norm unset)")
+        return self
 
     @model_validator(mode="after")
     def _codec_fits_strategy(self) -> "RunConfig":

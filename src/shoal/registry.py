@@ -240,10 +240,11 @@ QUANTIZERS: Registry[Any] = Registry("quantizer", "quantizers", "shoal.compress"
 TASKS: Registry[Any] = Registry("task", "tasks", "shoal.tasks", entry_points=True,
                                 entry_point_needs=("main_metric", "a shoal.tasks.Task subclass "
                                                    "(it declares `main_metric`)"))
+PRIVACY: Registry[Any] = Registry("privacy mechanism", "privacy mechanisms", "shoal.privacy")
 # Parameter-server topologies that run another strategy's options (sync:backup=b):
 # named by Strategy.topology, not listed by `shoal list` (a user names the strategy).
 TOPOLOGIES: Registry[Any] = Registry("topology", "topologies", "shoal.ps")
-ALL = (DATASETS, MODELS, TASKS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS)
+ALL = (DATASETS, MODELS, TASKS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS, PRIVACY)
 
 
 _LOADED: set[str] = set()  # homes whose modules are all imported

@@ -62,6 +62,11 @@ def train(
         from shoal.models.fit import check_fits
 
         check_fits(cfg)
+        from shoal.engine.privacy import preflight
+
+        cfg, private = preflight(cfg, cfg.workers * nnodes)
+    if private is not None:
+        console.print(f"shoal: {private.line(cfg.privacy.options.clip)}", highlight=False, soft_wrap=True)
     if cfg.backend == "nccl":
         from shoal.worker import nccl_shortfall
 

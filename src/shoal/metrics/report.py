@@ -59,6 +59,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
         rows.append(("best weights", summary["best_checkpoint"]))
     if summary.get("resumed_from_step") is not None:
         rows.append(("resumed from step", str(summary["resumed_from_step"])))
+    privacy = summary.get("privacy")
+    if privacy:
+        budget = f" of {privacy['target_epsilon']:g}" if privacy.get("target_epsilon") is not None else ""
+        rows.append(("privacy (epsilon, delta)", f"{privacy['epsilon']:.3g}{budget}, {privacy['delta']:g} "
+                     f"({privacy['accountant'].upper()})"))
+        rows.append(("noise multiplier / clip", f"{privacy['noise_multiplier']:.4g} / {privacy['clip']:g}"))
+        if privacy.get("stopped_by_budget"):
+            rows.append(("stopped by budget", f"after step {privacy['steps']}: the next would pass target_epsilon"))
     for name, value in rows:
         table.add_row(name, value)
     return table

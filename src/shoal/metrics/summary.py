@@ -52,6 +52,7 @@ class Summary(BaseModel):
     comm_s_per_worker: float
     resumed_from_step: int | None
     updates: float | None = None  # parameter servers: pushes applied per shard
+    privacy: dict[str, Any] | None = None  # privacy: dp_sgd: the (epsilon, delta) spent, the mechanism, the sampler
     mean_staleness: float | None = None  # parameter servers: over all applied pushes
     dropped_pushes: float | None = None  # sync:backup=b: late gradients dropped, per shard
     worker_restarts: int | None = None  # parameter servers: worker processes restarted while the rest trained on

@@ -178,6 +178,7 @@ class Ledger:
         )
         self.steps = _check_steps("steps", steps, 0)
         self._epsilon_at: dict[int, float] = {}
+        self._fits_up_to = 0  # a step count known to fit the target (epsilon only grows with steps)
 
     def _epsilon(self, steps: int) -> float:
         if steps not in self._epsilon_at:
@@ -191,12 +192,22 @@ class Ledger:
     def would_exceed(self, next_steps: int = 1) -> bool:
         """Whether spending ``next_steps`` more would take epsilon past the target (never, without one)."""
         next_steps = _check_steps("next_steps", next_steps, 1)
-        if self.target_epsilon is None:
+        if self.target_epsilon is None or self.steps + next_steps <= self._fits_up_to:
             return False
-        return self._epsilon(self.steps + next_steps) > self.target_epsilon
+        if self._epsilon(self.steps + next_steps) > self.target_epsilon:
+            return True
+        self._fits_up_to = self.steps + next_steps
+        return False
 
     def spend(self, steps: int = 1) -> float:
         """Record ``steps`` releases and return the new epsilon; raises BudgetExhausted instead of overspending."""
+        self.record(steps)
+        return self.spent()
+
+    def record(self, steps: int = 1) -> None:
+        """Record ``steps`` releases, as :meth:`spend` does, without computing the new epsilon: a
+        count already known to fit (``would_exceed`` of a whole planned run) costs nothing, so a
+        DP-SGD step need not pay a PLD composition. Raises BudgetExhausted instead of overspending."""
         steps = _check_steps("steps", steps, 1)
         if self.would_exceed(steps):
             raise BudgetExhausted(
@@ -207,7 +218,6 @@ class Ledger:
         self.steps += steps
         # Only the current and future counts can be asked for again.
         self._epsilon_at = {n: e for n, e in self._epsilon_at.items() if n >= self.steps}
-        return self.spent()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume, as a JSON-able dict."""
@@ -235,7 +245,7 @@ class Ledger:
                     f"{name}={getattr(self, name)!r}; a privacy budget cannot change settings mid-run"
                 )
         self.steps = restored.steps
-        self._epsilon_at = {}
+        self._epsilon_at, self._fits_up_to = {}, 0
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Ledger:

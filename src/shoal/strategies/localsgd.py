@@ -54,6 +54,8 @@ class LocalSgdOptions(SyncOptions):
 class LocalSgdStrategy(SyncStrategy):
     """Post-local SGD: synchronous for ``warmup`` steps, then average models every ``period`` steps."""
 
+    dp_sgd = False  # its local steps would each need their own noise: not accounted for
+
     def __init__(self, model, optimizer, **kwargs: Any):
         super().__init__(model, optimizer, **kwargs)
         self.steps_done = 0

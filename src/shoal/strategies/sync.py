@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Callable, Literal
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -47,6 +48,7 @@ class SyncStrategy(Strategy):
     """Synchronous data parallel: DDP all-reduce through the codec hook (backup=b: first N-b gradients)."""
 
     recipe_support = frozenset({"precision", "accumulate", "clip_grad_norm"})  # shoal.engine.recipe
+    dp_sgd = True  # privacy: dp_sgd (shoal.privacy.dp_sgd) steps through _private_step
 
     @classmethod
     def topology(cls, options: SyncOptions) -> str | None:
@@ -73,6 +75,7 @@ class SyncStrategy(Strategy):
         self.hook_state = CodecHookState(self.codec, self.meter, self.group)
         self.ddp.register_comm_hook(self.hook_state, codec_hook)
         self.balancer: ThroughputBalancer | None = None
+        self.private: Any = None  # shoal.privacy.dp_sgd.DpSgd, from use_dp_sgd
 
     comm_period = 1  # steps between communications, for codec: auto's cost model
 
@@ -105,7 +108,13 @@ class SyncStrategy(Strategy):
         )
         return lambda: self.balancer.sizes
 
+    def use_dp_sgd(self, mechanism: Any) -> None:
+        """Take every step by DP-SGD (``privacy: dp_sgd``): per-example clipping and noise, then a plain sum."""
+        self.private = mechanism
+
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        if self.private is not None:
+            return self._private_step(inputs, targets)
         started = time.perf_counter()
         self.choose_codec(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -119,6 +128,25 @@ class SyncStrategy(Strategy):
         if self.balancer is not None:
             self.balancer.record(stats.compute_s, stats.samples, self.group)
         return stats
+
+    def _private_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepStats:
+        """DP-SGD: each worker's clipped sum (rank 0's noised) over the expected global batch, all-reduced
+        as one flat sum: no DDP backward (its hooks would average unclipped gradients)."""
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.private.gradients(self.model, self.loss_fn, inputs, targets, chunks=self.recipe.accumulate)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        sent = self.meter.sent([flat], flat.numel())
+        dist.all_reduce(flat, group=self.group)
+        self.meter.done(sent)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        self.optimizer.step()
+        self.private.ledger.record(1)
+        return self.stats(loss, started, len(targets))
 
     def stats(self, loss: torch.Tensor, started: float, samples: int) -> StepStats:
         """Close a step: its wall time split into communication and the rest."""
@@ -139,13 +167,16 @@ class SyncStrategy(Strategy):
         balance = self.balancer.state_dict() if self.balancer is not None else None
         names = {id(p): name for name, p in self.model.named_parameters()}
         return {"codec": self.codec.state_dict(), "memory": {"by_parameter": residuals_by_parameter(self.hook_state, names)}
-                if memory else {}, "auto": choice, "balance": balance}
+                if memory else {}, "auto": choice, "balance": balance,
+                "privacy": self.private.state_dict() if self.private is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.auto is not None and state.get("auto"):
             # Keep the first session's choice: its residuals belong to that codec.
             self.codec_choice = AutoChoice(**state["auto"])
             self._use_codec(CODECS.resolve(self.codec_choice.codec))
+        if self.private is not None and state.get("privacy"):
+            self.private.load_state_dict(state["privacy"])  # the budget spent before the checkpoint
         if self.balancer is not None and state.get("balance"):
             self.balancer.load_state_dict(state["balance"])
         self.codec.load_state_dict(state.get("codec", {}))

@@ -23,6 +23,7 @@ from shoal.engine.checkpoint import load_weights
 from shoal.engine.group import Group
 from shoal.engine.recipe import StepRecipe
 from shoal.engine.optim import build_optimizer, build_scheduler
+from shoal.engine.privacy import build_private
 from shoal.engine.sparsity import SparsityController
 from shoal.tasks.base import Task, build_task
 
@@ -51,10 +52,11 @@ class Run:
     task: Task
     optimizer: torch.optim.Optimizer
     strategy: Strategy
-    batches: ShardedBatches
+    batches: Any  # ShardedBatches; PoissonBatches under privacy: dp_sgd
     steps: int
     scheduler: Any
     sparsity: SparsityController | None
+    privacy: Any = None  # shoal.privacy.dp_sgd.DpSgd under privacy: dp_sgd
 
     @property
     def is_main(self) -> bool:
@@ -92,12 +94,17 @@ def build_run(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slo
         loss_fn=task.loss,
         recipe=StepRecipe.from_config(cfg.train, ctx.device),
     )
-    shard, shards = strategy.data_shard()
-    batches = ShardedBatches(data.train, rank=shard, world_size=shards, batch_size=cfg.data.batch_size, seed=cfg.seed)
-    batches.split = strategy.split_batch(cfg.data.batch_size)
+    privacy = None
+    if cfg.privacy is not None:  # per-example clipping and noise over Poisson-sampled batches
+        privacy, batches = build_private(cfg, ctx, group, model, data.train, task.loss, strategy)
+    else:
+        shard, shards = strategy.data_shard()
+        batches = ShardedBatches(data.train, rank=shard, world_size=shards, batch_size=cfg.data.batch_size,
+                                 seed=cfg.seed)
+        batches.split = strategy.split_batch(cfg.data.batch_size)
     steps = total_steps(cfg, batches.steps_per_epoch)
     scheduler = build_scheduler(cfg.schedule, optimizer, steps)
     sparsity = SparsityController(cfg.prune, model, steps, strategy=strategy) if cfg.prune is not None else None
     return Run(cfg=cfg, ctx=ctx, group=group, out=out, slowdown=slowdown, attempt=attempt, rejoin=rejoin,
                data=data, task=task, optimizer=optimizer, strategy=strategy, batches=batches, steps=steps,
-               scheduler=scheduler, sparsity=sparsity)
+               scheduler=scheduler, sparsity=sparsity, privacy=privacy)

@@ -106,6 +106,7 @@ def summarise_run(run: Run, state: RunState, final: Final, *, setup_s: float, wa
         **({"sparsity": sparsity.measured_sparsity(), "sparsity_target": cfg.prune.sparsity}
            if sparsity is not None else {}),
         **final.extra,
+        **({"privacy": run.privacy.report()} if run.privacy is not None else {}),
         restarts=run.attempt,
         restart_s=restart_s,
         out=str(run.out),

@@ -115,6 +115,8 @@ def _start_or_resume(run: Run, resume: bool) -> RunState:
         group.barrier()  # start together (parameter servers: no worker runs alone while others still load)
     if run.sparsity is not None and state.sparsity:
         run.sparsity.restore(state.sparsity)  # resumed: the masks the checkpoint's weights were trained under
+    if run.privacy is not None:  # one PLD composition for the rest of the run, not one a step
+        run.privacy.ledger.would_exceed(max(1, run.steps - run.privacy.ledger.steps))
     strategy.progress(state.state_dict())  # past the start-up collectives: from here a restart rejoins
     return state
 
@@ -142,6 +144,8 @@ def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_starte
     progress = TrainProgress(run.is_main, steps, state.step, metric=run.task.main_metric)
     with progress if run.is_main else nullcontext():
         while state.step < steps and state.stopped_early_at is None:  # a resumed run that stopped early stays so
+            if _budget_spent(run, progress):
+                break
             stats, spun_s = _step(run, state, batch_iter, loop_started=loop_started, kill_at=kill_at)
             record: dict[str, Any] = {}
             if run.is_main and is_due(state.step, cfg.train.log_every, steps):
@@ -154,6 +158,8 @@ def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_starte
                 if run.is_main:
                     record.update(step=state.step, time_s=round(state.clock, 6),
                                   **{f"test_{name}": value for name, value in evaluated.items()})
+                    if run.privacy is not None:
+                        record["epsilon"] = run.privacy.ledger.spent()
                     progress.evaluated(state.step, evaluated, state.clock)
             if metrics is not None and record:
                 metrics.write(record)
@@ -168,6 +174,20 @@ def _train(run: Run, state: RunState, metrics: MetricsWriter | None, loop_starte
             if done or strategy.finished() or signalled:
                 break
     return evaluated
+
+
+def _budget_spent(run: Run, progress: TrainProgress) -> bool:
+    """privacy: the next step would take epsilon past target_epsilon (every rank's ledger is the
+    same: they all stop here). The launcher refuses a run planned past its budget, so this is the
+    last line: a run resumed or rejoined past what was planned."""
+    ledger = run.privacy.ledger if run.privacy is not None else None
+    if ledger is None or not ledger.would_exceed(1):
+        return False
+    run.privacy.stopped_by_budget = True
+    if run.is_main:
+        progress.note(f"privacy budget spent: step {ledger.steps + 1} would take epsilon past "
+                      f"target_epsilon={ledger.target_epsilon:g} (spent {ledger.spent():.3g}); stopping")
+    return True
 
 
 def _record_eval(run: Run, state: RunState, evaluated: dict[str, float]) -> None:

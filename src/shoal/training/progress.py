@@ -48,3 +48,8 @@ class TrainProgress:
         if self.enabled:
             self.console.print(f"step {step:>6}  test loss {metrics['loss']:.4f}  test {self.metric} {value}  "
                                f"{clock:7.1f}s")
+
+    def note(self, line: str) -> None:
+        """One printed line (why the run stops)."""
+        if self.enabled:
+            self.console.print(line, highlight=False)
