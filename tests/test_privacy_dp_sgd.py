@@ -153,6 +153,7 @@ def test_a_config_dp_sgd_cannot_honour_exits_2_naming_the_field(setting, message
         load_config(None, [*overrides, setting])
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("setting, message", [
     ("model=resnet", r"privacy: dp_sgd cannot train model resnet.*BatchNorm.*GroupNorm"),
     ("privacy=dp_sgd:noise_multiplier=0.5,target_epsilon=0.5",
@@ -167,6 +168,7 @@ def test_shoal_train_refuses_before_any_worker_starts(tmp_path, setting, message
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()
 
 
+@pytest.mark.processes
 def test_two_workers_add_one_global_steps_noise_and_report_the_spend(tmp_path):
     # One step of plain SGD at lr 1 moves each weight by minus its gradient: with a noise
     # multiplier of 20 the noise dwarfs the clipped signal, so the step's spread is the noise's.
@@ -199,6 +201,7 @@ def test_two_workers_add_one_global_steps_noise_and_report_the_spend(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.processes
 def test_a_killed_worker_restarts_from_the_checkpoint_and_the_ledger_neither_resets_nor_double_counts(tmp_path):
     config = _config(tmp_path, "killed", train={"steps": 40, "eval_every": 20, "checkpoint_every": 20})
     result = run_cli("train", str(config), "--set", "privacy=dp_sgd:target_epsilon=4,clip=1",

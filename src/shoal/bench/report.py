@@ -83,6 +83,12 @@ FIELDS: dict[str, Field] = {
     "slowdown": Field("slow workers (rank:factor)"),
     "partition": Field("data partition"),
     "note": Field("note", wrap="prose"),
+    "kind": Field("run by"),
+    "target_epsilon": Field("target epsilon", significant),
+    "epsilon": Field("epsilon spent (PLD)", significant, "epsilon: at delta 1e-5 unless the bench says otherwise, "
+                     "by shoal's PLD accountant for the row's noise, sampling rate and steps"),
+    "noise_multiplier": Field("noise multiplier", significant),
+    "train_time_s": Field("training time (s)", significant),
     # time and throughput
     "time_to_target_s": Field("time to target (s)", significant),
     "steps_to_target": Field("steps to target", integer),
@@ -97,6 +103,7 @@ FIELDS: dict[str, Field] = {
     "accuracy": Field("test accuracy (%)", percent),
     "accuracy_delta": Field("accuracy vs fp32 (points)", points, POINTS),
     "accuracy_vs_sync": Field("accuracy vs sync (points)", points, POINTS),
+    "accuracy_vs_opacus": Field("accuracy vs Opacus (points)", points, POINTS),
     "accuracy_vs_fedavg": Field("accuracy vs FedAvg (points)", points, POINTS),
     "accuracy_vs_centralised": Field("accuracy vs centralised (points)", points, POINTS),
     # bytes, sizes, latencies
@@ -111,6 +118,8 @@ FIELDS: dict[str, Field] = {
     "ceiling_vs_ddp_fp32": Field("no-network ceiling vs DDP fp32", ratio,
                                  "no-network ceiling: the speed-up over DDP fp32 if communication cost nothing"),
     "speedup_vs_sync": Field("speed-up vs sync", ratio, SPEEDUP),
+    "throughput_vs_none": Field("throughput vs non-private", ratio,
+                                "throughput vs non-private: its samples per second over the none row's"),
     "throughput_vs_sync": Field("throughput vs sync", ratio, "throughput vs sync: its samples per second over sync's"),
     "rounds_vs_fedavg": Field("rounds vs FedAvg", ratio, "rounds vs FedAvg: its rounds to target over FedAvg's, "
                               "lower is better (> where it never got there: at least that)"),

@@ -195,6 +195,33 @@ def bench_fl(
     run.finish(results, title="shoal bench fl", images=images, columns=fl.COLUMNS)
 
 
+@bench_app.command("privacy")
+def bench_privacy(
+    out: Path = typer.Option(Path("runs/bench-privacy"), "--out", "-o", help="writes bench.json, report.html, PNGs"),
+    config: Path = typer.Option(Path("examples/bench_privacy.yaml"), help="the training workload and its bench: section"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a workload key, or bench.KEY (repeatable)"),
+    rows: Optional[str] = typer.Option(None, help="only these configurations, comma-separated labels (default: all)"),
+    repeat: int = typer.Option(1, min=1, help="runs of each configuration; bench.json holds the medians"),
+    quick: bool = typer.Option(False, help="a reduced run (small MLP on digits, one epsilon, a small federation) for tests"),
+) -> None:
+    """Differential privacy's cost: DP-SGD at each epsilon against non-private training and a plain Opacus loop
+    on the same work, and DP-FedAvg against FedAvg.
+
+    Labels for --rows: none, dp-sgd-epsE and opacus-epsE per bench.epsilons (default 8, 3, 1), fedavg,
+    dp-fedavg-epsE (bench.fl_epsilon). Opacus rows are skipped, saying why, where Opacus is not installed.
+    """
+    from shoal.bench import privacy, report
+
+    with config_errors():
+        cfg, options = privacy.load_bench(config, _overrides(privacy.QUICK_OVERRIDES, quick, set_))
+    known = privacy.all_rows(options)
+    selected = _select_rows(rows, known, known)
+    run = BenchRun(out)
+    results = privacy.run_bench(cfg, selected, options, out=out, repeat=repeat, log=run.log)
+    images = privacy.plot(results, out, privacy.target_quantile(options))
+    run.finish(results, title="shoal bench privacy", images=images, columns=privacy.COLUMNS)
+
+
 @bench_app.command("compress")
 def bench_compress(
     out: Path = typer.Option(Path("runs/bench-compress"), "--out", "-o", help="writes bench.json, report.html, PNGs"),
