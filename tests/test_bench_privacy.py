@@ -34,6 +34,7 @@ def test_the_quick_privacy_bench_compares_dp_sgd_with_non_private_training_opacu
         assert private["accuracy_vs_opacus"] == pytest.approx(private["final_accuracy"] - opacus["final_accuracy"])
 
 
+@pytest.mark.processes
 def test_a_bad_bench_option_exits_2_naming_it(tmp_path):
     result = run_cli("bench", "privacy", "--quick", "--out", str(tmp_path), "--set", "bench.epsilons=[]")
     assert result.returncode == 2

@@ -2,8 +2,9 @@
 
 Rows (labels for ``--rows``):
 
-- ``none``: the workload (``examples/bench_privacy.yaml``) through ``shoal train`` without privacy,
-  the accuracy and throughput every private row is compared with;
+- ``none``: the workload (``examples/bench_privacy.yaml``) through ``shoal train`` without privacy
+  (with ``bench.none_set``: by default a learning rate of 0.1, as unclipped gradients need), the
+  accuracy and throughput every private row is compared with;
 - ``dp-sgd-epsE`` per ``bench.epsilons``: the same run under ``privacy: dp_sgd:target_epsilon=E``
   (the noise calibrated by shoal, Poisson sampling, every worker);
 - ``opacus-epsE``: a plain Opacus loop on the same model, data, optimiser, steps, clip, seed and
@@ -63,6 +64,8 @@ class BenchPrivacyOptions(BaseModel):
     epsilons: list[float] = Field([8.0, 3.0, 1.0], min_length=1, description="DP-SGD target epsilons")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of every row's (epsilon, delta)")
     clip: float = Field(1.0, gt=0, description="per-example clip norm (DP-SGD and Opacus)")
+    none_set: list[str] = Field(["optimizer.lr=0.1"], description="--set overrides of the non-private row only: "
+                                "unclipped gradients need a smaller step than DP-SGD's clipped ones")
     opacus: bool = Field(True, description="the Opacus rows (skipped where Opacus is not installed)")
     fl_config: str | None = Field("examples/fl_mnist1d.yaml", description="the federated workload (none: no FL rows)")
     fl_set: list[str] = Field(["fl.clients=1000", "fl.clients_per_round=100", "fl.rounds=100", "fl.eval_every=10",
@@ -153,9 +156,9 @@ def run_row(row: PrivacyRow, cfg: RunConfig, options: BenchPrivacyOptions, out: 
     out.mkdir(parents=True, exist_ok=True)
     workload.write_text(yaml.safe_dump(cfg.model_dump(mode="json", exclude={"privacy"}), sort_keys=False))
     if row.kind == "train":
+        sets = _privacy_setting(row, options) if row.epsilon is not None else options.none_set
         summary, tail = _run([*shoal, "train", str(workload), "--out", str(out),
-                              *(x for s in _privacy_setting(row, options) for x in ("--set", s))], out,
-                             options.timeout_s)
+                              *(x for s in sets for x in ("--set", s))], out, options.timeout_s)
         if summary is None:
             return None, tail
         privacy = summary.get("privacy") or {}
