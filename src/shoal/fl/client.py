@@ -32,6 +32,7 @@ from shoal.fl.certs import TlsFiles
 from shoal.fl.config import FlRunConfig
 from shoal.fl.federation import Fleet, client_partitions
 from shoal.fl.local import LocalTrainer, client_seed
+from shoal.fl.privacy.local_dp import LocalDpSgd
 from shoal.fl.transport import Connection
 from shoal.models.build import build_model
 from shoal.tasks.base import build_task
@@ -54,7 +55,8 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
     x, y = fetch(data.train, client_partitions(cfg, data)[partition].tolist())
     torch.manual_seed(cfg.seed)
     trainer = LocalTrainer(build_model(cfg.model, data), cfg.optimizer, cfg.data.batch_size,
-                           build_codec(cfg.fl.codec), loss_fn=build_task(cfg.task).loss)
+                           build_codec(cfg.fl.codec), loss_fn=build_task(cfg.task).loss,
+                           privacy=LocalDpSgd.of(cfg))
     memory = ErrorFeedback() if cfg.fl.codec.options.memory == "ef" else None
     fleet = Fleet(cfg)
     tls = None if certs is None else TlsFiles.client(Path(certs), name)
@@ -85,9 +87,14 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
                 tally["skipped"] += 1
                 log.info("round %d: dropping out (fleet.dropout)", rnd)
                 continue
+            if trainer.privacy is not None and not trainer.privacy.allows(partition, len(y), fleet.epochs[partition]):
+                tally["skipped"] += 1
+                console.print(f"round {rnd}: sitting out: another round would take this client's epsilon past "
+                              f"fl.local_privacy's target_epsilon", highlight=False)
+                continue
             started = time.perf_counter()
             result = trainer.fit(tensors["weights"], x, y, epochs=fleet.epochs[partition], config=meta["config"],
-                                 seed=client_seed(cfg.seed, rnd, partition), memory=memory)
+                                 seed=client_seed(cfg.seed, rnd, partition), memory=memory, client=partition)
             slow = fleet.slowness(partition)
             if slow > 1:
                 time.sleep((time.perf_counter() - started) * (slow - 1))
@@ -96,6 +103,10 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
                 {**me, "round": rnd, "num_examples": result.num_examples, "loss": result.loss}, update)))
             tally["rounds"] += 1
             tally["accepted" if reply["accepted"] else "rejected"] += 1
-            console.print(f"round {rnd}: loss {result.loss:.4f}, sent {result.payload.wire_bytes:,} bytes"
+            spent = "" if trainer.privacy is None else (
+                f", epsilon {trainer.privacy.ledger(partition, len(y)).spent():.3g} (local DP-SGD)")
+            console.print(f"round {rnd}: loss {result.loss:.4f}{spent}, sent {result.payload.wire_bytes:,} bytes"
                           + ("" if reply["accepted"] else f" — not accepted: {reply['reason']}"), highlight=False)
+    if trainer.privacy is not None:
+        tally["local_privacy"] = trainer.privacy.report()
     return tally

@@ -22,6 +22,7 @@ from shoal.config import (
     DataConfig,
     ModelSpec,
     OptimizerConfig,
+    PrivacySpec,
     TaskSpec,
     _component,
     _Strict,
@@ -95,6 +96,8 @@ class FederationConfig(_Strict):
     fleet: FleetConfig = Field(default_factory=FleetConfig)
     privacy: Optional[PrivacyConfig] = Field(None, description="client-level differential privacy "
                                              "(none: updates are averaged as they are)")
+    local_privacy: Optional[PrivacySpec] = Field(None, description="sample-level DP-SGD in each client's local "
+                                                 "training: dp_sgd:noise_multiplier=...,clip=...[,target_epsilon=...]")
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
@@ -108,6 +111,13 @@ class FederationConfig(_Strict):
         if self.fleet.local_epochs_max is not None and self.fleet.local_epochs_max < self.local_epochs:
             raise ValueError(f"fleet.local_epochs_max: {self.fleet.local_epochs_max} is below "
                              f"local_epochs={self.local_epochs}")
+        if self.local_privacy is not None:
+            if self.local_privacy.options.noise_multiplier is None:
+                raise ValueError("local_privacy: give noise_multiplier= (a client's rounds are not known in "
+                                 "advance, so local DP-SGD's noise is not calibrated; target_epsilon= is its limit)")
+            if self.strategy.name == "fedsgd":
+                raise ValueError("local_privacy: fedsgd takes one full-batch step, not DP-SGD's sampled ones "
+                                 "(use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)")
         if self.privacy is not None:
             from shoal.fl.privacy.dp_fedavg import check_privacy
 

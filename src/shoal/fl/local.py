@@ -10,7 +10,9 @@ mu/2 * ||w - w_global||^2 is applied here, as its gradient mu * (w - w_global)
 added after every backward pass, so a user's model and loss need no change.
 FedSGD's single full-batch step is also taken here (``full_batch_step``).
 Under DP-FedAvg with client-side clipping the round config holds
-``clip_norm``, and what is encoded is clipped to it before it leaves.
+``clip_norm``, and what is encoded is clipped to it before it leaves. Under
+``fl.local_privacy`` the local steps are DP-SGD steps
+(:mod:`shoal.fl.privacy.local_dp`).
 The loss is the run's task's (``loss_fn``, cross-entropy by default).
 
 The uplink carries ``encode(delta + residual)`` for the configured codec; the
@@ -67,8 +69,10 @@ class LocalTrainer:
     """Local training for any client: one model object, reloaded every round."""
 
     def __init__(self, model: nn.Module, optimizer: OptimizerConfig, batch_size: int, codec: Codec, *,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+                 privacy: Any = None):
         self.model = model
+        self.privacy = privacy  # shoal.fl.privacy.local_dp.LocalDpSgd under fl.local_privacy
         self.loss_fn = loss_fn
         self.flat = FlatWeights(model)
         self.optimizer_cfg = optimizer
@@ -76,7 +80,9 @@ class LocalTrainer:
         self.codec = codec
 
     def fit(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
-            config: dict[str, Any], seed: int, memory: ErrorFeedback | None = None) -> LocalResult:
+            config: dict[str, Any], seed: int, memory: ErrorFeedback | None = None, client: int = 0) -> LocalResult:
+        """Train from ``weights`` and encode the change; ``client`` names whose privacy ledger a
+        local DP-SGD round counts in."""
         started = time.perf_counter()
         self.flat.set(weights)
         self.model.train()
@@ -85,6 +91,9 @@ class LocalTrainer:
         anchor = [p.detach().clone() for p in params] if mu > 0 else None
         if config.get("full_batch_step"):
             losses = [self._full_batch_step(params, x, y)]
+        elif self.privacy is not None:
+            losses = self.privacy.train(client, self.model, self.loss_fn, build_optimizer(self.optimizer_cfg, params),
+                                        x, y, epochs, seed, after_gradients=_proximal(params, mu, anchor))
         else:
             losses = self._epochs(params, x, y, epochs, seed, mu, anchor)
         delta = self.flat.get() - weights
@@ -104,6 +113,7 @@ class LocalTrainer:
                 mu: float, anchor: list[torch.Tensor] | None) -> list[float]:
         optimizer = build_optimizer(self.optimizer_cfg, params)
         generator = torch.Generator().manual_seed(seed)
+        proximal = _proximal(params, mu, anchor)
         losses = []
         for _ in range(epochs):
             order = torch.randperm(len(y), generator=generator)
@@ -112,11 +122,8 @@ class LocalTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss = self.loss_fn(self.model(x[batch]), y[batch])
                 loss.backward()
-                if anchor is not None:
-                    with torch.no_grad():
-                        for p, p0 in zip(params, anchor):
-                            if p.grad is not None:
-                                p.grad.add_(p - p0, alpha=mu)
+                if proximal is not None:
+                    proximal()
                 optimizer.step()
                 losses.append(loss.item())
         return losses
@@ -131,6 +138,19 @@ class LocalTrainer:
                 if p.grad is not None:
                     p.sub_(p.grad, alpha=self.optimizer_cfg.lr)
         return loss.item()
+
+
+def _proximal(params: list[nn.Parameter], mu: float, anchor: list[torch.Tensor] | None) -> Callable[[], None] | None:
+    """FedProx's gradient term mu * (w - w_global), added to the gradients (None without it)."""
+    if anchor is None:
+        return None
+
+    @torch.no_grad()
+    def add() -> None:
+        for p, p0 in zip(params, anchor):
+            if p.grad is not None:
+                p.grad.add_(p - p0, alpha=mu)
+    return add
 
 
 def client_seed(seed: int, rnd: int, client: int) -> int:

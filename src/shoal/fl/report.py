@@ -32,6 +32,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         ("peak memory", format_bytes(summary["peak_memory_bytes"])),
     ]
+    privacy, local = summary.get("privacy"), summary.get("local_privacy")
+    if privacy:
+        budget = "" if privacy.get("target_epsilon") is None else f" of {privacy['target_epsilon']:g}"
+        rows.append(("client-level DP (epsilon, delta)", f"{privacy['epsilon']:.3g}{budget}, {privacy['delta']:g}"))
+    if local:
+        budget = "" if local.get("target_epsilon") is None else f" of {local['target_epsilon']:g}"
+        rows.append(("local DP-SGD (worst client's epsilon)", f"{local['max_epsilon']:.3g}{budget}, "
+                     f"{local['delta']:g}"))
     for name, value in rows:
         table.add_row(name, value)
     return table

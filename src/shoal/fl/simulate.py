@@ -26,6 +26,7 @@ from shoal.comm.memory import ErrorFeedback
 from shoal.fl.config import FlRunConfig, load_fl_config
 from shoal.fl.federation import Federation, RoundTally, UpdateRejected, client_data
 from shoal.fl.local import LocalTrainer, client_seed
+from shoal.fl.privacy.local_dp import LocalDpSgd
 from shoal.fl.strategies.base import ClientResult
 
 
@@ -44,7 +45,8 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
     torch.set_num_threads(1)  # small client batches: threads cost more than they give
     console = Console()
     fed = Federation(cfg, out or cfg.out, console=console)
-    trainer = LocalTrainer(fed.model, cfg.optimizer, cfg.data.batch_size, fed.codec, loss_fn=fed.task.loss)
+    trainer = LocalTrainer(fed.model, cfg.optimizer, cfg.data.batch_size, fed.codec, loss_fn=fed.task.loss,
+                           privacy=LocalDpSgd.of(cfg))
     data = [client_data(fed, c) for c in range(cfg.fl.clients)]
     memories: dict[int, ErrorFeedback] = {}
     use_memory = cfg.fl.codec.options.memory == "ef"
@@ -60,14 +62,16 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
             tally.downlink_bytes = down * len(tally.selected)
             config = fed.strategy.client_config(rnd)
             for client in tally.selected:
-                if fed.fleet.drops(rnd, client):
-                    tally.dropped.append(client)
-                    continue
                 x, y = data[client]
+                if fed.fleet.drops(rnd, client) or (
+                        trainer.privacy is not None
+                        and not trainer.privacy.allows(client, len(y), fed.fleet.epochs[client])):
+                    tally.dropped.append(client)  # gone, or its local privacy budget is spent
+                    continue
                 memory = memories.setdefault(client, ErrorFeedback()) if use_memory else None
                 try:
                     result = trainer.fit(fed.weights, x, y, epochs=fed.fleet.epochs[client], config=config,
-                                         seed=client_seed(cfg.seed, rnd, client), memory=memory)
+                                         seed=client_seed(cfg.seed, rnd, client), memory=memory, client=client)
                 except Exception as err:
                     raise ClientFailed(f"client {client} failed in round {rnd}: {type(err).__name__}: {err}") from err
                 tally.uplink_bytes += result.payload.wire_bytes
@@ -86,4 +90,6 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
                 if progress and (rnd % max(1, cfg.fl.rounds // 10) == 0 or fed.done()):
                     fed.log_round(record)
             bar.update(task, completed=rnd)
-    return fed.close(simulated=True)
+    extra = {"local_privacy": trainer.privacy.report()} if trainer.privacy is not None else {}
+    return fed.close(simulated=True, **extra)
+

@@ -94,6 +94,14 @@ def epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: fl
     """Epsilon at ``delta`` after ``steps`` releases (0.0 for none); ``accountant`` is "pld" or "rdp"."""
     noise_multiplier, sampling_rate, delta = _check_mechanism(noise_multiplier, sampling_rate, delta)
     steps = _check_steps("steps", steps, 0)
+    _make_accountant(accountant)  # the name checked before the cache sees it
+    return _epsilon(noise_multiplier, sampling_rate, steps, delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float, accountant: str) -> float:
+    # A pure function of checked arguments, and a PLD composition costs a good part of a second:
+    # many ledgers of one mechanism (the clients of a federation) share each figure.
     engine = _make_accountant(accountant)
     if steps == 0:
         return 0.0

@@ -83,25 +83,12 @@ class DpSgd:
         """Set every parameter's ``.grad`` to this worker's share of the noised mean: its clipped sum
         (rank 0: plus the noise) over the expected global batch; returns the batch's mean loss.
         ``chunks``: the batch's per-example gradients in this many parts (memory)."""
-        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        total = {name: torch.zeros_like(p) for name, p in params.items()}
-        losses, clipped = [], 0
-        for x, y in zip(inputs.tensor_split(max(1, chunks)), targets.tensor_split(max(1, chunks))):
-            if len(y) == 0:
-                continue
-            grads, loss = per_example_gradients(model, loss_fn, x, y)
-            sums, norms = clip_and_sum(grads, self.clip)
-            for name in total:
-                total[name] += sums[name]
-            losses.append(loss)
-            clipped += int((norms > self.clip).sum())
-        if self.rank == 0:
-            for name, t in total.items():
-                t += torch.randn(t.shape, generator=self.generator).to(t.device, t.dtype) * self.noise_std
-        for name, p in params.items():
-            p.grad = total[name] / self.plan.expected_batch
+        loss, clipped = private_gradients(model, loss_fn, inputs, targets, clip=self.clip,
+                                          noise_std=self.noise_std if self.rank == 0 else 0.0,
+                                          expected_batch=self.plan.expected_batch, generator=self.generator,
+                                          chunks=chunks)
         self.clipped_fraction = clipped / max(1, len(targets))
-        return torch.cat(losses).mean() if losses else torch.zeros(())
+        return loss
 
     def state_dict(self) -> dict[str, Any]:
         return {"ledger": self.ledger.state_dict()}
@@ -116,6 +103,32 @@ class DpSgd:
                 "planned_steps": self.plan.steps, "planned_epsilon": self.plan.epsilon, "sampler": "poisson",
                 "expected_batch": self.plan.expected_batch, "noise_added_by": "rank 0, once per global step",
                 "stopped_by_budget": self.stopped_by_budget}
+
+
+def private_gradients(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, *,
+                      clip: float, noise_std: float, expected_batch: float, generator: torch.Generator,
+                      chunks: int = 1) -> tuple[torch.Tensor, int]:
+    """Set every parameter's ``.grad`` to (the sum of the batch's per-example gradients, each clipped
+    to ``clip``, plus Gaussian noise of std ``noise_std``) / ``expected_batch``; return the batch's mean
+    loss and how many examples were clipped. ``chunks``: per-example gradients in this many parts."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    losses, clipped = [], 0
+    for x, y in zip(inputs.tensor_split(max(1, chunks)), targets.tensor_split(max(1, chunks))):
+        if len(y) == 0:
+            continue
+        grads, loss = per_example_gradients(model, loss_fn, x, y)
+        sums, norms = clip_and_sum(grads, clip)
+        for name in total:
+            total[name] += sums[name]
+        losses.append(loss)
+        clipped += int((norms > clip).sum())
+    if noise_std > 0:
+        for t in total.values():
+            t += torch.randn(t.shape, generator=generator).to(t.device, t.dtype) * noise_std
+    for name, p in params.items():
+        p.grad = total[name] / expected_batch
+    return (torch.cat(losses).mean() if losses else torch.zeros(())), clipped
 
 
 def per_example_gradients(model: nn.Module, loss_fn: LossFn, inputs: torch.Tensor,
