@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import ByteSize, Field, ValidationError, model_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 
 from shoal.config import (
     CodecSpec,
@@ -57,8 +57,9 @@ class PrivacyConfig(_Strict):
     """Client-level differential privacy (``shoal.fl.privacy.dp_fedavg``): clip each update, noise the mean."""
 
     mechanism: Literal["dp_fedavg"] = Field("dp_fedavg", description="DP-FedAvg (McMahan et al. 2018)")
-    noise_multiplier: float = Field(..., gt=0, description="Gaussian noise std as a multiple of the clip norm "
-                                    "(on the sum of clipped updates)")
+    noise_multiplier: Optional[float] = Field(None, description="Gaussian noise std as a multiple of the clip "
+                                              "norm (on the sum of clipped updates), in [0.3, 1000]; none: "
+                                              "calibrated to target_epsilon over fl.rounds")
     clip: float = Field(1.0, gt=0, description="L2 clip norm of one client's update (adaptive: the initial one)")
     adaptive: bool = Field(False, description="move the clip norm towards target_quantile of the update norms "
                            "(Andrew et al. 2021)")
@@ -75,6 +76,24 @@ class PrivacyConfig(_Strict):
                                      "config can subtract it")
     where: Literal["server", "client"] = Field("server", description="who clips: the server (trusted) or each "
                                                "client before its update leaves")
+
+    @field_validator("noise_multiplier")
+    @classmethod
+    def _noise_in_range(cls, value: float | None) -> float | None:
+        # Below the accountant's range PLD takes tens of seconds a figure (and epsilon is in the
+        # hundreds for any useful run); above it the noise swamps any update.
+        from shoal.privacy.accountant import MAX_NOISE_MULTIPLIER, MIN_NOISE_MULTIPLIER
+
+        if value is not None and not MIN_NOISE_MULTIPLIER <= value <= MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"must be in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}], got {value:g}")
+        return value
+
+    @model_validator(mode="after")
+    def _noise_or_target(self) -> "PrivacyConfig":
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("noise_multiplier: give fl.privacy.noise_multiplier, or fl.privacy.target_epsilon "
+                             "for shoal to calibrate it")
+        return self
 
 
 class FederationConfig(_Strict):
@@ -120,12 +139,15 @@ class FederationConfig(_Strict):
                                  "(use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)")
         if self.privacy is not None:
             from shoal.fl.privacy.dp_fedavg import check_privacy
+            from shoal.fl.privacy.plan import sampling_rate
 
             check_privacy(self.privacy, self.strategy.target, self.clients_per_round)
-            if self.privacy.target_epsilon is not None:  # the planned run must fit its budget
+            # Without a noise multiplier the run calibrates one that fits its budget when it is
+            # built (shoal.fl.privacy.plan.with_noise_multiplier); one given must fit already.
+            if self.privacy.target_epsilon is not None and self.privacy.noise_multiplier is not None:
                 from shoal.privacy.accountant import epsilon
 
-                q = self.clients_per_round / self.clients
+                q = sampling_rate(self)
                 planned = epsilon(self.privacy.noise_multiplier, q, self.rounds, self.privacy.delta)
                 if planned > self.privacy.target_epsilon:
                     raise ValueError(f"privacy.target_epsilon: {self.rounds} rounds at noise_multiplier "

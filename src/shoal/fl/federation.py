@@ -37,6 +37,7 @@ from shoal.metrics.summary import write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models.build import build_model, count_parameters
 from shoal.fl.privacy.dp_fedavg import DpFedAvg
+from shoal.fl.privacy.plan import sampling_rate, with_noise_multiplier
 from shoal.engine.evaluate import evaluate_task
 from shoal.tasks.base import build_task
 
@@ -103,11 +104,21 @@ def claim_output(out: Path, mode: str) -> None:
 class Federation:
     def __init__(self, cfg: FlRunConfig, out: str | Path, *, start_round: int = 0, console: Console | None = None,
                  mode: str = "simulation"):
-        self.cfg = cfg
+        # Calibrated here, once, before anything is written: config.yaml, the ledger and the
+        # summary carry the noise the run uses, and a budget no noise can fit loses nothing.
+        calibrated = cfg.fl.privacy is not None and cfg.fl.privacy.noise_multiplier is None
+        cfg = with_noise_multiplier(cfg)
+        self.cfg, self.noise_calibrated = cfg, calibrated
         self.out = Path(out)
         claim_output(self.out, mode)
         (self.out / "config.yaml").write_text(cfg.to_yaml())
         self.console = console or Console()
+        if calibrated:
+            privacy = cfg.fl.privacy
+            self.console.print(f"fl.privacy: noise multiplier {privacy.noise_multiplier:.4g}, calibrated to "
+                               f"target_epsilon {privacy.target_epsilon:g} at delta {privacy.delta:g} over "
+                               f"{cfg.fl.rounds} rounds (sampling rate {sampling_rate(cfg.fl):.4g})",
+                               highlight=False)
         self.started = time.perf_counter()
         self.data = build_dataset(cfg.data.dataset)
         torch.manual_seed(cfg.seed)
@@ -229,6 +240,10 @@ class Federation:
         return {f"test_{name}": value for name, value in metrics.items()}
 
     def done(self) -> bool:
+        # The planned end first: a run calibrated to spend its whole budget in fl.rounds ends
+        # there, not stopped by the budget it was planned to spend.
+        if self.round >= self.cfg.fl.rounds:
+            return True
         if self.privacy is not None and not self.privacy.round_allowed():
             if not self.budget_spent:
                 self.budget_spent = True
@@ -236,7 +251,7 @@ class Federation:
                                    f"{self.cfg.fl.privacy.target_epsilon:g} (spent "
                                    f"{self.privacy.ledger.spent():.3g}): stopping", highlight=False)
             return True
-        return self.round >= self.cfg.fl.rounds or (self.cfg.fl.stop_at_target and self.rounds_to_target is not None)
+        return self.cfg.fl.stop_at_target and self.rounds_to_target is not None
 
     def close(self, **extra: Any) -> dict[str, Any]:
         """Write summary.json and curves.png; return the summary."""
@@ -262,6 +277,7 @@ class Federation:
             "out": str(self.out),
             **({"privacy": {**self.privacy.ledger.report(), "clip": self.privacy.clip_norm,
                             "adaptive": self.cfg.fl.privacy.adaptive, "where": self.cfg.fl.privacy.where,
+                            "noise_calibrated": self.noise_calibrated,
                             "stopped_by_budget": self.budget_spent}} if self.privacy is not None else {}),
             **extra,
         }

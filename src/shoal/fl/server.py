@@ -90,6 +90,7 @@ class FlServer:
         self.store = ServerStore(cfg.server.db)
         start = self.store.last_round()
         self.fed = Federation(cfg, out, start_round=start, console=self.console, mode="server")
+        self.cfg = cfg = self.fed.cfg  # fl.privacy's noise calibrated (the same on every restart)
         if start:
             state = self.store.load_state()
             _, tensors = wire.unpack(state["weights"])

@@ -57,7 +57,7 @@ def check_privacy(options: PrivacyConfig, strategy: type, clients_per_round: int
         raise ValueError(f"privacy: {strategy.__name__} does not average the updates, so DP-FedAvg's noise "
                          "(scaled to a mean's sensitivity C/m) would not cover it; use fedavg, fedavgm, fedprox, "
                          "fedsgd, fedadam, fedyogi or fedadagrad")
-    if options.adaptive:
+    if options.adaptive and options.noise_multiplier is not None:  # else checked once it is calibrated
         delta_noise_multiplier(options.noise_multiplier, count_noise(options, clients_per_round))
 
 
@@ -76,6 +76,9 @@ class DpFedAvg(FedStrategy):
 
     def __init__(self, inner: FedStrategy, options: PrivacyConfig, *, clients_per_round: int, seed: int,
                  clients: int | None = None):
+        if options.noise_multiplier is None:
+            raise ValueError("privacy: noise_multiplier is not set; calibrate it to target_epsilon first "
+                             "(shoal.fl.privacy.plan.with_noise_multiplier)")
         check_privacy(options, type(inner), clients_per_round)
         super().__init__(options)
         self.inner = inner
