@@ -136,6 +136,45 @@ def token_revoke(name: str, db: Optional[str] = _DB, config: Optional[Path] = _C
     print(f"revoked {name}")
 
 
+privacy_app = typer.Typer(help="Client-level differential privacy (fl.privacy, DP-FedAvg): plan a run's noise and "
+                          "budget before it starts.", no_args_is_help=True, context_settings=CONTEXT_SETTINGS)
+fl_app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.command("plan")
+def privacy_plan_command(
+    config: Path = typer.Argument(..., help="YAML federated config with fl.privacy"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key: --set "
+                                   "fl.privacy.target_epsilon=3 (repeatable)"),
+    json_: bool = typer.Option(False, "--json", help="print the plan as JSON instead of a table"),
+) -> None:
+    """Print the noise multiplier a federated run will use (fl.privacy.noise_multiplier, or the one calibrated
+    to fl.privacy.target_epsilon over fl.rounds) and the epsilon it spends by round, by PLD and RDP.
+
+    Exits 0 when the run fits fl.privacy.target_epsilon or has no target; 2 when it cannot fit, the config
+    has no fl.privacy, or the config is bad.
+    """
+    import dataclasses
+    import json
+    import logging
+
+    from shoal.fl.privacy.plan import plan_table, privacy_plan
+
+    # dp-accounting's RDP logs each order it drops (small sigma); the RDP column is a cross-check.
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+    cfg = _load(config, set_)
+    with config_errors(ValueError):  # a budget no noise fits, no fl.privacy, a count noise too small
+        plan = privacy_plan(cfg)
+    if json_:
+        print(json.dumps({**dataclasses.asdict(plan), "epsilon": plan.epsilon, "fits": plan.fits}, indent=2))
+    else:
+        Console().print(plan_table(plan))
+    if plan.fits is False:
+        fail(f"fl.privacy.target_epsilon: {plan.rounds} rounds would spend epsilon {plan.epsilon:.4g} > "
+             f"{plan.target_epsilon:g} at delta {plan.delta:g}")
+
+
 @fl_app.command("server")
 def server_command(
     config: Path = typer.Argument(..., help="YAML federated config"),

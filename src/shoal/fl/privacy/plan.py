@@ -121,7 +121,7 @@ def plan_table(plan: PrivacyPlan) -> Table:
     table.add_column("epsilon (PLD)", justify="right")
     table.add_column("epsilon (RDP)", justify="right")
     for rnd, pld, rdp in plan.epsilons:
-        table.add_row(str(rnd), f"{rnd / plan.rounds:.0%}", f"{pld:.4g}", f"{rdp:.4g}")
+        table.add_row(str(rnd), f"{100 * rnd / plan.rounds:.3g}%", f"{pld:.4g}", f"{rdp:.4g}")
     clip = f"{plan.clip:g}" + (" (initial; adaptive)" if plan.adaptive else "")
     how = f"calibrated to target_epsilon {plan.target_epsilon:g}" if plan.calibrated else "given"
     if plan.fits is None:
@@ -129,11 +129,12 @@ def plan_table(plan: PrivacyPlan) -> Table:
     else:
         fit = (f"{'yes' if plan.fits else 'no'}: epsilon {plan.epsilon:.4g} "
                f"{'<=' if plan.fits else '>'} target_epsilon {plan.target_epsilon:g}")
-    table.caption = "\n".join([
-        f"clip {clip}, clipped by the {plan.where}",
+    lines = [
+        f"noise multiplier {plan.noise_multiplier:.4g} ({how})",
+        f"noise std on the mean {plan.noise_std:.4g}; clip {clip}, clipped by the {plan.where}",
         f"sampling rate q {plan.sampling_rate:.4g} ({plan.clients_per_round} clients a round), {plan.rounds} rounds",
-        f"noise multiplier {plan.noise_multiplier:.4g} ({how}); noise std on the mean {plan.noise_std:.4g}",
         f"fits the budget: {fit}",
-    ])
-    table.caption_justify = "left"
+    ]
+    table.caption, table.caption_justify = "\n".join(lines), "left"
+    table.min_width = max(map(len, lines))  # the caption on whole lines, not wrapped to four narrow columns
     return table
