@@ -199,3 +199,92 @@ def test_every_round_logs_its_epsilon_and_the_summary_states_the_guarantee(tmp_p
     privacy = summary["privacy"]
     assert privacy["epsilon"] == pytest.approx(spent[-1]) and privacy["delta"] == 1e-5
     assert privacy["noise_multiplier"] == 1.0 and privacy["rdp_epsilon"] >= privacy["epsilon"]
+
+
+# --- the noise calibrated to target_epsilon, and shoal fl privacy plan --------------------------
+
+# 8 rounds of 5 of 20 clients (q = 0.25) at target epsilon 3: one calibration, about 3 s (cached after).
+CALIBRATED = {"clients": 20, "clients_per_round": 5, "rounds": 8, "eval_every": 4}
+
+
+def _calibrated_config(tmp_path, target_epsilon=3.0):
+    config = tmp_path / "fl.yaml"
+    config.write_text(json.dumps({
+        "data": {"dataset": "digits", "batch_size": 16}, "model": "mlp:hidden=[32]",
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+        "fl": {**CALIBRATED, "privacy": {"target_epsilon": target_epsilon, "reproducible_noise": True}},
+        "out": str(tmp_path / "run"),
+    }))  # JSON is YAML
+    return config
+
+
+def _calibrated_sigma(tmp_path):
+    from shoal.fl.privacy.plan import with_noise_multiplier
+
+    return with_noise_multiplier(load_fl_config(_calibrated_config(tmp_path))).fl.privacy.noise_multiplier
+
+
+def test_calibration_gives_the_smallest_noise_whose_pld_epsilon_fits_the_target(tmp_path):
+    from shoal.privacy.accountant import epsilon
+
+    sigma = _calibrated_sigma(tmp_path)
+
+    spent = epsilon(sigma, 0.25, 8, 1e-5)
+    assert 0.97 * 3.0 <= spent <= 3.0
+    assert epsilon(sigma * 0.98, 0.25, 8, 1e-5) > 3.0  # 2% less noise would not fit: it is the smallest
+
+
+def test_privacy_plan_prints_the_calibrated_noise_and_the_epsilon_by_round(tmp_path):
+    from typer.testing import CliRunner
+
+    from shoal.cli import app
+    from shoal.privacy.accountant import epsilon
+
+    sigma = _calibrated_sigma(tmp_path)
+
+    table = CliRunner().invoke(app, ["fl", "privacy", "plan", str(_calibrated_config(tmp_path))],
+                               env={"COLUMNS": "120"})
+    as_json = CliRunner().invoke(app, ["fl", "privacy", "plan", str(_calibrated_config(tmp_path)), "--json"])
+
+    assert table.exit_code == 0, table.output
+    assert f"noise multiplier {sigma:.4g} (calibrated to target_epsilon 3)" in table.stdout
+    assert "epsilon (PLD)" in table.stdout and f"{epsilon(sigma, 0.25, 8, 1e-5):.4g}" in table.stdout
+    assert "fits the budget: yes" in table.stdout
+    assert as_json.exit_code == 0, as_json.output
+    plan = json.loads(as_json.stdout)
+    assert plan["noise_multiplier"] == sigma and plan["calibrated"] and plan["fits"] is True
+    assert [r for r, _, _ in plan["epsilons"]] == [1, 4, 8] and plan["epsilon"] <= 3.0
+
+
+@pytest.mark.processes
+def test_privacy_plan_exits_2_naming_the_target_when_no_noise_can_fit_it(tmp_path):
+    from tests.conftest import run_cli
+
+    result = run_cli("fl", "privacy", "plan", str(_calibrated_config(tmp_path, target_epsilon=1e-4)))
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stderr.strip()
+    assert "\n" not in message and "Traceback" not in result.stdout + result.stderr
+    assert message.startswith("config error: fl.privacy.target_epsilon: target_epsilon=0.0001 is out of reach")
+    assert "even noise_multiplier=1000.0 gives epsilon=" in message
+
+
+@pytest.mark.processes
+def test_simulate_with_only_a_target_epsilon_runs_on_the_calibrated_noise(tmp_path):
+    from typer.testing import CliRunner
+
+    from shoal.cli import app
+    from shoal.privacy.accountant import epsilon
+
+    sigma = _calibrated_sigma(tmp_path)
+
+    result = CliRunner().invoke(app, ["fl", "simulate", str(_calibrated_config(tmp_path))])
+
+    assert result.exit_code == 0, result.output
+    assert f"noise multiplier {sigma:.4g}, calibrated to target_epsilon 3" in result.stdout
+    privacy = json.loads((tmp_path / "run" / "summary.json").read_text())["privacy"]
+    assert privacy["noise_multiplier"] == sigma and privacy["noise_calibrated"] and privacy["steps"] == 8
+    assert privacy["epsilon"] == pytest.approx(epsilon(sigma, 0.25, 8, 1e-5)) and privacy["epsilon"] <= 3.0
+    assert not privacy["stopped_by_budget"]  # the planned run spends its budget, and ends at fl.rounds
+    saved = load_fl_config(tmp_path / "run" / "config.yaml")  # the noise the run used, and still valid
+    assert saved.fl.privacy.noise_multiplier == sigma

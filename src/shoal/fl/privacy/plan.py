@@ -19,6 +19,7 @@ and every client process and ``shoal fl token`` read the config too.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -44,14 +45,21 @@ def with_noise_multiplier(cfg: FlRunConfig) -> FlRunConfig:
     privacy = cfg.fl.privacy
     if privacy is None or privacy.noise_multiplier is not None:
         return cfg
-    from shoal.privacy.accountant import calibrate
-
     try:
-        sigma = calibrate(privacy.target_epsilon, privacy.delta, sampling_rate(cfg.fl), cfg.fl.rounds)
+        sigma = _calibrate(privacy.target_epsilon, privacy.delta, sampling_rate(cfg.fl), cfg.fl.rounds)
     except ValueError as err:
         raise ConfigError(f"fl.privacy.target_epsilon: {err}; raise it or cut fl.rounds") from None
     privacy = privacy.model_copy(update={"noise_multiplier": sigma})
     return cfg.model_copy(update={"fl": cfg.fl.model_copy(update={"privacy": privacy})})
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate(target_epsilon: float, delta: float, q: float, rounds: int) -> float:
+    # A pure function costing seconds (dp_accounting's own search, which the accountant's epsilon
+    # cache does not see): a plan and the run built after it in one process pay it once.
+    from shoal.privacy.accountant import calibrate
+
+    return calibrate(target_epsilon, delta, q, rounds)
 
 
 @dataclass
