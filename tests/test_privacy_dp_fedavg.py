@@ -126,7 +126,7 @@ def test_wrapping_fedadam_applies_its_step_to_the_noised_mean_and_keeps_its_stat
     assert torch.allclose(out, torch.tensor([step, -step]), atol=1e-6)
     state = dp.state_dict()
     assert {"inner.m", "inner.v", "clip_norm"} <= set(state)
-    fresh = _dp(strategy="fedadam:eta=0.1", m=2, clip=10.0, adaptive=True, count_noise=1.0)
+    fresh = _dp(strategy="fedadam:eta=0.1", m=2, clip=10.0, noise_multiplier=1e-9, adaptive=True, count_noise=1.0)
     fresh.load_state_dict(state)
     assert fresh.clip_norm == dp.clip_norm and torch.equal(fresh.inner.m, dp.inner.m)
 
@@ -288,3 +288,24 @@ def test_simulate_with_only_a_target_epsilon_runs_on_the_calibrated_noise(tmp_pa
     assert not privacy["stopped_by_budget"]  # the planned run spends its budget, and ends at fl.rounds
     saved = load_fl_config(tmp_path / "run" / "config.yaml")  # the noise the run used, and still valid
     assert saved.fl.privacy.noise_multiplier == sigma
+
+
+def test_a_restart_under_other_privacy_settings_is_refused_not_merged():
+    from shoal.fl import wire
+
+    def dp(**options):
+        return DpFedAvg(build_fed_strategy(FED_STRATEGIES.resolve("fedavg")),
+                        PrivacyConfig(**{"noise_multiplier": 1.0, "target_epsilon": 50.0, **options}),
+                        clients_per_round=10, seed=0, clients=100)
+
+    spent = dp()
+    spent.aggregate(1, torch.zeros(4), _results([torch.zeros(4)] * 10))
+    _, stored = wire.unpack(wire.pack({}, spent.state_dict()))  # as the server stores it
+
+    same = dp()
+    same.load_state_dict(stored)
+    assert same.ledger.steps == 1
+    for changed, name in (({"noise_multiplier": 1.1}, "noise_multiplier"), ({"target_epsilon": 60.0}, "target_epsilon"),
+                          ({"target_epsilon": None}, "target_epsilon")):
+        with pytest.raises(ValueError, match=f"ledger state has {name}=.*cannot change settings mid-run"):
+            dp(**changed).load_state_dict(stored)

@@ -171,6 +171,9 @@ class ServerConfig(_Strict):
     max_update_norm_median: Optional[float] = Field(None, ge=1, description="largest norm as a multiple of the "
                                                     "round's median update norm (none: unbounded)")
     update_norm_action: Literal["reject", "clip"] = Field("reject", description="what an update over the bound gets")
+    kill_before_commit: Optional[int] = Field(None, ge=1, description="injected failure, to test recovery: "
+                                              "SIGKILL the server after aggregating this round, before storing "
+                                              "it; once per output directory (OUT/fault.json)")
 
 
 class FlRunConfig(_Strict):

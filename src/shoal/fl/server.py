@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import threading
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ log = logging.getLogger("shoal.fl")
 POLL_S = 2.0  # longest a Task call waits for work
 ALIVE_S = 6.0  # a client not heard from for this long is not sampled (clients poll every POLL_S)
 SMALL_REQUEST_BYTES = 4 << 10  # a Join or Task request carries a token and a few numbers
+FAULT = "fault.json"  # written by a server killed by server.kill_before_commit
 
 
 class ServerGaveUp(RuntimeError):
@@ -271,6 +273,18 @@ class FlServer:
         self.store.close()
         return summary
 
+    def _die_before_commit(self, rnd: int) -> None:
+        """Fault injection (``server.kill_before_commit``, tests only): SIGKILL this server between
+        aggregating round ``rnd`` (its noise drawn, its epsilon spent in memory, its metrics line
+        written) and storing it. Once per output directory, as ``shoal train``'s ``fault:`` is
+        first-attempt only: the marker it leaves lets the restarted server run the round through."""
+        marker = self.out / FAULT
+        if marker.exists():
+            return
+        write_json_atomic(marker, {"target": "fl-server", "kill_before_commit": rnd, "time": time.time()})
+        log.warning("server.kill_before_commit=%d: killing the server before round %d is stored", rnd, rnd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def _alive(self) -> list[int]:
         now = time.monotonic()
         return [p for p, t in self.seen.items() if now - t < ALIVE_S]
@@ -305,6 +319,11 @@ class FlServer:
         record = self.fed.finish_round(rnd, r.tally)
         blobs = {"weights": wire.pack({}, {"weights": self.fed.weights}),
                  "strategy": wire.pack({}, self.fed.strategy.state_dict())}
+        if self.cfg.server.kill_before_commit == rnd:
+            self._die_before_commit(rnd)
+        # The round's metrics, the new weights and the strategy's state (DP-FedAvg's privacy ledger
+        # with it) in one transaction: a server killed before it resumes after the previous round,
+        # the budget spent as that round left it, and runs this one again.
         self.store.save_round(rnd, record, blobs)
         bounced = set(record.get("norm_rejected_clients", []))
         for part in arrived:

@@ -31,6 +31,7 @@ server's view and is not itself noised.
 
 from __future__ import annotations
 
+import math
 import secrets
 
 import logging
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # the config validates with check_privacy: no import back at 
 log = logging.getLogger("shoal.privacy")
 
 AT_BOUND = 1e-4  # relative: a client-clipped update arrives with norm C up to float (and codec) rounding
+_LEDGER_SETTINGS = ("noise_multiplier", "sampling_rate", "delta", "target_epsilon")  # target None: NaN
 
 
 def check_privacy(options: PrivacyConfig, strategy: type, clients_per_round: int) -> None:
@@ -152,6 +154,10 @@ class DpFedAvg(FedStrategy):
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
         state["privacy_rounds"] = torch.tensor([self.ledger.steps], dtype=torch.int64)  # the budget spent
+        # What it was spent under, so that a restart with other settings is refused, not merged.
+        ledger = self.ledger.state_dict()
+        state["privacy_ledger"] = torch.tensor(
+            [math.nan if ledger[k] is None else ledger[k] for k in _LEDGER_SETTINGS], dtype=torch.float64)
         if self.adaptive is not None:
             state.update(self.adaptive.state_dict())
         return state
@@ -161,7 +167,11 @@ class DpFedAvg(FedStrategy):
         if self.adaptive is not None and "clip_norm" in state:
             self.adaptive.load_state_dict(state)
         if "privacy_rounds" in state:  # a restarted server goes on from the budget already spent
-            self.ledger.load_state_dict({**self.ledger.state_dict(), "steps": int(state["privacy_rounds"][0])})
+            restored = {**self.ledger.state_dict(), "steps": int(state["privacy_rounds"][0])}
+            if "privacy_ledger" in state:  # absent in state stored before it was kept
+                settings = [float(x) for x in state["privacy_ledger"].tolist()]
+                restored.update({k: None if math.isnan(v) else v for k, v in zip(_LEDGER_SETTINGS, settings)})
+            self.ledger.load_state_dict(restored)  # ValueError when the noise, q, delta or target changed
 
 
 def _round_seed(seed: int, rnd: int) -> int:
