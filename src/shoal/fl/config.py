@@ -118,6 +118,11 @@ class FederationConfig(_Strict):
     local_privacy: Optional[PrivacySpec] = Field(None, description="sample-level DP-SGD in each client's local "
                                                  "training: dp_sgd:noise_multiplier=...,clip=...[,target_epsilon=...]")
 
+    @property
+    def sampling_rate(self) -> float:
+        """q: the chance that one client takes part in a round."""
+        return min(1.0, self.clients_per_round / self.clients)
+
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
         if self.clients_per_round > self.clients:
@@ -139,7 +144,6 @@ class FederationConfig(_Strict):
                                  "(use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)")
         if self.privacy is not None:
             from shoal.fl.privacy.dp_fedavg import check_privacy
-            from shoal.fl.privacy.plan import sampling_rate
 
             check_privacy(self.privacy, self.strategy.target, self.clients_per_round)
             # Without a noise multiplier the run calibrates one that fits its budget when it is
@@ -147,7 +151,7 @@ class FederationConfig(_Strict):
             if self.privacy.target_epsilon is not None and self.privacy.noise_multiplier is not None:
                 from shoal.privacy.accountant import epsilon
 
-                q = sampling_rate(self)
+                q = self.sampling_rate
                 planned = epsilon(self.privacy.noise_multiplier, q, self.rounds, self.privacy.delta)
                 if planned > self.privacy.target_epsilon:
                     raise ValueError(f"privacy.target_epsilon: {self.rounds} rounds at noise_multiplier "

@@ -33,7 +33,7 @@ MILESTONES = (0.1, 0.5)  # shares of fl.rounds, besides round 1 and the last
 
 def sampling_rate(fl: FederationConfig) -> float:
     """q: the chance that one client takes part in a round."""
-    return min(1.0, fl.clients_per_round / fl.clients)
+    return fl.sampling_rate
 
 
 def with_noise_multiplier(cfg: FlRunConfig) -> FlRunConfig:
