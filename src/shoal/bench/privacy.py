@@ -69,7 +69,8 @@ class BenchPrivacyOptions(BaseModel):
     opacus: bool = Field(True, description="the Opacus rows (skipped where Opacus is not installed)")
     fl_config: str | None = Field("examples/fl_mnist1d.yaml", description="the federated workload (none: no FL rows)")
     fl_set: list[str] = Field(["fl.clients=1000", "fl.clients_per_round=100", "fl.rounds=100", "fl.eval_every=10",
-                               "fl.stop_at_target=false"], description="--set overrides of the FL rows")
+                               "fl.stop_at_target=false"], description="--set overrides of the FL rows "
+                              "(examples/bench_privacy.yaml sets its own)")
     fl_epsilon: float = Field(8.0, gt=0, le=100, description="DP-FedAvg's target epsilon")
     fl_privacy: list[str] = Field(["fl.privacy.adaptive=true"], description="more --set for the DP-FedAvg row")
     timeout_s: float = Field(3600, gt=0, description="seconds before one run is killed")
