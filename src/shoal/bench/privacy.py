@@ -243,23 +243,8 @@ def plot(results: list[dict[str, Any]], out: Path, target_quantile: float) -> li
 
     images: list[Path] = []
     done = [r for r in results if not r["failed"] and not r.get("skipped")]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, name in (("dp-sgd-", "shoal dp_sgd"), ("opacus-", "Opacus")):
-        points = sorted((r["target_epsilon"], r["final_accuracy"]) for r in done if r["label"].startswith(kind))
-        if points:
-            ax.plot(*zip(*points), marker="o", label=name)
-    none = next((r for r in done if r["label"] == "none"), None)
-    if none:
-        ax.axhline(none["final_accuracy"], linestyle="--", color="grey", label="non-private")
-    ax.set_xscale("log")
-    ax.set_xlabel("epsilon (delta 1e-5)")
-    ax.set_ylabel("test accuracy")
-    ax.legend()
-    ax.set_title("DP-SGD: accuracy at each epsilon")
-    fig.tight_layout()
-    images.append(out / "accuracy-vs-epsilon.png")
-    fig.savefig(images[-1], dpi=100)
-    plt.close(fig)
+    if any(r["label"].startswith(("dp-sgd-", "opacus-")) for r in done):
+        images.append(_accuracy_plot(plt, done, out))
     for r in done:
         if r["kind"] == "fl" and r.get("target_epsilon") is not None and Path(r.get("metrics", "")).is_file():
             rounds = [json.loads(line) for line in Path(r["metrics"]).read_text().splitlines() if line.strip()]
@@ -276,10 +261,34 @@ def plot(results: list[dict[str, Any]], out: Path, target_quantile: float) -> li
             ax.set_xlabel("round")
             ax.set_ylabel("clip norm")
             twin.set_ylabel("share of updates within C")
-            fig.legend(loc="lower right")
+            fig.legend(loc="lower right", bbox_to_anchor=(0.86, 0.16), fontsize="small")
             ax.set_title(f"{r['label']}: adaptive clipping")
             fig.tight_layout()
             images.append(out / f"{r['label']}-clip.png")
             fig.savefig(images[-1], dpi=100)
             plt.close(fig)
     return images
+
+
+def _accuracy_plot(plt, done: list[dict[str, Any]], out: Path) -> Path:
+    """Test accuracy against target epsilon: shoal's DP-SGD, Opacus, and the non-private line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, name in (("dp-sgd-", "shoal dp_sgd"), ("opacus-", "Opacus")):
+        points = sorted((r["target_epsilon"], r["final_accuracy"]) for r in done if r["label"].startswith(kind))
+        if points:
+            ax.plot(*zip(*points), marker="o", label=name)
+    none = next((r for r in done if r["label"] == "none"), None)
+    if none:
+        ax.axhline(none["final_accuracy"], linestyle="--", color="grey", label="non-private")
+    ax.set_xscale("log")
+    epsilons = sorted({r["target_epsilon"] for r in done if r["target_epsilon"] is not None})
+    ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon (delta 1e-5)")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    ax.set_title("DP-SGD: accuracy at each epsilon")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy-vs-epsilon.png", dpi=100)
+    plt.close(fig)
+    return out / "accuracy-vs-epsilon.png"
