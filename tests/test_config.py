@@ -24,6 +24,11 @@ def test_example_configs_validate():
             assert isinstance(load_fl_config(path), FlRunConfig)
         elif path.name == "bench_fl.yaml":
             assert isinstance(load_bench(path, [])[0], FlRunConfig)
+        elif path.name == "bench_privacy.yaml":  # the training workload, and the FL rows' config checked too
+            from shoal.bench.privacy import load_bench as load_privacy_bench
+
+            cfg, options = load_privacy_bench(path, [])
+            assert isinstance(cfg, RunConfig) and cfg.privacy is None and options.fl_config
         elif path.name == "bench_compress.yaml":  # one training config per model, and the rows
             cfgs, _ = load_compress_bench(path, [])
             assert set(cfgs) == {"cnn1d", "cnn2d"} and all(isinstance(c, RunConfig) for c in cfgs.values())

@@ -9,17 +9,21 @@ of the job to fix the noise every worker uses (broadcast, so all ranks agree).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from shoal.data.shard import fetch
-from shoal.privacy.dp_sgd import DpSgd, Plan, check_model, per_example_gradients, plan, run_steps, sampling
+
+if TYPE_CHECKING:  # the mechanism imports dp-accounting (most of a second): only runs with privacy pay it
+    from shoal.privacy.dp_sgd import DpSgd, Plan
 
 
-def dp_sgd_plan(cfg: Any, train_size: int, world_size: int) -> Plan:
+def dp_sgd_plan(cfg: Any, train_size: int, world_size: int) -> "Plan":
     """The noise and the spend of ``cfg``'s run on ``world_size`` workers; ValueError when it cannot fit."""
+    from shoal.privacy.dp_sgd import plan, run_steps, sampling
+
     rate, examples, per_pass = sampling(train_size, world_size, cfg.data.batch_size)
     return plan(cfg.privacy.options, sampling_rate=rate, examples=examples, steps=run_steps(cfg.train, per_pass))
 
@@ -27,6 +31,8 @@ def dp_sgd_plan(cfg: Any, train_size: int, world_size: int) -> Plan:
 def check_private_model(cfg: Any, model: nn.Module, train: Any, loss_fn: Any) -> None:
     """ValueError when DP-SGD cannot train ``model``: BatchNorm, or per-example gradients that
     ``torch.func`` cannot take through it (tried on two training examples)."""
+    from shoal.privacy.dp_sgd import check_model, per_example_gradients
+
     check_model(model, f"model {cfg.model.spec()}")
     x, y = fetch(train, [0, 1] if len(train) > 1 else [0])
     try:
@@ -37,7 +43,7 @@ def check_private_model(cfg: Any, model: nn.Module, train: Any, loss_fn: Any) ->
                          f"(torch.func.vmap over its forward failed: {reason})") from None
 
 
-def preflight(cfg: Any, world_size: int) -> tuple[Any, Plan | None]:
+def preflight(cfg: Any, world_size: int) -> tuple[Any, "Plan | None"]:
     """In the launching process: ``(cfg, plan)``, the config with the calibrated noise written in
     (the workers, the saved config.yaml and a resume use that noise), or ``(cfg, None)`` without
     ``privacy``. ValueError naming the field for a model it cannot train or a budget the run cannot fit."""
@@ -66,10 +72,11 @@ def with_noise(cfg: Any, noise_multiplier: float) -> Any:
 
 
 def build_private(cfg: Any, ctx: Any, group: Any, model: nn.Module, train: Any, loss_fn: Any,
-                  strategy: Any) -> tuple[DpSgd, Any]:
+                  strategy: Any) -> tuple["DpSgd", Any]:
     """In every worker: ``(mechanism, batches)``. Rank 0 plans (the noise, checked against the budget)
     and tells the others; the strategy then steps by DP-SGD over Poisson-sampled batches."""
     from shoal.data.poisson import PoissonBatches
+    from shoal.privacy.dp_sgd import DpSgd, check_model, sampling
 
     check_model(model, f"model {cfg.model.spec()}")
     rate, _, per_pass = sampling(len(train), ctx.world_size, cfg.data.batch_size)

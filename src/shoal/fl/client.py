@@ -31,8 +31,7 @@ from shoal.fl import wire
 from shoal.fl.certs import TlsFiles
 from shoal.fl.config import FlRunConfig
 from shoal.fl.federation import Fleet, client_partitions
-from shoal.fl.local import LocalTrainer, client_seed
-from shoal.fl.privacy.local_dp import LocalDpSgd
+from shoal.fl.local import LocalTrainer, client_seed, local_privacy
 from shoal.fl.transport import Connection
 from shoal.models.build import build_model
 from shoal.tasks.base import build_task
@@ -56,7 +55,7 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
     torch.manual_seed(cfg.seed)
     trainer = LocalTrainer(build_model(cfg.model, data), cfg.optimizer, cfg.data.batch_size,
                            build_codec(cfg.fl.codec), loss_fn=build_task(cfg.task).loss,
-                           privacy=LocalDpSgd.of(cfg))
+                           privacy=local_privacy(cfg))
     memory = ErrorFeedback() if cfg.fl.codec.options.memory == "ef" else None
     fleet = Fleet(cfg)
     tls = None if certs is None else TlsFiles.client(Path(certs), name)

@@ -36,7 +36,6 @@ from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models.build import build_model, count_parameters
-from shoal.fl.privacy.dp_fedavg import DpFedAvg
 from shoal.fl.privacy.plan import sampling_rate, with_noise_multiplier
 from shoal.engine.evaluate import evaluate_task
 from shoal.tasks.base import build_task
@@ -128,9 +127,12 @@ class Federation:
         self.weights = self.flat.get()
         strategy = build_fed_strategy(cfg.fl.strategy)
         # DP wraps whatever strategy was chosen; kept apart too, for its per-round record.
-        self.privacy = None if cfg.fl.privacy is None else DpFedAvg(
-            strategy, cfg.fl.privacy, clients_per_round=cfg.fl.clients_per_round, seed=cfg.seed,
-            clients=cfg.fl.clients)
+        self.privacy = None
+        if cfg.fl.privacy is not None:
+            from shoal.fl.privacy.dp_fedavg import DpFedAvg  # dp-accounting: only private runs import it
+
+            self.privacy = DpFedAvg(strategy, cfg.fl.privacy, clients_per_round=cfg.fl.clients_per_round,
+                                    seed=cfg.seed, clients=cfg.fl.clients)
         self.strategy = self.privacy or strategy
         self.codec = build_codec(cfg.fl.codec)
         self.template = self.codec.encode(torch.zeros(self.flat.numel))  # layout of every client's payload

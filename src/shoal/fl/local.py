@@ -140,6 +140,16 @@ class LocalTrainer:
         return loss.item()
 
 
+def local_privacy(cfg: Any) -> Any:
+    """The clients' local DP-SGD (``fl.local_privacy``,
+    :class:`shoal.fl.privacy.local_dp.LocalDpSgd`), or None; dp-accounting is imported only for it."""
+    if cfg.fl.local_privacy is None:
+        return None
+    from shoal.fl.privacy.local_dp import LocalDpSgd
+
+    return LocalDpSgd.of(cfg)
+
+
 def _proximal(params: list[nn.Parameter], mu: float, anchor: list[torch.Tensor] | None) -> Callable[[], None] | None:
     """FedProx's gradient term mu * (w - w_global), added to the gradients (None without it)."""
     if anchor is None:

@@ -25,8 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shoal.comm.memory import ErrorFeedback
 from shoal.fl.config import FlRunConfig, load_fl_config
 from shoal.fl.federation import Federation, RoundTally, UpdateRejected, client_data
-from shoal.fl.local import LocalTrainer, client_seed
-from shoal.fl.privacy.local_dp import LocalDpSgd
+from shoal.fl.local import LocalTrainer, client_seed, local_privacy
 from shoal.fl.strategies.base import ClientResult
 
 
@@ -46,7 +45,7 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
     console = Console()
     fed = Federation(cfg, out or cfg.out, console=console)
     trainer = LocalTrainer(fed.model, cfg.optimizer, cfg.data.batch_size, fed.codec, loss_fn=fed.task.loss,
-                           privacy=LocalDpSgd.of(cfg))
+                           privacy=local_privacy(cfg))
     data = [client_data(fed, c) for c in range(cfg.fl.clients)]
     memories: dict[int, ErrorFeedback] = {}
     use_memory = cfg.fl.codec.options.memory == "ef"

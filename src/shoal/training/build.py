@@ -23,7 +23,6 @@ from shoal.engine.checkpoint import load_weights
 from shoal.engine.group import Group
 from shoal.engine.recipe import StepRecipe
 from shoal.engine.optim import build_optimizer, build_scheduler
-from shoal.engine.privacy import build_private
 from shoal.engine.sparsity import SparsityController
 from shoal.tasks.base import Task, build_task
 
@@ -96,6 +95,8 @@ def build_run(cfg: RunConfig, ctx: WorkerContext, group: Group, *, slowdown: Slo
     )
     privacy = None
     if cfg.privacy is not None:  # per-example clipping and noise over Poisson-sampled batches
+        from shoal.engine.privacy import build_private  # dp-accounting: only private runs import it
+
         privacy, batches = build_private(cfg, ctx, group, model, data.train, task.loss, strategy)
     else:
         shard, shards = strategy.data_shard()
