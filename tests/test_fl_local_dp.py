@@ -66,6 +66,22 @@ def test_a_client_sits_out_every_round_that_would_pass_its_budget_and_the_summar
     assert rounds[-1]["participating"] == 0
 
 
+def test_a_clients_ledger_saved_to_its_state_file_goes_on_after_a_restart_and_refuses_another(tmp_path):
+    options = DpSgdOptions(noise_multiplier=1.0, target_epsilon=6.0)
+    first = LocalDpSgd(options, 16, seed=0)
+    first.ledger(2, 160).record(20)
+    first.save(tmp_path / "ledger.json", 2)
+    again = LocalDpSgd(options, 16, seed=0)
+    again.load(tmp_path / "ledger.json", 2, 160)
+    assert again.ledger(2, 160).steps == 20  # neither reset nor counted twice
+    with pytest.raises(ValueError, match="holds partition 2's ledger, not partition 3's"):
+        LocalDpSgd(options, 16, seed=0).load(tmp_path / "ledger.json", 3, 160)
+    with pytest.raises(ValueError, match="a privacy budget cannot change settings mid-run"):
+        LocalDpSgd(DpSgdOptions(noise_multiplier=2.0, target_epsilon=6.0), 16, seed=0).load(
+            tmp_path / "ledger.json", 2, 160)
+    LocalDpSgd(options, 16, seed=0).load(tmp_path / "none.json", 2, 160)  # no file yet: a new ledger
+
+
 @pytest.mark.parametrize("setting, message", [
     ("fl.local_privacy=dp_sgd:target_epsilon=4", "local_privacy: give noise_multiplier="),
     ("fl.local_privacy=dp_sgd:noise_multiplier=0.01", "noise_multiplier"),
@@ -104,7 +120,8 @@ out: {tmp_path / "run"}
         address = _wait(lambda: (out / "server.json").exists()
                         and json.loads((out / "server.json").read_text())["address"], 60, "the server to listen")
         procs += [_cli("fl", "client", cfg, "--server", address, "--token", tokens[i], "--partition", i,
-                       "--name", f"client{i}", log=tmp_path / f"client{i}.log") for i in range(2)]
+                       "--name", f"client{i}", "--privacy-state", tmp_path / f"ledger{i}.json",
+                       log=tmp_path / f"client{i}.log") for i in range(2)]
         for p in procs:
             assert p.wait(timeout=240) == 0
     finally:
@@ -118,3 +135,5 @@ out: {tmp_path / "run"}
     assert len(spent) == 3 and spent == sorted(spent)
     assert spent[-1] == pytest.approx(epsilon(1.5, q, 3 * round(1 / q), 1e-5), rel=2e-3)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"] == 3
+    saved = json.loads((tmp_path / "ledger0.json").read_text())  # written after every round
+    assert saved["partition"] == 0 and saved["ledger"]["steps"] == 3 * round(1 / q)

@@ -213,6 +213,9 @@ def client_command(
     insecure: bool = typer.Option(False, help="no TLS (only against a server run with server.insecure)"),
     retry_for: float = typer.Option(120.0, help="seconds to keep retrying while the server is unreachable"),
     set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
+    privacy_state: Optional[Path] = typer.Option(
+        None, help="fl.local_privacy: this client's privacy ledger, read at the start and written after every "
+        "round (atomically), so a restarted client goes on spending the same budget"),
 ) -> None:
     """Join a federation: train on this partition whenever selected, until the server finishes."""
     import logging
@@ -228,7 +231,7 @@ def client_command(
     try:
         tally = run_client(cfg, server=server, token=token, partition=partition,
                            certs=None if insecure else (certs or Path(cfg.server.certs)), name=name,
-                           retry_for_s=retry_for)
+                           retry_for_s=retry_for, privacy_state=privacy_state)
     except ValueError as err:
         fail(str(err), "client")
     except RpcFailed as err:

@@ -40,11 +40,13 @@ log = logging.getLogger("shoal.fl")
 
 
 def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, certs: str | Path | None,
-               name: str | None = None, retry_for_s: float = 120.0, console: Console | None = None) -> dict[str, Any]:
+               name: str | None = None, retry_for_s: float = 120.0, console: Console | None = None,
+               privacy_state: str | Path | None = None) -> dict[str, Any]:
     """Take part until the server says training is over; returns this client's tally.
 
     ``certs`` is this client's folder from ``shoal fl certs`` (``OUT/NAME``),
-    or ``OUT`` with ``name``; None runs without TLS.
+    or ``OUT`` with ``name``; None runs without TLS. ``privacy_state``: under ``fl.local_privacy``, the
+    file that keeps this client's ledger across restarts (read if present, rewritten after each round).
     """
     console = console or Console()
     if not 0 <= partition < cfg.fl.clients:
@@ -56,6 +58,8 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
     trainer = LocalTrainer(build_model(cfg.model, data), cfg.optimizer, cfg.data.batch_size,
                            build_codec(cfg.fl.codec), loss_fn=build_task(cfg.task).loss,
                            privacy=local_privacy(cfg))
+    if trainer.privacy is not None and privacy_state is not None:
+        trainer.privacy.load(Path(privacy_state), partition, len(y))
     memory = ErrorFeedback() if cfg.fl.codec.options.memory == "ef" else None
     fleet = Fleet(cfg)
     tls = None if certs is None else TlsFiles.client(Path(certs), name)
@@ -101,6 +105,8 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
             reply, _ = wire.unpack(conn.call("Submit", wire.pack(
                 {**me, "round": rnd, "num_examples": result.num_examples, "loss": result.loss}, update)))
             tally["rounds"] += 1
+            if trainer.privacy is not None and privacy_state is not None:
+                trainer.privacy.save(Path(privacy_state), partition)
             tally["accepted" if reply["accepted"] else "rejected"] += 1
             spent = "" if trainer.privacy is None else (
                 f", epsilon {trainer.privacy.ledger(partition, len(y)).spent():.3g} (local DP-SGD)")

@@ -21,6 +21,7 @@ known in advance, and each client's q differs with its partition's size.
 from __future__ import annotations
 
 import secrets
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -92,6 +93,32 @@ class LocalDpSgd:
                 losses.append(loss.item())
         ledger.record(steps)
         return losses
+
+    def save(self, path: Path, client: int) -> None:
+        """Write ``client``'s ledger to ``path`` atomically (temp file, then rename)."""
+        from shoal.metrics.summary import write_json_atomic
+
+        write_json_atomic(path, {"partition": client, "ledger": self.ledgers[client].state_dict()})
+
+    def load(self, path: Path, client: int, examples: int) -> None:
+        """Go on from the ledger a previous process of ``client`` saved at ``path`` (nothing there: a new
+        one). ValueError for another partition's file or a ledger of other settings: spent budget is
+        never merged into, nor replaced by, another."""
+        import json
+
+        if not path.exists():
+            return
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--privacy-state {path}: unreadable ({err})") from None
+        owner = saved.get("partition") if isinstance(saved, dict) else None
+        if owner != client:
+            raise ValueError(f"--privacy-state {path}: holds partition {owner}'s ledger, not partition {client}'s")
+        try:
+            self.ledger(client, examples).load_state_dict(saved.get("ledger"))
+        except ValueError as err:
+            raise ValueError(f"--privacy-state {path}: {err}") from None
 
     def report(self) -> dict:
         """summary.json's ``local_privacy``: the mechanism and the clients' spend (max and median epsilon)."""
