@@ -241,10 +241,11 @@ TASKS: Registry[Any] = Registry("task", "tasks", "shoal.tasks", entry_points=Tru
                                 entry_point_needs=("main_metric", "a shoal.tasks.Task subclass "
                                                    "(it declares `main_metric`)"))
 PRIVACY: Registry[Any] = Registry("privacy mechanism", "privacy mechanisms", "shoal.privacy")
+SECURE: Registry[Any] = Registry("secure aggregation", "secure aggregations", "shoal.fl.secure")
 # Parameter-server topologies that run another strategy's options (sync:backup=b):
 # named by Strategy.topology, not listed by `shoal list` (a user names the strategy).
 TOPOLOGIES: Registry[Any] = Registry("topology", "topologies", "shoal.ps")
-ALL = (DATASETS, MODELS, TASKS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS, PRIVACY)
+ALL = (DATASETS, MODELS, TASKS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS, PRIVACY, SECURE)
 
 
 _LOADED: set[str] = set()  # homes whose modules are all imported

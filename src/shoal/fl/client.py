@@ -39,6 +39,64 @@ from shoal.tasks.base import build_task
 log = logging.getLogger("shoal.fl")
 
 
+def _secure_round(conn: Connection, cfg: FlRunConfig, me: dict[str, Any], meta: dict[str, Any],
+                  weights: torch.Tensor, trainer: LocalTrainer, fleet: Fleet, x: torch.Tensor, y: torch.Tensor,
+                  memory: ErrorFeedback | None, partition: int, console: Console) -> str:
+    """Take part in one SecAgg+ round (``fl.secure``): keys and shares first, then train, then the masked
+    input and the shares the server needs. Returns the tally key: rounds, skipped or rejected."""
+    from shoal.fl.secure.secagg import STAGES, ProtocolError, SecAggClient, Setup
+
+    rnd = meta["round"]
+    try:
+        setup = Setup.from_meta(meta["config"]["secure"], numel=weights.numel())
+        client = SecAggClient(setup, partition, weights)
+    except ProtocolError as err:
+        console.print(f"round {rnd}: refusing the round: {err}", highlight=False)
+        return "rejected"
+    stop = cfg.fl.fleet.drop_stage if fleet.drops(rnd, partition) else None
+    timeout = cfg.fl.secure.options.stage_timeout_s + cfg.fl.deadline_s + 30
+
+    def send(stage: str, tensors: dict[str, torch.Tensor], **extra: Any) -> dict[str, torch.Tensor] | None:
+        reply_meta, reply = wire.unpack(conn.call("Secure", wire.pack(
+            {**me, "round": rnd, "stage": stage, **extra}, tensors), timeout=timeout))
+        if reply_meta.get("excluded"):
+            console.print(f"round {rnd}: out of the secure aggregation after stage {stage!r}: "
+                          f"{reply_meta['excluded']}", highlight=False)
+            return None
+        return reply
+
+    if stop == "train":
+        log.info("round %d: dropping out (fleet.dropout)", rnd)
+        return "skipped"
+    try:
+        reply = None
+        for stage in STAGES:
+            if stop == stage:
+                log.info("round %d: dropping out at stage %r (fleet.dropout, fleet.drop_stage)", rnd, stage)
+                return "skipped"
+            if stage == "keys":
+                reply = send(stage, client.advertise())
+            elif stage == "shares":
+                reply = send(stage, client.share(reply))
+            elif stage == "masked":
+                result = trainer.fit(weights, x, y, epochs=fleet.epochs[partition], config=meta["config"],
+                                     seed=client_seed(cfg.seed, rnd, partition), memory=memory, client=partition)
+                slow = fleet.slowness(partition)
+                if slow > 1:
+                    time.sleep(result.compute_s * (slow - 1))
+                reply = send(stage, client.masked_input(reply, result.delta), num_examples=result.num_examples,
+                             loss=result.loss)
+            else:
+                send(stage, client.unmask(reply))
+            if reply is None:
+                return "rejected"
+    except ProtocolError as err:
+        console.print(f"round {rnd}: leaving the secure aggregation: {err}", highlight=False)
+        return "rejected"
+    console.print(f"round {rnd}: loss {result.loss:.4f}, masked input sent (secure aggregation)", highlight=False)
+    return "rounds"
+
+
 def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, certs: str | Path | None,
                name: str | None = None, retry_for_s: float = 120.0, console: Console | None = None,
                privacy_state: str | Path | None = None) -> dict[str, Any]:
@@ -94,6 +152,15 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
                 tally["skipped"] += 1
                 console.print(f"round {rnd}: sitting out: another round would take this client's epsilon past "
                               f"fl.local_privacy's target_epsilon", highlight=False)
+                continue
+            if "secure" in meta["config"]:
+                outcome = _secure_round(conn, cfg, me, meta, tensors["weights"], trainer, fleet, x, y, memory,
+                                        partition, console)
+                tally[outcome] += 1
+                if outcome == "rounds":
+                    tally["accepted"] += 1
+                if trainer.privacy is not None and privacy_state is not None and outcome == "rounds":
+                    trainer.privacy.save(Path(privacy_state), partition)
                 continue
             started = time.perf_counter()
             result = trainer.fit(tensors["weights"], x, y, epochs=fleet.epochs[partition], config=meta["config"],

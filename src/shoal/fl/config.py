@@ -29,10 +29,12 @@ from shoal.config import (
     format_error,
     gather,
 )
-from shoal.registry import FED_STRATEGIES, PARTITIONS
+from shoal.registry import FED_STRATEGIES, PARTITIONS, SECURE
 
 FedStrategySpec = _component(FED_STRATEGIES)
 PartitionSpec = _component(PARTITIONS)
+SecureSpec = _component(SECURE)
+SECURE_STAGES = ("keys", "shares", "masked", "unmask")  # shoal.fl.secure.secagg.STAGES
 
 
 
@@ -51,6 +53,9 @@ class FleetConfig(_Strict):
     slow_factor: float = Field(1.0, ge=1, le=1000, description="how many times slower a slow client computes")
     local_epochs_max: int | None = Field(None, ge=1, description="if set, each client's local epochs are drawn "
                                          "once from [fl.local_epochs, this]")
+    drop_stage: Literal["train", "keys", "shares", "masked", "unmask"] = Field(
+        "train", description="under fl.secure=secagg: the protocol stage at which a client that drops out stops "
+        "answering (train: before it starts; keys, shares, masked, unmask: from that stage on)")
 
 
 class PrivacyConfig(_Strict):
@@ -117,6 +122,9 @@ class FederationConfig(_Strict):
                                              "(none: updates are averaged as they are)")
     local_privacy: Optional[PrivacySpec] = Field(None, description="sample-level DP-SGD in each client's local "
                                                  "training: dp_sgd:noise_multiplier=...,clip=...[,target_epsilon=...]")
+    secure: Optional[SecureSpec] = Field(None, description="secure aggregation, so the server sees only the sum "
+                                         "of the round's updates: secagg[:value_bits=16,clip_range=0.5,...] "
+                                         "(SecAgg+; with fl.privacy its noise is added by the clients)")
 
     @property
     def sampling_rate(self) -> float:
@@ -142,6 +150,11 @@ class FederationConfig(_Strict):
             if self.strategy.name == "fedsgd":
                 raise ValueError("local_privacy: fedsgd takes one full-batch step, not DP-SGD's sampled ones "
                                  "(use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)")
+        if self.fleet.drop_stage != "train" and self.secure is None:
+            raise ValueError(f"fleet.drop_stage: {self.fleet.drop_stage!r} is a stage of secure aggregation; "
+                             "without fl.secure clients drop at 'train'")
+        if self.secure is not None:
+            self._check_secure()
         if self.privacy is not None:
             from shoal.fl.privacy.dp_fedavg import check_privacy
 
@@ -159,6 +172,27 @@ class FederationConfig(_Strict):
                                      f"{planned:.3g} > {self.privacy.target_epsilon:g} at delta "
                                      f"{self.privacy.delta:g}: raise the noise or cut fl.rounds")
         return self
+
+
+    def _check_secure(self) -> None:
+        name = self.secure.name
+        if self.clients_per_round < 3:
+            raise ValueError(f"secure: {name} needs clients_per_round >= 3 (with two, either client's update is "
+                             "the sum minus its own)")
+        if self.codec.name != "none":
+            raise ValueError(f"secure: {name} quantises the updates itself (value_bits=); fl.codec must be none, "
+                             f"got {self.codec.name!r}")
+        if not getattr(self.strategy.target, "aggregates_mean", False):
+            raise ValueError(f"secure: the server sees only the sum of the updates, which "
+                             f"{self.strategy.name} cannot use (it needs each one); use fedavg, fedavgm, fedprox, "
+                             "fedsgd, fedadam, fedyogi or fedadagrad")
+        if self.privacy is not None:
+            if self.privacy.where != "client":
+                raise ValueError("privacy.where: under fl.secure the server never sees an update to clip; set "
+                                 "fl.privacy.where=client (the clients clip and add the noise)")
+            if self.privacy.adaptive:
+                raise ValueError("privacy.adaptive: adaptive clipping needs each client's clipped-or-not bit, "
+                                 "which secure aggregation hides; use a fixed fl.privacy.clip")
 
 
 class ServerConfig(_Strict):
@@ -197,6 +231,10 @@ class FlRunConfig(_Strict):
     def _classification(self) -> "FlRunConfig":
         # Partitions (iid aside) deal out classes, and fl.target_accuracy, the round
         # lines and the summary are accuracies: another task would need all of them reworked.
+        if self.fl.secure is not None and (self.server.max_update_norm is not None
+                                           or self.server.max_update_norm_median is not None):
+            raise ValueError("server.max_update_norm: under fl.secure the server sees no single update to bound; "
+                             "leave server.max_update_norm and max_update_norm_median unset")
         if self.task.target.main_metric != "accuracy":
             raise ValueError(f"task: {self.task.name!r}: a federation trains classification only "
                              "(allowed: classification, with loss= and metrics= options)")

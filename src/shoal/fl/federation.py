@@ -58,6 +58,13 @@ class RoundTally:
     rejected: list[int] = field(default_factory=list)  # answered with an invalid update
     uplink_bytes: int = 0
     downlink_bytes: int = 0
+    # Under fl.secure: the protocol's sum (shoal.fl.secure.secagg.Aggregate) or why the round aborted,
+    # and each participant's (loss, examples), which travel in the clear beside the masked input.
+    secure: Any = None
+    secure_error: str | None = None
+    losses: dict[int, tuple[float, int]] = field(default_factory=dict)
+    secure_overhead_bytes: int = 0
+    secure_masked_bytes: int = 0
 
 
 class Fleet:
@@ -134,6 +141,7 @@ class Federation:
             self.privacy = DpFedAvg(strategy, cfg.fl.privacy, clients_per_round=cfg.fl.clients_per_round,
                                     seed=cfg.seed, clients=cfg.fl.clients)
         self.strategy = self.privacy or strategy
+        self.secure = cfg.fl.secure.target(cfg.fl.secure.options) if cfg.fl.secure is not None else None
         self.codec = build_codec(cfg.fl.codec)
         self.template = self.codec.encode(torch.zeros(self.flat.numel))  # layout of every client's payload
         self.parts = client_partitions(cfg, self.data)
@@ -169,6 +177,16 @@ class Federation:
         chosen = self.strategy.sample(rnd, [str(c) for c in sorted(available)], self.cfg.fl.clients_per_round, rng)
         return [int(c) for c in chosen]
 
+    def secure_setup(self, rnd: int, participants: list[int]) -> Any:
+        """The round's secure-aggregation setup. Under fl.privacy the clients add the noise: its std on the
+        sum is z * (C + the fixed-point rounding's bound), so rounding cannot push one update past what
+        the noise covers."""
+        noise_std = 0.0
+        if self.privacy is not None:
+            noise_std = self.privacy.delta_multiplier * (self.privacy.clip_norm + self.secure.rounding_bound(
+                self.flat.numel))
+        return self.secure.setup(rnd, participants, self.weights, noise_std)
+
     def decode(self, client: int, tensors: list[torch.Tensor], num_examples: int) -> torch.Tensor:
         """Check a client's payload against the model's layout and decode it;
         :class:`UpdateRejected` says what is wrong."""
@@ -198,6 +216,8 @@ class Federation:
     def finish_round(self, rnd: int, tally: RoundTally) -> dict[str, Any]:
         """Aggregate what arrived, evaluate, log; returns the metrics line."""
         self.round = rnd
+        if self.secure is not None:
+            return self._finish_secure_round(rnd, tally)
         server = self.cfg.server
         kept, clipped, too_large = bound_updates(tally.results, limit=server.max_update_norm,
                                                  median_multiple=server.max_update_norm_median,
@@ -227,6 +247,48 @@ class Federation:
         if tally.results:
             record["loss"] = sum(r.loss * r.num_examples for r in tally.results) / sum(
                 r.num_examples for r in tally.results)
+        if rnd % self.cfg.fl.eval_every == 0 or rnd == self.cfg.fl.rounds:
+            record.update(self.evaluate())
+            self._note_target(record)
+        self.history.append(record)
+        self.metrics.write(record)
+        return record
+
+    def _finish_secure_round(self, rnd: int, tally: RoundTally) -> dict[str, Any]:
+        """Aggregate the protocol's sum: the mean over the clients it holds (DP-FedAvg: over the expected
+        clients_per_round, its noise already in the sum), handed to the strategy as one result."""
+        agg = tally.secure
+        clients = agg.clients if agg is not None else []
+        aggregated = agg is not None and len(clients) >= self.cfg.fl.min_clients
+        losses = [tally.losses[c] for c in clients if c in tally.losses]
+        loss = sum(l * n for l, n in losses) / sum(n for _, n in losses) if losses else None
+        if aggregated:
+            examples = sum(len(self.parts[c]) for c in clients)
+            if self.privacy is not None:
+                self.weights = self.privacy.aggregate_sum(rnd, self.weights, agg.total, loss or 0.0,
+                                                          rounding=self.secure.rounding_bound(self.flat.numel))
+            else:
+                mean = ClientResult("secure", agg.total / len(clients), examples, loss or 0.0)
+                self.weights = self.strategy.aggregate(rnd, self.weights, [mean])
+        self.uplink_bytes += tally.uplink_bytes
+        self.downlink_bytes += tally.downlink_bytes
+        record: dict[str, Any] = {
+            "step": rnd, "round": rnd, "time_s": time.perf_counter() - self.started,
+            "participating": len(clients) if aggregated else 0, "selected": len(tally.selected),
+            "dropped": len(tally.dropped), "late": len(tally.late), "rejected": len(tally.rejected),
+            "aggregated": aggregated, "dropped_clients": tally.dropped, "rejected_clients": tally.rejected,
+            "secure_clients": len(clients), "secure_aborted": tally.secure_error,
+            "forged_shares": [list(f) for f in agg.forged] if agg is not None else [],
+            "uplink_bytes": tally.uplink_bytes, "downlink_bytes": tally.downlink_bytes,
+            "secure_overhead_bytes": tally.secure_overhead_bytes,
+            "uplink_bytes_total": self.uplink_bytes, "downlink_bytes_total": self.downlink_bytes,
+        }
+        if aggregated and self.privacy is not None:
+            record.update(self.privacy.last_round)
+        if loss is not None:
+            record["loss"] = loss
+        if tally.secure_error is not None:
+            log.warning("%s", tally.secure_error)
         if rnd % self.cfg.fl.eval_every == 0 or rnd == self.cfg.fl.rounds:
             record.update(self.evaluate())
             self._note_target(record)
@@ -275,6 +337,9 @@ class Federation:
             # when fewer are connected, drop out or miss the deadline).
             "mean_participants": _mean([r["participating"] for r in self.history if "participating" in r]),
             "strategy": fl.strategy.spec(), "partition": fl.partition.spec(), "codec": fl.codec.spec(),
+            **({"secure": fl.secure.spec(),
+                "secure_aborted_rounds": sum(1 for r in self.history if r.get("secure_aborted"))}
+               if fl.secure is not None else {}),
             "model": self.cfg.model.name, "dataset": self.cfg.data.dataset.name, "parameters": count_parameters(self.model),
             "out": str(self.out),
             **({"privacy": {**self.privacy.ledger.report(), "clip": self.privacy.clip_norm,

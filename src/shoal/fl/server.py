@@ -21,6 +21,15 @@ certificate's name must be the token's):
   payload tensors -> ``{accepted, reason}``. The first token to answer a
   (round, partition) owns it: a retry gets the verdict its first try got,
   another token's submit is refused.
+- ``Secure`` ``{token, partition, round, stage}`` + the stage's tensors ->
+  ``{}`` + the next stage's input, or ``{excluded}``: under ``fl.secure``
+  a round's Task carries the SecAgg+ setup (:mod:`shoal.fl.secure.secagg`),
+  and a client sends its ``keys``, ``shares``, ``masked`` (with
+  ``num_examples`` and ``loss``) and ``unmask`` messages through this call,
+  each answered once its stage has closed (every expected client sent it,
+  or ``stage_timeout_s`` passed; the masked inputs wait until
+  ``fl.deadline_s``). A malformed, misplaced or replayed message is refused
+  and logged; the client is then out of the round.
 
 Join and Task requests over :data:`SMALL_REQUEST_BYTES` are refused before
 the token is looked at, and a Submit's tensors are read only once its token
@@ -82,6 +91,7 @@ class _Round:
         self.owners: dict[int, str] = {}  # partition -> the token whose submit answered it
         self.verdicts: dict[int, str] = {}  # partition -> why its update was rejected ("" accepted)
         self.closed = False
+        self.secure: Any = None  # fl.secure: this round's SecAggServer
 
 
 class FlServer:
@@ -240,11 +250,87 @@ class FlServer:
             self.store.client_result(name, False)
         return wire.pack({"accepted": reason is None, "reason": reason or ""}, {})
 
+    def secure(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """One client's message of one secure-aggregation stage; answered when the stage has closed."""
+        from shoal.fl.secure.secagg import STAGES, ProtocolError
+
+        limit = int(self.cfg.server.max_update_bytes)
+        name, part, meta = self._auth(request, context, limit)
+        try:
+            _, tensors = wire.unpack(request, max_bytes=limit)
+        except wire.WireError as err:
+            log.warning("rejected a malformed secure-aggregation message from %s (token %s): %s", context.peer(),
+                        name, err)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
+        rnd, stage = meta.get("round"), meta.get("stage")
+        with self.cond:
+            r = self.current
+            try:
+                if r is None or r.secure is None or rnd != r.number or part not in r.selected:
+                    raise ProtocolError(f"round {rnd} is not a secure round open for partition {part}")
+                if stage == "masked":
+                    self._take_secure_result(r, part, meta)
+                r.secure.receive(stage, part, tensors)
+            except (ProtocolError, UpdateRejected) as err:
+                log.warning("secure-aggregation message from %s (partition %d, round %s, stage %r) refused: %s",
+                            name, part, rnd, stage, err)
+                if r is not None and r.secure is not None and rnd == r.number and part in r.selected:
+                    r.tally.rejected.append(part)
+                return wire.pack({"excluded": f"refused: {err}"}, {})
+            r.owners.setdefault(part, name)
+            r.tally.uplink_bytes += wire.payload_bytes(tensors)
+            if stage == "masked":
+                r.tally.secure_masked_bytes += wire.payload_bytes(tensors)
+            self.cond.notify_all()
+            index = STAGES.index(stage)
+            if stage == "unmask":
+                return wire.pack({"done": True}, {})
+            while r.secure.stage <= index and self.current is r and r.tally.secure_error is None:
+                self.cond.wait(0.5)  # the round loop closes the stage
+            if r.tally.secure_error is not None:
+                return wire.pack({"excluded": r.tally.secure_error}, {})
+            reply_meta, reply = r.secure.reply(stage, part)
+            r.tally.downlink_bytes += wire.payload_bytes(reply)
+            return wire.pack(reply_meta, reply)
+
+    def _take_secure_result(self, r: _Round, part: int, meta: dict[str, Any]) -> None:
+        """The loss and sample count that travel beside a masked input, checked as Submit checks them."""
+        count, loss = meta.get("num_examples"), meta.get("loss", 0.0)
+        held = len(self.fed.parts[part])
+        if count != held or isinstance(count, bool):
+            raise UpdateRejected(f"num_examples {count!r}: partition {part} holds {held} training samples")
+        if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+            raise UpdateRejected(f"loss must be a finite number, got {loss!r}")
+        r.tally.losses[part] = (float(loss), held)
+
+    def _secure_stages(self, r: _Round, opened: float) -> None:
+        """Run the round's secure aggregation: close each stage when all it waits for arrived or its time is
+        up (the masked inputs: fl.deadline_s after the round opened); the sum goes into the tally."""
+        from shoal.fl.secure.secagg import STAGES, RoundAborted
+
+        timeout = self.cfg.fl.secure.options.stage_timeout_s
+        sa = r.secure
+        try:
+            for stage in STAGES:
+                end = opened + self.cfg.fl.deadline_s if stage == "masked" else time.monotonic() + timeout
+                while not sa.expected() <= sa.received() and time.monotonic() < end:
+                    self.cond.wait(min(0.2, max(end - time.monotonic(), 0.0)))
+                try:
+                    sa.close()
+                finally:
+                    self.cond.notify_all()
+            r.tally.secure = sa.result()
+        except RoundAborted as err:
+            r.tally.secure_error = str(err)
+        for sender, about, kind in (r.tally.secure.forged if r.tally.secure is not None else []):
+            log.warning("round %d: partition %d sent a wrong share of partition %d's %s", r.number, sender, about,
+                        "self mask" if kind == "b" else "key")
+
     # --- the round loop ----------------------------------------------------------
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         tls = None if cfg.server.insecure else TlsFiles.server(Path(cfg.server.certs))
-        handlers = {"Join": self.join, "Task": self.task, "Submit": self.submit}
+        handlers = {"Join": self.join, "Task": self.task, "Submit": self.submit, "Secure": self.secure}
         limit = int(cfg.server.max_update_bytes) + (1 << 20)
         # One waiting Task per partition at most, and threads to spare for Join and Submit; calls
         # beyond the threads are refused (the client retries) rather than queued behind long polls.
@@ -307,15 +393,32 @@ class FlServer:
                                        "(server.wait_for_clients_s)", highlight=False)
                 self.cond.wait(0.5)
             selected = self.fed.sample(rnd, self._alive())
-            r = _Round(rnd, selected, self.fed.weights, self.fed.strategy.client_config(rnd), self.incarnation)
+            config = self.fed.strategy.client_config(rnd)
+            setup = None
+            if self.fed.secure is not None:
+                from shoal.fl.secure.secagg import SecAggServer
+
+                setup = self.fed.secure_setup(rnd, selected)
+                config = {**config, "secure": setup.to_meta()}
+            r = _Round(rnd, selected, self.fed.weights, config, self.incarnation)
+            if setup is not None:
+                r.secure = SecAggServer(setup)
             self.current = r
             self.cond.notify_all()
-            deadline = time.monotonic() + cfg.deadline_s
-            while r.answered != r.selected and time.monotonic() < deadline:
-                self.cond.wait(min(0.5, max(deadline - time.monotonic(), 0.0)))
+            opened = time.monotonic()
+            if r.secure is not None:
+                self._secure_stages(r, opened)
+                r.answered = set(r.tally.losses)
+            else:
+                deadline = opened + cfg.deadline_s
+                while r.answered != r.selected and time.monotonic() < deadline:
+                    self.cond.wait(min(0.5, max(deadline - time.monotonic(), 0.0)))
             r.closed = True
             r.tally.dropped = sorted(r.selected - r.answered)
         arrived = [int(result.client) for result in r.tally.results]  # before the norm bound drops any
+        if r.tally.secure is not None:
+            arrived = list(r.tally.secure.clients)
+        r.tally.secure_overhead_bytes = r.tally.uplink_bytes - r.tally.secure_masked_bytes
         record = self.fed.finish_round(rnd, r.tally)
         blobs = {"weights": wire.pack({}, {"weights": self.fed.weights}),
                  "strategy": wire.pack({}, self.fed.strategy.state_dict())}

@@ -60,9 +60,16 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
             tally = RoundTally(selected=fed.sample(rnd, everyone))
             tally.downlink_bytes = down * len(tally.selected)
             config = fed.strategy.client_config(rnd)
+            drop_at: dict[int, str] = {}  # fl.secure: the stage at which a client stops answering
+            updates: dict[int, torch.Tensor] = {}
             for client in tally.selected:
                 x, y = data[client]
-                if fed.fleet.drops(rnd, client) or (
+                if fed.secure is not None and cfg.fl.fleet.drop_stage != "train" and fed.fleet.drops(rnd, client):
+                    drop_at[client] = cfg.fl.fleet.drop_stage
+                    tally.dropped.append(client)
+                    if drop_at[client] in ("keys", "shares"):
+                        continue  # gone before its update would be needed
+                elif fed.fleet.drops(rnd, client) or (
                         trainer.privacy is not None
                         and not trainer.privacy.allows(client, len(y), fed.fleet.epochs[client])):
                     tally.dropped.append(client)  # gone, or its local privacy budget is spent
@@ -73,8 +80,16 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
                                          seed=client_seed(cfg.seed, rnd, client), memory=memory, client=client)
                 except Exception as err:
                     raise ClientFailed(f"client {client} failed in round {rnd}: {type(err).__name__}: {err}") from err
+                late = result.compute_s * fed.fleet.slowness(client) > cfg.fl.deadline_s
+                if fed.secure is not None:  # the protocol's messages are counted below
+                    tally.losses[client] = (result.loss, result.num_examples)
+                    updates[client] = result.delta
+                    if late:
+                        tally.late.append(client)
+                        drop_at.setdefault(client, "masked")  # the masked inputs' stage closes at the deadline
+                    continue
                 tally.uplink_bytes += result.payload.wire_bytes
-                if result.compute_s * fed.fleet.slowness(client) > cfg.fl.deadline_s:
+                if late:
                     tally.late.append(client)
                     continue
                 try:  # the server's own checks, so a simulation accepts exactly what a server would
@@ -83,6 +98,8 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
                     tally.rejected.append(client)
                     continue
                 tally.results.append(ClientResult(str(client), delta, result.num_examples, result.loss))
+            if fed.secure is not None:
+                _secure_round(fed, rnd, tally, updates, drop_at)
             record = fed.finish_round(rnd, tally)
             if "test_accuracy" in record:
                 bar.update(task, acc=f"{record['test_accuracy']:.4f}")
@@ -92,3 +109,18 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
     extra = {"local_privacy": trainer.privacy.report()} if trainer.privacy is not None else {}
     return fed.close(simulated=True, **extra)
 
+
+
+def _secure_round(fed: Federation, rnd: int, tally: RoundTally, updates: dict[int, torch.Tensor],
+                  drop_at: dict[int, str]) -> None:
+    """Run the round's secure aggregation over every selected client (the dropped ones stop at their stage)."""
+    from shoal.fl.secure.secagg import run_round
+
+    setup = fed.secure_setup(rnd, tally.selected)
+    inputs = {c: updates.get(c, torch.zeros(fed.flat.numel)) for c in tally.selected
+              if c in updates or drop_at.get(c) in ("keys", "shares")}
+    aggregate, tally.secure_error, traffic = run_round(setup, inputs, fed.weights, drop_at=drop_at)
+    tally.secure = aggregate
+    tally.uplink_bytes += sum(traffic.uplink.values())
+    tally.downlink_bytes += sum(traffic.downlink.values())
+    tally.secure_overhead_bytes = traffic.overhead_bytes

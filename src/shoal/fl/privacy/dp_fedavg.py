@@ -151,6 +151,19 @@ class DpFedAvg(FedStrategy):
                            "epsilon": spent}
         return new_weights
 
+    def aggregate_sum(self, rnd: int, weights: torch.Tensor, total: torch.Tensor, loss: float, *,
+                      rounding: float = 0.0) -> torch.Tensor:
+        """Distributed DP (under secure aggregation): ``total`` is the sum of client-clipped updates that
+        already carries the clients' noise, std z * (C + ``rounding``) in all; divide by m, spend, hand on."""
+        if self.adaptive is not None:
+            raise ValueError("privacy: adaptive clipping needs each update, which secure aggregation hides")
+        spent = self.ledger.spend(1)
+        m, norm = self.clients_per_round, self.clip_norm
+        new_weights = self.inner.aggregate(rnd, weights, [ClientResult("dp_fedavg", total / m, 1, loss)])
+        self.last_round = {"clip_norm": norm, "noise_std": self.delta_multiplier * (norm + rounding) / m,
+                           "epsilon": spent, "noise_added_by": "clients"}
+        return new_weights
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"inner.{k}": v for k, v in self.inner.state_dict().items()}
         state["privacy_rounds"] = torch.tensor([self.ledger.steps], dtype=torch.int64)  # the budget spent

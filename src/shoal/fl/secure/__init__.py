@@ -1,0 +1,1 @@
+"""Aggregation the server cannot read client by client: SecAgg+ (``secagg``) and CKKS (``ckks``)."""

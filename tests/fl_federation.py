@@ -1,0 +1,57 @@
+"""A real federation on loopback for tests: certificates, one token a partition, a ``shoal fl server``
+process and one ``shoal fl client`` process a partition, all with mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.conftest import run_cli
+from tests.test_fl_grpc import _cli, _wait
+
+
+@dataclass
+class Federation:
+    root: Path
+    config: Path
+    out: Path
+    address: str = ""
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def logs(self) -> str:
+        """Every process's log, for an assertion's message."""
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.root.glob("*.log")))
+
+
+@contextmanager
+def federation(tmp_path: Path, body: str, *, clients: int, client_args: tuple[str, ...] = ()) -> Iterator[Federation]:
+    """Start a server for the YAML ``body`` (data/model/optimizer/fl; server and out are added) and
+    ``clients`` clients, partition i for client i; every process still running at the end is killed."""
+    certs, db, out = tmp_path / "certs", tmp_path / "server.db", tmp_path / "run"
+    config = tmp_path / "fl.yaml"
+    config.write_text(f"{body}\nserver: {{address: \"127.0.0.1:0\", db: {db}, certs: {certs}}}\nout: {out}\n")
+    names = [f"--client=client{i}" for i in range(clients)]
+    made = run_cli("fl", "certs", "--out", str(certs), *names)
+    assert made.returncode == 0, made.stderr
+    tokens = []
+    for i in range(clients):
+        added = run_cli("fl", "token", "add", f"client{i}", "--partition", str(i), "--config", str(config))
+        assert added.returncode == 0, added.stderr
+        tokens.append(added.stdout.strip())
+    fed = Federation(tmp_path, config, out)
+    try:
+        fed.procs.append(_cli("fl", "server", config, log=tmp_path / "server.log"))
+        fed.address = _wait(lambda: (out / "server.json").exists()
+                            and json.loads((out / "server.json").read_text())["address"], 60, "the server to listen")
+        fed.procs += [_cli("fl", "client", config, "--server", fed.address, "--token", tokens[i], "--partition", i,
+                           "--name", f"client{i}", *client_args, log=tmp_path / f"client{i}.log")
+                      for i in range(clients)]
+        yield fed
+    finally:
+        for p in fed.procs:
+            if p.poll() is None:
+                p.kill()
