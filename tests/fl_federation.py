@@ -20,6 +20,7 @@ class Federation:
     config: Path
     out: Path
     address: str = ""
+    tokens: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def logs(self) -> str:
@@ -42,7 +43,7 @@ def federation(tmp_path: Path, body: str, *, clients: int, client_args: tuple[st
         added = run_cli("fl", "token", "add", f"client{i}", "--partition", str(i), "--config", str(config))
         assert added.returncode == 0, added.stderr
         tokens.append(added.stdout.strip())
-    fed = Federation(tmp_path, config, out)
+    fed = Federation(tmp_path, config, out, tokens=tokens)
     try:
         fed.procs.append(_cli("fl", "server", config, log=tmp_path / "server.log"))
         fed.address = _wait(lambda: (out / "server.json").exists()

@@ -11,10 +11,13 @@ from scipy.stats import chisquare
 
 from shoal.comm.bitpack import unpack_wide
 from shoal.config import ConfigError
+from shoal.fl import wire
+from shoal.fl.certs import TlsFiles
 from shoal.fl.config import load_fl_config
 from shoal.fl.secure import fixed_point, neighbours, shamir
 from shoal.fl.secure import secagg as sa
 from shoal.fl.simulate import simulate
+from shoal.fl.transport import Connection, RpcFailed
 from shoal.privacy.accountant import epsilon
 from tests.fl_federation import federation
 
@@ -297,6 +300,14 @@ fl: {clients: 3, clients_per_round: 3, min_clients: 3, rounds: 3, eval_every: 1,
      privacy: {noise_multiplier: 1.0, clip: 1.0, where: client}}
 """
     with federation(tmp_path, body, clients=3) as fed:
+        # A message for a round that is not open, and one that is no message at all: refused, logged.
+        with Connection(fed.address, TlsFiles.client(tmp_path / "certs", "client0"), retry_for_s=30) as conn:
+            stale = {"token": fed.tokens[0], "partition": 0, "round": 99, "stage": "keys"}
+            meta, _ = wire.unpack(conn.call("Secure", wire.pack(stale, {"c_pk": torch.zeros(32, dtype=torch.uint8),
+                                                                        "s_pk": torch.zeros(32, dtype=torch.uint8)})))
+            assert "round 99 is not a secure round open for partition 0" in meta["excluded"]
+            with pytest.raises(RpcFailed, match="INVALID_ARGUMENT"):
+                conn.call("Secure", b"SHFL\x01garbage")
         for p in fed.procs:
             assert p.wait(timeout=240) == 0, fed.logs()
     summary = json.loads((fed.out / "summary.json").read_text())
@@ -306,3 +317,6 @@ fl: {clients: 3, clients_per_round: 3, min_clients: 3, rounds: 3, eval_every: 1,
     assert all(r["aggregated"] and r["secure_clients"] == 3 and r["noise_added_by"] == "clients" for r in rounds)
     assert all(r["secure_overhead_bytes"] == 3 * (96 + (8 + 156 + 8 + 66) * 2) for r in rounds)  # k = 2 of 3
     assert "masked input sent (secure aggregation)" in (tmp_path / "client0.log").read_text()
+    server_log = (tmp_path / "server.log").read_text()
+    assert "stage 'keys') refused: round 99 is not a secure round" in server_log
+    assert "rejected a malformed message" in server_log
