@@ -172,7 +172,7 @@ def test_malformed_uploads_are_refused_before_tenseal_sees_them(params, hundred)
         "an encrypted update is": {"ct": good["ct"]},
         "ct must be a 1-D torch.uint8": {"ct": good["ct"].to(torch.int16), "ct_sizes": good["ct_sizes"]},
         "ct_sizes must be a 1-D torch.int64": {"ct": good["ct"], "ct_sizes": good["ct_sizes"].view(1, -1)},
-        "1 chunks, but 5000 values take 2": good,
+        "1 chunks, but the update.s values take 2": good,
         "add up to": {"ct": good["ct"][:-1], "ct_sizes": good["ct_sizes"]},
         f"takes {low}..{high}": {"ct": torch.zeros(high + 1, dtype=torch.uint8),
                                  "ct_sizes": torch.tensor([high + 1])},
@@ -204,6 +204,19 @@ def test_bad_ciphertexts_are_refused_with_a_reason(params, keys, hundred):
         ckks.add(public, params, [uploads[0], _wire([blob, blob])])
     with pytest.raises(ValueError, match="clients must be 1..100"):
         ckks.decrypt(secret, params, uploads[0], NUMEL, CLIENTS + 1)
+
+
+def test_a_flipped_byte_in_a_ciphertext_is_refused_at_loading_or_at_decryption(params, keys, hundred):
+    secret, public = keys
+    _, uploads, _ = hundred
+    blob = ckks._split(params, uploads[0], "")[0]
+    gen = torch.Generator().manual_seed(0)
+    for i in torch.randint(100, len(blob), (10,), generator=gen).tolist():
+        bad = bytearray(blob)
+        bad[i] ^= 0x10
+        with pytest.raises(ValueError, match="not a ciphertext|out of range"):
+            summed = ckks.add(public, params, [uploads[1], _wire([bytes(bad)])])
+            ckks.decrypt(secret, params, summed, NUMEL, 2)
 
 
 def test_a_sum_under_another_key_of_the_same_parameters_is_refused_at_decryption(params, keys, hundred):

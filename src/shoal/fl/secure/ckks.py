@@ -285,9 +285,7 @@ def check(params: CkksParams, tensors: dict[str, torch.Tensor], numel: int) -> N
     """Raise ``ValueError`` saying what is wrong if ``tensors`` cannot be an encrypted update of ``numel``."""
     if not _is_int(numel) or numel < 1:
         raise ValueError(f"numel must be a positive integer, got {numel!r}")
-    sizes = _sizes(params, tensors)
-    if len(sizes) != params.chunks(numel):
-        raise ValueError(f"{len(sizes)} chunks, but {numel} values take {params.chunks(numel)}")
+    _sizes(params, tensors, params.chunks(numel))
 
 
 def add(public_context: bytes, params: CkksParams, uploads: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -456,7 +454,7 @@ def _to_wire(blobs: list[bytes]) -> dict[str, torch.Tensor]:
     return {"ct": ct, "ct_sizes": torch.tensor([len(b) for b in blobs], dtype=torch.int64)}
 
 
-def _sizes(params: CkksParams, tensors: Any) -> list[int]:
+def _sizes(params: CkksParams, tensors: Any, chunks: int | None = None) -> list[int]:
     if not isinstance(tensors, dict) or set(tensors) != {"ct", "ct_sizes"}:
         keys = sorted(tensors) if isinstance(tensors, dict) else type(tensors).__name__
         raise ValueError(f'an encrypted update is {{"ct", "ct_sizes"}}, got {keys}')
@@ -464,14 +462,16 @@ def _sizes(params: CkksParams, tensors: Any) -> list[int]:
     for name, t, dtype in (("ct", ct, torch.uint8), ("ct_sizes", sizes, torch.int64)):
         if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1:
             raise ValueError(f"{name} must be a 1-D {dtype} tensor, got {_describe(t)}")
+    if chunks is not None and sizes.numel() != chunks:
+        raise ValueError(f"{sizes.numel()} chunks, but the update's values take {chunks}")
     low, high = params.ciphertext_bytes
-    values = sizes.tolist()
-    for i, size in enumerate(values):
-        if not low <= size <= high:
-            raise ValueError(f"chunk {i} is {size} bytes; a ciphertext at these parameters takes {low}..{high}")
-    if sum(values) != ct.numel():
-        raise ValueError(f"ct_sizes add up to {sum(values)} bytes, ct has {ct.numel()}")
-    return values
+    bad = ((sizes < low) | (sizes > high)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"chunk {i} is {int(sizes[i])} bytes; a ciphertext at these parameters takes {low}..{high}")
+    if int(sizes.sum()) != ct.numel():
+        raise ValueError(f"ct_sizes add up to {int(sizes.sum())} bytes, ct has {ct.numel()}")
+    return sizes.tolist()
 
 
 def _split(params: CkksParams, tensors: dict[str, torch.Tensor], where: str) -> list[bytes]:
