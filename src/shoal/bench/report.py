@@ -127,6 +127,19 @@ FIELDS: dict[str, Field] = {
     "size_ratio": Field("size reduction vs fp32", ratio, SPEEDUP),
     "speedup_batch1": Field("speed-up, batch 1", ratio, SPEEDUP),
     "speedup_batch32": Field("speed-up, batch 32", ratio, SPEEDUP),
+    # secure aggregation (shoal bench secure)
+    "clients": Field("clients", integer),
+    "dropped": Field("dropped", integer),
+    "uplink_bytes_per_client": Field("uplink per client (KB)", kilobytes),
+    "uplink_vs_fp32": Field("uplink vs fp32", ratio, "uplink vs fp32: a client's bytes over 4 bytes a value, "
+                            "lower is better"),
+    "overhead_fraction": Field("keys and shares vs payload (%)", percent),
+    "client_s": Field("client (s)", significant),
+    "server_s": Field("server (s)", significant),
+    "unmask_s": Field("server unmasking (s)", significant),
+    "plain_server_s": Field("plain server (s)", significant),
+    "critical_path_s": Field("client + server (s)", significant),
+    "max_abs_error": Field("largest error in the sum", significant),
 }
 
 

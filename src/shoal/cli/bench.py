@@ -222,6 +222,37 @@ def bench_privacy(
     run.finish(results, title="shoal bench privacy", images=images, columns=privacy.COLUMNS)
 
 
+@bench_app.command("secure")
+def bench_secure(
+    out: Path = typer.Option(Path("runs/bench-secure"), "--out", "-o", help="writes bench.json and report.html"),
+    clients: str = typer.Option("10,50,100", help="clients in the round, comma-separated"),
+    drops: str = typer.Option("0,0.1,0.3", help="shares of them dropped before their masked input, comma-separated"),
+    numel: int = typer.Option(185_418, min=1, help="values in an update (default: the demo cnn1d's parameters)"),
+    value_bits: int = typer.Option(16, min=2, max=24, help="bits of each coordinate's fixed-point code"),
+    repeat: int = typer.Option(3, min=1, help="rounds per row; bench.json holds the medians"),
+    quick: bool = typer.Option(False, help="a reduced run (n = 6, 10 clients of 20,000 values, one round) for tests"),
+) -> None:
+    """SecAgg+'s cost against plain aggregation: uplink per client against fp32, keys and shares against the
+    payload, client and server seconds and the server's unmasking, per number of clients and share dropped.
+
+    The dropped clients leave after sharing their secrets, before their masked input (the server's costliest
+    recovery). Every message is packed and unpacked as gRPC would carry it; all parties run in this process.
+    """
+    from shoal.bench import secure
+
+    try:
+        ns, fractions = secure.parse_list(clients, int, "--clients"), secure.parse_list(drops, float, "--drops")
+        secure.check(ns, fractions)
+    except ValueError as err:
+        fail(str(err))
+    if quick:
+        ns, fractions, numel, repeat = [6, 10], [0.0, 0.3], 20_000, 1
+    run = BenchRun(out, wide_console(160))
+    results = secure.run_bench(clients=ns, drops=fractions, numel=numel, repeat=repeat, out=out, log=run.log,
+                               value_bits=value_bits)
+    run.finish(results, title="shoal bench secure", columns=secure.COLUMNS)
+
+
 @bench_app.command("compress")
 def bench_compress(
     out: Path = typer.Option(Path("runs/bench-compress"), "--out", "-o", help="writes bench.json, report.html, PNGs"),
