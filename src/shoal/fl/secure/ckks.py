@@ -51,14 +51,14 @@ per data prime and a parameter that over k. ``CkksParams.for_addition``
 picks, for given ``value_bits`` and n_max, the k, N, scale and primes with
 the fewest bytes a parameter. For q = 14 and n_max = 100: N = 4096, one
 57-bit data prime, scale 2**15, k = 2; 15.6 bytes a parameter for 185,000
-values against 82.4 for TenSEAL's default use (N = 8192, [60, 40, 40, 60],
-scale 2**40, one float a slot). The price is q: a 100-client sum of
-N(0, 0.01**2) updates clipped at 0.06 is off the float sum by 3e-4 (relative
-L2), all of it stochastic rounding; q = 16 brings that to 7e-5 at 17.5 bytes
-(two 31-bit primes). No setting of this scheme has both 16 bytes and 1e-4 at
-n_max = 100: float64 caps a slot at 46 useful bits, each value needs
-q + 7 of them, and a slot costs about 31 bytes. ``measure()`` gives the
-figures.
+values (16.4 for 50,000: the last chunk is padded) against 82.4 for
+TenSEAL's default use (N = 8192, [60, 40, 40, 60], scale 2**40, one float a
+slot). The price is q: a 100-client sum of N(0, 0.01**2) updates clipped at
+0.06 is off the float sum by 3e-4 (relative L2), all of it stochastic
+rounding; q = 16 brings that to 7e-5 at 17.5 bytes (two 31-bit primes). For
+such updates no setting of this scheme has both 16 bytes and 1e-4 at
+n_max = 100: float64 caps a slot at 46 useful bits, each value needs q + 7
+of them, and a slot costs about 31 bytes. ``measure()`` gives the figures.
 
 Who holds the keys: ``keygen`` makes one secret context that the clients
 share (as NVFlare's clients do); the server gets the public context, which
