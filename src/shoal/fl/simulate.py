@@ -114,12 +114,10 @@ def simulate(cfg: FlRunConfig | str | Path | dict[str, Any], *, overrides: list[
 def _secure_round(fed: Federation, rnd: int, tally: RoundTally, updates: dict[int, torch.Tensor],
                   drop_at: dict[int, str]) -> None:
     """Run the round's secure aggregation over every selected client (the dropped ones stop at their stage)."""
-    from shoal.fl.secure.secagg import run_round
-
     setup = fed.secure_setup(rnd, tally.selected)
     inputs = {c: updates.get(c, torch.zeros(fed.flat.numel)) for c in tally.selected
               if c in updates or drop_at.get(c) in ("keys", "shares")}
-    aggregate, tally.secure_error, traffic = run_round(setup, inputs, fed.weights, drop_at=drop_at)
+    aggregate, tally.secure_error, traffic = fed.secure.local_round(setup, inputs, fed.weights, drop_at=drop_at)
     tally.secure = aggregate
     tally.uplink_bytes += sum(traffic.uplink.values())
     tally.downlink_bytes += sum(traffic.downlink.values())

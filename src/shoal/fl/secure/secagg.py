@@ -214,6 +214,11 @@ class SecAgg:
         """How much fixed-point rounding can add to an update's L2 norm (DP's sensitivity grows by it)."""
         return fixed_point.rounding_bound(numel, self.options.clip_range, self.options.value_bits)
 
+    def local_round(self, setup: Setup, updates: dict[int, torch.Tensor], weights: torch.Tensor, *,
+                    drop_at: dict[int, str]) -> tuple[Aggregate | None, str | None, Traffic]:
+        """The whole round in this process (``shoal fl simulate``): :func:`run_round`."""
+        return run_round(setup, updates, weights, drop_at=drop_at)
+
 
 # --- the client ---------------------------------------------------------------------------
 class SecAggClient:
