@@ -8,7 +8,6 @@ from tests.conftest import run_cli
 
 
 @pytest.mark.processes
-@pytest.mark.quick
 def test_the_quick_bench_measures_each_row_and_its_uplink_is_below_fp32(tmp_path):
     done = run_cli("bench", "secure", "--quick", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
