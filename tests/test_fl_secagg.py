@@ -49,6 +49,14 @@ def test_shamir_any_t_shares_recover_the_secret_and_a_forged_one_is_found():
     assert found == (secret, [2])
 
 
+def test_fixed_point_codes_are_unbiased_and_clipped():
+    value = torch.full((200_000,), 0.1234)
+    codes = fixed_point.encode(value, 0.5, 8, np.random.default_rng(1))  # 127 levels: step 0.5 / 127
+    assert set(np.unique(codes)) == {31, 32}  # 0.1234 * 254 = 31.34: the two neighbours only
+    assert codes.mean() * 0.5 / 127 == pytest.approx(0.1234, rel=1e-3)
+    assert fixed_point.encode(torch.tensor([9.0, -9.0]), 0.5, 8, np.random.default_rng(1)).tolist() == [127, -127]
+
+
 def test_the_neighbour_graph_is_k_regular_symmetric_and_the_same_from_the_seed():
     parts = list(range(0, 200, 2))
     k = neighbours.degree(len(parts))
@@ -93,7 +101,7 @@ def test_a_masked_input_is_uniform_and_the_unmasked_codes_are_not():
     server.close()
     y = client.masked_input(server.reply("shares", 3)[1], update)["y"].numpy()
     masked = unpack_wide(y, setup.bits, 50_000)
-    plain = fixed_point.to_residues(fixed_point.encode(update, 0.5, 16, torch.Generator().manual_seed(0)))
+    plain = fixed_point.to_residues(fixed_point.encode(update, 0.5, 16, np.random.default_rng(0)))
     plain &= np.uint32((1 << setup.bits) - 1)
 
     def p_value(values):

@@ -272,8 +272,7 @@ class SecAggClient:
         return {"to": torch.tensor(ids, dtype=torch.int64), "ct": torch.from_numpy(np.stack(rows).copy()),
                 "commit": _u8(_commitment(self.setup, self.me, self._seed))}
 
-    def masked_input(self, reply: dict[str, torch.Tensor], update: torch.Tensor,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def masked_input(self, reply: dict[str, torch.Tensor], update: torch.Tensor) -> dict[str, torch.Tensor]:
         self._stage("masked")
         _expect(reply, {"from": (torch.int64, None), "ct": (torch.uint8, CT_BYTES)})
         senders = reply["from"].tolist()
@@ -295,9 +294,7 @@ class SecAggClient:
                              shamir.from_bytes(plain[8 + shamir.SHARE_BYTES:]))
         self._peers = senders
         s = self.setup
-        if generator is None:
-            generator = torch.Generator().manual_seed(secrets.randbits(63))
-        codes = fixed_point.encode(update, s.clip_range, s.value_bits, generator)
+        codes = fixed_point.encode(update, s.clip_range, s.value_bits, self.rng)
         codes += fixed_point.skellam(s.numel, s.noise_variance, self.rng)
         y = fixed_point.to_residues(codes)
         y += prg(self._seed, s.numel)
