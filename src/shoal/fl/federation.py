@@ -247,6 +247,10 @@ class Federation:
         if tally.results:
             record["loss"] = sum(r.loss * r.num_examples for r in tally.results) / sum(
                 r.num_examples for r in tally.results)
+        return self._record(rnd, record)
+
+    def _record(self, rnd: int, record: dict[str, Any]) -> dict[str, Any]:
+        """Evaluate when the round calls for it, then keep and write the round's metrics line."""
         if rnd % self.cfg.fl.eval_every == 0 or rnd == self.cfg.fl.rounds:
             record.update(self.evaluate())
             self._note_target(record)
@@ -289,12 +293,7 @@ class Federation:
             record["loss"] = loss
         if tally.secure_error is not None:
             log.warning("%s", tally.secure_error)
-        if rnd % self.cfg.fl.eval_every == 0 or rnd == self.cfg.fl.rounds:
-            record.update(self.evaluate())
-            self._note_target(record)
-        self.history.append(record)
-        self.metrics.write(record)
-        return record
+        return self._record(rnd, record)
 
     def evaluate(self) -> dict[str, float]:
         """The global model's test metrics as metrics.jsonl keys: test_loss, test_accuracy, the task's others."""
