@@ -20,6 +20,7 @@ from shoal.fl.simulate import simulate
 from shoal.fl.transport import Connection, RpcFailed
 from shoal.privacy.accountant import epsilon
 from tests.fl_federation import federation
+from tests.test_fl_local_dp import SMALL  # digits, an MLP, 10 clients, 5 a round, 6 rounds
 
 D = 3000
 
@@ -247,13 +248,6 @@ def test_distributed_noise_has_the_planned_variance_and_the_sum_fits_its_bits():
     assert agg.total.std().item() == pytest.approx(2.0 * np.sqrt(2), rel=0.08)
 
 
-SMALL = {
-    "seed": 0,
-    "data": {"dataset": "digits", "batch_size": 16},
-    "model": "mlp:hidden=[32]",
-    "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.0},
-    "fl": {"clients": 10, "clients_per_round": 5, "rounds": 6, "eval_every": 3},
-}
 
 
 @pytest.mark.parametrize("setting, message", [
