@@ -187,6 +187,10 @@ class FederationConfig(_Strict):
                              f"{self.strategy.name} cannot use (it needs each one); use fedavg, fedavgm, fedprox, "
                              "fedsgd, fedadam, fedyogi or fedadagrad")
         if self.privacy is not None:
+            if not self.secure.target.distributed_noise:
+                raise ValueError(f"privacy: distributed DP noise is built for secagg; fl.secure={name} cannot add "
+                                 "it, so the server would get a sum without noise: use fl.secure=secagg with "
+                                 "fl.privacy, or drop fl.privacy")
             if self.privacy.where != "client":
                 raise ValueError("privacy.where: under fl.secure the server never sees an update to clip; set "
                                  "fl.privacy.where=client (the clients clip and add the noise)")

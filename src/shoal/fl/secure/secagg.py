@@ -201,6 +201,9 @@ class SecAggOptions(BaseModel):
 class SecAgg:
     """SecAgg+ (Bonawitz et al. 2017, Bell et al. 2020): masked fixed-point updates, the server sees only the sum."""
 
+    distributed_noise = True  # its clients add Skellam shares of fl.privacy's noise (setup's noise_std)
+    runs_over_grpc = True  # shoal fl server / client run its stages (the Secure call)
+
     def __init__(self, options: SecAggOptions):
         self.options = options
 
