@@ -96,6 +96,9 @@ class _Round:
 
 class FlServer:
     def __init__(self, cfg: FlRunConfig, out: str | Path, *, console: Console | None = None):
+        if cfg.fl.secure is not None and not cfg.fl.secure.target.runs_over_grpc:  # before server.db is made
+            raise ValueError(f"fl.secure={cfg.fl.secure.name}: gRPC runs support secagg only so far; run "
+                             f"{cfg.fl.secure.name} with `shoal fl simulate`, or use fl.secure=secagg")
         self.cfg = cfg
         self.out = Path(out)
         self.console = console or Console()
@@ -199,14 +202,21 @@ class FlServer:
                     return wire.pack({"wait": True, "incarnation": self.incarnation}, {})
                 self.cond.wait(left)
 
-    def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def _read(self, request: bytes, context: grpc.ServicerContext,
+              what: str) -> tuple[str, int, dict[str, Any], dict[str, torch.Tensor]]:
+        """A message that carries tensors: its token's name, partition, meta and tensors (the tensors read
+        only once the token and partition passed); aborts the call otherwise."""
         limit = int(self.cfg.server.max_update_bytes)
         name, part, meta = self._auth(request, context, limit)
         try:
             _, tensors = wire.unpack(request, max_bytes=limit)
         except wire.WireError as err:
-            log.warning("rejected a malformed update from %s (token %s): %s", context.peer(), name, err)
+            log.warning("rejected a malformed %s from %s (token %s): %s", what, context.peer(), name, err)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
+        return name, part, meta, tensors
+
+    def submit(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        name, part, meta, tensors = self._read(request, context, "update")
         rnd, count = meta.get("round"), meta.get("num_examples")
         with self.cond:
             r = self.current
@@ -254,14 +264,7 @@ class FlServer:
         """One client's message of one secure-aggregation stage; answered when the stage has closed."""
         from shoal.fl.secure.secagg import STAGES, ProtocolError
 
-        limit = int(self.cfg.server.max_update_bytes)
-        name, part, meta = self._auth(request, context, limit)
-        try:
-            _, tensors = wire.unpack(request, max_bytes=limit)
-        except wire.WireError as err:
-            log.warning("rejected a malformed secure-aggregation message from %s (token %s): %s", context.peer(),
-                        name, err)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {err}")
+        name, part, meta, tensors = self._read(request, context, "secure-aggregation message")
         rnd, stage = meta.get("round"), meta.get("stage")
         with self.cond:
             r = self.current
