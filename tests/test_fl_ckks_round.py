@@ -17,7 +17,7 @@ from shoal.fl.secure import ckks  # noqa: E402
 from shoal.fl.secure.ckks_round import Ckks, CkksOptions  # noqa: E402
 from shoal.fl.simulate import simulate  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
-from tests.test_fl_secagg import SMALL  # noqa: E402
+from tests.test_fl_local_dp import SMALL  # noqa: E402  digits, an MLP, 10 clients, 5 a round, 6 rounds
 
 NUMEL = 3000
 CLIENTS = 5
