@@ -54,8 +54,9 @@ class FleetConfig(_Strict):
     local_epochs_max: int | None = Field(None, ge=1, description="if set, each client's local epochs are drawn "
                                          "once from [fl.local_epochs, this]")
     drop_stage: Literal["train", "keys", "shares", "masked", "unmask"] = Field(
-        "train", description="under fl.secure=secagg: the protocol stage at which a client that drops out stops "
-        "answering (train: before it starts; keys, shares, masked, unmask: from that stage on)")
+        "train", description="under fl.secure: the protocol stage at which a client that drops out stops "
+        "answering (train: before it starts; keys, shares, masked, unmask: from that stage on; under ckks "
+        "any stage before unmask means no upload)")
 
 
 class PrivacyConfig(_Strict):
@@ -124,7 +125,8 @@ class FederationConfig(_Strict):
                                                  "training: dp_sgd:noise_multiplier=...,clip=...[,target_epsilon=...]")
     secure: Optional[SecureSpec] = Field(None, description="secure aggregation, so the server sees only the sum "
                                          "of the round's updates: secagg[:value_bits=16,clip_range=0.5,...] "
-                                         "(SecAgg+; with fl.privacy its noise is added by the clients)")
+                                         "(SecAgg+; with fl.privacy its noise is added by the clients) or "
+                                         "ckks[:value_bits=14,...] (homomorphic, TenSEAL; fl simulate only)")
 
     @property
     def sampling_rate(self) -> float:
