@@ -99,7 +99,8 @@ def plain_server_s(updates: dict[int, torch.Tensor], drop: set[int]) -> float:
 
 
 def run_bench(*, clients: list[int], drops: list[float], numel: int, repeat: int, out: Path,
-              log: Callable[[str], None] = print, value_bits: int = 16) -> list[dict[str, Any]]:
+              log: Callable[[str], None] = print, value_bits: int = 16, threshold: float = 0.5,
+              neighbours: int | None = None) -> list[dict[str, Any]]:
     """Every (n, dropped share) row, medians over ``repeat`` rounds; writes OUT/bench.json."""
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -114,7 +115,8 @@ def run_bench(*, clients: list[int], drops: list[float], numel: int, repeat: int
             try:
                 for _ in range(repeat):
                     setup = sa.plan(1, list(range(n)), numel, sa.model_hash(weights), value_bits=value_bits,
-                                    clip_range=0.5, neighbours_k=None, threshold=0.5, min_fraction=0.5)
+                                    clip_range=0.5, neighbours_k=neighbours, threshold=threshold,
+                                    min_fraction=0.5)
                     runs.append(timed_round(setup, updates, weights, drop))
                     plains.append(plain_server_s(updates, drop))
             except sa.RoundAborted as err:  # too many dropped for this n: what the protocol does, reported
@@ -135,7 +137,8 @@ def run_bench(*, clients: list[int], drops: list[float], numel: int, repeat: int
             log(f"{label}: uplink {row['uplink_vs_fp32']:.3f}x fp32 ({row['bits']} bits), keys and shares "
                 f"{100 * row['overhead_fraction']:.2f}% of it; client {row['client_s']:.3f} s, server "
                 f"{row['server_s']:.3f} s (unmasking {row['unmask_s']:.3f} s; plain {row['plain_server_s']:.3f} s)")
-    write_json_atomic(out / "bench.json", {"rows": rows, "numel": numel, "repeat": repeat})
+    write_json_atomic(out / "bench.json", {"rows": rows, "numel": numel, "repeat": repeat, "threshold": threshold,
+                                           "neighbours": neighbours})
     return rows
 
 

@@ -229,6 +229,9 @@ def bench_secure(
     drops: str = typer.Option("0,0.1,0.3", help="shares of them dropped before their masked input, comma-separated"),
     numel: int = typer.Option(185_418, min=1, help="values in an update (default: the demo cnn1d's parameters)"),
     value_bits: int = typer.Option(16, min=2, max=24, help="bits of each coordinate's fixed-point code"),
+    threshold: float = typer.Option(0.5, min=0.0, max=0.99, help="t = floor(threshold * k) + 1 shares recover a "
+                                    "secret (fl.secure=secagg:threshold=)"),
+    neighbours: Optional[int] = typer.Option(None, min=2, help="k (default: about 3 log2 n)"),
     repeat: int = typer.Option(3, min=1, help="rounds per row; bench.json holds the medians"),
     quick: bool = typer.Option(False, help="a reduced run (n = 6, 10 clients of 20,000 values, one round) for tests"),
 ) -> None:
@@ -249,7 +252,7 @@ def bench_secure(
         ns, fractions, numel, repeat = [6, 10], [0.0, 0.3], 20_000, 1
     run = BenchRun(out, wide_console(160))
     results = secure.run_bench(clients=ns, drops=fractions, numel=numel, repeat=repeat, out=out, log=run.log,
-                               value_bits=value_bits)
+                               value_bits=value_bits, threshold=threshold, neighbours=neighbours)
     run.finish(results, title="shoal bench secure", columns=secure.COLUMNS)
 
 
