@@ -90,17 +90,8 @@ def test_too_few_survivors_abort_the_round_saying_why():
 def test_a_masked_input_is_uniform_and_the_unmasked_codes_are_not():
     setup = _setup(numel=50_000)
     update = torch.randn(50_000) * 0.05
-    client = sa.SecAggClient(setup, 3, torch.zeros(50_000))
-    others = {u: sa.SecAggClient(setup, u, torch.zeros(50_000)) for u in setup.participants if u != 3}
-    server = sa.SecAggServer(setup)
-    everyone = {3: client, **others}
-    for u, c in everyone.items():
-        server.receive("keys", u, c.advertise())
-    server.close()
-    for u, c in everyone.items():
-        server.receive("shares", u, c.share(server.reply("keys", u)[1]))
-    server.close()
-    y = client.masked_input(server.reply("shares", 3)[1], update)["y"].numpy()
+    clients, _, replies, _ = _run_to("masked", setup)
+    y = clients[3].masked_input(replies[3], update)["y"].numpy()
     masked = unpack_wide(y, setup.bits, 50_000)
     plain = fixed_point.to_residues(fixed_point.encode(update, 0.5, 16, np.random.default_rng(0)))
     plain &= np.uint32((1 << setup.bits) - 1)
