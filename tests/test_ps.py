@@ -124,21 +124,24 @@ def test_the_proxy_carries_calls_answers_errors_and_notes_over_the_pipe():
 @pytest.mark.parametrize("strategy", ["async_ps:servers=2", "ssp:staleness=1", "sync:backup=1"])
 def test_parameter_server_strategies_learn_on_three_workers(tmp_path, strategy):
     # Momentum 0.5: staleness acts as extra momentum (Mitliagkas et al. 2016); at
-    # 0.9 asynchronous SGD on this toy problem diverges, as it does for users.
+    # 0.9 asynchronous SGD on this toy problem diverges, as it does for users. 120 steps: at 80
+    # the model is still climbing (0.63 at step 40), and the last versions a loaded machine
+    # applies alone left it at 0.69-0.85; at 120 it is past 0.85 however the pushes arrive.
+    steps = 120
     summary = shoal.train(small_config(tmp_path / "run", workers=3, strategy=strategy, codec="fp16",
                                        optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.5},
-                                       train__steps=80, train__eval_every=40))
+                                       train__steps=steps, train__eval_every=60))
     assert summary.final_accuracy > 0.7, summary.final_accuracy
     assert summary.mean_staleness is not None and summary.updates > 0
     if strategy.startswith("sync"):
         # A version needs 2 of the 3 pushes (all that are left, once workers finish); late ones
         # are dropped. How many come alone at the end depends on which worker lags, so the
         # count is bounded by the rule, not by an order of arrival.
-        applied = 3 * 80 - summary.dropped_pushes  # one shard
+        applied = 3 * steps - summary.dropped_pushes  # one shard
         assert summary.mean_staleness == 0
         assert math.ceil(applied / 2) <= summary.updates < applied
     else:
-        assert summary.updates == 3 * 80  # every push of every worker applied
+        assert summary.updates == 3 * steps  # every push of every worker applied
     assert summary.wire_bytes_per_worker < summary.dense_bytes_per_worker  # fp16 on the push
 
 
