@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import run_cli
+from shoal.fl.certs import make_certs
+from shoal.fl.store import ServerStore
 from tests.test_fl_grpc import _cli, _wait
 
 
@@ -29,23 +30,20 @@ class Federation:
 
 
 @contextmanager
-def federation(tmp_path: Path, body: str, *, clients: int, client_args: tuple[str, ...] = ()) -> Iterator[Federation]:
+def federation(tmp_path: Path, body: str, *, clients: int, client_args: tuple[str, ...] = (),
+               server_args: tuple[str, ...] = ()) -> Iterator[Federation]:
     """Start a server for the YAML ``body`` (data/model/optimizer/fl; server and out are added) and
-    ``clients`` clients, partition i for client i; every process still running at the end is killed."""
+    ``clients`` clients, partition i for client i; every process still running at the end is killed.
+    The certificates and tokens are made through the Python API (tests/test_fl_grpc.py runs the CLI's)."""
     certs, db, out = tmp_path / "certs", tmp_path / "server.db", tmp_path / "run"
     config = tmp_path / "fl.yaml"
     config.write_text(f"{body}\nserver: {{address: \"127.0.0.1:0\", db: {db}, certs: {certs}}}\nout: {out}\n")
-    names = [f"--client=client{i}" for i in range(clients)]
-    made = run_cli("fl", "certs", "--out", str(certs), *names)
-    assert made.returncode == 0, made.stderr
-    tokens = []
-    for i in range(clients):
-        added = run_cli("fl", "token", "add", f"client{i}", "--partition", str(i), "--config", str(config))
-        assert added.returncode == 0, added.stderr
-        tokens.append(added.stdout.strip())
+    make_certs(certs, hosts=["localhost", "127.0.0.1"], clients=[f"client{i}" for i in range(clients)])
+    with ServerStore(str(db)) as store:
+        tokens = [store.add_token(f"client{i}", [i]) for i in range(clients)]
     fed = Federation(tmp_path, config, out, tokens=tokens)
     try:
-        fed.procs.append(_cli("fl", "server", config, log=tmp_path / "server.log"))
+        fed.procs.append(_cli("fl", "server", config, *server_args, log=tmp_path / "server.log"))
         fed.address = _wait(lambda: (out / "server.json").exists()
                             and json.loads((out / "server.json").read_text())["address"], 60, "the server to listen")
         fed.procs += [_cli("fl", "client", config, "--server", fed.address, "--token", tokens[i], "--partition", i,

@@ -78,6 +78,36 @@ def certs_command(
                     + ", ".join(f"{f}/" for f in folders), highlight=False)
 
 
+@fl_app.command("keys")
+def keys_command(
+    config: Path = typer.Argument(..., help="YAML federated config with fl.secure=ckks"),
+    out: Path = typer.Option(..., "--out", "-o", help="directory for ckks-secret.key (for every client) and "
+                             "ckks-public.key (for the server)"),
+    set_: list[str] = typer.Option([], "--set", "-s", help="override a config key (repeatable)"),
+    force: bool = typer.Option(False, help="replace existing keys (every party must then get the new ones)"),
+) -> None:
+    """Make the CKKS key pair for fl.secure=ckks over gRPC, sized for the config's clients_per_round.
+
+    Hand ckks-secret.key to every client (shoal fl client --he-key) and only ckks-public.key to the server
+    (shoal fl server --he-key): the server adds the clients' ciphertexts and cannot decrypt them.
+    """
+    from shoal.fl.secure.ckks_keys import make_keys
+
+    cfg = _load(config, set_)
+    if cfg.fl.secure is None or not cfg.fl.secure.target.needs_keys:
+        fail(f"fl.secure: keys are for fl.secure=ckks; this config has "
+             f"{cfg.fl.secure.name if cfg.fl.secure else 'no fl.secure'}", "keys")
+    mechanism = cfg.fl.secure.target(cfg.fl.secure.options)
+    params = mechanism.params(cfg.fl.clients_per_round)
+    try:
+        secret, public = make_keys(params, out, force=force)
+    except ValueError as err:
+        fail(str(err), "keys")
+    print(f"wrote {secret} (every client's; keep it off the server) and {public} (the server's): CKKS "
+          f"N={params.poly_modulus_degree}, primes {list(params.coeff_mod_bit_sizes)}, {params.values_per_slot} "
+          f"values a slot, rounds of up to {params.max_clients} clients")
+
+
 token_app = typer.Typer(help="Enrolment tokens: a client must present one to join, and may speak only for the "
                         "partitions its token holds (stored hashed).",
                         no_args_is_help=True, context_settings=CONTEXT_SETTINGS)
@@ -182,6 +212,8 @@ def server_command(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="output directory (default: the config's 'out')"),
     address: Optional[str] = typer.Option(None, help="HOST:PORT to listen on (server.address; port 0: any)"),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="log every join, refusal and dropped client"),
+    he_key: Optional[Path] = typer.Option(None, "--he-key", help="fl.secure=ckks: the public key from `shoal fl "
+                                          "keys` (ckks-public.key); the server is never given the secret one"),
 ) -> None:
     """Run the federation's server: rounds over gRPC with mutual TLS, state in server.db, resumable."""
     import logging
@@ -193,7 +225,7 @@ def server_command(
     overrides = [*set_] + ([f"server.address={address}"] if address else [])
     cfg = _load(config, overrides, out=str(out) if out else None)
     try:
-        server = FlServer(cfg, cfg.out)
+        server = FlServer(cfg, cfg.out, he_key=he_key)
         summary = server.run()
     except (ValueError, ServerGaveUp) as err:
         fail(str(err), "server")
@@ -216,6 +248,8 @@ def client_command(
     privacy_state: Optional[Path] = typer.Option(
         None, help="fl.local_privacy: this client's privacy ledger, read at the start and written after every "
         "round (atomically), so a restarted client goes on spending the same budget"),
+    he_key: Optional[Path] = typer.Option(None, "--he-key", help="fl.secure=ckks: the secret key from `shoal fl "
+                                          "keys` (ckks-secret.key), which every client holds"),
 ) -> None:
     """Join a federation: train on this partition whenever selected, until the server finishes."""
     import logging
@@ -231,7 +265,7 @@ def client_command(
     try:
         tally = run_client(cfg, server=server, token=token, partition=partition,
                            certs=None if insecure else (certs or Path(cfg.server.certs)), name=name,
-                           retry_for_s=retry_for, privacy_state=privacy_state)
+                           retry_for_s=retry_for, privacy_state=privacy_state, he_key=he_key)
     except ValueError as err:
         fail(str(err), "client")
     except RpcFailed as err:

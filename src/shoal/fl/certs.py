@@ -111,9 +111,9 @@ def make_certs(
         for name, data, private in ((f"{stem}.key", _key_pem(key), True),
                                     (f"{stem}.pem", cert.public_bytes(serialization.Encoding.PEM), False),
                                     ("ca.pem", ca_pem, False)):
-            written[f"{stem}/{name}"] = _write(folder / name, data, private=private)
-    written["ca.pem"] = _write(out / "ca.pem", ca_pem)
-    written["ca.key"] = _write(out / "ca.key", _key_pem(ca_key), private=True)
+            written[f"{stem}/{name}"] = write_atomic(folder / name, data, private=private)
+    written["ca.pem"] = write_atomic(out / "ca.pem", ca_pem)
+    written["ca.key"] = write_atomic(out / "ca.key", _key_pem(ca_key), private=True)
     return written
 
 
@@ -237,7 +237,8 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _write(path: Path, data: bytes, *, private: bool = False) -> Path:
+def write_atomic(path: Path, data: bytes, *, private: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename; ``private``: readable by the owner only."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         # mkstemp creates the file 0600, so a private key is never readable by others.

@@ -32,6 +32,7 @@ from shoal.fl.certs import TlsFiles
 from shoal.fl.config import FlRunConfig
 from shoal.fl.federation import Fleet, client_partitions
 from shoal.fl.local import LocalTrainer, client_seed, local_privacy
+from shoal.fl.secure import grpc_mechanism
 from shoal.fl.transport import Connection
 from shoal.models.build import build_model
 from shoal.tasks.base import build_task
@@ -41,74 +42,74 @@ log = logging.getLogger("shoal.fl")
 
 def _secure_round(conn: Connection, cfg: FlRunConfig, me: dict[str, Any], meta: dict[str, Any],
                   weights: torch.Tensor, trainer: LocalTrainer, fleet: Fleet, x: torch.Tensor, y: torch.Tensor,
-                  memory: ErrorFeedback | None, partition: int, console: Console) -> str:
-    """Take part in one SecAgg+ round (``fl.secure``): keys and shares first, then train, then the masked
-    input and the shares the server needs. Returns the tally key: rounds, skipped or rejected."""
-    from shoal.fl.secure.secagg import STAGES, ProtocolError, SecAggClient, Setup
+                  memory: ErrorFeedback | None, partition: int, console: Console, mechanism: Any) -> str:
+    """Take part in one round under ``fl.secure``: the mechanism's stages in order (SecAgg+: keys and
+    shares, then train and send the masked input, then the shares the server needs; CKKS: train and
+    upload the encrypted update, then decrypt the sum if asked). Returns the tally key: rounds,
+    skipped or rejected."""
+    from shoal.fl.secure.secagg import ProtocolError
 
     rnd = meta["round"]
     try:
-        setup = Setup.from_meta(meta["config"]["secure"], numel=weights.numel())
-        client = SecAggClient(setup, partition, weights)
+        setup = mechanism.setup_from_meta(meta["config"]["secure"], weights.numel())
+        client = mechanism.client(setup, partition, weights)
     except ProtocolError as err:
         console.print(f"round {rnd}: refusing the round: {err}", highlight=False)
         return "rejected"
-    stop = cfg.fl.fleet.drop_stage if fleet.drops(rnd, partition) else None
-    timeout = cfg.fl.secure.options.stage_timeout_s + cfg.fl.deadline_s + 30
-
-    def send(stage: str, tensors: dict[str, torch.Tensor], **extra: Any) -> dict[str, torch.Tensor] | None:
-        reply_meta, reply = wire.unpack(conn.call("Secure", wire.pack(
-            {**me, "round": rnd, "stage": stage, **extra}, tensors), timeout=timeout))
-        if reply_meta.get("excluded"):
-            console.print(f"round {rnd}: out of the secure aggregation after stage {stage!r}: "
-                          f"{reply_meta['excluded']}", highlight=False)
-            return None
-        return reply
-
-    if stop == "train":
+    if fleet.drops(rnd, partition) and cfg.fl.fleet.drop_stage == "train":
         log.info("round %d: dropping out (fleet.dropout)", rnd)
         return "skipped"
+    stop = mechanism.drop_point(cfg.fl.fleet.drop_stage) if fleet.drops(rnd, partition) else None
+    # A call waits for its stage to close; under ckks an uploaded client waits while others are
+    # asked, one stage_timeout_s each, to decrypt the sum.
+    timeout = cfg.fl.deadline_s + cfg.fl.secure.options.stage_timeout_s * (len(setup.participants) + 1) + 30
+    reply_meta: dict[str, Any] = {}
+    reply: dict[str, torch.Tensor] = {}
+    result = None
     try:
-        reply = None
-        for stage in STAGES:
+        for stage in client.stages:
             if stop == stage:
                 log.info("round %d: dropping out at stage %r (fleet.dropout, fleet.drop_stage)", rnd, stage)
                 return "skipped"
-            if stage == "keys":
-                reply = send(stage, client.advertise())
-            elif stage == "shares":
-                reply = send(stage, client.share(reply))
-            elif stage == "masked":
+            extra: dict[str, Any] = {}
+            if stage == client.result_stage:
                 result = trainer.fit(weights, x, y, epochs=fleet.epochs[partition], config=meta["config"],
                                      seed=client_seed(cfg.seed, rnd, partition), memory=memory, client=partition)
                 slow = fleet.slowness(partition)
                 if slow > 1:
                     time.sleep(result.compute_s * (slow - 1))
-                reply = send(stage, client.masked_input(reply, result.delta), num_examples=result.num_examples,
-                             loss=result.loss)
-            else:
-                send(stage, client.unmask(reply))
-            if reply is None:
+                extra = {"num_examples": result.num_examples, "loss": result.loss}
+            message = client.message(stage, reply_meta, reply, None if result is None else result.delta)
+            reply_meta, reply = wire.unpack(conn.call("Secure", wire.pack(
+                {**me, "round": rnd, "stage": stage, **extra}, message), timeout=timeout))
+            if reply_meta.get("excluded"):
+                console.print(f"round {rnd}: out of the secure aggregation after stage {stage!r}: "
+                              f"{reply_meta['excluded']}", highlight=False)
                 return "rejected"
+            if reply_meta.get("done"):
+                break
     except ProtocolError as err:
         console.print(f"round {rnd}: leaving the secure aggregation: {err}", highlight=False)
         return "rejected"
-    console.print(f"round {rnd}: loss {result.loss:.4f}, masked input sent (secure aggregation)", highlight=False)
+    console.print(f"round {rnd}: loss {result.loss:.4f}, {mechanism.sent} sent (secure aggregation)",
+                  highlight=False)
     return "rounds"
 
 
 def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, certs: str | Path | None,
                name: str | None = None, retry_for_s: float = 120.0, console: Console | None = None,
-               privacy_state: str | Path | None = None) -> dict[str, Any]:
+               privacy_state: str | Path | None = None, he_key: str | Path | None = None) -> dict[str, Any]:
     """Take part until the server says training is over; returns this client's tally.
 
     ``certs`` is this client's folder from ``shoal fl certs`` (``OUT/NAME``),
     or ``OUT`` with ``name``; None runs without TLS. ``privacy_state``: under ``fl.local_privacy``, the
     file that keeps this client's ledger across restarts (read if present, rewritten after each round).
+    ``he_key``: under ``fl.secure: ckks``, the secret key file from ``shoal fl keys``.
     """
     console = console or Console()
     if not 0 <= partition < cfg.fl.clients:
         raise ValueError(f"--partition {partition}: must be in [0, {cfg.fl.clients}) (fl.clients)")
+    mechanism = grpc_mechanism(cfg, he_key, server=False)
     torch.set_num_threads(1)
     data = build_dataset(cfg.data.dataset)
     x, y = fetch(data.train, client_partitions(cfg, data)[partition].tolist())
@@ -144,7 +145,8 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
                 continue
             rnd = meta["round"]
             after = rnd
-            if fleet.drops(rnd, partition):
+            secure = "secure" in meta["config"]
+            if fleet.drops(rnd, partition) and not secure:  # a secure round drops at fleet.drop_stage
                 tally["skipped"] += 1
                 log.info("round %d: dropping out (fleet.dropout)", rnd)
                 continue
@@ -153,9 +155,11 @@ def run_client(cfg: FlRunConfig, *, server: str, token: str, partition: int, cer
                 console.print(f"round {rnd}: sitting out: another round would take this client's epsilon past "
                               f"fl.local_privacy's target_epsilon", highlight=False)
                 continue
-            if "secure" in meta["config"]:
+            if secure:
+                if mechanism is None:
+                    raise ValueError(f"round {rnd} is a secure round, and this client's config has no fl.secure")
                 outcome = _secure_round(conn, cfg, me, meta, tensors["weights"], trainer, fleet, x, y, memory,
-                                        partition, console)
+                                        partition, console, mechanism)
                 tally[outcome] += 1
                 if outcome == "rounds":
                     tally["accepted"] += 1

@@ -63,6 +63,7 @@ from shoal.fl import wire
 from shoal.fl.certs import TlsFiles
 from shoal.fl.config import FlRunConfig
 from shoal.fl.federation import Federation, RoundTally, UpdateRejected
+from shoal.fl.secure import grpc_mechanism
 from shoal.fl.store import ServerStore
 from shoal.fl.strategies.base import ClientResult
 from shoal.fl.transport import peer_identity, serve
@@ -95,16 +96,20 @@ class _Round:
 
 
 class FlServer:
-    def __init__(self, cfg: FlRunConfig, out: str | Path, *, console: Console | None = None):
-        if cfg.fl.secure is not None and not cfg.fl.secure.target.runs_over_grpc:  # before server.db is made
-            raise ValueError(f"fl.secure={cfg.fl.secure.name}: gRPC runs support secagg only so far; run "
-                             f"{cfg.fl.secure.name} with `shoal fl simulate`, or use fl.secure=secagg")
+    """``he_key``: under a mechanism that needs keys (``fl.secure: ckks``), the public key file from
+    ``shoal fl keys``; the server never holds the secret one."""
+
+    def __init__(self, cfg: FlRunConfig, out: str | Path, *, console: Console | None = None,
+                 he_key: str | Path | None = None):
+        secure = grpc_mechanism(cfg, he_key, server=True)  # before server.db is made
         self.cfg = cfg
         self.out = Path(out)
         self.console = console or Console()
         self.store = ServerStore(cfg.server.db)
         start = self.store.last_round()
         self.fed = Federation(cfg, out, start_round=start, console=self.console, mode="server")
+        if secure is not None:
+            self.fed.secure = secure
         self.cfg = cfg = self.fed.cfg  # fl.privacy's noise calibrated (the same on every restart)
         if start:
             state = self.store.load_state()
@@ -261,8 +266,9 @@ class FlServer:
         return wire.pack({"accepted": reason is None, "reason": reason or ""}, {})
 
     def secure(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        """One client's message of one secure-aggregation stage; answered when the stage has closed."""
-        from shoal.fl.secure.secagg import STAGES, ProtocolError
+        """One client's message of one secure-aggregation stage; answered once the round can (SecAgg+:
+        when the stage has closed)."""
+        from shoal.fl.secure.secagg import ProtocolError
 
         name, part, meta, tensors = self._read(request, context, "secure-aggregation message")
         rnd, stage = meta.get("round"), meta.get("stage")
@@ -271,9 +277,10 @@ class FlServer:
             try:
                 if r is None or r.secure is None or rnd != r.number or part not in r.selected:
                     raise ProtocolError(f"round {rnd} is not a secure round open for partition {part}")
-                if stage == "masked":
+                sa = r.secure
+                if stage == sa.result_stage:
                     self._take_secure_result(r, part, meta)
-                r.secure.receive(stage, part, tensors)
+                sa.receive(stage, part, tensors)
             except (ProtocolError, UpdateRejected) as err:
                 log.warning("secure-aggregation message from %s (partition %d, round %s, stage %r) refused: %s",
                             name, part, rnd, stage, err)
@@ -282,17 +289,16 @@ class FlServer:
                 return wire.pack({"excluded": f"refused: {err}"}, {})
             r.owners.setdefault(part, name)
             r.tally.uplink_bytes += wire.payload_bytes(tensors)
-            if stage == "masked":
+            if stage == sa.result_stage:
                 r.tally.secure_masked_bytes += wire.payload_bytes(tensors)
             self.cond.notify_all()
-            index = STAGES.index(stage)
-            if stage == "unmask":
+            if stage == sa.stages[-1]:
                 return wire.pack({"done": True}, {})
-            while r.secure.stage <= index and self.current is r and r.tally.secure_error is None:
+            while not sa.ready(stage, part) and self.current is r and r.tally.secure_error is None:
                 self.cond.wait(0.5)  # the round loop closes the stage
             if r.tally.secure_error is not None:
                 return wire.pack({"excluded": r.tally.secure_error}, {})
-            reply_meta, reply = r.secure.reply(stage, part)
+            reply_meta, reply = sa.reply(stage, part)
             r.tally.downlink_bytes += wire.payload_bytes(reply)
             return wire.pack(reply_meta, reply)
 
@@ -307,15 +313,16 @@ class FlServer:
         r.tally.losses[part] = (float(loss), held)
 
     def _secure_stages(self, r: _Round, opened: float) -> None:
-        """Run the round's secure aggregation: close each stage when all it waits for arrived or its time is
-        up (the masked inputs: fl.deadline_s after the round opened); the sum goes into the tally."""
-        from shoal.fl.secure.secagg import STAGES, RoundAborted
+        """Run the round's secure aggregation: close the open stage when all it waits for arrived or its time
+        is up (the message with the update: fl.deadline_s after the round opened), until none is open; the
+        sum goes into the tally."""
+        from shoal.fl.secure.secagg import RoundAborted
 
         timeout = self.cfg.fl.secure.options.stage_timeout_s
         sa = r.secure
         try:
-            for stage in STAGES:
-                end = opened + self.cfg.fl.deadline_s if stage == "masked" else time.monotonic() + timeout
+            while (stage := sa.open_stage) is not None:
+                end = opened + self.cfg.fl.deadline_s if stage == sa.result_stage else time.monotonic() + timeout
                 while not sa.expected() <= sa.received() and time.monotonic() < end:
                     self.cond.wait(min(0.2, max(end - time.monotonic(), 0.0)))
                 try:
@@ -399,13 +406,11 @@ class FlServer:
             config = self.fed.strategy.client_config(rnd)
             setup = None
             if self.fed.secure is not None:
-                from shoal.fl.secure.secagg import SecAggServer
-
                 setup = self.fed.secure_setup(rnd, selected)
                 config = {**config, "secure": setup.to_meta()}
             r = _Round(rnd, selected, self.fed.weights, config, self.incarnation)
             if setup is not None:
-                r.secure = SecAggServer(setup)
+                r.secure = self.fed.secure.server(setup)
             self.current = r
             self.cond.notify_all()
             opened = time.monotonic()
@@ -438,3 +443,4 @@ class FlServer:
             self.fed.log_round(record)
         for part in r.tally.dropped:
             log.info("round %d: partition %d did not answer by the deadline", rnd, part)
+

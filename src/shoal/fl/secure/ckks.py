@@ -251,6 +251,11 @@ def keygen(params: CkksParams) -> tuple[bytes, bytes]:
     return ctx.serialize(save_secret_key=True, **keep), ctx.serialize(save_secret_key=False, **keep)
 
 
+def holds_secret_key(context: bytes, params: CkksParams) -> bool:
+    """Whether a serialised context for ``params`` holds the secret key; ValueError if it is not one for them."""
+    return bool(_load_context(_tenseal(), context, params, secret=False).is_private())
+
+
 def quantize(params: CkksParams, update: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """The update's levels in [-L, L] (int64), clipped and stochastically rounded."""
     if not isinstance(update, torch.Tensor) or update.dtype != torch.float32 or update.dim() != 1:

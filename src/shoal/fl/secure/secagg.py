@@ -203,6 +203,8 @@ class SecAgg:
 
     distributed_noise = True  # its clients add Skellam shares of fl.privacy's noise (setup's noise_std)
     runs_over_grpc = True  # shoal fl server / client run its stages (the Secure call)
+    needs_keys = False  # every key is made in the round
+    sent = "masked input"  # what a client's log says it sent
 
     def __init__(self, options: SecAggOptions):
         self.options = options
@@ -216,6 +218,19 @@ class SecAgg:
     def rounding_bound(self, numel: int) -> float:
         """How much fixed-point rounding can add to an update's L2 norm (DP's sensitivity grows by it)."""
         return fixed_point.rounding_bound(numel, self.options.clip_range, self.options.value_bits)
+
+    def setup_from_meta(self, meta: Any, numel: int) -> Setup:
+        return Setup.from_meta(meta, numel=numel)
+
+    def server(self, setup: Setup) -> SecAggServer:
+        return SecAggServer(setup)
+
+    def client(self, setup: Setup, me: int, weights: torch.Tensor) -> SecAggClient:
+        return SecAggClient(setup, me, weights)
+
+    def drop_point(self, drop_stage: str) -> str:
+        """fleet.drop_stage names this protocol's stages."""
+        return drop_stage
 
     def local_round(self, setup: Setup, updates: dict[int, torch.Tensor], weights: torch.Tensor, *,
                     drop_at: dict[int, str]) -> tuple[Aggregate | None, str | None, Traffic]:
@@ -247,6 +262,18 @@ class SecAggClient:
             raise ProtocolError(f"client {self.me}: stage {name!r} out of turn (next: "
                                 f"{STAGES[self._done] if self._done < len(STAGES) else 'none'})")
         self._done += 1
+
+    stages = STAGES
+    result_stage = "masked"  # the message that carries the client's loss and sample count
+
+    def message(self, stage: str, meta: dict[str, Any], reply: dict[str, torch.Tensor],
+                update: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """What this client sends at ``stage``, given the server's reply to its previous stage."""
+        if stage == "keys":
+            return self.advertise()
+        if stage == "shares":
+            return self.share(reply)
+        return self.masked_input(reply, update) if stage == "masked" else self.unmask(reply)
 
     def advertise(self) -> dict[str, torch.Tensor]:
         self._stage("keys")
@@ -343,6 +370,9 @@ class Aggregate:
 class SecAggServer:
     """The server's side of one round: it sees public keys, encrypted shares, masked inputs and the
     shares it needs, and finally the sum. Each client's message per stage is taken once."""
+
+    stages = STAGES
+    result_stage = "masked"
 
     def __init__(self, setup: Setup):
         self.setup = setup
@@ -448,6 +478,10 @@ class SecAggServer:
             self.stage = len(STAGES)
             raise RoundAborted(f"round {self.setup.round}: only {got} of {len(self.setup.participants)} clients "
                                f"{what} at stage {stage!r}; the round needs {need}")
+
+    def ready(self, stage: str, client: int) -> bool:
+        """Whether ``client``'s call for ``stage`` can be answered: once the stage has closed."""
+        return self.stage > STAGES.index(stage)
 
     def reply(self, stage: str, client: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """What ``client`` needs after ``stage`` closed: its next stage's input (meta says if it is out)."""
