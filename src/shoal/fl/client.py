@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def _secure_round(conn: Connection, cfg: FlRunConfig, me: dict[str, Any], meta: 
                   weights: torch.Tensor, trainer: LocalTrainer, fleet: Fleet, x: torch.Tensor, y: torch.Tensor,
                   memory: ErrorFeedback | None, partition: int, console: Console, mechanism: Any) -> str:
     """Take part in one round under ``fl.secure``: the mechanism's stages in order (SecAgg+: keys and
-    shares, then train and send the masked input, then the shares the server needs; CKKS: train and
+    shares while training, then the masked input, then the shares the server needs; CKKS: train and
     upload the encrypted update, then decrypt the sum if asked). Returns the tally key: rounds,
     skipped or rejected."""
     from shoal.fl.secure.secagg import ProtocolError
@@ -66,31 +67,42 @@ def _secure_round(conn: Connection, cfg: FlRunConfig, me: dict[str, Any], meta: 
     reply_meta: dict[str, Any] = {}
     reply: dict[str, torch.Tensor] = {}
     result = None
-    try:
-        for stage in client.stages:
-            if stop == stage:
-                log.info("round %d: dropping out at stage %r (fleet.dropout, fleet.drop_stage)", rnd, stage)
-                return "skipped"
-            extra: dict[str, Any] = {}
-            if stage == client.result_stage:
-                result = trainer.fit(weights, x, y, epochs=fleet.epochs[partition], config=meta["config"],
-                                     seed=client_seed(cfg.seed, rnd, partition), memory=memory, client=partition)
-                slow = fleet.slowness(partition)
-                if slow > 1:
-                    time.sleep(result.compute_s * (slow - 1))
-                extra = {"num_examples": result.num_examples, "loss": result.loss}
-            message = client.message(stage, reply_meta, reply, None if result is None else result.delta)
-            reply_meta, reply = wire.unpack(conn.call("Secure", wire.pack(
-                {**me, "round": rnd, "stage": stage, **extra}, message), timeout=timeout))
-            if reply_meta.get("excluded"):
-                console.print(f"round {rnd}: out of the secure aggregation after stage {stage!r}: "
-                              f"{reply_meta['excluded']}", highlight=False)
-                return "rejected"
-            if reply_meta.get("done"):
-                break
-    except ProtocolError as err:
-        console.print(f"round {rnd}: leaving the secure aggregation: {err}", highlight=False)
-        return "rejected"
+
+    def train() -> Any:
+        done = trainer.fit(weights, x, y, epochs=fleet.epochs[partition], config=meta["config"],
+                           seed=client_seed(cfg.seed, rnd, partition), memory=memory, client=partition)
+        slow = fleet.slowness(partition)
+        if slow > 1:
+            time.sleep(done.compute_s * (slow - 1))
+        return done
+
+    # Training needs only the round's weights, so it runs beside the stages before the update's
+    # (SecAgg+'s keys and shares: round trips that wait for every client) instead of after them.
+    # Leaving the block waits for it: the next round's training must not overlap this one's.
+    with ThreadPoolExecutor(1, thread_name_prefix="train") as pool:
+        trains = stop is None or client.stages.index(stop) > client.stages.index(client.result_stage)
+        training = pool.submit(train) if trains else None
+        try:
+            for stage in client.stages:
+                if stop == stage:
+                    log.info("round %d: dropping out at stage %r (fleet.dropout, fleet.drop_stage)", rnd, stage)
+                    return "skipped"
+                extra: dict[str, Any] = {}
+                if stage == client.result_stage:
+                    result = training.result()
+                    extra = {"num_examples": result.num_examples, "loss": result.loss}
+                message = client.message(stage, reply_meta, reply, None if result is None else result.delta)
+                reply_meta, reply = wire.unpack(conn.call("Secure", wire.pack(
+                    {**me, "round": rnd, "stage": stage, **extra}, message), timeout=timeout))
+                if reply_meta.get("excluded"):
+                    console.print(f"round {rnd}: out of the secure aggregation after stage {stage!r}: "
+                                  f"{reply_meta['excluded']}", highlight=False)
+                    return "rejected"
+                if reply_meta.get("done"):
+                    break
+        except ProtocolError as err:
+            console.print(f"round {rnd}: leaving the secure aggregation: {err}", highlight=False)
+            return "rejected"
     console.print(f"round {rnd}: loss {result.loss:.4f}, {mechanism.sent} sent (secure aggregation)",
                   highlight=False)
     return "rounds"

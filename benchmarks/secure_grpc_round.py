@@ -1,14 +1,16 @@
-"""A federated round's time over real gRPC with mutual TLS, plain FedAvg against SecAgg+.
+"""A federated round's time over real gRPC with mutual TLS: plain FedAvg against SecAgg+ and CKKS.
 
 Starts ``shoal fl server`` and ``--clients`` ``shoal fl client`` processes on
 loopback for each mode in turn (the same config, seed, partitions and
-rounds: ``examples/fl_mnist1d.yaml``, every client selected every round) and
-prints, per mode, the median of the rounds' durations (the differences of
-``time_s`` in metrics.jsonl, the first round left out: it waits for the
-clients to connect), the uplink per client and round, and the ratio of the
-SecAgg+ round to the plain one.
+rounds: ``examples/fl_mnist1d.yaml``, every client selected every round; for
+ckks a key pair from ``shoal fl keys``, the public key to the server, the
+secret one to the clients) and prints, per mode, the median of the rounds'
+durations (the differences of ``time_s`` in metrics.jsonl, the first round
+left out: it waits for the clients to connect), the uplink per client and
+round, and each secure mode's ratios to plain.
 
-    python benchmarks/secagg_grpc_round.py [--clients 10] [--rounds 8] [--set KEY=VALUE ...]
+    python benchmarks/secure_grpc_round.py [--clients 10] [--rounds 8] [--modes plain,secagg,ckks]
+                                           [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -51,13 +53,17 @@ def federation(tmp: Path, clients: int, rounds: int, extra: list[str]) -> dict[s
     config.write_text(yaml.safe_dump(load_fl_config(ROOT / "examples/fl_mnist1d.yaml", sets).model_dump(mode="json")))
     _run(["fl", "certs", "--out", certs, *[f"--client=c{i}" for i in range(clients)]])
     tokens = [_run(["fl", "token", "add", f"c{i}", "--partition", i, "--config", config]) for i in range(clients)]
-    procs = [_shoal("fl", "server", config, log=tmp / "server.log")]
+    server_key, client_key = [], []
+    if "fl.secure=ckks" in extra:
+        _run(["fl", "keys", config, "--out", tmp / "keys"])
+        server_key, client_key = ["--he-key", tmp / "keys/ckks-public.key"], ["--he-key", tmp / "keys/ckks-secret.key"]
+    procs = [_shoal("fl", "server", config, *server_key, log=tmp / "server.log")]
     try:
         while not (out / "server.json").exists():
             time.sleep(0.2)
         address = json.loads((out / "server.json").read_text())["address"]
         procs += [_shoal("fl", "client", config, "--server", address, "--token", tokens[i], "--partition", i,
-                         "--name", f"c{i}", log=tmp / f"client{i}.log") for i in range(clients)]
+                         "--name", f"c{i}", *client_key, log=tmp / f"client{i}.log") for i in range(clients)]
         for p in procs:
             if p.wait(timeout=1800) != 0:
                 raise SystemExit(f"a process failed; see {tmp}")
@@ -76,16 +82,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--set", action="append", default=[], help="a config override for both modes")
+    parser.add_argument("--modes", default="plain,secagg,ckks", help="plain first, then secagg and/or ckks")
+    parser.add_argument("--set", action="append", default=[], help="a config override for every mode")
     args = parser.parse_args()
+    modes = args.modes.split(",")
+    if modes[0] != "plain" or not set(modes[1:]) <= {"secagg", "ckks"}:
+        parser.error("--modes: plain, then secagg and/or ckks")
     results = {}
-    for mode, extra in (("plain", []), ("secagg", ["fl.secure=secagg"])):
-        with tempfile.TemporaryDirectory(prefix=f"secagg-{mode}-") as tmp:
+    for mode in modes:
+        extra = [] if mode == "plain" else [f"fl.secure={mode}"]
+        with tempfile.TemporaryDirectory(prefix=f"secure-{mode}-") as tmp:
             results[mode] = federation(Path(tmp), args.clients, args.rounds, [*args.set, *extra])
         print(f"{mode}: median round {results[mode]['round_s']:.3f} s, uplink per client and round "
               f"{results[mode]['uplink_per_client']:,.0f} bytes", flush=True)
-    print(f"secagg / plain: round time {results['secagg']['round_s'] / results['plain']['round_s']:.2f}x, "
-          f"uplink {results['secagg']['uplink_per_client'] / results['plain']['uplink_per_client']:.3f}x")
+    plain = results["plain"]
+    for mode in modes[1:]:
+        print(f"{mode} / plain: round time {results[mode]['round_s'] / plain['round_s']:.2f}x, "
+              f"uplink {results[mode]['uplink_per_client'] / plain['uplink_per_client']:.3f}x")
 
 
 if __name__ == "__main__":
