@@ -32,7 +32,6 @@ from shoal.fl.config import FlRunConfig
 from shoal.fl.local import FlatWeights
 from shoal.fl.norm_bound import bound_updates
 from shoal.fl.strategies.base import ClientResult, build_fed_strategy
-from shoal.metrics.plots import plot_curves
 from shoal.metrics.summary import write_json_atomic
 from shoal.metrics.writer import MetricsWriter
 from shoal.models.build import build_model, count_parameters
@@ -348,6 +347,8 @@ class Federation:
             **extra,
         }
         write_json_atomic(self.out / "summary.json", summary)
+        from shoal.metrics.plots import plot_curves  # matplotlib: a second of import the clients never need
+
         plot_curves(self.out / "metrics.jsonl", self.out / "curves.png",
                     title=f"{self.cfg.model.name} / {fl.strategy.name} / {fl.clients} clients")
         return summary
