@@ -55,7 +55,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shoal.fl import wire
 from shoal.fl.secure import ckks, fixed_point
 from shoal.fl.secure.ckks_keys import PUBLIC_FILE, SECRET_FILE, CkksKey, params_from_meta, params_meta, read_key
-from shoal.fl.secure.secagg import Aggregate, ProtocolError, RoundAborted, Traffic, _is_int, model_hash
+from shoal.fl.secure.secagg import (Aggregate, ProtocolError, RoundAborted, Traffic, _is_int, check_round_meta,
+                                    check_turn, model_hash)
 from shoal.registry import SECURE
 
 log = logging.getLogger("shoal.fl")
@@ -115,25 +116,17 @@ class CkksSetup:
             raise ProtocolError(f"the ckks setup must have exactly the keys {sorted(_SETUP_KEYS)}")
         if not all(_is_int(meta[k]) and meta[k] >= 0 for k in ("round", "numel", "min_uploads")):
             raise ProtocolError("setup: round, numel and min_uploads must be non-negative integers")
-        parts = meta["participants"]
-        if not isinstance(parts, list) or not parts or not all(_is_int(p) and p >= 0 for p in parts) \
-                or parts != sorted(set(parts)):
-            raise ProtocolError("setup: participants must be a sorted list of distinct client numbers")
+        parts = check_round_meta(meta, numel)
         if not 1 <= meta["min_uploads"] <= len(parts):
             raise ProtocolError(f"setup: min_uploads must be in [1, {len(parts)}]")
-        h = meta["model_hash"]
-        if not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
-            raise ProtocolError("setup: model_hash must be a SHA-256 hex digest")
-        if numel is not None and meta["numel"] != numel:
-            raise ProtocolError(f"setup: numel {meta['numel']}, the model has {numel} values")
         try:
             params = params_from_meta(meta["params"])
         except ValueError as err:
             raise ProtocolError(f"setup: {err}") from None
         if params.max_clients < len(parts):
             raise ProtocolError(f"setup: parameters for {params.max_clients} clients, the round has {len(parts)}")
-        return cls(round=meta["round"], participants=tuple(parts), numel=meta["numel"], model_hash=h, params=params,
-                   min_uploads=meta["min_uploads"])
+        return cls(round=meta["round"], participants=tuple(parts), numel=meta["numel"], model_hash=meta["model_hash"],
+                   params=params, min_uploads=meta["min_uploads"])
 
 
 _SETUP_KEYS = {"mechanism", "round", "participants", "numel", "model_hash", "params", "min_uploads"}
@@ -315,14 +308,7 @@ class CkksServer:
 
     def receive(self, stage: str, client: int, tensors: dict[str, torch.Tensor]) -> None:
         """Take one client's message for ``stage``; ProtocolError if it does not belong."""
-        if stage not in STAGES:
-            raise ProtocolError(f"unknown stage {stage!r}")
-        if stage != self.open_stage:
-            raise ProtocolError(f"stage {stage!r} is not open (open: {self.open_stage})")
-        if client not in self.expected():
-            raise ProtocolError(f"client {client} has no part in stage {stage!r}")
-        if client in self.received() or (stage == "upload" and client in self.uploads):
-            raise ProtocolError(f"client {client} already sent its {stage!r} message (a replay?)")
+        check_turn(self, stage, client)
         if stage == "upload":
             try:
                 ckks.check(self.setup.params, tensors, self.setup.numel)

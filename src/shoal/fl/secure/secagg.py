@@ -123,9 +123,7 @@ class Setup:
         ints = ("round", "k", "threshold", "graph_seed", "numel", "value_bits", "bits", "min_survivors")
         if not all(_is_int(meta[k]) and meta[k] >= 0 for k in ints):
             raise ProtocolError(f"setup: {', '.join(ints)} must be non-negative integers")
-        parts = meta["participants"]
-        if not isinstance(parts, list) or not all(_is_int(p) and p >= 0 for p in parts) or parts != sorted(set(parts)):
-            raise ProtocolError("setup: participants must be a sorted list of distinct client numbers")
+        parts = check_round_meta(meta, numel)
         n = len(parts)
         if meta["k"] != neighbours.degree(n, meta["k"]) or not 1 <= meta["threshold"] <= max(meta["k"], 1):
             raise ProtocolError(f"setup: k={meta['k']} and threshold={meta['threshold']} do not fit {n} participants")
@@ -139,11 +137,6 @@ class Setup:
                 raise ProtocolError(f"setup: {key} must be a finite non-negative number")
         if meta["clip_range"] <= 0:
             raise ProtocolError("setup: clip_range must be positive")
-        h = meta["model_hash"]
-        if not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
-            raise ProtocolError("setup: model_hash must be a SHA-256 hex digest")
-        if numel is not None and meta["numel"] != numel:
-            raise ProtocolError(f"setup: numel {meta['numel']}, the model has {numel} values")
         try:
             needed = fixed_point.wire_bits(meta["value_bits"], n, math.sqrt(meta["noise_variance"] * n))
         except ValueError as err:
@@ -160,6 +153,20 @@ class Setup:
     @cached_property
     def _context(self) -> bytes:
         return struct.pack("<Q", self.round) + bytes.fromhex(self.model_hash)
+
+
+def check_round_meta(meta: dict[str, Any], numel: int | None) -> list[int]:
+    """The checks every secure setup shares: its participants (returned), model hash and numel."""
+    parts = meta["participants"]
+    if not isinstance(parts, list) or not parts or not all(_is_int(p) and p >= 0 for p in parts) \
+            or parts != sorted(set(parts)):
+        raise ProtocolError("setup: participants must be a sorted list of distinct client numbers")
+    h = meta["model_hash"]
+    if not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+        raise ProtocolError("setup: model_hash must be a SHA-256 hex digest")
+    if numel is not None and meta["numel"] != numel:
+        raise ProtocolError(f"setup: numel {meta['numel']}, the model has {numel} values")
+    return parts
 
 
 def plan(rnd: int, participants: list[int], numel: int, weights_hash: str, *, value_bits: int, clip_range: float,
@@ -401,14 +408,7 @@ class SecAggServer:
 
     def receive(self, stage: str, client: int, tensors: dict[str, torch.Tensor]) -> None:
         """Take one client's message for ``stage``; ProtocolError if it does not belong."""
-        if stage not in STAGES:
-            raise ProtocolError(f"unknown stage {stage!r}")
-        if stage != self.open_stage:
-            raise ProtocolError(f"stage {stage!r} is not open (open: {self.open_stage})")
-        if client not in self.expected():
-            raise ProtocolError(f"client {client} has no part in stage {stage!r}")
-        if client in self.received():
-            raise ProtocolError(f"client {client} already sent its {stage!r} message (a replay?)")
+        check_turn(self, stage, client)
         getattr(self, f"_take_{stage}")(client, tensors)
 
     def _take_keys(self, client: int, t: dict[str, torch.Tensor]) -> None:
@@ -548,6 +548,19 @@ class SecAggServer:
         secret, bad = found
         forged += [(x - 1, u, kind) for x in bad]
         return secret
+
+
+def check_turn(server: Any, stage: str, client: int) -> None:
+    """ProtocolError unless ``stage`` is the round server's open stage, it waits for ``client``, and the
+    client has not sent it yet (a replay)."""
+    if stage not in server.stages:
+        raise ProtocolError(f"unknown stage {stage!r}")
+    if stage != server.open_stage:
+        raise ProtocolError(f"stage {stage!r} is not open (open: {server.open_stage})")
+    if client not in server.expected():
+        raise ProtocolError(f"client {client} has no part in stage {stage!r}")
+    if client in server.received():
+        raise ProtocolError(f"client {client} already sent its {stage!r} message (a replay?)")
 
 
 # --- keys and masks -----------------------------------------------------------------------
