@@ -49,6 +49,7 @@ def _mechanisms(keys):
     return server, client
 
 
+@pytest.mark.processes
 def test_shoal_fl_keys_writes_a_secret_file_for_the_clients_and_a_public_one_for_the_server(tmp_path):
     config = tmp_path / "fl.yaml"
     config.write_text(BODY % ", secure: ckks" + f"out: {tmp_path / 'run'}\n")
@@ -87,6 +88,7 @@ def test_the_server_takes_only_the_public_key_and_a_client_only_the_secret_one(k
     assert meta["format"] == FORMAT and meta["params"] == params_meta(read_key(public).params)
 
 
+@pytest.mark.processes
 def test_shoal_fl_server_refuses_ckks_without_the_public_key_before_it_makes_its_database(keys, tmp_path):
     db = tmp_path / "server.db"
     config = tmp_path / "fl.yaml"
