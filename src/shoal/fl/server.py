@@ -443,4 +443,3 @@ class FlServer:
             self.fed.log_round(record)
         for part in r.tally.dropped:
             log.info("round %d: partition %d did not answer by the deadline", rnd, part)
-
