@@ -384,7 +384,7 @@ class CkksClient:
         if model_hash(weights) != setup.model_hash:
             raise ProtocolError(f"round {setup.round}: the weights received do not match the model hash the "
                                 "round announced; refusing it")
-        self.setup, self.me = setup, me
+        self.setup = setup
         self._encrypt, self._secret = encrypt_context, secret_context
         self._uploaded = self._decrypted = False
 
