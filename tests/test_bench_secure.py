@@ -1,10 +1,14 @@
 """``shoal bench secure``: SecAgg+'s cost rows, measured against plain aggregation in the same run."""
 
+import importlib.util
 import json
 
 import pytest
 
+from shoal.bench import flower_secagg
 from tests.conftest import run_cli
+
+FLOWER = flower_secagg.available()
 
 
 @pytest.mark.processes
@@ -27,8 +31,42 @@ def test_the_quick_bench_measures_each_row_and_its_uplink_is_below_fp32(tmp_path
 
 
 @pytest.mark.processes
-def test_a_bad_list_exits_2_naming_the_option():
+def test_a_bad_option_exits_2_naming_it():
     done = run_cli("bench", "secure", "--clients", "2,10")
     assert done.returncode == 2 and "--clients: 2 is outside [3, 1000]" in done.stderr
     done = run_cli("bench", "secure", "--drops", "x")
     assert done.returncode == 2 and "--drops: 'x' is not a comma-separated list" in done.stderr
+    if FLOWER:  # the usual case: Flower is an optional extra
+        done = run_cli("bench", "secure", "--quick", "--flower")
+        assert done.returncode == 2 and 'Flower is not installed: pip install -e ".[bench-flower]"' in done.stderr
+
+
+def test_without_flower_the_baseline_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "flwr", None)  # import flwr raises ImportError
+    assert flower_secagg.available() == flower_secagg.INSTALL_HINT
+
+
+def test_flower_shares_count_the_client_itself_and_stay_odd():
+    assert flower_secagg.flower_shares(9, 10) == 10  # everyone: Flower's full graph
+    assert flower_secagg.flower_shares(18, 50) == 19
+    assert flower_secagg.flower_shares(21, 100) == 23  # 22 is even: Flower would warn and add one
+
+
+@pytest.mark.skipif(FLOWER is not None, reason=f"the Flower baseline: {FLOWER}")
+def test_flower_secagg_runs_the_same_round_and_sends_int64_words(tmp_path):
+    from shoal.bench import secure
+
+    assert importlib.util.find_spec("flwr") is not None
+    rows = {r["label"]: r for r in secure.run_bench(clients=[6], drops=[0.0, 0.3], numel=5_000, repeat=1,
+                                                      out=tmp_path, log=lambda line: None, flower=True)}
+    assert set(rows) == {"secagg-n6-drop0", "flower-n6-drop0", "secagg-n6-drop30", "flower-n6-drop30"}
+    for drop in ("drop0", "drop30"):
+        ours, theirs = rows[f"secagg-n6-{drop}"], rows[f"flower-n6-{drop}"]
+        assert theirs["dropped"] == ours["dropped"] and theirs["survivors"] == ours["survivors"]
+        assert theirs["threshold"] == ours["threshold"]
+        # Flower uploads each masked value as an int64 word: 2x fp32, plus its keys and shares.
+        assert 2.0 < theirs["uplink_vs_fp32"] < 2.3 and ours["uplink_vs_fp32"] < theirs["uplink_vs_fp32"] / 3
+        # Its sum is right to Flower's quantisation: 2^22 levels scaled by 1 / max_weight (1000).
+        assert 0 < theirs["max_abs_error"] < ours["survivors"] * 1e-3
+        assert theirs["server_s"] >= theirs["unmask_s"] > 0 and theirs["client_s"] > 0
+    assert rows["flower-n6-drop30"]["dropped"] == 2

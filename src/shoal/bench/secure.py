@@ -22,6 +22,7 @@ after another.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -100,9 +101,14 @@ def plain_server_s(updates: dict[int, torch.Tensor], drop: set[int]) -> float:
 
 def run_bench(*, clients: list[int], drops: list[float], numel: int, repeat: int, out: Path,
               log: Callable[[str], None] = print, value_bits: int = 16, threshold: float = 0.5,
-              neighbours: int | None = None) -> list[dict[str, Any]]:
-    """Every (n, dropped share) row, medians over ``repeat`` rounds; writes OUT/bench.json."""
+              neighbours: int | None = None, flower: bool = False) -> list[dict[str, Any]]:
+    """Every (n, dropped share) row, medians over ``repeat`` rounds; writes OUT/bench.json.
+
+    ``flower``: after each row, Flower 1.42's SecAgg+ on the same updates, drops, k and t
+    (:mod:`shoal.bench.flower_secagg`)."""
     out.mkdir(parents=True, exist_ok=True)
+    if flower:
+        logging.getLogger("flwr").setLevel(logging.WARNING)  # its per-stage INFO lines
     rows = []
     weights = torch.zeros(numel)
     for n in clients:
@@ -123,23 +129,58 @@ def run_bench(*, clients: list[int], drops: list[float], numel: int, repeat: int
                 rows.append({"label": label, "clients": n, "dropped": len(drop), "note": f"aborted: {err}",
                              "failed": False})
                 log(f"{label}: aborted: {err}")
+                if flower:
+                    rows.append(flower_row(label, updates, drop, setup, repeat, plain_server_s(updates, drop), log))
                 continue
             row: dict[str, Any] = {"label": label, "failed": False, "clients": n, "dropped": len(drop), "numel": numel,
                                    "neighbours": setup.k, "threshold": setup.threshold, "bits": setup.bits}
             for key in runs[0]:
                 row[key] = statistics.median(r[key] for r in runs)
             row["plain_server_s"] = statistics.median(plains)
-            row["uplink_vs_fp32"] = row["uplink_bytes_per_client"] / (4 * numel)
-            row["overhead_fraction"] = row["overhead_bytes_per_client"] / (row["uplink_bytes_per_client"]
-                                                                         - row["overhead_bytes_per_client"])
-            row["critical_path_s"] = row["client_s"] + row["server_s"]
+            finish_row(row, numel)
             rows.append(row)
             log(f"{label}: uplink {row['uplink_vs_fp32']:.3f}x fp32 ({row['bits']} bits), keys and shares "
                 f"{100 * row['overhead_fraction']:.2f}% of it; client {row['client_s']:.3f} s, server "
                 f"{row['server_s']:.3f} s (unmasking {row['unmask_s']:.3f} s; plain {row['plain_server_s']:.3f} s)")
+            if flower:
+                rows.append(flower_row(label, updates, drop, setup, repeat, row["plain_server_s"], log))
     write_json_atomic(out / "bench.json", {"rows": rows, "numel": numel, "repeat": repeat, "threshold": threshold,
                                            "neighbours": neighbours})
     return rows
+
+
+def finish_row(row: dict[str, Any], numel: int) -> None:
+    """The ratios of a row whose medians are in."""
+    row["uplink_vs_fp32"] = row["uplink_bytes_per_client"] / (4 * numel)
+    row["overhead_fraction"] = row["overhead_bytes_per_client"] / (row["uplink_bytes_per_client"]
+                                                                 - row["overhead_bytes_per_client"])
+    row["critical_path_s"] = row["client_s"] + row["server_s"]
+
+
+def flower_row(shoal_label: str, updates: dict[int, torch.Tensor], drop: set[int], setup: sa.Setup, repeat: int,
+               plain_s: float, log: Callable[[str], None]) -> dict[str, Any]:
+    """Flower's SecAgg+ on shoal's row: the same updates, drops, k and t, medians over ``repeat`` rounds."""
+    from shoal.bench import flower_secagg
+
+    n, numel = len(updates), setup.numel
+    label = shoal_label.replace("secagg-", "flower-", 1)
+    arrays = {u: v.numpy().astype(np.float32) for u, v in updates.items()}
+    try:
+        runs = [flower_secagg.timed_round(arrays, drop, k=setup.k, threshold=setup.threshold,
+                                          clip_range=setup.clip_range) for _ in range(repeat)]
+    except RuntimeError as err:
+        log(f"{label}: {err}")
+        return {"label": label, "clients": n, "dropped": len(drop), "note": str(err), "failed": False}
+    row: dict[str, Any] = {"label": label, "failed": False, "clients": n, "dropped": len(drop), "numel": numel,
+                           "neighbours": flower_secagg.flower_shares(setup.k, n) - 1, "threshold": setup.threshold,
+                           "plain_server_s": plain_s, "note": f"Flower {flower_secagg.VERSION} SecAgg+"}
+    for key in runs[0]:
+        row[key] = statistics.median(r[key] for r in runs)
+    finish_row(row, numel)
+    log(f"{label}: uplink {row['uplink_vs_fp32']:.3f}x fp32 (int64 words), keys and shares "
+        f"{100 * row['overhead_fraction']:.2f}% of it; client {row['client_s']:.3f} s, server {row['server_s']:.3f} s "
+        f"(unmasking {row['unmask_s']:.3f} s)")
+    return row
 
 
 def parse_list(text: str, kind: type, what: str) -> list[Any]:

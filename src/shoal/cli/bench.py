@@ -234,15 +234,21 @@ def bench_secure(
     neighbours: Optional[int] = typer.Option(None, min=2, help="k (default: about 3 log2 n)"),
     repeat: int = typer.Option(3, min=1, help="rounds per row; bench.json holds the medians"),
     quick: bool = typer.Option(False, help="a reduced run (n = 6, 10 clients of 20,000 values, one round) for tests"),
+    flower: bool = typer.Option(False, "--flower", help="after each row, Flower 1.42's SecAgg+ on the same updates, "
+                                "drops, k and t (needs the bench-flower extra)"),
 ) -> None:
     """SecAgg+'s cost against plain aggregation: uplink per client against fp32, keys and shares against the
     payload, client and server seconds and the server's unmasking, per number of clients and share dropped.
 
     The dropped clients leave after sharing their secrets, before their masked input (the server's costliest
     recovery). Every message is packed and unpacked as gRPC would carry it; all parties run in this process.
+    With --flower, Flower's own SecAgg+ workflow and client mod run each row too, their messages serialised
+    with Flower's protobuf serde.
     """
-    from shoal.bench import secure
+    from shoal.bench import flower_secagg, secure
 
+    if flower and (missing := flower_secagg.available()):
+        fail(f"--flower: {missing}")
     try:
         ns, fractions = secure.parse_list(clients, int, "--clients"), secure.parse_list(drops, float, "--drops")
         secure.check(ns, fractions)
@@ -252,7 +258,7 @@ def bench_secure(
         ns, fractions, numel, repeat = [6, 10], [0.0, 0.3], 20_000, 1
     run = BenchRun(out, wide_console(160))
     results = secure.run_bench(clients=ns, drops=fractions, numel=numel, repeat=repeat, out=out, log=run.log,
-                               value_bits=value_bits, threshold=threshold, neighbours=neighbours)
+                               value_bits=value_bits, threshold=threshold, neighbours=neighbours, flower=flower)
     run.finish(results, title="shoal bench secure", columns=secure.COLUMNS)
 
 
