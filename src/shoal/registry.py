@@ -164,7 +164,7 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
         head, sep = f"{head}:{func}", sep2
     options: dict[str, Any] = {}
     if sep and tail.strip():
-        for item in _split_top_level(tail):
+        for item in split_top_level(tail):
             key, eq, value = item.partition("=")
             if not eq or not key.strip():
                 raise ValueError(f"bad option {item!r} in {spec!r}; expected key=value")
@@ -175,7 +175,7 @@ def parse_spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return head, options
 
 
-def _split_top_level(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     """Split on commas outside brackets, so ``hidden=[64, 32],x=1`` is two items."""
     items, depth, start = [], 0, 0
     for i, ch in enumerate(text):
@@ -242,10 +242,11 @@ TASKS: Registry[Any] = Registry("task", "tasks", "shoal.tasks", entry_points=Tru
                                                    "(it declares `main_metric`)"))
 PRIVACY: Registry[Any] = Registry("privacy mechanism", "privacy mechanisms", "shoal.privacy")
 SECURE: Registry[Any] = Registry("secure aggregation", "secure aggregations", "shoal.fl.secure")
+POLICIES: Registry[Any] = Registry("scheduling policy", "scheduling policies", "shoal.platform.policies")
 # Parameter-server topologies that run another strategy's options (sync:backup=b):
 # named by Strategy.topology, not listed by `shoal list` (a user names the strategy).
 TOPOLOGIES: Registry[Any] = Registry("topology", "topologies", "shoal.ps")
-ALL = (DATASETS, MODELS, TASKS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS, PRIVACY, SECURE)
+ALL = (DATASETS, MODELS, TASKS, STRATEGIES, CODECS, FED_STRATEGIES, PARTITIONS, PRUNERS, QUANTIZERS, PRIVACY, SECURE, POLICIES)
 
 
 _LOADED: set[str] = set()  # homes whose modules are all imported

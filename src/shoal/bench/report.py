@@ -140,6 +140,23 @@ FIELDS: dict[str, Field] = {
     "plain_server_s": Field("plain server (s)", significant),
     "critical_path_s": Field("client + server (s)", significant),
     "max_abs_error": Field("largest error in the sum", significant),
+    # scheduling (shoal sched simulate)
+    "policy": Field("policy", wrap="name"),
+    "load": Field("load", significant),
+    "jobs": Field("jobs", integer),
+    "avg_jct_h": Field("mean JCT (h)", significant, "JCT: job completion time, submission to finish"),
+    "p50_jct_h": Field("p50 JCT (h)", significant),
+    "p95_jct_h": Field("p95 JCT (h)", significant),
+    "p99_jct_h": Field("p99 JCT (h)", significant),
+    "avg_jct_vs_first": Field("mean JCT vs the first policy", ratio, "mean JCT vs the first policy: the row's "
+                              "over the first policy's at the same load, lower is better"),
+    "makespan_h": Field("makespan (h)", significant),
+    "avg_queue_h": Field("mean queueing delay (h)", significant),
+    "utilisation": Field("GPU utilisation (%)", percent),
+    "preemptions_per_job": Field("preemptions a job", significant),
+    "worst_queue_slowdown": Field("worst queue's mean slowdown", significant, "slowdown: a job's JCT over its "
+                                  "own running time; the worst queue's mean is the fairness figure"),
+    "worst_queue": Field("worst queue"),
 }
 
 

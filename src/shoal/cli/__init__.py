@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from shoal.cli import bench, components, compress, fl, netem, plan, runs, train
+from shoal.cli import bench, components, compress, fl, netem, plan, runs, sched, train
 from shoal.cli.common import CONTEXT_SETTINGS
 
 app = typer.Typer(
@@ -32,6 +32,7 @@ app.add_typer(bench.bench_app, name="bench")
 app.add_typer(netem.netem_app, name="netem")
 app.add_typer(fl.fl_app, name="fl")
 app.add_typer(runs.runs_app, name="runs")
+app.add_typer(sched.sched_app, name="sched")
 
 
 def main() -> None:

@@ -1,0 +1,222 @@
+"""What a scheduling policy sees and decides; the scheduling pass every policy shares.
+
+A policy is pure: it orders jobs and says which may preempt which, from what the job has done
+so far (its arrival, GPUs, queue, priority, attained service, preemptions), never from its
+duration, which neither a service nor a fair simulator knows. The same object runs in
+``shoal serve`` and in ``shoal sched simulate``.
+
+A policy's ``key(job, now)`` (lower runs first) may change only at the times its
+``next_change(job, now)`` names, so the simulator and the service re-rank a job only then;
+between those times the pending jobs stay sorted (:class:`PendingQueue`) and a scheduling
+pass costs about as many steps as there are jobs it starts or preempts.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shoal.platform.cluster import Allocation, Cluster
+
+
+@dataclass(eq=False)
+class Job:
+    """A gang job as a policy sees it; ``work_left`` (seconds of running still needed) is the
+    simulator's, never read by a policy."""
+
+    id: int
+    submit: float
+    gpus: int
+    queue: str  # the user, queue or virtual cluster whose share it counts in
+    priority: int = 0
+    work_left: float = 0.0
+    attained: float = 0.0  # GPU-seconds run so far, up to ``run_start``
+    run_start: float | None = None  # when its current run began; None while pending
+    first_start: float | None = None
+    pending_since: float = 0.0
+    preemptions: int = 0
+    finished: float | None = None
+    lost_on_preempt: float = 0.0  # seconds of work a preemption now would lose (service: since its checkpoint)
+    key: tuple[Any, ...] = ()
+    token: int = 0  # bumped on every change of state, so stale events are ignored
+    alloc: Allocation = field(default=())
+
+    def attained_at(self, now: float) -> float:
+        return self.attained + (self.gpus * (now - self.run_start) if self.run_start is not None else 0.0)
+
+
+class PolicyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backfill: bool = Field(False, description="let a later job start when an earlier one does not fit "
+                           "(false: strict order, the first job that does not fit blocks the rest)")
+
+
+class Policy:
+    """Order jobs; say whether one may preempt another. Subclasses set ``preemptive`` and ``key``."""
+
+    preemptive = False
+
+    def __init__(self, options: PolicyOptions | None = None):
+        self.options = options or PolicyOptions()
+
+    def key(self, job: Job, now: float) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def next_change(self, job: Job, now: float) -> float | None:
+        """When this job's key next changes without any event (None: only at events)."""
+        return None
+
+    def may_preempt(self, job: Job, victim: Job, now: float) -> bool:
+        return self.preemptive and job.key < victim.key
+
+    def pending_order(self, pending: "PendingQueue", view: "ClusterView") -> Iterator[Job]:
+        """The pending jobs, best first; a policy whose order depends on who runs (DRF) overrides it."""
+        return iter(list(pending.jobs))
+
+
+class ClusterView(Protocol):
+    """What a pass may read of the running jobs: by id, ranked by key, GPUs per queue."""
+
+    running: dict[int, Job]
+    ranked: Sorted
+    used_by_queue: dict[str, int]
+    cluster: Cluster
+
+
+class Sorted:
+    """Jobs sorted by (key, id), best first; insertion and removal are C-level memmoves at these sizes."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+        self.keys: list[tuple[Any, ...]] = []
+
+    def add(self, job: Job) -> None:
+        full = (*job.key, job.id)
+        at = bisect.bisect(self.keys, full)
+        self.keys.insert(at, full)
+        self.jobs.insert(at, job)
+
+    def remove(self, job: Job) -> None:
+        at = bisect.bisect_left(self.keys, (*job.key, job.id))
+        if at >= len(self.jobs) or self.jobs[at] is not job:
+            raise KeyError(f"job {job.id} is not in this set")
+        del self.keys[at], self.jobs[at]
+
+
+class PendingQueue:
+    """The pending jobs sorted by key, all together and per queue."""
+
+    def __init__(self) -> None:
+        self.all = Sorted()
+        self.by_queue: dict[str, Sorted] = {}
+
+    @property
+    def jobs(self) -> list[Job]:
+        return self.all.jobs
+
+    def __len__(self) -> int:
+        return len(self.all.jobs)
+
+    def add(self, job: Job) -> None:
+        self.all.add(job)
+        self.by_queue.setdefault(job.queue, Sorted()).add(job)
+
+    def remove(self, job: Job) -> None:
+        self.all.remove(job)
+        self.by_queue[job.queue].remove(job)
+
+
+@dataclass
+class Decision:
+    start: list[Job] = field(default_factory=list)
+    preempt: list[Job] = field(default_factory=list)
+
+
+def schedule(policy: Policy, pending: PendingQueue, view: ClusterView, now: float, *,
+             max_blocked: int = 64) -> Decision:
+    """One scheduling pass: start jobs best first, preempting where the policy allows.
+
+    1. Take the pending jobs in the policy's order.
+    2. A job that fits now is started (its GPUs allocated, gang: all or none).
+    3. One that does not may preempt running jobs the policy ranks below it, lowest first (and among
+       equals the one that would lose least); the victims are released only if the job then fits,
+       and any victim it turns out not to need is given its GPUs back.
+    4. Without backfill the first job that cannot start stops the pass; with it, the pass goes on to
+       later, smaller jobs (a later job as large as a blocked one is skipped: it ranks no higher, so it
+       can neither fit nor preempt more), until ``max_blocked`` have been passed over.
+    """
+    decision = Decision()
+    cluster = view.cluster
+    victims: list[Job] | None = None
+    smallest_blocked = cluster.gpus + 1
+    for job in policy.pending_order(pending, view):
+        if job.gpus >= smallest_blocked:
+            continue  # a smaller job, ranked no lower, could neither fit nor preempt: neither can this one
+        if cluster.allocate(job.id, job.gpus) is not None:
+            decision.start.append(job)
+            occupy(view, job)
+            continue
+        if policy.preemptive:
+            if victims is None:  # lowest ranked first; none this pass started (they have no run_start yet)
+                victims = [v for v in reversed(view.ranked.jobs) if v.run_start is not None]
+            freed = _preempt_for(policy, job, victims, view, now)
+            if freed is not None:
+                decision.preempt.extend(freed)
+                decision.start.append(job)
+                occupy(view, job)
+                victims = [v for v in victims if v not in freed]
+                continue
+        if not policy.options.backfill:
+            break
+        smallest_blocked = job.gpus
+        max_blocked -= 1
+        if max_blocked <= 0 or smallest_blocked == 1:
+            break
+    return decision
+
+
+def occupy(view: ClusterView, job: Job) -> None:
+    """Count a job that now holds its GPUs (``view.cluster`` has allocated them) as running."""
+    job.alloc = view.cluster.held[job.id]
+    view.running[job.id] = job
+    view.ranked.add(job)
+    view.used_by_queue[job.queue] = view.used_by_queue.get(job.queue, 0) + job.gpus
+
+
+def vacate(view: ClusterView, job: Job) -> None:
+    """The reverse of :func:`occupy` (the cluster's release is the caller's)."""
+    del view.running[job.id]
+    view.ranked.remove(job)
+    view.used_by_queue[job.queue] -= job.gpus
+
+
+def _preempt_for(policy: Policy, job: Job, victims_order: list[Job], view: ClusterView,
+                 now: float) -> list[Job] | None:
+    cluster = view.cluster
+    chosen: list[tuple[Job, Allocation]] = []
+    for victim in victims_order:
+        if victim.key <= job.key:
+            break  # the rest rank as high or higher
+        if not policy.may_preempt(job, victim, now):
+            continue
+        chosen.append((victim, cluster.release(victim.id)))
+        if cluster.allocate(job.id, job.gpus) is not None:
+            break
+    if job.id not in cluster.held:  # even every victim it may take is not enough: undo
+        for victim, alloc in reversed(chosen):
+            cluster.restore(victim.id, alloc)
+        return None
+    # Keep the victims it does not need: hand back their GPUs where they are still free.
+    needed = []
+    for victim, alloc in reversed(chosen):
+        if all(cluster.free[node] >= n for node, n in alloc):
+            cluster.restore(victim.id, alloc)
+        else:
+            needed.append(victim)
+    for victim in needed:
+        vacate(view, victim)
+    return needed
