@@ -51,8 +51,14 @@ class LasBounded(Las):
         return (level(self.options.thresholds, job.attained_at(now)), job.submit)
 
     def next_change(self, job: Job, now: float) -> float | None:
+        """Running: its next demotion, or the end of its protection; pending: its promotion."""
         if job.run_start is not None:
-            return super().next_change(job, now)
+            # Its protection ending changes who may preempt it: a pass must run then too.
+            unprotected = job.run_start + self.options.min_run_s
+            demoted = super().next_change(job, now)
+            if unprotected > now:
+                return unprotected if demoted is None else min(unprotected, demoted)
+            return demoted
         if job.key[0] == 0:
             return None
         return self._promote_at(job)
