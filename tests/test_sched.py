@@ -42,6 +42,9 @@ def test_small_jobs_go_on_the_fullest_node_and_large_ones_on_whole_nodes():
     cluster.check()
     cluster.release(3)
     assert cluster.free == [1, 8, 6] and cluster.free_total == 15
+    # 16 GPUs need a second whole node beside node 1: node 0 once jobs 1 and 2 (7 GPUs) go, or node 2 once job 5 does.
+    assert not cluster.fits_after(16, {0: 4}) and cluster.fits_after(16, {0: 7}) and cluster.fits_after(16, {2: 2})
+    assert cluster.fits_after(4, {0: 3}) and not cluster.fits_after(7, {0: 4})
     assert not Cluster(20, per_node=8).could_ever_fit(24)  # 2 whole nodes and a 4-GPU one
     assert Cluster(20, per_node=8).could_ever_fit(16)
 

@@ -42,6 +42,14 @@ class Cluster:
             return max(self.size) >= gpus
         return math.ceil(gpus / self.per_node) <= sum(1 for s in self.size if s == self.per_node)
 
+    def fits_after(self, gpus: int, freed: dict[int, int]) -> bool:
+        """Whether ``gpus`` would fit once the GPUs in ``freed`` (node -> count) were released."""
+        if gpus < self.per_node:
+            return any(self.free[node] + n >= gpus for node, n in freed.items())
+        whole = len(self.buckets[self.per_node]) + sum(
+            1 for node, n in freed.items() if self.free[node] < self.per_node == self.free[node] + n)
+        return whole >= math.ceil(gpus / self.per_node)
+
     def allocate(self, job: int, gpus: int) -> Allocation | None:
         """Place ``gpus`` for ``job``, or None (nothing is held then)."""
         if job in self.held:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from shoal.platform.cluster import Cluster
-from shoal.platform.policies.base import Job, PendingQueue, Policy, Sorted, occupy, schedule, vacate
+from shoal.platform.policies.base import Job, PendingQueue, Policy, Sorted, expose, schedule, vacate
 
 FINISH, ARRIVE, REKEY = 0, 1, 2
 COLUMNS = ["label", "jobs", "avg_jct_h", "avg_jct_vs_first", "p50_jct_h", "p95_jct_h", "p99_jct_h", "avg_queue_h",
@@ -104,6 +104,7 @@ class Simulation:
         self.cluster = Cluster(gpus, per_node)
         self.running: dict[int, Job] = {}
         self.ranked = Sorted()
+        self.exposed = Sorted()
         self.used_by_queue: dict[str, int] = {}
         self.pending = PendingQueue()
         self.events: list[tuple[float, int, int, Job, int]] = []
@@ -159,8 +160,10 @@ class Simulation:
                 self.pending.add(job)
             else:
                 self.ranked.remove(job)
+                self.exposed.discard(job)
                 job.key = self.policy.key(job, now)
                 self.ranked.add(job)
+                expose(self, self.policy, job, now)
             job.token += 1
             self._rekey_later(job, now)
             if job.run_start is not None:  # a rekey of a running job leaves its finish standing
@@ -192,6 +195,7 @@ class Simulation:
             self.ranked.remove(job)
             job.key = self.policy.key(job, now)
             self.ranked.add(job)
+            expose(self, self.policy, job, now)
             self._at(now + job.work_left, FINISH, job)
             self._rekey_later(job, now)
         if self.check:

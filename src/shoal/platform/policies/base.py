@@ -70,7 +70,12 @@ class Policy:
         """When this job's key next changes without any event (None: only at events)."""
         return None
 
+    def preemptable(self, job: Job, now: float) -> bool:
+        """Whether a running job may be preempted at all now; it may change only at ``next_change``."""
+        return self.preemptive
+
     def may_preempt(self, job: Job, victim: Job, now: float) -> bool:
+        """Whether ``job`` may preempt ``victim`` (a preemptable job ranked below it)."""
         return self.preemptive and job.key < victim.key
 
     def pending_order(self, pending: "PendingQueue", view: "ClusterView") -> Iterator[Job]:
@@ -79,10 +84,12 @@ class Policy:
 
 
 class ClusterView(Protocol):
-    """What a pass may read of the running jobs: by id, ranked by key, GPUs per queue."""
+    """What a pass may read of the running jobs: by id, ranked by key, the ones the policy would let be
+    preempted now (``exposed``), GPUs per queue."""
 
     running: dict[int, Job]
     ranked: Sorted
+    exposed: Sorted
     used_by_queue: dict[str, int]
     cluster: Cluster
 
@@ -93,18 +100,28 @@ class Sorted:
     def __init__(self) -> None:
         self.jobs: list[Job] = []
         self.keys: list[tuple[Any, ...]] = []
+        self.ids: set[int] = set()
+
+    def __contains__(self, job: Job) -> bool:
+        return job.id in self.ids
 
     def add(self, job: Job) -> None:
         full = (*job.key, job.id)
         at = bisect.bisect(self.keys, full)
         self.keys.insert(at, full)
         self.jobs.insert(at, job)
+        self.ids.add(job.id)
 
     def remove(self, job: Job) -> None:
         at = bisect.bisect_left(self.keys, (*job.key, job.id))
         if at >= len(self.jobs) or self.jobs[at] is not job:
             raise KeyError(f"job {job.id} is not in this set")
         del self.keys[at], self.jobs[at]
+        self.ids.discard(job.id)
+
+    def discard(self, job: Job) -> None:
+        if job in self:
+            self.remove(job)
 
 
 class PendingQueue:
@@ -161,8 +178,8 @@ def schedule(policy: Policy, pending: PendingQueue, view: ClusterView, now: floa
             occupy(view, job)
             continue
         if policy.preemptive:
-            if victims is None:  # lowest ranked first; none this pass started (they have no run_start yet)
-                victims = [v for v in reversed(view.ranked.jobs) if v.run_start is not None]
+            if victims is None:  # lowest ranked first (none this pass started: they are not exposed yet)
+                victims = view.exposed.jobs[::-1]
             freed = _preempt_for(policy, job, victims, view, now)
             if freed is not None:
                 decision.preempt.extend(freed)
@@ -179,6 +196,15 @@ def schedule(policy: Policy, pending: PendingQueue, view: ClusterView, now: floa
     return decision
 
 
+def expose(view: ClusterView, policy: Policy, job: Job, now: float) -> None:
+    """Keep ``view.exposed`` true for a running job: call at its start and whenever its key may change."""
+    if policy.preemptable(job, now):
+        if job not in view.exposed:
+            view.exposed.add(job)
+    else:
+        view.exposed.discard(job)
+
+
 def occupy(view: ClusterView, job: Job) -> None:
     """Count a job that now holds its GPUs (``view.cluster`` has allocated them) as running."""
     job.alloc = view.cluster.held[job.id]
@@ -191,12 +217,22 @@ def vacate(view: ClusterView, job: Job) -> None:
     """The reverse of :func:`occupy` (the cluster's release is the caller's)."""
     del view.running[job.id]
     view.ranked.remove(job)
+    view.exposed.discard(job)
     view.used_by_queue[job.queue] -= job.gpus
 
 
 def _preempt_for(policy: Policy, job: Job, victims_order: list[Job], view: ClusterView,
                  now: float) -> list[Job] | None:
     cluster = view.cluster
+    freed: dict[int, int] = {}  # first, without touching the cluster: could the victims make room at all?
+    for victim in victims_order:
+        if victim.key <= job.key:
+            break
+        if policy.may_preempt(job, victim, now):
+            for node, n in victim.alloc:
+                freed[node] = freed.get(node, 0) + n
+    if not cluster.fits_after(job.gpus, freed):
+        return None
     chosen: list[tuple[Job, Allocation]] = []
     for victim in victims_order:
         if victim.key <= job.key:

@@ -63,7 +63,10 @@ class LasBounded(Las):
             return None
         return self._promote_at(job)
 
-    def may_preempt(self, job: Job, victim: Job, now: float) -> bool:
+    def preemptable(self, job: Job, now: float) -> bool:
         cap = self.options.max_preemptions
-        return (job.key[0] < victim.key[0] and (cap is None or victim.preemptions < cap)
-                and now - victim.run_start >= self.options.min_run_s)
+        ran = now - job.run_start if job.run_start is not None else 0.0
+        return ran >= self.options.min_run_s - 1e-6 and (cap is None or job.preemptions < cap)
+
+    def may_preempt(self, job: Job, victim: Job, now: float) -> bool:
+        return job.key[0] < victim.key[0] and self.preemptable(victim, now)
