@@ -66,7 +66,7 @@ def test_every_registered_component_describes_itself_in_one_whole_sentence():
     [], ["train"], ["list"], ["plan"], ["compress"], ["bench"], ["bench", "codecs"], ["netem"], ["netem", "up"],
     ["fl"], ["fl", "simulate"], ["fl", "token"], ["fl", "token", "add"], ["fl", "privacy"], ["fl", "privacy", "plan"],
     ["fl", "keys"],
-    ["bench", "privacy"],
+    ["bench", "privacy"], ["bench", "secure"], ["sched"], ["sched", "simulate"],
 ])
 def test_h_is_help_on_every_app_and_command(command):
     short = CliRunner().invoke(app, [*command, "-h"], env={"COLUMNS": "100"})
