@@ -2,10 +2,13 @@
 
 import importlib.util
 import json
+import sys
 
 import pytest
+from typer.testing import CliRunner
 
 from shoal.bench import flower_secagg
+from shoal.cli import app
 from tests.conftest import run_cli
 
 FLOWER = flower_secagg.available()
@@ -36,14 +39,13 @@ def test_a_bad_option_exits_2_naming_it():
     assert done.returncode == 2 and "--clients: 2 is outside [3, 1000]" in done.stderr
     done = run_cli("bench", "secure", "--drops", "x")
     assert done.returncode == 2 and "--drops: 'x' is not a comma-separated list" in done.stderr
-    if FLOWER:  # the usual case: Flower is an optional extra
-        done = run_cli("bench", "secure", "--quick", "--flower")
-        assert done.returncode == 2 and 'Flower is not installed: pip install -e ".[bench-flower]"' in done.stderr
 
 
-def test_without_flower_the_baseline_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "flwr", None)  # import flwr raises ImportError
-    assert flower_secagg.available() == flower_secagg.INSTALL_HINT
+def test_flower_missing_exits_2_saying_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "flwr", None)  # import flwr raises ImportError
+    result = CliRunner().invoke(app, ["bench", "secure", "--quick", "--flower", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and 'Flower is not installed: pip install -e ".[bench-flower]"' in result.stderr
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_flower_shares_count_the_client_itself_and_stay_odd():

@@ -5,7 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from shoal.cli import app
 from shoal.cli.sched import split_specs
 from shoal.platform import simulate
 from shoal.platform.cluster import Cluster, PlacementError
@@ -165,7 +167,6 @@ def test_the_cli_replays_a_day_of_the_trace_and_writes_its_report(tmp_path):
     assert (tmp_path / "jct-cdf-load1.png").exists() and (tmp_path / "report.html").exists()
 
 
-@pytest.mark.processes
 def test_bad_input_exits_2_naming_what_is_wrong(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("when,how_long\n1,2\n")
@@ -175,6 +176,13 @@ def test_bad_input_exits_2_naming_what_is_wrong(tmp_path):
              (["--window", "2017-10-05:2017-10-01"], "ends before it starts"),
              (["--load", "0"], "--load: every factor must be in (0, 100]")]
     for args, message in cases:
-        done = run_cli("sched", "simulate", *args, "--out", str(tmp_path / "out"))
-        assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
-        assert "Traceback" not in done.stderr
+        result = CliRunner().invoke(app, ["sched", "simulate", *args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and message in result.stderr, (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.processes
+def test_a_bad_policy_option_in_a_real_process_is_one_line_and_exit_2(tmp_path):
+    done = run_cli("sched", "simulate", "--policy", "las:thresholds=[10,5]", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "thresholds: Value error" not in done.stderr and "Traceback" not in done.stderr
+    assert "scheduling policy 'las': thresholds: must be positive and increasing, got [10.0, 5.0]" in done.stderr
