@@ -78,6 +78,11 @@ class Policy:
         """Whether ``job`` may preempt ``victim`` (a preemptable job ranked below it)."""
         return self.preemptive and job.key < victim.key
 
+    def preempt_class(self, job: Job) -> Any:
+        """A value such that jobs sharing it may preempt the same victims (a pass then looks them up
+        once); None: no such grouping."""
+        return None
+
     def pending_order(self, pending: "PendingQueue", view: "ClusterView") -> Iterator[Job]:
         """The pending jobs, best first; a policy whose order depends on who runs (DRF) overrides it."""
         return iter(list(pending.jobs))
@@ -169,6 +174,7 @@ def schedule(policy: Policy, pending: PendingQueue, view: ClusterView, now: floa
     decision = Decision()
     cluster = view.cluster
     victims: list[Job] | None = None
+    room: dict[Any, dict[int, int]] = {}  # preempt class -> the GPUs its victims hold, per node
     smallest_blocked = cluster.gpus + 1
     for job in policy.pending_order(pending, view):
         if job.gpus >= smallest_blocked:
@@ -180,12 +186,13 @@ def schedule(policy: Policy, pending: PendingQueue, view: ClusterView, now: floa
         if policy.preemptive:
             if victims is None:  # lowest ranked first (none this pass started: they are not exposed yet)
                 victims = view.exposed.jobs[::-1]
-            freed = _preempt_for(policy, job, victims, view, now)
+            freed = _preempt_for(policy, job, victims, view, now, room)
             if freed is not None:
                 decision.preempt.extend(freed)
                 decision.start.append(job)
                 occupy(view, job)
                 victims = [v for v in victims if v not in freed]
+                room.clear()
                 continue
         if not policy.options.backfill:
             break
@@ -221,16 +228,22 @@ def vacate(view: ClusterView, job: Job) -> None:
     view.used_by_queue[job.queue] -= job.gpus
 
 
-def _preempt_for(policy: Policy, job: Job, victims_order: list[Job], view: ClusterView,
-                 now: float) -> list[Job] | None:
+def _preempt_for(policy: Policy, job: Job, victims_order: list[Job], view: ClusterView, now: float,
+                 room: dict[Any, dict[int, int]]) -> list[Job] | None:
     cluster = view.cluster
-    freed: dict[int, int] = {}  # first, without touching the cluster: could the victims make room at all?
-    for victim in victims_order:
-        if victim.key <= job.key:
-            break
-        if policy.may_preempt(job, victim, now):
-            for node, n in victim.alloc:
-                freed[node] = freed.get(node, 0) + n
+    # First, without touching the cluster: could the victims make room at all?
+    group = policy.preempt_class(job)
+    freed = room.get(group) if group is not None else None
+    if freed is None:
+        freed = {}
+        for victim in victims_order:
+            if victim.key <= job.key:
+                break
+            if policy.may_preempt(job, victim, now):
+                for node, n in victim.alloc:
+                    freed[node] = freed.get(node, 0) + n
+        if group is not None:
+            room[group] = freed
     if not cluster.fits_after(job.gpus, freed):
         return None
     chosen: list[tuple[Job, Allocation]] = []

@@ -63,3 +63,6 @@ class Las(Policy):
 
     def may_preempt(self, job: Job, victim: Job, now: float) -> bool:
         return job.key[0] < victim.key[0]
+
+    def preempt_class(self, job: Job) -> Any:
+        return job.key[0]  # its level: a job may preempt exactly the jobs of higher levels

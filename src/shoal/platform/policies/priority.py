@@ -20,3 +20,6 @@ class Priority(Policy):
 
     def may_preempt(self, job: Job, victim: Job, now: float) -> bool:
         return job.priority > victim.priority
+
+    def preempt_class(self, job: Job) -> Any:
+        return job.priority
