@@ -1,6 +1,6 @@
 """``shoal sched simulate``: replay a cluster trace through a scheduling policy.
 
-The policy objects are those a service runs (:mod:`shoal.platform.policies`); only time is
+The policy objects are the platform's (:mod:`shoal.platform.policies`, meant for a service too); only time is
 simulated. The model, in GPU-count mode:
 
 1. Jobs arrive at their (load-scaled) submission times asking for a gang of GPUs; a job of fewer

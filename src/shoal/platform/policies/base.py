@@ -2,13 +2,13 @@
 
 A policy is pure: it orders jobs and says which may preempt which, from what the job has done
 so far (its arrival, GPUs, queue, priority, attained service, preemptions), never from its
-duration, which neither a service nor a fair simulator knows. The same object runs in
-``shoal serve`` and in ``shoal sched simulate``.
+duration, which neither a service nor a fair simulator knows. ``shoal sched simulate`` runs
+these objects; a service is meant to run the same ones (it is not built yet).
 
-A policy's ``key(job, now)`` (lower runs first) may change only at the times its
-``next_change(job, now)`` names, so the simulator and the service re-rank a job only then;
-between those times the pending jobs stay sorted (:class:`PendingQueue`) and a scheduling
-pass costs about as many steps as there are jobs it starts or preempts.
+A policy's ``key(job, now)`` (lower runs first), and whether a running job is ``preemptable``,
+may change only at the times its ``next_change(job, now)`` names, so a job is re-ranked only
+then; between those times the pending jobs stay sorted (:class:`PendingQueue`) and a pass walks
+them best first, stopping early (see :func:`schedule`).
 """
 
 from __future__ import annotations

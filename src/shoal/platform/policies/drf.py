@@ -1,8 +1,9 @@
 """Dominant resource fairness (Ghodsi et al., NSDI 2011) across queues (users, or a trace's virtual
 clusters), with weights.
 
-1. A queue's dominant share is the largest of its shares of each resource it holds (GPUs, CPUs,
-   memory), divided by its weight; in the simulator's GPU-count mode it is its share of the GPUs.
+1. A queue's dominant share is the largest of its shares of each resource it holds, divided by
+   its weight. Only GPUs are counted so far (the simulator's GPU-count mode), so it is the queue's
+   share of the GPUs.
 2. The next job to start is the oldest pending job of the queue with the lowest dominant share.
 3. Shares are re-read after every start, so one pass spreads the free GPUs across queues.
 4. No preemption: a queue above its share keeps what it runs until it finishes.
