@@ -1,7 +1,7 @@
 """``shoal sched simulate``: replay a cluster trace through a scheduling policy.
 
-The policy objects are the platform's (:mod:`shoal.platform.policies`, meant for a service too); only time is
-simulated. The model, in GPU-count mode:
+The policy objects are the platform's (:mod:`shoal.platform.policies`, meant for a service
+too); only time is simulated. The model, in GPU-count mode:
 
 1. Jobs arrive at their (load-scaled) submission times asking for a gang of GPUs; a job of fewer
    GPUs than a node goes on one node, a larger one on whole nodes (:class:`~shoal.platform.cluster.Cluster`).
@@ -34,9 +34,9 @@ import numpy as np
 from shoal.platform.cluster import Cluster
 from shoal.platform.policies.base import Job, PendingQueue, Policy, Sorted, expose, schedule, vacate
 
-FINISH, ARRIVE, REKEY = 0, 1, 2
+FINISH, ARRIVE, REKEY = 0, 1, 2  # at one instant: free GPUs first, then queue, then re-rank
 COLUMNS = ["label", "jobs", "avg_jct_h", "avg_jct_vs_first", "p50_jct_h", "p95_jct_h", "p99_jct_h", "avg_queue_h",
-           "makespan_h", "utilisation", "preemptions_per_job", "worst_queue_slowdown", "worst_queue"]  # at one instant: free GPUs first, then queue, then re-rank
+           "makespan_h", "utilisation", "preemptions_per_job", "worst_queue_slowdown", "worst_queue"]
 
 
 @dataclass(frozen=True)
