@@ -175,6 +175,9 @@ def test_bad_input_exits_2_naming_what_is_wrong(tmp_path):
              (["--trace", str(tmp_path / "none.csv")], "--trace: "),
              (["--window", "2017-10-05:2017-10-01"], "ends before it starts"),
              (["--load", "0"], "--load: every factor must be in (0, 100]")]
+    wide = tmp_path / "wide.csv"
+    wide.write_text("timestamp,duration,num_gpus,gpu_time,cluster\n2017-10-03 10:00:00,60,8,480,a\n")
+    cases.append((["--trace", str(wide), "--gpus", "4"], "--gpus: no job of the trace fits on 4 GPUs (8 a node)"))
     for args, message in cases:
         result = CliRunner().invoke(app, ["sched", "simulate", *args, "--out", str(tmp_path / "out")])
         assert result.exit_code == 2 and message in result.stderr, (args, result.output)

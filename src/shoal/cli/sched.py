@@ -40,10 +40,13 @@ def sched_simulate(
     utilisation, preemptions per job and the worst per-queue mean slowdown (the Philly trace's queues are its
     virtual clusters).
     """
+    import sys
+
     from shoal.bench import report
     from shoal.bench.secure import parse_list
     from shoal.metrics.summary import write_json_atomic
     from shoal.platform import simulate
+    from shoal.platform.cluster import Cluster
     from shoal.registry import POLICIES, load_builtins
 
     load_builtins(POLICIES)
@@ -57,11 +60,13 @@ def sched_simulate(
         if not trace.is_file():
             raise ValueError(f"--trace: {trace} is not a file")
         jobs = simulate.with_priorities(simulate.read_philly(trace, span), high_priority)
+        per_node = per_node or gpus
+        if not any(Cluster(gpus, per_node).could_ever_fit(g) for g in {j.gpus for j in jobs}):
+            raise ValueError(f"--gpus: no job of the trace fits on {gpus} GPUs ({per_node} a node)")
     except ValueError as err:
         fail(str(err))
     console = wide_console(160)
     log = log_to(console)
-    per_node = per_node or gpus
     log(f"{len(jobs)} jobs from {trace} on {gpus} GPUs ({'one pool' if per_node == gpus else f'{per_node} a node'})")
     out.mkdir(parents=True, exist_ok=True)
     rows, images = simulate.run_all(lambda spec: policies[spec].target(policies[spec].options), specs, jobs,
@@ -72,8 +77,6 @@ def sched_simulate(
             log(f"{row['label']}: {row['refused']} jobs asked for more GPUs than the cluster can place; refused")
     write_json_atomic(out / "bench.json", {"rows": rows, "trace": str(trace), "window": window, "gpus": gpus,
                                            "per_node": per_node, "restart_cost": restart_cost})
-    import sys
-
     page = report.write_html(rows, out, images, "shoal sched simulate", "shoal " + " ".join(sys.argv[1:]),
                              simulate.COLUMNS)
     console.print(f"wrote {out / 'bench.json'}, {page} and {len(images)} plots")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import heapq
-import math
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
