@@ -39,7 +39,6 @@ class Job:
     pending_since: float = 0.0
     preemptions: int = 0
     finished: float | None = None
-    lost_on_preempt: float = 0.0  # seconds of work a preemption now would lose (service: since its checkpoint)
     key: tuple[Any, ...] = ()
     token: int = 0  # bumped on every change of state, so stale events are ignored
     alloc: Allocation = field(default=())
@@ -164,9 +163,9 @@ def schedule(policy: Policy, pending: PendingQueue, view: ClusterView, now: floa
 
     1. Take the pending jobs in the policy's order.
     2. A job that fits now is started (its GPUs allocated, gang: all or none).
-    3. One that does not may preempt running jobs the policy ranks below it, lowest first (and among
-       equals the one that would lose least); the victims are released only if the job then fits,
-       and any victim it turns out not to need is given its GPUs back.
+    3. One that does not may preempt exposed running jobs the policy ranks below it, lowest first;
+       the victims are released only if the job then fits, and any victim it turns out not to need
+       is given its GPUs back.
     4. Without backfill the first job that cannot start stops the pass; with it, the pass goes on to
        later, smaller jobs (a later job as large as a blocked one is skipped: it ranks no higher, so it
        can neither fit nor preempt more), until ``max_blocked`` have been passed over.
