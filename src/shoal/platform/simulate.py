@@ -158,11 +158,7 @@ class Simulation:
                 job.key = self.policy.key(job, now)
                 self.pending.add(job)
             else:
-                self.ranked.remove(job)
-                self.exposed.discard(job)
-                job.key = self.policy.key(job, now)
-                self.ranked.add(job)
-                expose(self, self.policy, job, now)
+                self._rerank(job, now)
             job.token += 1
             self._rekey_later(job, now)
             if job.run_start is not None:  # a rekey of a running job leaves its finish standing
@@ -191,14 +187,19 @@ class Simulation:
                 job.first_start = now
             job.run_start = now
             job.token += 1
-            self.ranked.remove(job)
-            job.key = self.policy.key(job, now)
-            self.ranked.add(job)
-            expose(self, self.policy, job, now)
+            self._rerank(job, now)
             self._at(now + job.work_left, FINISH, job)
             self._rekey_later(job, now)
         if self.check:
             self._check()
+
+    def _rerank(self, job: Job, now: float) -> None:
+        """A running job's key afresh, in the ranking and among the exposed."""
+        self.ranked.remove(job)
+        self.exposed.discard(job)
+        job.key = self.policy.key(job, now)
+        self.ranked.add(job)
+        expose(self, self.policy, job, now)
 
     def _check(self) -> None:
         """Gang scheduling's invariant after a decision: every running job holds exactly its GPUs."""
