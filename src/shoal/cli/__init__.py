@@ -1,7 +1,7 @@
 """The ``shoal`` command line: the root app, and each command group from its own module.
 
 ``shoal train`` (train.py), ``list`` (components.py), ``plan`` (plan.py), ``compress`` (compress.py),
-``bench ...`` (bench.py), ``netem ...`` (netem.py), ``fl ...`` (fl.py), ``runs ...`` (runs.py); what
+``bench ...`` (bench.py), ``netem ...`` (netem.py), ``fl ...`` (fl.py), ``runs ...`` (runs.py), ``sched ...`` (sched.py), ``serve`` (serve.py), ``job ...`` (job.py); what
 they share is in common.py. Every command imports what it runs (torch among it) inside its own
 function, so that ``shoal --help`` and ``import shoal.cli`` stay fast.
 """
@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from shoal.cli import bench, components, compress, fl, netem, plan, runs, sched, train
+from shoal.cli import bench, components, compress, fl, job, netem, plan, runs, sched, serve, train
 from shoal.cli.common import CONTEXT_SETTINGS
 
 app = typer.Typer(
@@ -33,6 +33,8 @@ app.add_typer(netem.netem_app, name="netem")
 app.add_typer(fl.fl_app, name="fl")
 app.add_typer(runs.runs_app, name="runs")
 app.add_typer(sched.sched_app, name="sched")
+app.command("serve")(serve.serve)
+app.add_typer(job.job_app, name="job")
 
 
 def main() -> None:

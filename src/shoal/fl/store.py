@@ -26,7 +26,6 @@ import json
 import secrets
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import (
@@ -39,7 +38,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    create_engine,
     delete,
     insert,
     select,
@@ -47,9 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-# Seconds a writer waits for SQLite's lock before giving up, rather than
-# failing at once when another connection is mid-transaction.
-SQLITE_BUSY_TIMEOUT_S = 30.0
+from shoal.sql import sql_engine
 
 _metadata = MetaData()
 tokens = Table(
@@ -107,12 +103,7 @@ class ServerStore:
     """
 
     def __init__(self, url: str) -> None:
-        if "://" not in str(url):
-            path = Path(url).expanduser().resolve()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            url = f"sqlite:///{path}"
-        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_S} if str(url).startswith("sqlite") else {}
-        self.engine = create_engine(url, connect_args=connect_args)
+        self.engine = sql_engine(url)
         _metadata.create_all(self.engine)
 
     def close(self) -> None:

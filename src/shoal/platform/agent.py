@@ -1,0 +1,490 @@
+"""The service's scheduler: the policy objects of :mod:`shoal.platform.policies` on this machine's CPUs.
+
+Every tick (and at once after a submit or a change):
+
+1. Reap: a job whose first process (:mod:`shoal.platform.shim`) has exited is done (status 0),
+   failed (any other status, with the reason: the kernel's OOM killer, a signal, an exit code), or,
+   when the service had stopped it for a preemption or a resize, pending again, to resume from its
+   checkpoint. A stopping job past ``grace_s`` is killed.
+2. Schedule: the pending jobs and the running ones become policy jobs (the scheduled unit is a CPU;
+   a job's gang is workers x CPUs per worker, with its memory and GPUs checked beside it) and one
+   :func:`~shoal.platform.policies.base.schedule` pass decides, exactly as in the simulator. Started
+   jobs get their CPU set, memory limit and GPUs; victims get SIGTERM (a ``shoal train`` job writes a
+   checkpoint at its next step boundary and exits). While a preemption is in flight no further
+   victims are chosen, so one claim never stops more jobs than it needs.
+3. Grow: when nothing is left waiting, an elastic job below its ``max_workers`` that has run
+   ``grow_after_s`` is stopped and restarted at the largest size that now fits.
+
+On start, the jobs the database says are running are adopted again: the shim's pid and start time
+name the same live process, or its ``exit.json`` says how it ended meanwhile, or (neither) it died
+with the machine and goes back to pending, to resume from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shoal.platform.cluster import Cluster
+from shoal.platform.node import Cgroups, Node
+from shoal.platform.policies.base import Job, PendingQueue, Policy, Sorted, expose, occupy, schedule
+from shoal.platform.shim import EXIT, SHIM, proc_start
+from shoal.platform.spec import JobSpec
+from shoal.platform.store import (CANCELLED, DONE, FAILED, PENDING, RUNNING, STOPPING, JobStore, spec_of)
+
+log = logging.getLogger("shoal.serve")
+PREEMPTED_EXIT = 143  # a shoal train job stopped by SIGTERM at a step boundary, its checkpoint written
+
+
+class NodePool(Cluster):
+    """The node as one placement unit of CPU slots, with memory and GPUs checked beside them."""
+
+    def __init__(self, node: Node):
+        super().__init__(node.slots, node.slots)
+        self.memory_free, self.gpus_free = node.memory_mb, node.gpus
+        self.needs: dict[int, tuple[int, int]] = {}  # job id -> (memory MiB, GPUs) at its size
+
+    def allocate(self, job: int, gpus: int):  # type: ignore[override]
+        memory, devices = self.needs[job]
+        if memory > self.memory_free or devices > self.gpus_free:
+            return None
+        alloc = super().allocate(job, gpus)
+        if alloc is not None:
+            self.memory_free, self.gpus_free = self.memory_free - memory, self.gpus_free - devices
+        return alloc
+
+    def release(self, job: int):  # type: ignore[override]
+        memory, devices = self.needs[job]
+        self.memory_free, self.gpus_free = self.memory_free + memory, self.gpus_free + devices
+        return super().release(job)
+
+    def restore(self, job: int, alloc) -> None:  # type: ignore[override]
+        memory, devices = self.needs[job]
+        super().restore(job, alloc)
+        self.memory_free, self.gpus_free = self.memory_free - memory, self.gpus_free - devices
+
+
+@dataclass
+class View:
+    """What a pass reads of the running jobs (:class:`~shoal.platform.policies.base.ClusterView`)."""
+
+    cluster: NodePool
+    running: dict[int, Job]
+    ranked: Sorted
+    exposed: Sorted
+    used_by_queue: dict[str, int]
+
+
+class Agent:
+    """Runs ``store``'s jobs on ``node`` under ``policy``; :meth:`tick` once, or :meth:`start` a thread."""
+
+    def __init__(self, store: JobStore, node: Node, policy: Policy, state: Path, *, cgroups: Cgroups,
+                 share_by: str = "user", tick_s: float = 0.5, grace_s: float = 60.0, grow_after_s: float = 30.0):
+        self.store, self.node, self.policy, self.state = store, node, policy, state
+        self.cgroups, self.share_by = cgroups, share_by
+        self.tick_s, self.grace_s, self.grow_after_s = tick_s, grace_s, grow_after_s
+        self.children: dict[int, subprocess.Popen] = {}  # job id -> its shim, when this process started it
+        self.waiting: dict[int, str] = {}  # pending job -> why it waits
+        self.order: list[int] = []  # the pending jobs in the last pass's order
+        self.pass_s: list[float] = []  # the last passes' durations
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        (state / "jobs").mkdir(parents=True, exist_ok=True)
+
+    # The loop.
+
+    def start(self) -> None:
+        self.adopt()
+        self._thread = threading.Thread(target=self._loop, name="shoal-scheduler", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop scheduling; running jobs keep running (a restarted service adopts them)."""
+        self._stop.set()
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not end scheduling; it is logged and retried
+                log.exception("scheduler tick failed")
+            self.wake.wait(self.tick_s)
+            self.wake.clear()
+
+    def tick(self, now: float | None = None) -> None:
+        with self._lock:
+            now = time.time() if now is None else now
+            self._reap(now)
+            self._schedule(now)
+
+    def job_dir(self, job: int) -> Path:
+        return self.state / "jobs" / str(job)
+
+    # Adoption after a restart.
+
+    def adopt(self) -> None:
+        for row in self.store.jobs(states=(RUNNING, STOPPING)):
+            shim = _read_json(self.job_dir(row["id"]) / SHIM)
+            if shim is not None and shim.get("attempt") == row["attempt"] and shim.get("start") is not None \
+                    and proc_start(shim["pid"]) == shim["start"]:
+                if row["pid"] != shim["pid"]:
+                    self.store.change(row["id"], pid=shim["pid"])
+                log.info("job %d: adopted (pid %d)", row["id"], shim["pid"])
+                continue
+            if shim is None and row["pid"] is not None and _is_shim(row["pid"]):
+                log.info("job %d: adopted while starting (pid %d)", row["id"], row["pid"])
+                continue
+            if self._exit_status(row) is None:  # neither running nor ended by itself: it died with its host
+                self._requeue(row, time.time(), "lost while the service was down; queued again", lost=True)
+
+    # Reaping.
+
+    def _alive(self, row: dict[str, Any]) -> bool:
+        child = self.children.get(row["id"])
+        if child is not None:
+            return child.poll() is None
+        shim = _read_json(self.job_dir(row["id"]) / SHIM)
+        if shim is None or shim.get("attempt") != row["attempt"]:
+            return row["pid"] is not None and _is_shim(row["pid"])  # started, its shim.json not written yet
+        return proc_start(shim["pid"]) == shim.get("start")
+
+    def _exit_status(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        status = _read_json(self.job_dir(row["id"]) / EXIT)
+        return status if status is not None and status.get("attempt") == row["attempt"] else None
+
+    def _reap(self, now: float) -> None:
+        for row in self.store.jobs(states=(RUNNING, STOPPING)):
+            if self._alive(row):
+                if row["state"] == STOPPING and now - (row["stop_at"] or now) > self.grace_s:
+                    self._signal(row, signal.SIGKILL)
+                continue
+            self.children.pop(row["id"], None)
+            status = self._exit_status(row)
+            code = status["returncode"] if status is not None else None
+            oom = self.cgroups.oom_kills(row["id"])
+            self.cgroups.remove(row["id"])
+            ran = _held(row) * (now - (row["run_start"] or now))
+            if row["state"] == STOPPING and row["stop"] == "cancel":
+                self._end(row, CANCELLED, now, code, "cancelled", ran)
+            elif code == 0:
+                self._end(row, DONE, now, code, "finished", ran)
+            elif row["state"] == STOPPING and row["stop"] in ("preempt", "resize") and not oom and (
+                    code in (PREEMPTED_EXIT, -signal.SIGTERM, None) or row["kind"] == "command"):
+                why = "preempted" if row["stop"] == "preempt" else "stopped to resize"
+                self._requeue(row, now, f"{why}; queued again (exit status {code})")
+            else:
+                self._end(row, FAILED, now, code, _why_failed(code, oom, row), ran)
+
+    def _end(self, row: dict[str, Any], state: str, now: float, code: int | None, note: str, ran: float) -> None:
+        self.store.change(row["id"], f"{note} (exit status {code})" if code is not None else note,
+                          state=state, finished=now, exit_code=code, reason=note, pid=None, cpus=None, gpus=None,
+                          attained=row["attained"] + ran, stop=None, stop_at=None)
+        log.info("job %d: %s", row["id"], note)
+
+    def _requeue(self, row: dict[str, Any], now: float, note: str, *, lost: bool = False) -> None:
+        ran = 0.0 if lost else _held(row) * (now - (row["run_start"] or now))
+        preempted = row["stop"] == "preempt"
+        self.store.change(row["id"], note, state=PENDING, pid=None, cpus=None, gpus=None, stop=None, run_start=None,
+                          stop_at=None, attained=row["attained"] + ran,
+                          preemptions=row["preemptions"] + int(preempted))
+        self.cgroups.remove(row["id"])
+        log.info("job %d: %s", row["id"], note)
+
+    # Scheduling.
+
+    def _schedule(self, now: float) -> None:
+        started = time.perf_counter()
+        active = self.store.jobs(states=(PENDING, RUNNING, STOPPING))
+        pool = NodePool(self.node)
+        view = View(pool, {}, Sorted(), Sorted(), {})
+        held: dict[int, list[int]] = {}
+        stopping = False
+        quota = {u["name"]: u["quota_cpus"] for u in self.store.users()}
+        used_by_user: dict[str, int] = {}
+        for row in active:
+            if row["state"] == PENDING:
+                continue
+            spec = spec_of(row)
+            job = self._policy_job(row, spec, row["workers"])
+            pool.needs[job.id] = needs(spec, row["workers"])
+            placed = pool.allocate(job.id, job.gpus)
+            if placed is None:  # more running than the node holds: a smaller node than before a restart
+                log.warning("job %d: holds more than this node has free", job.id)
+                continue
+            job.key = self.policy.key(job, now)
+            occupy(view, job)
+            held[job.id] = _ids(row["cpus"])
+            used_by_user[row["user"]] = used_by_user.get(row["user"], 0) + job.gpus
+            if row["state"] == STOPPING:
+                stopping = True
+            else:
+                expose(view, self.policy, job, now)
+        if stopping:  # a preemption is in flight: wait for it before choosing more victims
+            view.exposed = Sorted()
+        pending = PendingQueue()
+        rows: dict[int, tuple[dict[str, Any], JobSpec]] = {}
+        waiting: dict[int, str] = {}
+        for row in active:
+            if row["state"] != PENDING:
+                continue
+            spec = spec_of(row)
+            size = self._size(row, spec, pool)
+            job = self._policy_job(row, spec, size)
+            limit = quota.get(row["user"])
+            if limit is not None and used_by_user.get(row["user"], 0) + job.gpus > limit:
+                waiting[job.id] = f"quota: {row['user']} holds {used_by_user.get(row['user'], 0)} of " \
+                                  f"{limit} CPUs and this job needs {job.gpus}"
+                continue
+            pool.needs[job.id] = needs(spec, size)
+            job.key = self.policy.key(job, now)
+            pending.add(job)
+            rows[job.id] = (row, spec)
+        decision = schedule(self.policy, pending, view, now)
+        for victim in decision.preempt:
+            self._stop_job(victim.id, "preempt", now, f"preempted for a job ranked higher")
+        # What is free now, before any victim has gone: a job the pass placed in a victim's room starts
+        # once the victim has checkpointed and exited (a later pass), never on top of it.
+        busy = {c for h in held.values() for c in h}
+        free = [c for c in range(self.node.slots) if c not in busy]
+        free_gpus = [g for g in range(self.node.gpus)
+                     if g not in {g for row in active if row["state"] != PENDING for g in _ids(row["gpus"])}]
+        memory_free = self.node.memory_mb - sum(needs(spec_of(r), r["workers"])[0] for r in active
+                                                if r["state"] != PENDING)
+        started_ids = set()
+        for job in decision.start:
+            row, spec = rows[job.id]
+            workers = job.gpus // spec.resources.cpus
+            memory, devices = needs(spec, workers)
+            if job.gpus > len(free) or memory > memory_free or devices > len(free_gpus):
+                waiting[job.id] = "starting once the jobs preempted for it have checkpointed and exited"
+                continue
+            slots, free = free[:job.gpus], free[job.gpus:]
+            gpus, free_gpus = free_gpus[:devices], free_gpus[devices:]
+            memory_free -= memory
+            if self._launch(row, spec, workers, slots, gpus, now):
+                started_ids.add(job.id)
+        for job in pending.jobs:
+            if job.id not in started_ids and job.id not in waiting:
+                waiting[job.id] = self._why_waiting(job, pool)
+        if not waiting and not stopping and not decision.start:
+            self._grow(active, pool, now)
+        self.waiting = waiting
+        self.order = [j.id for j in pending.jobs if j.id not in started_ids]
+        self.pass_s = (self.pass_s + [time.perf_counter() - started])[-100:]
+
+    def _policy_job(self, row: dict[str, Any], spec: JobSpec, workers: int) -> Job:
+        queue = row["user"] if self.share_by == "user" else row["queue"]
+        return Job(row["id"], row["submitted"], workers * spec.resources.cpus, queue, row["priority"],
+                   attained=row["attained"], run_start=row["run_start"] if row["state"] != PENDING else None,
+                   first_start=row["first_start"], pending_since=row["submitted"], preemptions=row["preemptions"])
+
+    def _size(self, row: dict[str, Any], spec: JobSpec, pool: NodePool) -> int:
+        """Workers to start a pending job with: a resize's size, else the most that fit now (at least the
+        fewest it runs on)."""
+        if row["want_workers"] is not None:
+            return row["want_workers"]
+        if not spec.elastic:
+            return row["workers"] or spec.fewest  # a resize keeps its size for later runs
+        for workers in range(spec.most, spec.fewest, -1):
+            memory, devices = needs(spec, workers)
+            if workers * spec.resources.cpus <= pool.free_total and memory <= pool.memory_free \
+                    and devices <= pool.gpus_free:
+                return workers
+        return spec.fewest
+
+    def _why_waiting(self, job: Job, pool: NodePool) -> str:
+        memory, devices = pool.needs[job.id]
+        if job.gpus > pool.free_total:
+            return f"waiting for {job.gpus} CPUs ({pool.free_total} free)"
+        if memory > pool.memory_free:
+            return f"waiting for {memory} MiB of memory ({pool.memory_free} free)"
+        if devices > pool.gpus_free:
+            return f"waiting for {devices} GPUs ({pool.gpus_free} free)"
+        return "behind a job ranked higher, or a preemption in flight"
+
+    def _grow(self, active: list[dict[str, Any]], pool: NodePool, now: float) -> None:
+        for row in active:
+            if row["state"] != RUNNING or row["want_workers"] is not None:
+                continue
+            spec = spec_of(row)
+            if not spec.elastic or row["workers"] >= spec.most or now - row["run_start"] < self.grow_after_s:
+                continue
+            more = min(spec.most - row["workers"], pool.free_total // spec.resources.cpus)
+            memory, devices = needs(spec, more)
+            if more >= 1 and memory <= pool.memory_free and devices <= pool.gpus_free:
+                self._stop_job(row["id"], "resize", now, f"growing from {row['workers']} to "
+                               f"{row['workers'] + more} workers (room is free)")
+                return  # one at a time: the next pass sees what is left
+
+    # Acting on jobs.
+
+    def _launch(self, row: dict[str, Any], spec: JobSpec, workers: int, slots: list[int], devices: list[int],
+                now: float) -> bool:
+        job, attempt = row["id"], row["attempt"] + 1
+        jd = self.job_dir(job)
+        jd.mkdir(parents=True, exist_ok=True)
+        for name in (EXIT, SHIM):
+            (jd / name).unlink(missing_ok=True)
+        cpus = tuple(self.node.cpus[s] for s in slots)
+        memory = needs(spec, workers)[0]
+        paths = self.cgroups.create(job, cpus, memory) if self.cgroups.mode else []
+        argv = self._argv(row, spec, workers, jd)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)), SHOAL_JOB_ID=str(job),
+                   SHOAL_JOB_WORKERS=str(workers), OMP_NUM_THREADS=str(max(1, spec.resources.cpus)))
+        if spec.kind == "command" and spec.workdir:
+            env["SHOAL_JOB_CWD"] = spec.workdir
+        # The row says "running" before the process exists, so a crash between the two never starts a job
+        # twice: a restarted service finds no shim of this attempt and queues it again.
+        if not self.store.change(job, f"started on {workers} workers (CPUs {_fmt(slots)}"
+                                 + (f", GPUs {_fmt(devices)})" if devices else ")"),
+                                 where_state=(PENDING,), state=RUNNING, attempt=attempt, workers=workers,
+                                 cpus=_fmt(slots), gpus=_fmt(devices), run_start=now,
+                                 first_start=row["first_start"] or now, want_workers=None, pid=None):
+            self.cgroups.remove(job)
+            return False  # cancelled meanwhile
+        child = subprocess.Popen([sys.executable, "-m", "shoal.platform.shim", str(jd), str(attempt), *map(str, paths),
+                                  "--", *argv], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=open(jd / "shim.err", "ab"))
+        self.children[job] = child
+        self.store.change(job, pid=child.pid)
+        log.info("job %d: started (attempt %d, %d workers)", job, attempt, workers)
+        return True
+
+    def _argv(self, row: dict[str, Any], spec: JobSpec, workers: int, jd: Path) -> list[str]:
+        if spec.kind == "command":
+            return list(spec.command or ())
+        run = jd / "run"
+        config = jd / "config.yaml"
+        if not config.exists():
+            tmp = config.with_suffix(".tmp")
+            tmp.write_text(yaml.safe_dump(spec.config))
+            os.replace(tmp, config)
+        batch = _global_batch(spec, jd)
+        overrides = [*spec.set, f"data.batch_size={max(1, round(batch / workers))}"] if batch else list(spec.set)
+        sets = [a for o in overrides for a in ("--set", o)]
+        train = [sys.executable, "-m", "shoal.cli", "train"]
+        if (run / "checkpoint.pt").is_file():
+            return [*train, "--resume", str(run), "--workers", str(workers), *sets]
+        return [*train, str(config), "--out", str(run), "--workers", str(workers), *sets]
+
+    def _stop_job(self, job: int, why: str, now: float, note: str) -> None:
+        row = self.store.job(job)
+        if row is None or not self.store.change(job, note, where_state=(RUNNING,), state=STOPPING, stop=why,
+                                                stop_at=now):
+            return
+        self._signal(row, signal.SIGTERM)
+
+    def _signal(self, row: dict[str, Any], sig: signal.Signals) -> None:
+        shim = _read_json(self.job_dir(row["id"]) / SHIM)
+        pid = row["pid"] or (shim or {}).get("pid")
+        if pid is None or (shim is not None and proc_start(pid) != shim.get("start")):
+            return
+        try:
+            os.killpg(pid, sig)  # the shim leads the job's session and process group
+        except ProcessLookupError:
+            pass
+
+    # Requests from the API.
+
+    def cancel(self, job: int) -> str:
+        with self._lock:
+            row = self.store.job(job)
+            if row is None:
+                raise KeyError(job)
+            if row["state"] == PENDING:
+                self.store.change(job, "cancelled while pending", where_state=(PENDING,), state=CANCELLED,
+                                  finished=time.time(), reason="cancelled")
+                return CANCELLED
+            if row["state"] in (RUNNING, STOPPING):
+                if row["state"] == RUNNING:
+                    self.store.change(job, "cancel requested", where_state=(RUNNING,), state=STOPPING, stop="cancel",
+                                      stop_at=time.time())
+                else:
+                    self.store.change(job, "cancel requested", stop="cancel")
+                self._signal(row, signal.SIGTERM)
+                self.wake.set()
+                return STOPPING
+            return row["state"]
+
+    def resize(self, job: int, workers: int) -> str:
+        with self._lock:
+            row = self.store.job(job)
+            if row is None:
+                raise KeyError(job)
+            self.store.change(job, f"resize to {workers} workers requested", want_workers=workers)
+            if row["state"] == RUNNING and row["workers"] != workers:
+                self._stop_job(job, "resize", time.time(), f"stopping to resize to {workers} workers")
+            self.wake.set()
+            return (self.store.job(job) or row)["state"]
+
+
+def needs(spec: JobSpec, workers: int) -> tuple[int, int]:
+    return workers * spec.resources.memory_mb, workers * spec.resources.gpus
+
+
+def _global_batch(spec: JobSpec, jd: Path) -> int | None:
+    """A train job's global batch, fixed at its first start (per-worker batch x workers then), so that a
+    resized job keeps it: per-worker batch = global / workers, rounded."""
+    path = jd / "global_batch.json"
+    known = _read_json(path)
+    if known is not None:
+        return known["global_batch"]
+    from shoal.config import load_config
+
+    cfg = load_config(spec.config, list(spec.set), workers=spec.most)  # type: ignore[arg-type]
+    batch = cfg.data.batch_size * spec.most
+    path.write_text(json.dumps({"global_batch": batch}))
+    return batch
+
+
+def _why_failed(code: int | None, oom: int, row: dict[str, Any]) -> str:
+    if oom:
+        spec = spec_of(row)
+        return f"killed by the kernel: over its memory limit of {spec.resources.memory_mb * (row['workers'] or 1)} MiB"
+    if code is None:
+        return "its process ended without an exit status (killed from outside)"
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exited with status {code}"
+
+
+def _is_shim(pid: int) -> bool:
+    try:
+        return b"shoal.platform.shim" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _held(row: dict[str, Any]) -> int:
+    return len(_ids(row["cpus"]))
+
+
+def _ids(text: str | None) -> list[int]:
+    return [int(x) for x in text.split(",")] if text else []
+
+
+def _fmt(ids: list[int]) -> str:
+    return ",".join(map(str, ids))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,220 @@
+"""The job service's state, in SQL (a SQLite file by default, any SQLAlchemy URL such as PostgreSQL).
+
+    users    name, role (admin | user), token_hash, quota_cpus     API tokens, hashes only
+    jobs     one row per job: its spec, state and every figure the scheduler keeps
+    events   job, time, text                                       what happened to each job, in order
+
+A job moves ``pending -> running -> done | failed | cancelled``; a running job that is preempted or
+resized goes ``stopping -> pending`` and runs again from its checkpoint. Every change is one
+transaction, so a service killed at any instant (SIGKILL included) comes back to rows that each
+say one true state. ``submit`` with a ``client_key`` is idempotent per user: a client that
+retries after a lost answer gets the job it already made, never a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from typing import Any
+
+from sqlalchemy import (
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from shoal.platform.spec import JobSpec
+from shoal.sql import sql_engine
+
+PENDING, RUNNING, STOPPING, DONE, FAILED, CANCELLED = "pending", "running", "stopping", "done", "failed", "cancelled"
+ACTIVE = (PENDING, RUNNING, STOPPING)
+ROLES = ("admin", "user")
+
+_metadata = MetaData()
+users = Table(
+    "users", _metadata,
+    Column("name", String(64), primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("token_hash", String(64), nullable=False, unique=True),
+    Column("quota_cpus", Integer, nullable=True),  # most CPUs its running jobs may hold together; None: no limit
+    Column("created_at", Float, nullable=False),
+)
+jobs = Table(
+    "jobs", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("user", String(64), ForeignKey("users.name"), nullable=False),
+    Column("client_key", String(64), nullable=True),
+    Column("name", String(128), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("queue", String(64), nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("workers", Integer, nullable=True),  # its size now (running) or at its last run
+    Column("want_workers", Integer, nullable=True),  # a resize asked for this size
+    Column("cpus", String(256), nullable=True),  # the CPU ids it holds, "0,1"
+    Column("gpus", String(256), nullable=True),  # the GPU ids it holds
+    Column("submitted", Float, nullable=False),
+    Column("first_start", Float, nullable=True),
+    Column("run_start", Float, nullable=True),
+    Column("finished", Float, nullable=True),
+    Column("attained", Float, nullable=False, default=0.0),  # CPU-seconds run before run_start
+    Column("preemptions", Integer, nullable=False, default=0),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("pid", Integer, nullable=True),
+    Column("stop", String(16), nullable=True),  # why it is stopping: preempt | resize | cancel
+    Column("stop_at", Float, nullable=True),  # when it was asked to stop
+    Column("exit_code", Integer, nullable=True),
+    Column("reason", Text, nullable=True),
+    UniqueConstraint("user", "client_key", name="one_job_per_client_key"),
+)
+Index("jobs_by_state", jobs.c.state)
+Index("jobs_by_user", jobs.c.user, jobs.c.id)
+events = Table(
+    "events", _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job", Integer, ForeignKey("jobs.id"), nullable=False, index=True),
+    Column("at", Float, nullable=False),
+    Column("text", Text, nullable=False),
+)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Refused(ValueError):
+    """A request the store will not carry out; ``status`` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class JobStore:
+    """Users, jobs and events of one service; safe to share between its threads."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sql_engine(url, wal=True)
+        _metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Users and tokens.
+
+    def add_user(self, name: str, role: str = "user", *, quota_cpus: int | None = None) -> str:
+        """Make a user and return its new API token (only its hash is kept)."""
+        if role not in ROLES:
+            raise Refused(f"role: {role!r} is not one of {', '.join(ROLES)}", 422)
+        if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise Refused(f"name: {name!r} is not 1-64 letters, digits, '-', '_' or '.'", 422)
+        if quota_cpus is not None and quota_cpus < 1:
+            raise Refused(f"quota_cpus: {quota_cpus} is not a positive number of CPUs", 422)
+        token = secrets.token_urlsafe(32)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(users).values(name=name, role=role, token_hash=token_hash(token),
+                                                  quota_cpus=quota_cpus, created_at=time.time()))
+        except IntegrityError:
+            raise Refused(f"a user named {name!r} exists", 409) from None
+        return token
+
+    def user_for(self, token: str) -> dict[str, Any] | None:
+        """The user a token belongs to, or None for an unknown one."""
+        if not token:
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(select(users).where(users.c.token_hash == token_hash(token))).mappings().first()
+        return dict(row) if row is not None else None
+
+    def users(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(users.c.name, users.c.role, users.c.quota_cpus)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def has_admin(self) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.count()).select_from(users).where(users.c.role == "admin")).scalar_one() > 0
+
+    # Jobs.
+
+    def submit(self, user: str, spec: JobSpec, client_key: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Queue a job; returns (its row, whether it is new). A second submit with the same ``client_key``
+        returns the first job."""
+        row = {"user": user, "client_key": client_key, "name": spec.name, "kind": spec.kind, "queue": spec.queue,
+               "spec": spec.model_dump_json(), "priority": spec.priority, "state": PENDING,
+               "submitted": time.time(), "attained": 0.0, "preemptions": 0, "attempt": 0}
+        try:
+            with self.engine.begin() as conn:
+                job = conn.execute(insert(jobs).values(row)).inserted_primary_key[0]
+                conn.execute(insert(events).values(job=job, at=row["submitted"], text=f"submitted by {user}"))
+        except IntegrityError:
+            with self.engine.connect() as conn:
+                found = conn.execute(select(jobs).where(jobs.c.user == user, jobs.c.client_key == client_key)
+                                     ).mappings().first()
+            if found is None:
+                raise
+            return dict(found), False
+        return self.job(job), True  # type: ignore[return-value]
+
+    def job(self, job: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def jobs(self, *, user: str | None = None, states: tuple[str, ...] | None = None, limit: int | None = None,
+             after: int = 0) -> list[dict[str, Any]]:
+        """Jobs in id order, from ``after`` on; ``user`` None: everyone's."""
+        query = select(jobs).where(jobs.c.id > after).order_by(jobs.c.id)
+        if user is not None:
+            query = query.where(jobs.c.user == user)
+        if states is not None:
+            query = query.where(jobs.c.state.in_(states))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(query).mappings().all()]
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
+        return {state: n for state, n in rows}
+
+    def change(self, job: int, note: str | None = None, *, where_state: tuple[str, ...] | None = None,
+               **values: Any) -> bool:
+        """Set ``values`` on a job (only while its state is one of ``where_state``, when given) and log
+        ``note``; returns whether the row changed."""
+        query = update(jobs).where(jobs.c.id == job)
+        if where_state is not None:
+            query = query.where(jobs.c.state.in_(where_state))
+        with self.engine.begin() as conn:
+            changed = conn.execute(query.values(**values)).rowcount > 0
+            if changed and note:
+                conn.execute(insert(events).values(job=job, at=time.time(), text=note))
+        return changed
+
+    def events(self, job: int) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(events.c.at, events.c.text).where(events.c.job == job)
+                                .order_by(events.c.id)).mappings().all()
+        return [dict(r) for r in rows]
+
+
+def spec_of(row: dict[str, Any]) -> JobSpec:
+    return JobSpec.model_validate(json.loads(row["spec"]))
+
