@@ -119,6 +119,10 @@ class FederationConfig(_Strict):
     deadline_s: float = Field(60.0, gt=0, description="the server waits this long for a round's results; "
                               "simulation: a client whose emulated time exceeds it is late")
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    processes: Optional[int] = Field(None, ge=1, le=1024, description="fl simulate: worker processes that train "
+                                     "a round's clients in parallel, the same results whatever the count (none: "
+                                     "the usable cores; 1: every client in this process, as under "
+                                     "fl.local_privacy, whose noise is one stream drawn in client order)")
     privacy: Optional[PrivacyConfig] = Field(None, description="client-level differential privacy "
                                              "(none: updates are averaged as they are)")
     local_privacy: Optional[PrivacySpec] = Field(None, description="sample-level DP-SGD in each client's local "

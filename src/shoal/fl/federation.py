@@ -362,10 +362,5 @@ class Federation:
                 f"{record['time_s']:7.1f}s")
 
 
-def client_data(fed: Federation, client: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return fetch(fed.data.train, fed.parts[client].tolist())
-
-
-
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None

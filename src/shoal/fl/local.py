@@ -80,9 +80,11 @@ class LocalTrainer:
         self.codec = codec
 
     def fit(self, weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor, *, epochs: int,
-            config: dict[str, Any], seed: int, memory: ErrorFeedback | None = None, client: int = 0) -> LocalResult:
+            config: dict[str, Any], seed: int, memory: ErrorFeedback | None = None, client: int = 0,
+            codec: Codec | None = None) -> LocalResult:
         """Train from ``weights`` and encode the change; ``client`` names whose privacy ledger a
-        local DP-SGD round counts in."""
+        local DP-SGD round counts in; ``codec`` encodes instead of the trainer's own (a simulated
+        client's, with its own random stream)."""
         started = time.perf_counter()
         self.flat.set(weights)
         self.model.train()
@@ -102,8 +104,9 @@ class LocalTrainer:
             # Clip what is encoded (delta plus any residual), so the payload itself is bounded;
             # the clipped-off part is dropped, as in DP-FedAvg: the residual keeps codec error only.
             compensated, _ = clip(compensated, float(config["clip_norm"]))
-        payload = self.codec.encode(compensated)
-        decoded = self.codec.decode(payload).reshape(-1).float()
+        codec = self.codec if codec is None else codec
+        payload = codec.encode(compensated)
+        decoded = codec.decode(payload).reshape(-1).float()
         if memory is not None:
             memory.update(0, compensated, decoded)
         return LocalResult(payload, decoded, len(y), sum(losses) / max(len(losses), 1),

@@ -30,7 +30,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("model (parameters)", f"{summary['model']} ({summary['parameters']:,})"),
         ("uplink / downlink", f"{format_bytes(summary['uplink_bytes'])} / {format_bytes(summary['downlink_bytes'])}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
-        ("peak memory", format_bytes(summary["peak_memory_bytes"])),
+        ("peak memory", _peak_memory(summary)),
     ]
     privacy, local = summary.get("privacy"), summary.get("local_privacy")
     if privacy:
@@ -43,6 +43,15 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def _peak_memory(summary: dict[str, Any]) -> str:
+    """This process's peak RSS, and the largest worker's beside it under fl simulate's worker processes."""
+    mine, workers = format_bytes(summary["peak_memory_bytes"]), summary.get("worker_peak_memory_bytes")
+    if workers is None:
+        return mine
+    # A worker's RSS counts the pages it still shares with this process (copy-on-write), so the sum overstates.
+    return f"{mine}; {summary['processes']} workers <= {format_bytes(workers)} each"
 
 
 def _taking_part(summary: dict[str, Any]) -> str:
