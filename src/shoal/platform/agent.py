@@ -1,6 +1,8 @@
 """The service's scheduler: the policy objects of :mod:`shoal.platform.policies` on this machine's CPUs.
 
-Every tick (and at once after a submit or a change):
+Every tick (``tick_s``) it reaps; it passes (step 2) at once after a submit, a change or an exit, and
+otherwise every ``idle_pass_s`` (a policy's keys move with time), so a long queue costs little while
+nothing happens:
 
 1. Reap: a job whose first process (:mod:`shoal.platform.shim`) has exited is done (status 0),
    failed (any other status, with the reason: the kernel's OOM killer, a signal, an exit code), or,
@@ -36,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from shoal.platform.cluster import Cluster
+from shoal.platform.cluster import Cluster, PlacementError
 from shoal.platform.node import Cgroups, Node
 from shoal.platform.policies.base import Job, PendingQueue, Policy, Sorted, expose, occupy, schedule
 from shoal.platform.shim import EXIT, SHIM, proc_start
@@ -90,15 +92,20 @@ class Agent:
     """Runs ``store``'s jobs on ``node`` under ``policy``; :meth:`tick` once, or :meth:`start` a thread."""
 
     def __init__(self, store: JobStore, node: Node, policy: Policy, state: Path, *, cgroups: Cgroups,
-                 share_by: str = "user", tick_s: float = 0.5, grace_s: float = 60.0, grow_after_s: float = 30.0):
+                 share_by: str = "user", tick_s: float = 0.5, grace_s: float = 60.0, grow_after_s: float = 30.0,
+                 check: bool = False):
         self.store, self.node, self.policy, self.state = store, node, policy, state
-        self.cgroups, self.share_by = cgroups, share_by
+        self.cgroups, self.share_by, self.check = cgroups, share_by, check
         self.tick_s, self.grace_s, self.grow_after_s = tick_s, grace_s, grow_after_s
         self.children: dict[int, subprocess.Popen] = {}  # job id -> its shim, when this process started it
         self.waiting: dict[int, str] = {}  # pending job -> why it waits
         self.order: list[int] = []  # the pending jobs in the last pass's order
-        self.pass_s: list[float] = []  # the last passes' durations
+        self.specs: dict[int, JobSpec] = {}
+        self.pass_s: list[float] = []  # the last passes' durations, reading the database included
+        self.decide_s: list[float] = []  # the policy's decisions in them (schedule() alone)
         self.wake = threading.Event()
+        self.idle_pass_s = max(5 * tick_s, 2.0)
+        self._dirty, self._last_pass = True, 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -127,11 +134,41 @@ class Agent:
             self.wake.wait(self.tick_s)
             self.wake.clear()
 
+    def poke(self) -> None:
+        """Something changed (a submit, a cancel, a priority): pass at once."""
+        self._dirty = True
+        self.wake.set()
+
     def tick(self, now: float | None = None) -> None:
+        """Reap every tick; pass when something changed, or every ``idle_pass_s`` (keys move with time)."""
         with self._lock:
             now = time.time() if now is None else now
-            self._reap(now)
+            ended = self._reap(now)
+            if not (ended or self._dirty or now - self._last_pass >= self.idle_pass_s):
+                return
+            self._dirty, self._last_pass = False, now
             self._schedule(now)
+            if self.check:
+                self._check()
+
+    def _check(self) -> None:
+        """Gang scheduling's invariant on what really runs: every running job holds exactly its workers x
+        CPUs, no CPU or GPU is held twice, and nothing holds more than the node has."""
+        seen_cpus: set[int] = set()
+        seen_gpus: set[int] = set()
+        memory = 0
+        for row in self.store.jobs(states=(RUNNING, STOPPING)):
+            spec = spec_of(row)
+            cpus, gpus = _ids(row["cpus"]), _ids(row["gpus"])
+            if len(cpus) != row["workers"] * spec.resources.cpus or len(gpus) != needs(spec, row["workers"])[1]:
+                raise PlacementError(f"job {row['id']} holds {len(cpus)} CPUs and {len(gpus)} GPUs, not its gang's")
+            if seen_cpus & set(cpus) or seen_gpus & set(gpus):
+                raise PlacementError(f"job {row['id']} holds a CPU or GPU another job holds")
+            seen_cpus |= set(cpus)
+            seen_gpus |= set(gpus)
+            memory += needs(spec, row["workers"])[0]
+        if len(seen_cpus) > self.node.slots or memory > self.node.memory_mb:
+            raise PlacementError("the running jobs hold more than the node has")
 
     def job_dir(self, job: int) -> Path:
         return self.state / "jobs" / str(job)
@@ -168,12 +205,15 @@ class Agent:
         status = _read_json(self.job_dir(row["id"]) / EXIT)
         return status if status is not None and status.get("attempt") == row["attempt"] else None
 
-    def _reap(self, now: float) -> None:
+    def _reap(self, now: float) -> bool:
+        """Handle the jobs whose processes have ended; returns whether any had."""
+        ended = False
         for row in self.store.jobs(states=(RUNNING, STOPPING)):
             if self._alive(row):
                 if row["state"] == STOPPING and now - (row["stop_at"] or now) > self.grace_s:
                     self._signal(row, signal.SIGKILL)
                 continue
+            ended = True
             self.children.pop(row["id"], None)
             status = self._exit_status(row)
             code = status["returncode"] if status is not None else None
@@ -190,6 +230,7 @@ class Agent:
                 self._requeue(row, now, f"{why}; queued again (exit status {code})")
             else:
                 self._end(row, FAILED, now, code, _why_failed(code, oom, row), ran)
+        return ended
 
     def _end(self, row: dict[str, Any], state: str, now: float, code: int | None, note: str, ran: float) -> None:
         self.store.change(row["id"], f"{note} (exit status {code})" if code is not None else note,
@@ -210,7 +251,8 @@ class Agent:
 
     def _schedule(self, now: float) -> None:
         started = time.perf_counter()
-        active = self.store.jobs(states=(PENDING, RUNNING, STOPPING))
+        active = self.store.active()
+        self._load_specs(active)
         pool = NodePool(self.node)
         view = View(pool, {}, Sorted(), Sorted(), {})
         held: dict[int, list[int]] = {}
@@ -220,7 +262,7 @@ class Agent:
         for row in active:
             if row["state"] == PENDING:
                 continue
-            spec = spec_of(row)
+            spec = self.specs[row["id"]]
             job = self._policy_job(row, spec, row["workers"])
             pool.needs[job.id] = needs(spec, row["workers"])
             placed = pool.allocate(job.id, job.gpus)
@@ -243,7 +285,7 @@ class Agent:
         for row in active:
             if row["state"] != PENDING:
                 continue
-            spec = spec_of(row)
+            spec = self.specs[row["id"]]
             size = self._size(row, spec, pool)
             job = self._policy_job(row, spec, size)
             limit = quota.get(row["user"])
@@ -255,7 +297,9 @@ class Agent:
             job.key = self.policy.key(job, now)
             pending.add(job)
             rows[job.id] = (row, spec)
+        decided = time.perf_counter()
         decision = schedule(self.policy, pending, view, now)
+        self.decide_s = (self.decide_s + [time.perf_counter() - decided])[-100:]
         for victim in decision.preempt:
             self._stop_job(victim.id, "preempt", now, f"preempted for a job ranked higher")
         # What is free now, before any victim has gone: a job the pass placed in a victim's room starts
@@ -264,7 +308,7 @@ class Agent:
         free = [c for c in range(self.node.slots) if c not in busy]
         free_gpus = [g for g in range(self.node.gpus)
                      if g not in {g for row in active if row["state"] != PENDING for g in _ids(row["gpus"])}]
-        memory_free = self.node.memory_mb - sum(needs(spec_of(r), r["workers"])[0] for r in active
+        memory_free = self.node.memory_mb - sum(needs(self.specs[r["id"]], r["workers"])[0] for r in active
                                                 if r["state"] != PENDING)
         started_ids = set()
         for job in decision.start:
@@ -287,6 +331,15 @@ class Agent:
         self.waiting = waiting
         self.order = [j.id for j in pending.jobs if j.id not in started_ids]
         self.pass_s = (self.pass_s + [time.perf_counter() - started])[-100:]
+
+    def _load_specs(self, active: list[dict[str, Any]]) -> None:
+        """Specs never change once submitted: each is parsed once, and forgotten when its job has ended."""
+        missing = [row["id"] for row in active if row["id"] not in self.specs]
+        if missing:
+            self.specs.update(self.store.specs(missing))
+        if len(self.specs) > 2 * len(active) + 1000:
+            ids = {row["id"] for row in active}
+            self.specs = {job: spec for job, spec in self.specs.items() if job in ids}
 
     def _policy_job(self, row: dict[str, Any], spec: JobSpec, workers: int) -> Job:
         queue = row["user"] if self.share_by == "user" else row["queue"]
@@ -322,7 +375,7 @@ class Agent:
         for row in active:
             if row["state"] != RUNNING or row["want_workers"] is not None:
                 continue
-            spec = spec_of(row)
+            spec = self.specs[row["id"]]
             if not spec.elastic or row["workers"] >= spec.most or now - row["run_start"] < self.grow_after_s:
                 continue
             more = min(spec.most - row["workers"], pool.free_total // spec.resources.cpus)
@@ -355,7 +408,7 @@ class Agent:
                                  + (f", GPUs {_fmt(devices)})" if devices else ")"),
                                  where_state=(PENDING,), state=RUNNING, attempt=attempt, workers=workers,
                                  cpus=_fmt(slots), gpus=_fmt(devices), run_start=now,
-                                 first_start=row["first_start"] or now, want_workers=None, pid=None):
+                                 first_start=row["first_start"] or now, pid=None):
             self.cgroups.remove(job)
             return False  # cancelled meanwhile
         child = subprocess.Popen([sys.executable, "-m", "shoal.platform.shim", str(jd), str(attempt), *map(str, paths),
@@ -418,7 +471,7 @@ class Agent:
                 else:
                     self.store.change(job, "cancel requested", stop="cancel")
                 self._signal(row, signal.SIGTERM)
-                self.wake.set()
+                self.poke()
                 return STOPPING
             return row["state"]
 
@@ -430,7 +483,7 @@ class Agent:
             self.store.change(job, f"resize to {workers} workers requested", want_workers=workers)
             if row["state"] == RUNNING and row["workers"] != workers:
                 self._stop_job(job, "resize", time.time(), f"stopping to resize to {workers} workers")
-            self.wake.set()
+            self.poke()
             return (self.store.job(job) or row)["state"]
 
 

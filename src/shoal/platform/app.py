@@ -124,7 +124,7 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
             except ConfigError as err:
                 raise Refused(f"config: {err}", 422) from None
         row, new = store.submit(user["name"], spec, body.client_key)
-        agent.wake.set()
+        agent.poke()
         return {**view(row), "created": new}
 
     @app.get("/jobs")
@@ -190,7 +190,7 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
         if body.priority > 0 and user["role"] != "admin":
             raise Refused(f"priority: {body.priority} is above 0; only an admin gives priorities above 0", 403)
         store.change(job, f"priority set to {body.priority} by {user['name']}", priority=body.priority)
-        agent.wake.set()
+        agent.poke()
         return view(store.job(job))  # type: ignore[arg-type]
 
     @app.get("/node")
@@ -200,7 +200,8 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
         return {"cpus": agent.node.slots, "memory_mb": agent.node.memory_mb, "gpus": agent.node.gpus,
                 "cpus_used": used, "policy": type(agent.policy).__name__.lower(),
                 "cgroups": agent.cgroups.mode, "jobs": store.counts(),
-                "last_pass_ms": round(agent.pass_s[-1] * 1000, 2) if agent.pass_s else None}
+                "last_pass_ms": round(agent.pass_s[-1] * 1000, 2) if agent.pass_s else None,
+                "last_decision_ms": round(agent.decide_s[-1] * 1000, 2) if agent.decide_s else None}
 
     @app.post("/users", status_code=201)
     def add_user(body: NewUser, _admin: dict[str, Any] = Depends(admin)) -> dict[str, Any]:

@@ -37,7 +37,7 @@ class Service:
 
 def build(state: str | Path, *, db: str | None = None, policy: str = "las", node: Node | None = None,
           share_by: str = "user", cgroups: bool = True, tick_s: float = 0.5, grace_s: float = 60.0,
-          grow_after_s: float = 30.0) -> Service:
+          grow_after_s: float = 30.0, check: bool = False) -> Service:
     """Everything but the HTTP server; raises ``ValueError`` naming a bad option."""
     from shoal.registry import POLICIES, load_builtins
 
@@ -58,7 +58,7 @@ def build(state: str | Path, *, db: str | None = None, policy: str = "las", node
     name = hashlib.sha256(str(state).encode()).hexdigest()[:10]
     agent = Agent(store, node or discover(), chosen.target(chosen.options), state,
                   cgroups=Cgroups(name, mode=None if cgroups else "off"),
-                  share_by=share_by, tick_s=tick_s, grace_s=grace_s, grow_after_s=grow_after_s)
+                  share_by=share_by, tick_s=tick_s, grace_s=grace_s, grow_after_s=grow_after_s, check=check)
     return Service(store, agent, state)
 
 

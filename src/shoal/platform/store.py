@@ -14,7 +14,6 @@ retries after a lost answer gets the job it already made, never a second one.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import time
 from typing import Any
@@ -190,6 +189,23 @@ class JobStore:
         with self.engine.connect() as conn:
             return [dict(r) for r in conn.execute(query).mappings().all()]
 
+    def active(self) -> list[dict[str, Any]]:
+        """The pending, running and stopping jobs, in id order, without their specs (see :meth:`specs`): the
+        scheduler reads these every pass."""
+        query = select(*[c for c in jobs.c if c.name != "spec"]).where(jobs.c.state.in_(ACTIVE)).order_by(jobs.c.id)
+        with self.engine.connect() as conn:
+            result = conn.execute(query)
+            names = list(result.keys())
+            return [dict(zip(names, r)) for r in result]
+
+    def specs(self, ids: list[int]) -> dict[int, JobSpec]:
+        out: dict[int, JobSpec] = {}
+        with self.engine.connect() as conn:
+            for at in range(0, len(ids), 500):  # SQLite's limit on bound parameters
+                rows = conn.execute(select(jobs.c.id, jobs.c.spec).where(jobs.c.id.in_(ids[at:at + 500])))
+                out.update({job: JobSpec.model_validate_json(text) for job, text in rows})
+        return out
+
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
@@ -216,5 +232,5 @@ class JobStore:
 
 
 def spec_of(row: dict[str, Any]) -> JobSpec:
-    return JobSpec.model_validate(json.loads(row["spec"]))
+    return JobSpec.model_validate_json(row["spec"])
 

@@ -144,7 +144,10 @@ class PendingQueue:
 
     def add(self, job: Job) -> None:
         self.all.add(job)
-        self.by_queue.setdefault(job.queue, Sorted()).add(job)
+        queue = self.by_queue.get(job.queue)
+        if queue is None:
+            queue = self.by_queue[job.queue] = Sorted()
+        queue.add(job)
 
     def remove(self, job: Job) -> None:
         self.all.remove(job)
