@@ -56,6 +56,20 @@ def test_two_processes_give_the_weights_and_records_of_one(tmp_path, monkeypatch
 
 
 @pytest.mark.processes
+def test_a_secure_round_takes_the_workers_updates_as_it_takes_its_own(tmp_path, monkeypatch):
+    # SecAgg+ rounds with the operating system's entropy, so two runs agree up to its rounding only;
+    # the first round's client losses (from the same initial weights) and the round's bookkeeping exactly.
+    overrides = ("fl.secure=secagg", "fl.fleet.dropout=0.3", "fl.fleet.drop_stage=masked")
+    one_weights, one_lines = _run(tmp_path, monkeypatch, 1, *overrides)
+    two_weights, two_lines = _run(tmp_path, monkeypatch, 2, *overrides)
+
+    keys = ("selected", "dropped_clients", "secure_clients", "participating", "uplink_bytes", "downlink_bytes")
+    assert [[r[k] for k in keys] for r in one_lines] == [[r[k] for k in keys] for r in two_lines]
+    assert one_lines[0]["loss"] == two_lines[0]["loss"] and sum(r["dropped"] for r in one_lines) > 0
+    assert torch.allclose(one_weights, two_weights, atol=1e-3)
+
+
+@pytest.mark.processes
 def test_a_client_that_raises_in_a_worker_stops_the_run_as_in_one_process(tmp_path):
     base = {**TINY, "model": "tests.fl_entry:exploding"}
     messages = []
