@@ -23,7 +23,7 @@ TINY = {
 
 
 def _run(tmp_path, monkeypatch, processes, *overrides, base=TINY):
-    """The run's final weights and its metrics lines, without their wall-clock times."""
+    """The run's final weights, its metrics lines without their wall-clock times, and its summary."""
     final = {}
     close = Federation.close
 
@@ -33,9 +33,10 @@ def _run(tmp_path, monkeypatch, processes, *overrides, base=TINY):
 
     monkeypatch.setattr(Federation, "close", keep_weights)
     out = tmp_path / f"p{processes}"
-    simulate(load_fl_config(base, [f"fl.processes={processes}", *overrides], out=str(out)), progress=False)
+    final["summary"] = simulate(load_fl_config(base, [f"fl.processes={processes}", *overrides], out=str(out)),
+                                progress=False)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return final["weights"], [{k: v for k, v in r.items() if k != "time_s"} for r in lines]
+    return final["weights"], [{k: v for k, v in r.items() if k != "time_s"} for r in lines], final["summary"]
 
 
 @pytest.mark.processes
@@ -45,8 +46,8 @@ def _run(tmp_path, monkeypatch, processes, *overrides, base=TINY):
     ("fl.codec=qsgd:levels=3", "fl.fleet.dropout=0.3"),  # a codec with a random stream, and dropouts
 ])
 def test_two_processes_give_the_weights_and_records_of_one(tmp_path, monkeypatch, overrides):
-    one_weights, one_lines = _run(tmp_path, monkeypatch, 1, *overrides)
-    two_weights, two_lines = _run(tmp_path, monkeypatch, 2, *overrides)
+    one_weights, one_lines, _ = _run(tmp_path, monkeypatch, 1, *overrides)
+    two_weights, two_lines, _ = _run(tmp_path, monkeypatch, 2, *overrides)
 
     assert torch.equal(one_weights, two_weights)
     assert one_lines == two_lines
@@ -60,8 +61,8 @@ def test_a_secure_round_takes_the_workers_updates_as_it_takes_its_own(tmp_path, 
     # SecAgg+ rounds with the operating system's entropy, so two runs agree up to its rounding only;
     # the first round's client losses (from the same initial weights) and the round's bookkeeping exactly.
     overrides = ("fl.secure=secagg", "fl.fleet.dropout=0.3", "fl.fleet.drop_stage=masked")
-    one_weights, one_lines = _run(tmp_path, monkeypatch, 1, *overrides)
-    two_weights, two_lines = _run(tmp_path, monkeypatch, 2, *overrides)
+    one_weights, one_lines, _ = _run(tmp_path, monkeypatch, 1, *overrides)
+    two_weights, two_lines, _ = _run(tmp_path, monkeypatch, 2, *overrides)
 
     keys = ("selected", "dropped_clients", "secure_clients", "participating", "uplink_bytes", "downlink_bytes")
     assert [[r[k] for k in keys] for r in one_lines] == [[r[k] for k in keys] for r in two_lines]
@@ -105,12 +106,13 @@ def test_ten_thousand_clients_a_hundred_a_round_fetch_only_the_sampled(tmp_path,
     fetched = []
     fetch = pool.fetch
     monkeypatch.setattr(pool, "fetch", lambda data, indices: fetched.append(indices) or fetch(data, indices))
-    one_weights, one_lines = _run(tmp_path, monkeypatch, 1, base=CROSS_DEVICE)
-    two_weights, two_lines = _run(tmp_path, monkeypatch, 2, base=CROSS_DEVICE)
+    one_weights, one_lines, _ = _run(tmp_path, monkeypatch, 1, base=CROSS_DEVICE)
+    two_weights, two_lines, two = _run(tmp_path, monkeypatch, 2, base=CROSS_DEVICE)
 
     assert len(fetched) == 100 and all(len(indices) == 2 for indices in fetched)  # in one process: counted here
     assert one_lines[0]["selected"] == one_lines[0]["participating"] == 100
     assert torch.equal(one_weights, two_weights) and one_lines == two_lines
+    assert two["processes"] == 2 and two["worker_peak_memory_bytes"] > 0  # the workers' memory is reported too
 
 
 def test_processes_is_checked():
