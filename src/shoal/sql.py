@@ -27,5 +27,15 @@ def sql_engine(url: str | Path, *, wal: bool = False) -> Engine:
             cursor = conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")  # WAL stays consistent across a crash at this level
+            # No checkpoint inside a writer's commit (it would hold every other writer up while it syncs the
+            # file); the owner checkpoints from a thread of its own (:func:`checkpoint`).
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.close()
     return engine
+
+
+def checkpoint(engine: Engine) -> None:
+    """Copy a SQLite write-ahead log back into the database without blocking writers (PASSIVE)."""
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")

@@ -24,6 +24,7 @@ with the machine and goes back to pending, to resume from its checkpoint.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -43,9 +44,12 @@ from shoal.platform.node import Cgroups, Node
 from shoal.platform.policies.base import Job, PendingQueue, Policy, Sorted, expose, occupy, schedule
 from shoal.platform.shim import EXIT, SHIM, proc_start
 from shoal.platform.spec import JobSpec
+from shoal.sql import checkpoint
 from shoal.platform.store import (CANCELLED, DONE, FAILED, PENDING, RUNNING, STOPPING, JobStore, spec_of)
 
 log = logging.getLogger("shoal.serve")
+CHECKPOINT_S = 5.0  # seconds between copies of SQLite's write-ahead log into the database
+RECHECK_S = 2.0  # seconds of changes reread each tick, for a transaction that committed after a later one
 PREEMPTED_EXIT = 143  # a shoal train job stopped by SIGTERM at a step boundary, its checkpoint written
 
 
@@ -77,6 +81,28 @@ class NodePool(Cluster):
         self.memory_free, self.gpus_free = self.memory_free - memory, self.gpus_free - devices
 
 
+class WithinQuota:
+    """A policy whose pending order skips the jobs of users at their CPU quota (everything else is the
+    policy's own). A job counts against its user's quota from the moment it is offered to the pass."""
+
+    def __init__(self, policy: Policy, limits: dict[str, int | None], used: dict[str, int], users: dict[int, str]):
+        self.policy, self.limits, self.used, self.users = policy, limits, dict(used), users
+        self.held: dict[int, str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+    def pending_order(self, pending: PendingQueue, view: Any):  # type: ignore[no-untyped-def]
+        for job in self.policy.pending_order(pending, view):
+            user = self.users[job.id]
+            limit, used = self.limits.get(user), self.used.get(user, 0)
+            if limit is not None and used + job.gpus > limit:
+                self.held[job.id] = f"quota: {user} holds {used} of {limit} CPUs and this job needs {job.gpus}"
+                continue
+            self.used[user] = used + job.gpus
+            yield job
+
+
 @dataclass
 class View:
     """What a pass reads of the running jobs (:class:`~shoal.platform.policies.base.ClusterView`)."""
@@ -99,13 +125,23 @@ class Agent:
         self.tick_s, self.grace_s, self.grow_after_s = tick_s, grace_s, grow_after_s
         self.children: dict[int, subprocess.Popen] = {}  # job id -> its shim, when this process started it
         self.waiting: dict[int, str] = {}  # pending job -> why it waits
-        self.order: list[int] = []  # the pending jobs in the last pass's order
+        self.positions: dict[int, int] = {}  # pending job -> its place in the last pass's order (1: next)
         self.specs: dict[int, JobSpec] = {}
+        # What the scheduler knows between passes, kept from the rows that changed (``store.changed_since``)
+        # rather than reread in full: the active rows, and the pending jobs sorted by the policy's key.
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.holding: set[int] = set()  # the running and stopping jobs among them
+        self.pending = PendingQueue()
+        self.queued: dict[int, Job] = {}
+        self._rekeys: list[tuple[float, int]] = []  # (when, job): a pending job's key changes with time
+        self._seen: float | None = None
+        self._free = (node.slots, node.memory_mb, node.gpus)  # after the last pass, for why a job waits
+        self._quota_held: dict[int, str] = {}
         self.pass_s: list[float] = []  # the last passes' durations, reading the database included
         self.decide_s: list[float] = []  # the policy's decisions in them (schedule() alone)
         self.wake = threading.Event()
         self.idle_pass_s = max(5 * tick_s, 2.0)
-        self._dirty, self._last_pass = True, 0.0
+        self._dirty, self._last_pass, self._checkpointed = True, 0.0, 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -131,8 +167,13 @@ class Agent:
                 self.tick()
             except Exception:  # one bad tick must not end scheduling; it is logged and retried
                 log.exception("scheduler tick failed")
+            began = time.monotonic()
             self.wake.wait(self.tick_s)
             self.wake.clear()
+            # A burst of pokes (submits) is one tick, not one each: at least a fifth of a tick apart.
+            rest = began + self.tick_s / 5 - time.monotonic()
+            if rest > 0 and not self._stop.is_set():
+                time.sleep(rest)
 
     def poke(self) -> None:
         """Something changed (a submit, a cancel, a priority): pass at once."""
@@ -143,8 +184,16 @@ class Agent:
         """Reap every tick; pass when something changed, or every ``idle_pass_s`` (keys move with time)."""
         with self._lock:
             now = time.time() if now is None else now
+            self._refresh()
+            if now - self._checkpointed >= CHECKPOINT_S:
+                checkpoint(self.store.engine)
+                self._checkpointed = now
             ended = self._reap(now)
-            if not (ended or self._dirty or now - self._last_pass >= self.idle_pass_s):
+            if ended:
+                self._refresh()
+            since = now - self._last_pass
+            # Changes coalesce: at most one pass a tick, however many submits arrive in it.
+            if not ((ended or self._dirty) and since >= self.tick_s * 0.9 or since >= self.idle_pass_s):
                 return
             self._dirty, self._last_pass = False, now
             self._schedule(now)
@@ -208,7 +257,7 @@ class Agent:
     def _reap(self, now: float) -> bool:
         """Handle the jobs whose processes have ended; returns whether any had."""
         ended = False
-        for row in self.store.jobs(states=(RUNNING, STOPPING)):
+        for row in [self.rows[job] for job in sorted(self.holding)]:
             if self._alive(row):
                 if row["state"] == STOPPING and now - (row["stop_at"] or now) > self.grace_s:
                     self._signal(row, signal.SIGKILL)
@@ -229,7 +278,7 @@ class Agent:
                 why = "preempted" if row["stop"] == "preempt" else "stopped to resize"
                 self._requeue(row, now, f"{why}; queued again (exit status {code})")
             else:
-                self._end(row, FAILED, now, code, _why_failed(code, oom, row), ran)
+                self._end(row, FAILED, now, code, _why_failed(code, oom, self.specs[row["id"]], row["workers"]), ran)
         return ended
 
     def _end(self, row: dict[str, Any], state: str, now: float, code: int | None, note: str, ran: float) -> None:
@@ -242,31 +291,67 @@ class Agent:
         ran = 0.0 if lost else _held(row) * (now - (row["run_start"] or now))
         preempted = row["stop"] == "preempt"
         self.store.change(row["id"], note, state=PENDING, pid=None, cpus=None, gpus=None, stop=None, run_start=None,
-                          stop_at=None, attained=row["attained"] + ran,
+                          stop_at=None, attained=row["attained"] + ran, pending_since=now,
                           preemptions=row["preemptions"] + int(preempted))
         self.cgroups.remove(row["id"])
         log.info("job %d: %s", row["id"], note)
 
     # Scheduling.
 
+    def _refresh(self) -> None:
+        """Bring ``rows`` and the pending queue up to date with the rows changed since the last look (a few
+        seconds more, for a transaction that committed late)."""
+        first = self._seen is None
+        looked = time.time()
+        changed = self.store.active() if first else self.store.changed_since(self._seen - RECHECK_S)
+        self._seen = looked
+        self._load_specs([r for r in changed if r["state"] in (PENDING, RUNNING, STOPPING)])
+        for row in changed:
+            job = row["id"]
+            if self.rows.get(job) == row:
+                continue
+            if job in self.queued:
+                self.pending.remove(self.queued.pop(job))
+            if row["state"] in (PENDING, RUNNING, STOPPING):
+                self.rows[job] = row
+            else:
+                self.rows.pop(job, None)
+                self.specs.pop(job, None)
+            if row["state"] in (RUNNING, STOPPING):
+                self.holding.add(job)
+            else:
+                self.holding.discard(job)
+            if row["state"] == PENDING:
+                self._queue(row, looked)
+
+    def _queue(self, row: dict[str, Any], now: float) -> None:
+        spec = self.specs[row["id"]]
+        job = self._policy_job(row, spec, self._size(row, spec, None))
+        job.key = self.policy.key(job, now)
+        self.pending.add(job)
+        self.queued[job.id] = job
+        change = self.policy.next_change(job, now)
+        if change is not None:
+            heapq.heappush(self._rekeys, (change, job.id))
+
     def _schedule(self, now: float) -> None:
         started = time.perf_counter()
-        active = self.store.active()
-        self._load_specs(active)
+        while self._rekeys and self._rekeys[0][0] <= now:  # keys that time has moved
+            _, job = heapq.heappop(self._rekeys)
+            if job in self.queued:
+                self.pending.remove(self.queued.pop(job))
+                self._queue(self.rows[job], now)
+        active = [self.rows[job] for job in sorted(self.holding)]
         pool = NodePool(self.node)
         view = View(pool, {}, Sorted(), Sorted(), {})
         held: dict[int, list[int]] = {}
         stopping = False
-        quota = {u["name"]: u["quota_cpus"] for u in self.store.users()}
         used_by_user: dict[str, int] = {}
         for row in active:
-            if row["state"] == PENDING:
-                continue
             spec = self.specs[row["id"]]
             job = self._policy_job(row, spec, row["workers"])
             pool.needs[job.id] = needs(spec, row["workers"])
-            placed = pool.allocate(job.id, job.gpus)
-            if placed is None:  # more running than the node holds: a smaller node than before a restart
+            if pool.allocate(job.id, job.gpus) is None:  # more running than the node holds (a smaller node now)
                 log.warning("job %d: holds more than this node has free", job.id)
                 continue
             job.key = self.policy.key(job, now)
@@ -279,97 +364,93 @@ class Agent:
                 expose(view, self.policy, job, now)
         if stopping:  # a preemption is in flight: wait for it before choosing more victims
             view.exposed = Sorted()
-        pending = PendingQueue()
-        rows: dict[int, tuple[dict[str, Any], JobSpec]] = {}
-        waiting: dict[int, str] = {}
-        for row in active:
-            if row["state"] != PENDING:
-                continue
-            spec = self.specs[row["id"]]
-            size = self._size(row, spec, pool)
-            job = self._policy_job(row, spec, size)
-            limit = quota.get(row["user"])
-            if limit is not None and used_by_user.get(row["user"], 0) + job.gpus > limit:
-                waiting[job.id] = f"quota: {row['user']} holds {used_by_user.get(row['user'], 0)} of " \
-                                  f"{limit} CPUs and this job needs {job.gpus}"
-                continue
-            pool.needs[job.id] = needs(spec, size)
-            job.key = self.policy.key(job, now)
-            pending.add(job)
-            rows[job.id] = (row, spec)
+        for job in self.queued.values():
+            row = self.rows[job.id]
+            spec = self.specs[job.id]
+            if spec.elastic and row["want_workers"] is None:  # its size is what fits now
+                job.gpus = self._size(row, spec, pool) * spec.resources.cpus
+            pool.needs[job.id] = needs(spec, job.gpus // spec.resources.cpus)
+        quota = WithinQuota(self.policy, {u["name"]: u["quota_cpus"] for u in self.store.users()},
+                            used_by_user, {job: self.rows[job]["user"] for job in self.queued})
         decided = time.perf_counter()
-        decision = schedule(self.policy, pending, view, now)
+        decision = schedule(quota, self.pending, view, now)
         self.decide_s = (self.decide_s + [time.perf_counter() - decided])[-100:]
         for victim in decision.preempt:
-            self._stop_job(victim.id, "preempt", now, f"preempted for a job ranked higher")
+            self._stop_job(victim.id, "preempt", now, "preempted for a job ranked higher")
         # What is free now, before any victim has gone: a job the pass placed in a victim's room starts
         # once the victim has checkpointed and exited (a later pass), never on top of it.
         busy = {c for h in held.values() for c in h}
         free = [c for c in range(self.node.slots) if c not in busy]
-        free_gpus = [g for g in range(self.node.gpus)
-                     if g not in {g for row in active if row["state"] != PENDING for g in _ids(row["gpus"])}]
-        memory_free = self.node.memory_mb - sum(needs(self.specs[r["id"]], r["workers"])[0] for r in active
-                                                if r["state"] != PENDING)
-        started_ids = set()
+        busy_gpus = {g for row in active for g in _ids(row["gpus"])}
+        free_gpus = [g for g in range(self.node.gpus) if g not in busy_gpus]
+        memory_free = self.node.memory_mb - sum(needs(self.specs[r["id"]], r["workers"])[0] for r in active)
+        blocked: dict[int, str] = {}
         for job in decision.start:
-            row, spec = rows[job.id]
+            row, spec = self.rows[job.id], self.specs[job.id]
             workers = job.gpus // spec.resources.cpus
             memory, devices = needs(spec, workers)
             if job.gpus > len(free) or memory > memory_free or devices > len(free_gpus):
-                waiting[job.id] = "starting once the jobs preempted for it have checkpointed and exited"
+                blocked[job.id] = "starting once the jobs preempted for it have checkpointed and exited"
                 continue
             slots, free = free[:job.gpus], free[job.gpus:]
             gpus, free_gpus = free_gpus[:devices], free_gpus[devices:]
             memory_free -= memory
-            if self._launch(row, spec, workers, slots, gpus, now):
-                started_ids.add(job.id)
-        for job in pending.jobs:
-            if job.id not in started_ids and job.id not in waiting:
-                waiting[job.id] = self._why_waiting(job, pool)
-        if not waiting and not stopping and not decision.start:
+            self.pending.remove(self.queued.pop(job.id))
+            self._launch(row, spec, workers, slots, gpus, now)
+        self._free = (len(free), memory_free, len(free_gpus))
+        self._quota_held, self.waiting = quota.held, blocked
+        if not self.queued and not stopping and not decision.start:
             self._grow(active, pool, now)
-        self.waiting = waiting
-        self.order = [j.id for j in pending.jobs if j.id not in started_ids]
+        self.positions = {job.id: i + 1 for i, job in enumerate(self.pending.jobs)}
         self.pass_s = (self.pass_s + [time.perf_counter() - started])[-100:]
 
+    def why_waiting(self, job: int) -> str:
+        """Why a pending job has not started, as of the last pass."""
+        if job in self.waiting:
+            return self.waiting[job]
+        if job in self._quota_held:
+            return self._quota_held[job]
+        queued = self.queued.get(job)
+        if queued is None:
+            return "not yet considered by the scheduler"
+        cpus, memory_free, gpus_free = self._free
+        memory, devices = needs(self.specs[job], queued.gpus // self.specs[job].resources.cpus)
+        if queued.gpus > cpus:
+            return f"waiting for {queued.gpus} CPUs ({cpus} free)"
+        if memory > memory_free:
+            return f"waiting for {memory} MiB of memory ({memory_free} free)"
+        if devices > gpus_free:
+            return f"waiting for {devices} GPUs ({gpus_free} free)"
+        return "behind a job ranked higher, or a preemption in flight"
+
     def _load_specs(self, active: list[dict[str, Any]]) -> None:
-        """Specs never change once submitted: each is parsed once, and forgotten when its job has ended."""
+        """Specs never change once submitted: each is parsed once (and forgotten when its job has ended)."""
         missing = [row["id"] for row in active if row["id"] not in self.specs]
         if missing:
             self.specs.update(self.store.specs(missing))
-        if len(self.specs) > 2 * len(active) + 1000:
-            ids = {row["id"] for row in active}
-            self.specs = {job: spec for job, spec in self.specs.items() if job in ids}
 
     def _policy_job(self, row: dict[str, Any], spec: JobSpec, workers: int) -> Job:
         queue = row["user"] if self.share_by == "user" else row["queue"]
         return Job(row["id"], row["submitted"], workers * spec.resources.cpus, queue, row["priority"],
                    attained=row["attained"], run_start=row["run_start"] if row["state"] != PENDING else None,
-                   first_start=row["first_start"], pending_since=row["submitted"], preemptions=row["preemptions"])
+                   first_start=row["first_start"], pending_since=row["pending_since"] or row["submitted"],
+                   preemptions=row["preemptions"])
 
-    def _size(self, row: dict[str, Any], spec: JobSpec, pool: NodePool) -> int:
+    def _size(self, row: dict[str, Any], spec: JobSpec, pool: NodePool | None) -> int:
         """Workers to start a pending job with: a resize's size, else the most that fit now (at least the
         fewest it runs on)."""
         if row["want_workers"] is not None:
             return row["want_workers"]
         if not spec.elastic:
             return row["workers"] or spec.fewest  # a resize keeps its size for later runs
+        if pool is None:
+            return spec.fewest
         for workers in range(spec.most, spec.fewest, -1):
             memory, devices = needs(spec, workers)
             if workers * spec.resources.cpus <= pool.free_total and memory <= pool.memory_free \
                     and devices <= pool.gpus_free:
                 return workers
         return spec.fewest
-
-    def _why_waiting(self, job: Job, pool: NodePool) -> str:
-        memory, devices = pool.needs[job.id]
-        if job.gpus > pool.free_total:
-            return f"waiting for {job.gpus} CPUs ({pool.free_total} free)"
-        if memory > pool.memory_free:
-            return f"waiting for {memory} MiB of memory ({pool.memory_free} free)"
-        if devices > pool.gpus_free:
-            return f"waiting for {devices} GPUs ({pool.gpus_free} free)"
-        return "behind a job ranked higher, or a preemption in flight"
 
     def _grow(self, active: list[dict[str, Any]], pool: NodePool, now: float) -> None:
         for row in active:
@@ -506,10 +587,9 @@ def _global_batch(spec: JobSpec, jd: Path) -> int | None:
     return batch
 
 
-def _why_failed(code: int | None, oom: int, row: dict[str, Any]) -> str:
+def _why_failed(code: int | None, oom: int, spec: JobSpec, workers: int | None) -> str:
     if oom:
-        spec = spec_of(row)
-        return f"killed by the kernel: over its memory limit of {spec.resources.memory_mb * (row['workers'] or 1)} MiB"
+        return f"killed by the kernel: over its memory limit of {needs(spec, workers or 1)[0]} MiB"
     if code is None:
         return "its process ended without an exit status (killed from outside)"
     if code < 0:

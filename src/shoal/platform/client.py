@@ -13,10 +13,11 @@ so a service that dies mid-request and comes back never ends up with the job twi
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,8 +39,20 @@ class ServiceError(RuntimeError):
 class Client:
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None, *, timeout_s: float = 30.0,
                  retry_s: float = 0.0):
-        """``retry_s``: how long a request keeps retrying while the service cannot be reached (0: never)."""
+        """``retry_s``: how long a request keeps retrying while the service cannot be reached (0: never).
+        Each thread keeps one connection open (HTTP keep-alive) and makes a new one when it fails."""
         self.url, self.token, self.timeout_s, self.retry_s = url.rstrip("/"), token, timeout_s, retry_s
+        where = urllib.parse.urlsplit(self.url)
+        if where.scheme != "http" or not where.hostname:
+            raise ValueError(f"url: {url!r} is not http://HOST:PORT")
+        self._host, self._port, self._prefix = where.hostname, where.port or 80, where.path
+        self._local = threading.local()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+        return conn
 
     def _call(self, method: str, path: str, body: Any = None, *, retry_s: float | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
@@ -48,21 +61,28 @@ class Client:
             headers["Authorization"] = f"Bearer {self.token}"
         deadline = time.monotonic() + (self.retry_s if retry_s is None else retry_s)
         while True:
-            request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+            reused = getattr(self._local, "conn", None) is not None
+            conn = self._connection()
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
-                    return json.loads(answer.read() or b"null")
-            except urllib.error.HTTPError as err:
-                try:
-                    detail = json.loads(err.read()).get("detail", err.reason)
-                except ValueError:
-                    detail = err.reason
-                raise ServiceError(err.code, detail if isinstance(detail, str) else json.dumps(detail)) from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+                conn.request(method, self._prefix + path, body=data, headers=headers)
+                answer = conn.getresponse()
+                payload = answer.read()
+            except (OSError, http.client.HTTPException) as err:
+                conn.close()
+                self._local.conn = None
+                if reused:
+                    continue  # the service closed an idle kept-alive connection: once more on a new one
                 if time.monotonic() >= deadline:
-                    raise ServiceError(0, f"cannot reach the service at {self.url}: "
-                                          f"{getattr(err, 'reason', err)}") from None
+                    raise ServiceError(0, f"cannot reach the service at {self.url}: {err}") from None
                 time.sleep(0.2)
+                continue
+            if answer.status >= 400:
+                try:
+                    detail = json.loads(payload).get("detail", answer.reason)
+                except (ValueError, AttributeError):
+                    detail = answer.reason
+                raise ServiceError(answer.status, detail if isinstance(detail, str) else json.dumps(detail))
+            return json.loads(payload or b"null")
 
     def submit(self, spec: JobSpec | dict[str, Any] | str | Path, *, client_key: str | None = None) -> dict[str, Any]:
         """Queue a job from a spec (a YAML path: a train config path in it is read relative to the YAML)."""

@@ -13,8 +13,10 @@ retries after a lost answer gets the job it already made, never a second one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -42,6 +44,7 @@ from shoal.sql import sql_engine
 PENDING, RUNNING, STOPPING, DONE, FAILED, CANCELLED = "pending", "running", "stopping", "done", "failed", "cancelled"
 ACTIVE = (PENDING, RUNNING, STOPPING)
 ROLES = ("admin", "user")
+TOKEN_CACHE_S = 10.0  # a known token is looked up again after this long (users are never changed, only added)
 
 _metadata = MetaData()
 users = Table(
@@ -79,10 +82,13 @@ jobs = Table(
     Column("stop_at", Float, nullable=True),  # when it was asked to stop
     Column("exit_code", Integer, nullable=True),
     Column("reason", Text, nullable=True),
+    Column("pending_since", Float, nullable=True),  # when it last became pending
+    Column("changed", Float, nullable=False),  # when the row last changed: the scheduler reads what did
     UniqueConstraint("user", "client_key", name="one_job_per_client_key"),
 )
 Index("jobs_by_state", jobs.c.state)
 Index("jobs_by_user", jobs.c.user, jobs.c.id)
+Index("jobs_by_change", jobs.c.changed)
 events = Table(
     "events", _metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
@@ -110,6 +116,10 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self.engine = sql_engine(url, wal=True)
         _metadata.create_all(self.engine)
+        # SQLite takes one writer at a time and makes the others sleep and retry (in steps of up to 100 ms);
+        # taking turns on a lock in this process instead keeps a burst of submits in milliseconds.
+        self._tokens: dict[str, tuple[dict[str, Any], float]] = {}  # token hash -> (user, until), see user_for
+        self._one_writer = threading.Lock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -126,7 +136,7 @@ class JobStore:
             raise Refused(f"quota_cpus: {quota_cpus} is not a positive number of CPUs", 422)
         token = secrets.token_urlsafe(32)
         try:
-            with self.engine.begin() as conn:
+            with self._one_writer, self.engine.begin() as conn:
                 conn.execute(insert(users).values(name=name, role=role, token_hash=token_hash(token),
                                                   quota_cpus=quota_cpus, created_at=time.time()))
         except IntegrityError:
@@ -137,9 +147,19 @@ class JobStore:
         """The user a token belongs to, or None for an unknown one."""
         if not token:
             return None
+        digest = token_hash(token)
+        known = self._tokens.get(digest)
+        if known is not None and known[1] > time.monotonic():
+            return known[0]
         with self.engine.connect() as conn:
-            row = conn.execute(select(users).where(users.c.token_hash == token_hash(token))).mappings().first()
-        return dict(row) if row is not None else None
+            row = conn.execute(select(users).where(users.c.token_hash == digest)).mappings().first()
+        if row is None:
+            return None
+        user = dict(row)
+        if len(self._tokens) > 10_000:
+            self._tokens.clear()
+        self._tokens[digest] = (user, time.monotonic() + TOKEN_CACHE_S)
+        return user
 
     def users(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -158,8 +178,9 @@ class JobStore:
         row = {"user": user, "client_key": client_key, "name": spec.name, "kind": spec.kind, "queue": spec.queue,
                "spec": spec.model_dump_json(), "priority": spec.priority, "state": PENDING,
                "submitted": time.time(), "attained": 0.0, "preemptions": 0, "attempt": 0}
+        row["changed"] = row["pending_since"] = row["submitted"]
         try:
-            with self.engine.begin() as conn:
+            with self._one_writer, self.engine.begin() as conn:
                 job = conn.execute(insert(jobs).values(row)).inserted_primary_key[0]
                 conn.execute(insert(events).values(job=job, at=row["submitted"], text=f"submitted by {user}"))
         except IntegrityError:
@@ -169,7 +190,8 @@ class JobStore:
             if found is None:
                 raise
             return dict(found), False
-        return self.job(job), True  # type: ignore[return-value]
+        row["id"] = job
+        return {c.name: row.get(c.name) for c in jobs.c}, True
 
     def job(self, job: int) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -177,22 +199,29 @@ class JobStore:
         return dict(row) if row is not None else None
 
     def jobs(self, *, user: str | None = None, states: tuple[str, ...] | None = None, limit: int | None = None,
-             after: int = 0) -> list[dict[str, Any]]:
-        """Jobs in id order, from ``after`` on; ``user`` None: everyone's."""
-        query = select(jobs).where(jobs.c.id > after).order_by(jobs.c.id)
+             after: int = 0, spec: bool = True) -> list[dict[str, Any]]:
+        """Jobs in id order, from ``after`` on; ``user`` None: everyone's; ``spec``: with their specs."""
+        query = select(*[c for c in jobs.c if spec or c.name != "spec"]).where(jobs.c.id > after).order_by(jobs.c.id)
         if user is not None:
             query = query.where(jobs.c.user == user)
         if states is not None:
             query = query.where(jobs.c.state.in_(states))
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(query).mappings().all()]
+        return self._rows(query)
 
     def active(self) -> list[dict[str, Any]]:
-        """The pending, running and stopping jobs, in id order, without their specs (see :meth:`specs`): the
-        scheduler reads these every pass."""
-        query = select(*[c for c in jobs.c if c.name != "spec"]).where(jobs.c.state.in_(ACTIVE)).order_by(jobs.c.id)
+        """The pending, running and stopping jobs, in id order, without their specs (see :meth:`specs`)."""
+        return self._without_spec(jobs.c.state.in_(ACTIVE))
+
+    def changed_since(self, since: float) -> list[dict[str, Any]]:
+        """Every job changed at or after ``since`` (any state), without its spec: what the scheduler rereads."""
+        return self._without_spec(jobs.c.changed >= since)
+
+    def _without_spec(self, where: Any) -> list[dict[str, Any]]:
+        return self._rows(select(*[c for c in jobs.c if c.name != "spec"]).where(where).order_by(jobs.c.id))
+
+    def _rows(self, query: Any) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
             result = conn.execute(query)
             names = list(result.keys())
@@ -218,8 +247,8 @@ class JobStore:
         query = update(jobs).where(jobs.c.id == job)
         if where_state is not None:
             query = query.where(jobs.c.state.in_(where_state))
-        with self.engine.begin() as conn:
-            changed = conn.execute(query.values(**values)).rowcount > 0
+        with self._one_writer, self.engine.begin() as conn:
+            changed = conn.execute(query.values(**values, changed=time.time())).rowcount > 0
             if changed and note:
                 conn.execute(insert(events).values(job=job, at=time.time(), text=note))
         return changed
