@@ -280,3 +280,68 @@ def _wait_for(condition, timeout_s: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
+
+
+def _tiny_train(steps: int) -> dict:
+    return {"seed": 0, "model": "mlp", "data": {"dataset": "digits", "batch_size": 16},
+            "optimizer": {"name": "sgd", "lr": 0.05},
+            "train": {"steps": steps, "eval_every": 50, "checkpoint_every": 100_000, "log_every": 10}}
+
+
+@pytest.mark.processes
+def test_the_dashboard_shows_queue_curves_node_and_shares_in_a_browser(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    import shutil
+
+    chromium = "/usr/bin/chromium" if Path("/usr/bin/chromium").is_file() else shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium: /usr/bin/chromium absent and none on PATH (apt-get install chromium)")
+    with service(tmp_path, policy="fifo", cpus=2) as (svc, admin):
+        alice = Client(admin.url, admin.add_user("alice")["token"])
+        train = admin.submit({"kind": "train", "name": "digits", "config": _tiny_train(100_000), "workers": 2})["id"]
+        run = svc.agent.job_dir(train) / "run"
+        _wait_for(lambda: len(_steps(run)) >= 6, 90)
+        queued = alice.submit(command("pass", workers=2, name="behind"))["id"]
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])  # tests run as root
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                page.goto(admin.url + "/")
+                page.fill("#token", "not-a-token")
+                page.click("#login button")
+                page.wait_for_selector("#login-error:has-text('401')")
+                page.fill("#token", admin.token)
+                page.click("#login button")
+
+                page.wait_for_selector("#view[data-view=queue] table")
+                cells = page.locator("#view[data-view=queue] tbody tr").first.locator("td").all_inner_texts()
+                assert cells[:4] == ["1", str(queued), "behind", "alice"]
+                assert cells[6] == "waiting for 2 CPUs (0 free)"
+                page.screenshot(path=str(tmp_path / "dashboard-queue.png"), full_page=True)
+
+                page.click("nav button[data-view=running]")
+                card = page.locator(f"#view[data-view=running] .card[data-job='{train}']")
+                card.locator("polyline[data-series=loss]").wait_for()
+                assert len(card.locator("polyline[data-series=loss]").get_attribute("points").split()) >= 6
+                assert card.locator("polyline[data-series=acc]").count() == 1  # evaluated at step 50 on
+                assert card.locator(".latest").inner_text().startswith("step ")
+                page.screenshot(path=str(tmp_path / "dashboard-running.png"), full_page=True)
+
+                page.click("nav button[data-view=node]")
+                page.wait_for_selector("#view[data-view=node] .utilisation")
+                assert page.inner_text("#view[data-view=node] .utilisation").startswith("CPUs in use: 2 of 2")
+                assert page.locator("#view[data-view=node] polyline[data-series=cpus]").count() == 1
+                page.screenshot(path=str(tmp_path / "dashboard-node.png"), full_page=True)
+
+                page.click("nav button[data-view=shares]")
+                page.wait_for_selector("#view[data-view=shares] table")
+                rows = {r.locator("td").first.inner_text(): r.locator("td").all_inner_texts()
+                        for r in page.locator("#view[data-view=shares] tbody tr").all()}
+                assert rows["admin"][1:4] == ["2", "1.00", "0.50"] and rows["alice"][1:5] == ["0", "0.00", "0.50", "1"]
+                page.screenshot(path=str(tmp_path / "dashboard-shares.png"), full_page=True)
+            finally:
+                browser.close()
+        for view in ("queue", "running", "node", "shares"):
+            assert (tmp_path / f"dashboard-{view}.png").stat().st_size > 5_000
+        admin.cancel(train)
+        admin.wait(train, timeout_s=60)

@@ -24,6 +24,7 @@ with the machine and goes back to pending, to resume from its checkpoint.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import json
 import logging
@@ -125,6 +126,7 @@ class Agent:
         self.tick_s, self.grace_s, self.grow_after_s = tick_s, grace_s, grow_after_s
         self.children: dict[int, subprocess.Popen] = {}  # job id -> its shim, when this process started it
         self.waiting: dict[int, str] = {}  # pending job -> why it waits
+        self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)  # use after each pass
         self.positions: dict[int, int] = {}  # pending job -> its place in the last pass's order (1: next)
         self.specs: dict[int, JobSpec] = {}
         # What the scheduler knows between passes, kept from the rows that changed (``store.changed_since``)
@@ -398,6 +400,9 @@ class Agent:
             self.pending.remove(self.queued.pop(job.id))
             self._launch(row, spec, workers, slots, gpus, now)
         self._free = (len(free), memory_free, len(free_gpus))
+        self.history.append({"at": now, "cpus_used": self.node.slots - len(free),
+                             "memory_used_mb": self.node.memory_mb - memory_free, "pending": len(self.queued),
+                             "running": len(active) + len(decision.start) - len(blocked)})
         self._quota_held, self.waiting = quota.held, blocked
         if not self.queued and not stopping and not decision.start:
             self._grow(active, pool, now)

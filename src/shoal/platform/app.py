@@ -25,6 +25,7 @@ from shoal.platform.shim import LOG
 from shoal.platform.spec import JobSpec, check_run_config
 from shoal.platform.store import ACTIVE, CANCELLED, DONE, FAILED, PENDING, JobStore, Refused, spec_of
 
+DASHBOARD = Path(__file__).with_name("dashboard.html")
 LOG_CHUNK = 1 << 20  # bytes of log one request returns at most
 
 
@@ -105,6 +106,15 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
             if positions is not None:
                 out["position"] = positions.get(row["id"])
         return out
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> Response:
+        """The dashboard page; it asks for a token and reads everything through this API."""
+        return Response(DASHBOARD.read_text(), media_type="text/html")
+
+    @app.get("/node/history")
+    def node_history(_user: dict[str, Any] = Depends(caller)) -> Response:
+        return _json(list(agent.history))
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
