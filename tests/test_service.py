@@ -169,6 +169,27 @@ def test_priority_preempts_and_the_victim_runs_again(tmp_path):
         assert admin.wait(low, timeout_s=30)["state"] == "cancelled"
 
 
+def test_the_victim_is_the_job_that_loses_least(tmp_path):
+    """Two command jobs a priority-0 job may preempt: rank alone would take the lower one (priority -2),
+    which has run longest; it loses least to take the one that has just started."""
+    with service(tmp_path, policy="priority", grace_s=5) as (svc, admin):
+        old = admin.submit(command("import time; time.sleep(60)", priority=-2))["id"]
+        _wait_for(lambda: admin.show(old)["state"] == "running", 20)
+        time.sleep(1.5)
+        young = admin.submit(command("import time; time.sleep(60)", priority=-1))["id"]
+        _wait_for(lambda: admin.show(young)["state"] == "running", 20)
+        urgent = admin.submit(command("print('urgent')", priority=0))["id"]
+        assert admin.wait(urgent, timeout_s=30)["state"] == "done"
+        # (Once preempted, the young job may in turn preempt the old one, which it outranks: the policy at
+        # work. The first victim is what is checked.)
+        stops = sorted((e["at"], job) for job in (old, young) for e in admin.show(job)["events"]
+                       if e["text"] == "preempted for a job ranked higher")
+        assert stops and stops[0][1] == young
+        assert admin.show(urgent)["first_start"] < (stops[1][0] if len(stops) > 1 else float("inf"))
+        for job in (old, young):
+            admin.cancel(job)
+
+
 @pytest.mark.skipif(detect_cgroups() is None, reason="no writable cgroup v1 or v2 hierarchy here (needs root)")
 def test_cgroups_hold_a_job_to_its_cpus_and_kill_it_over_its_memory(tmp_path):
     with service(tmp_path, cgroups=True) as (svc, admin):

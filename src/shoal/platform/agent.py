@@ -11,7 +11,8 @@ nothing happens:
 2. Schedule: the pending jobs and the running ones become policy jobs (the scheduled unit is a CPU;
    a job's gang is workers x CPUs per worker, with its memory and GPUs checked beside it) and one
    :func:`~shoal.platform.policies.base.schedule` pass decides, exactly as in the simulator. Started
-   jobs get their CPU set, memory limit and GPUs; victims get SIGTERM (a ``shoal train`` job writes a
+   jobs get their CPU set, memory limit and GPUs; victims (among those the policy allows, the ones that
+   would lose least work first: a train job its restart, a command job all it has run) get SIGTERM (a ``shoal train`` job writes a
    checkpoint at its next step boundary and exits). While a preemption is in flight no further
    victims are chosen, so one claim never stops more jobs than it needs.
 3. Grow: when nothing is left waiting, an elastic job below its ``max_workers`` that has run
@@ -36,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -51,6 +52,7 @@ from shoal.platform.store import (CANCELLED, DONE, FAILED, PENDING, RUNNING, STO
 log = logging.getLogger("shoal.serve")
 CHECKPOINT_S = 5.0  # seconds between copies of SQLite's write-ahead log into the database
 RECHECK_S = 2.0  # seconds of changes reread each tick, for a transaction that committed after a later one
+TRAIN_RESTART_S = 10.0  # what resuming a shoal train job costs (measured: 5.7 s on 2 cores, BENCHMARKS.md)
 PREEMPTED_EXIT = 143  # a shoal train job stopped by SIGTERM at a step boundary, its checkpoint written
 
 
@@ -113,6 +115,7 @@ class View:
     ranked: Sorted
     exposed: Sorted
     used_by_queue: dict[str, int]
+    victim_loss: Callable[[Job, float], float] | None = None
 
 
 class Agent:
@@ -345,7 +348,7 @@ class Agent:
                 self._queue(self.rows[job], now)
         active = [self.rows[job] for job in sorted(self.holding)]
         pool = NodePool(self.node)
-        view = View(pool, {}, Sorted(), Sorted(), {})
+        view = View(pool, {}, Sorted(), Sorted(), {}, self._loss)
         held: dict[int, list[int]] = {}
         stopping = False
         used_by_user: dict[str, int] = {}
@@ -408,6 +411,13 @@ class Agent:
             self._grow(active, pool, now)
         self.positions = {job.id: i + 1 for i, job in enumerate(self.pending.jobs)}
         self.pass_s = (self.pass_s + [time.perf_counter() - started])[-100:]
+
+    def _loss(self, job: Job, now: float) -> float:
+        """CPU-seconds of work a preemption would cost ``job``: a train job checkpoints at its next step and
+        pays only its restart; a command job loses everything since it started."""
+        if self.specs[job.id].kind == "train":
+            return job.gpus * TRAIN_RESTART_S
+        return job.gpus * (now - (job.run_start or now))
 
     def why_waiting(self, job: int) -> str:
         """Why a pending job has not started, as of the last pass."""

@@ -105,6 +105,7 @@ class Simulation:
         self.ranked = Sorted()
         self.exposed = Sorted()
         self.used_by_queue: dict[str, int] = {}
+        self.victim_loss = None  # every victim pays the same restart cost and keeps its work
         self.pending = PendingQueue()
         self.events: list[tuple[float, int, int, Job, int]] = []
         self.refused: list[TraceJob] = []

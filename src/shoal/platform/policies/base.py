@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -89,13 +89,16 @@ class Policy:
 
 class ClusterView(Protocol):
     """What a pass may read of the running jobs: by id, ranked by key, the ones the policy would let be
-    preempted now (``exposed``), GPUs per queue."""
+    preempted now (``exposed``), GPUs per queue; and, where victims differ in what a preemption would
+    cost them, ``victim_loss(job, now)``: the GPU-seconds of work it would lose (None where every victim
+    loses the same, as in the simulator: then the lowest ranked go first)."""
 
     running: dict[int, Job]
     ranked: Sorted
     exposed: Sorted
     used_by_queue: dict[str, int]
     cluster: Cluster
+    victim_loss: Callable[[Job, float], float] | None
 
 
 class Sorted:
@@ -166,9 +169,10 @@ def schedule(policy: Policy, pending: PendingQueue, view: ClusterView, now: floa
 
     1. Take the pending jobs in the policy's order.
     2. A job that fits now is started (its GPUs allocated, gang: all or none).
-    3. One that does not may preempt exposed running jobs the policy ranks below it, lowest first;
-       the victims are released only if the job then fits, and any victim it turns out not to need
-       is given its GPUs back.
+    3. One that does not may preempt exposed running jobs the policy ranks below it: lowest ranked
+       first, or, where the view says what each would lose (``victim_loss``), those that lose least
+       first. The victims are released only if the job then fits, and any victim it turns out not
+       to need is given its GPUs back.
     4. Without backfill the first job that cannot start stops the pass; with it, the pass goes on to
        later, smaller jobs (a later job as large as a blocked one is skipped: it ranks no higher, so it
        can neither fit nor preempt more), until ``max_blocked`` have been passed over.
@@ -188,6 +192,8 @@ def schedule(policy: Policy, pending: PendingQueue, view: ClusterView, now: floa
         if policy.preemptive:
             if victims is None:  # lowest ranked first (none this pass started: they are not exposed yet)
                 victims = view.exposed.jobs[::-1]
+                if view.victim_loss is not None:  # the least work lost first; rank breaks ties
+                    victims.sort(key=lambda v: view.victim_loss(v, now))
             freed = _preempt_for(policy, job, victims, view, now, room)
             if freed is not None:
                 decision.preempt.extend(freed)
@@ -240,7 +246,9 @@ def _preempt_for(policy: Policy, job: Job, victims_order: list[Job], view: Clust
         freed = {}
         for victim in victims_order:
             if victim.key <= job.key:
-                break
+                if view.victim_loss is None:
+                    break
+                continue
             if policy.may_preempt(job, victim, now):
                 for node, n in victim.alloc:
                     freed[node] = freed.get(node, 0) + n
@@ -249,9 +257,12 @@ def _preempt_for(policy: Policy, job: Job, victims_order: list[Job], view: Clust
     if not cluster.fits_after(job.gpus, freed):
         return None
     chosen: list[tuple[Job, Allocation]] = []
+    by_rank = view.victim_loss is None
     for victim in victims_order:
         if victim.key <= job.key:
-            break  # the rest rank as high or higher
+            if by_rank:
+                break  # the rest rank as high or higher
+            continue
         if not policy.may_preempt(job, victim, now):
             continue
         chosen.append((victim, cluster.release(victim.id)))
