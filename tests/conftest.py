@@ -1,4 +1,5 @@
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,32 @@ def small_config(out: Path, **changes) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+# The stores are plain SQLAlchemy: the same tests run against PostgreSQL where
+# SHOAL_TEST_POSTGRES_URL names a server whose user may create databases
+# (postgresql+psycopg://user:password@host/dbname; psycopg installed).
+POSTGRES = os.environ.get("SHOAL_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield str(tmp_path / "nested" / "server.db")  # a path: the store makes its folder
+        return
+    if not POSTGRES:
+        pytest.skip("SHOAL_TEST_POSTGRES_URL is not set")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = make_url(POSTGRES)
+    name = f"shoal_test_{os.getpid()}_{random.randrange(10**9)}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        engine.dispose()

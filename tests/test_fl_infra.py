@@ -255,37 +255,8 @@ def test_store_a_token_from_before_partitions_holds_none(tmp_path):
     assert store.check_token(token) == Grant("alice", frozenset())
 
 
-# The store is plain SQLAlchemy: the same tests run against PostgreSQL where
-# SHOAL_TEST_POSTGRES_URL names a server whose user may create databases
-# (postgresql+psycopg://user:password@host/dbname; psycopg installed).
-POSTGRES = os.environ.get("SHOAL_TEST_POSTGRES_URL")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield str(tmp_path / "nested" / "server.db")  # a path: the store makes its folder
-        return
-    if not POSTGRES:
-        pytest.skip("SHOAL_TEST_POSTGRES_URL is not set")
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = make_url(POSTGRES)
-    name = f"shoal_test_{os.getpid()}_{random.randrange(10**9)}"
-    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-        engine.dispose()
-
-
-def test_store_replaced_token_invalidates_the_old_one(store_url):
-    store = ServerStore(store_url)
+def test_store_replaced_token_invalidates_the_old_one(sql_url):
+    store = ServerStore(sql_url)
     old = store.add_token("alice", [0])
 
     new = store.add_token("alice", [1, 2], replace=True)
@@ -293,8 +264,8 @@ def test_store_replaced_token_invalidates_the_old_one(store_url):
     assert store.check_token(old) is None and store.check_token(new) == Grant("alice", frozenset({1, 2}))
 
 
-def test_store_counts_client_results(store_url):
-    store = ServerStore(store_url)
+def test_store_counts_client_results(sql_url):
+    store = ServerStore(sql_url)
 
     store.client_seen("alice")
     store.client_result("alice", True)
@@ -307,8 +278,8 @@ def test_store_counts_client_results(store_url):
     assert rows["alice"]["first_seen"] <= rows["alice"]["last_seen"]
 
 
-def test_store_round_and_state_survive_a_new_instance(store_url):
-    store = ServerStore(store_url)
+def test_store_round_and_state_survive_a_new_instance(sql_url):
+    store = ServerStore(sql_url)
     assert store.last_round() == 0 and store.load_state() == {}
 
     store.save_round(1, {"loss": 2.0}, {"model": b"one", "opt": b"x"})
@@ -317,14 +288,14 @@ def test_store_round_and_state_survive_a_new_instance(store_url):
         store.save_round(2, {}, {"model": b"again"})
     store.close()
 
-    again = ServerStore(store_url)
+    again = ServerStore(sql_url)
     assert again.last_round() == 2
     assert again.load_state() == {"model": b"two"}
     assert [(r["round"], r["metrics"]) for r in again.round_metrics()] == [(1, {"loss": 2.0}), (2, {"loss": 1.0})]
 
 
-def test_store_failed_save_leaves_previous_round_whole(store_url):
-    store = ServerStore(store_url)
+def test_store_failed_save_leaves_previous_round_whole(sql_url):
+    store = ServerStore(sql_url)
     store.save_round(1, {}, {"model": b"one"})
 
     with pytest.raises(TypeError):
