@@ -256,29 +256,38 @@ def _free_port() -> int:
 
 
 @pytest.mark.processes
-def test_a_train_job_is_preempted_resized_and_resumes_without_losing_a_step(tmp_path):
+def test_a_train_job_grows_is_preempted_resized_and_resumes_without_losing_a_step(tmp_path):
     config = {"seed": 0, "model": "mlp", "data": {"dataset": "digits", "batch_size": 16},
-              "optimizer": {"name": "sgd", "lr": 0.05}, "train": {"steps": 600, "eval_every": 200,
-                                                                   "checkpoint_every": 1000, "log_every": 10}}
-    with service(tmp_path, policy="priority", cpus=2, grace_s=60) as (svc, admin):
+              "optimizer": {"name": "sgd", "lr": 0.05}, "train": {"steps": 1500, "eval_every": 500,
+                                                                   "checkpoint_every": 10_000, "log_every": 10}}
+    with service(tmp_path, policy="priority", cpus=2, grace_s=60, grow_after_s=3) as (svc, admin):
+        blocker = admin.submit(command("import time; time.sleep(5)"))["id"]
+        _wait_for(lambda: admin.show(blocker)["state"] == "running", 20)
         job = admin.submit({"kind": "train", "config": config, "min_workers": 1, "max_workers": 2})["id"]
         run = svc.agent.job_dir(job) / "run"
-        _wait_for(lambda: _steps(run) and _steps(run)[-1] >= 100, 90)
+        _wait_for(lambda: admin.show(job)["state"] == "running", 20)
+        assert admin.show(job)["workers"] == 1  # one CPU was free
+        # The blocker ends; after grow_after_s, with nothing waiting, the job grows onto both CPUs.
+        _wait_for(lambda: admin.show(job)["attempt"] == 2 and admin.show(job)["state"] == "running", 90)
+        assert admin.show(job)["workers"] == 2
+        grown_at = _steps(run)[-1] if _steps(run) else 0
+        _wait_for(lambda: _steps(run) and _steps(run)[-1] >= grown_at + 50, 90)
         high = admin.submit(command("print('urgent')", workers=2, priority=1))["id"]
         assert admin.wait(high, timeout_s=90)["state"] == "done"
-        _wait_for(lambda: admin.show(job)["attempt"] == 2 and admin.show(job)["state"] == "running", 60)
+        _wait_for(lambda: admin.show(job)["attempt"] == 3 and admin.show(job)["state"] == "running", 60)
         admin.resize(job, 1)
         final = admin.wait(job, timeout_s=180)
         assert final["state"] == "done", admin.logs(job)["text"][-3000:]
-        assert final["preemptions"] == 1 and final["attempt"] == 3 and final["workers"] == 1
+        assert final["preemptions"] == 1 and final["attempt"] == 4 and final["workers"] == 1
         steps = _steps(run)
-        assert steps == sorted(set(steps)) and steps[-1] == 600  # no step lost or repeated in the log
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["steps"] == 600
+        assert steps == sorted(set(steps)) and steps[-1] == 1500  # no step lost or repeated in the log
+        assert json.loads((run / "summary.json").read_text())["steps"] == 1500
         assert json.loads((svc.agent.job_dir(job) / "global_batch.json").read_text())["global_batch"] == 32
         import yaml
 
         assert yaml.safe_load((run / "config.yaml").read_text())["data"]["batch_size"] == 32  # 1 worker x 32
+        events = [e["text"] for e in admin.show(job)["events"]]
+        assert "growing from 1 to 2 workers (room is free)" in events
 
 
 def _steps(run: Path) -> list[int]:
