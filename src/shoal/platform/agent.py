@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import heapq
-import json
 import logging
 import os
 import signal
@@ -35,87 +34,24 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import yaml
-
-from shoal.platform.cluster import Cluster, PlacementError
+from shoal.platform.cluster import PlacementError
 from shoal.platform.node import Cgroups, Node
 from shoal.platform.policies.base import Job, PendingQueue, Policy, Sorted, expose, occupy, schedule
+from shoal.platform.pool import NodePool, View, WithinQuota, needs
+from shoal.platform.process import is_shim, job_argv, read_json, why_failed
 from shoal.platform.shim import EXIT, SHIM, proc_start
 from shoal.platform.spec import JobSpec
+from shoal.platform.store import CANCELLED, DONE, FAILED, PENDING, RUNNING, STOPPING, JobStore, spec_of
 from shoal.sql import checkpoint
-from shoal.platform.store import (CANCELLED, DONE, FAILED, PENDING, RUNNING, STOPPING, JobStore, spec_of)
 
 log = logging.getLogger("shoal.serve")
 CHECKPOINT_S = 5.0  # seconds between copies of SQLite's write-ahead log into the database
 RECHECK_S = 2.0  # seconds of changes reread each tick, for a transaction that committed after a later one
 TRAIN_RESTART_S = 10.0  # what resuming a shoal train job costs (measured: 5.7 s on 2 cores, BENCHMARKS.md)
 PREEMPTED_EXIT = 143  # a shoal train job stopped by SIGTERM at a step boundary, its checkpoint written
-
-
-class NodePool(Cluster):
-    """The node as one placement unit of CPU slots, with memory and GPUs checked beside them."""
-
-    def __init__(self, node: Node):
-        super().__init__(node.slots, node.slots)
-        self.memory_free, self.gpus_free = node.memory_mb, node.gpus
-        self.needs: dict[int, tuple[int, int]] = {}  # job id -> (memory MiB, GPUs) at its size
-
-    def allocate(self, job: int, gpus: int):  # type: ignore[override]
-        memory, devices = self.needs[job]
-        if memory > self.memory_free or devices > self.gpus_free:
-            return None
-        alloc = super().allocate(job, gpus)
-        if alloc is not None:
-            self.memory_free, self.gpus_free = self.memory_free - memory, self.gpus_free - devices
-        return alloc
-
-    def release(self, job: int):  # type: ignore[override]
-        memory, devices = self.needs[job]
-        self.memory_free, self.gpus_free = self.memory_free + memory, self.gpus_free + devices
-        return super().release(job)
-
-    def restore(self, job: int, alloc) -> None:  # type: ignore[override]
-        memory, devices = self.needs[job]
-        super().restore(job, alloc)
-        self.memory_free, self.gpus_free = self.memory_free - memory, self.gpus_free - devices
-
-
-class WithinQuota:
-    """A policy whose pending order skips the jobs of users at their CPU quota (everything else is the
-    policy's own). A job counts against its user's quota from the moment it is offered to the pass."""
-
-    def __init__(self, policy: Policy, limits: dict[str, int | None], used: dict[str, int], users: dict[int, str]):
-        self.policy, self.limits, self.used, self.users = policy, limits, dict(used), users
-        self.held: dict[int, str] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.policy, name)
-
-    def pending_order(self, pending: PendingQueue, view: Any):  # type: ignore[no-untyped-def]
-        for job in self.policy.pending_order(pending, view):
-            user = self.users[job.id]
-            limit, used = self.limits.get(user), self.used.get(user, 0)
-            if limit is not None and used + job.gpus > limit:
-                self.held[job.id] = f"quota: {user} holds {used} of {limit} CPUs and this job needs {job.gpus}"
-                continue
-            self.used[user] = used + job.gpus
-            yield job
-
-
-@dataclass
-class View:
-    """What a pass reads of the running jobs (:class:`~shoal.platform.policies.base.ClusterView`)."""
-
-    cluster: NodePool
-    running: dict[int, Job]
-    ranked: Sorted
-    exposed: Sorted
-    used_by_queue: dict[str, int]
-    victim_loss: Callable[[Job, float], float] | None = None
 
 
 class Agent:
@@ -231,14 +167,14 @@ class Agent:
 
     def adopt(self) -> None:
         for row in self.store.jobs(states=(RUNNING, STOPPING)):
-            shim = _read_json(self.job_dir(row["id"]) / SHIM)
+            shim = read_json(self.job_dir(row["id"]) / SHIM)
             if shim is not None and shim.get("attempt") == row["attempt"] and shim.get("start") is not None \
                     and proc_start(shim["pid"]) == shim["start"]:
                 if row["pid"] != shim["pid"]:
                     self.store.change(row["id"], pid=shim["pid"])
                 log.info("job %d: adopted (pid %d)", row["id"], shim["pid"])
                 continue
-            if shim is None and row["pid"] is not None and _is_shim(row["pid"]):
+            if shim is None and row["pid"] is not None and is_shim(row["pid"]):
                 log.info("job %d: adopted while starting (pid %d)", row["id"], row["pid"])
                 continue
             if self._exit_status(row) is None:  # neither running nor ended by itself: it died with its host
@@ -250,13 +186,13 @@ class Agent:
         child = self.children.get(row["id"])
         if child is not None:
             return child.poll() is None
-        shim = _read_json(self.job_dir(row["id"]) / SHIM)
+        shim = read_json(self.job_dir(row["id"]) / SHIM)
         if shim is None or shim.get("attempt") != row["attempt"]:
-            return row["pid"] is not None and _is_shim(row["pid"])  # started, its shim.json not written yet
+            return row["pid"] is not None and is_shim(row["pid"])  # started, its shim.json not written yet
         return proc_start(shim["pid"]) == shim.get("start")
 
     def _exit_status(self, row: dict[str, Any]) -> dict[str, Any] | None:
-        status = _read_json(self.job_dir(row["id"]) / EXIT)
+        status = read_json(self.job_dir(row["id"]) / EXIT)
         return status if status is not None and status.get("attempt") == row["attempt"] else None
 
     def _reap(self, now: float) -> bool:
@@ -283,7 +219,7 @@ class Agent:
                 why = "preempted" if row["stop"] == "preempt" else "stopped to resize"
                 self._requeue(row, now, f"{why}; queued again (exit status {code})")
             else:
-                self._end(row, FAILED, now, code, _why_failed(code, oom, self.specs[row["id"]], row["workers"]), ran)
+                self._end(row, FAILED, now, code, why_failed(code, oom, self.specs[row["id"]], row["workers"]), ran)
         return ended
 
     def _end(self, row: dict[str, Any], state: str, now: float, code: int | None, note: str, ran: float) -> None:
@@ -493,7 +429,7 @@ class Agent:
         cpus = tuple(self.node.cpus[s] for s in slots)
         memory = needs(spec, workers)[0]
         paths = self.cgroups.create(job, cpus, memory) if self.cgroups.mode else []
-        argv = self._argv(row, spec, workers, jd)
+        argv = job_argv(spec, workers, jd)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, devices)), SHOAL_JOB_ID=str(job),
                    SHOAL_JOB_WORKERS=str(workers), OMP_NUM_THREADS=str(max(1, spec.resources.cpus)))
         if spec.kind == "command" and spec.workdir:
@@ -515,23 +451,6 @@ class Agent:
         log.info("job %d: started (attempt %d, %d workers)", job, attempt, workers)
         return True
 
-    def _argv(self, row: dict[str, Any], spec: JobSpec, workers: int, jd: Path) -> list[str]:
-        if spec.kind == "command":
-            return list(spec.command or ())
-        run = jd / "run"
-        config = jd / "config.yaml"
-        if not config.exists():
-            tmp = config.with_suffix(".tmp")
-            tmp.write_text(yaml.safe_dump(spec.config))
-            os.replace(tmp, config)
-        batch = _global_batch(spec, jd)
-        overrides = [*spec.set, f"data.batch_size={max(1, round(batch / workers))}"] if batch else list(spec.set)
-        sets = [a for o in overrides for a in ("--set", o)]
-        train = [sys.executable, "-m", "shoal.cli", "train"]
-        if (run / "checkpoint.pt").is_file():
-            return [*train, "--resume", str(run), "--workers", str(workers), *sets]
-        return [*train, str(config), "--out", str(run), "--workers", str(workers), *sets]
-
     def _stop_job(self, job: int, why: str, now: float, note: str) -> None:
         row = self.store.job(job)
         if row is None or not self.store.change(job, note, where_state=(RUNNING,), state=STOPPING, stop=why,
@@ -540,7 +459,7 @@ class Agent:
         self._signal(row, signal.SIGTERM)
 
     def _signal(self, row: dict[str, Any], sig: signal.Signals) -> None:
-        shim = _read_json(self.job_dir(row["id"]) / SHIM)
+        shim = read_json(self.job_dir(row["id"]) / SHIM)
         pid = row["pid"] or (shim or {}).get("pid")
         if pid is None or (shim is not None and proc_start(pid) != shim.get("start")):
             return
@@ -583,42 +502,6 @@ class Agent:
             return (self.store.job(job) or row)["state"]
 
 
-def needs(spec: JobSpec, workers: int) -> tuple[int, int]:
-    return workers * spec.resources.memory_mb, workers * spec.resources.gpus
-
-
-def _global_batch(spec: JobSpec, jd: Path) -> int | None:
-    """A train job's global batch, fixed at its first start (per-worker batch x workers then), so that a
-    resized job keeps it: per-worker batch = global / workers, rounded."""
-    path = jd / "global_batch.json"
-    known = _read_json(path)
-    if known is not None:
-        return known["global_batch"]
-    from shoal.config import load_config
-
-    cfg = load_config(spec.config, list(spec.set), workers=spec.most)  # type: ignore[arg-type]
-    batch = cfg.data.batch_size * spec.most
-    path.write_text(json.dumps({"global_batch": batch}))
-    return batch
-
-
-def _why_failed(code: int | None, oom: int, spec: JobSpec, workers: int | None) -> str:
-    if oom:
-        return f"killed by the kernel: over its memory limit of {needs(spec, workers or 1)[0]} MiB"
-    if code is None:
-        return "its process ended without an exit status (killed from outside)"
-    if code < 0:
-        return f"killed by signal {signal.Signals(-code).name}"
-    return f"exited with status {code}"
-
-
-def _is_shim(pid: int) -> bool:
-    try:
-        return b"shoal.platform.shim" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-
-
 def _held(row: dict[str, Any]) -> int:
     return len(_ids(row["cpus"]))
 
@@ -629,10 +512,3 @@ def _ids(text: str | None) -> list[int]:
 
 def _fmt(ids: list[int]) -> str:
     return ",".join(map(str, ids))
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

@@ -19,8 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoal.config import ConfigError, format_error
-from shoal.platform.agent import Agent, needs
+from shoal.config import ConfigError
+from shoal.platform.agent import Agent
+from shoal.platform.pool import needs
 from shoal.platform.shim import LOG
 from shoal.platform.spec import JobSpec, check_run_config
 from shoal.platform.store import ACTIVE, CANCELLED, DONE, FAILED, PENDING, JobStore, Refused, spec_of
