@@ -175,13 +175,20 @@ def bench_fl(
     rows: Optional[str] = typer.Option(None, help="only these configurations, comma-separated labels (default: all)"),
     repeat: int = typer.Option(1, min=1, help="runs of each configuration (seeds 0..N-1); bench.json holds medians"),
     quick: bool = typer.Option(False, help="a reduced run (small MLP on digits, 10 rounds, 4 rows) for tests"),
+    flower: bool = typer.Option(False, "--flower", help="instead: shoal fl simulate against Flower 1.42's simulation "
+                                "(Ray) on CONFIG's own work (e.g. examples/fl_mnist1d.yaml), each its own process: "
+                                "rounds and seconds to fl.target_accuracy, peak memory (needs the bench-flower extra)"),
 ) -> None:
     """Federated strategies in simulation: centralised reference, FedSGD vs FedAvg, FedAvg/FedProx/FedAdam
     under label skew, FedAvg with uplink compression.
 
     Labels for --rows: centralised, fedsgd, fedavg-iid, fedprox-iid, fedadam-iid, then the same three
     per alpha (fedavg-a0.1, ...), and fedavg-CODEC per uplink codec (fedavg-topk, fedavg-int8, fedavg-terngrad).
+    With --flower: two rows, shoal and flower, on CONFIG as it is (medians of --repeat runs each).
     """
+    if flower:
+        _bench_fl_flower(out, config, set_, repeat)
+        return
     from shoal.bench import fl, report
 
     with config_errors():
@@ -193,6 +200,25 @@ def bench_fl(
     results = fl.run_bench(cfg, selected, options, out=out, repeat=repeat, log=run.log)
     images = report.plot_accuracy(results, out, group="partition", title="{}", x="round", xlabel="round")
     run.finish(results, title="shoal bench fl", images=images, columns=fl.COLUMNS)
+
+
+def _bench_fl_flower(out: Path, config: Path, set_: list[str], repeat: int) -> None:
+    from shoal.bench import flower_fl
+    from shoal.bench.flower_secagg import available
+    from shoal.metrics.summary import write_json_atomic
+
+    missing = available()
+    if missing:
+        fail(missing)
+    run = BenchRun(out)
+    with config_errors(ValueError):
+        rows = flower_fl.compare(config, set_, out, repeat=repeat, log=run.log)
+    write_json_atomic(out / "bench.json", rows)
+    for row in rows:
+        run.log(f"{row['label']}: {row['rounds_to_target']} rounds, {row['time_to_target_s']} s to the target, "
+                f"peak {row['peak_memory_mb']:.0f} MB" + (f"; {row['speedup_vs_flower']:.2f}x Flower's speed, "
+                f"{row['memory_vs_flower']:.2f}x its memory" if "speedup_vs_flower" in row else ""))
+    run.finish(rows)
 
 
 @bench_app.command("privacy")
