@@ -27,6 +27,30 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     )
 
 
+def invoke_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``shoal ARGS`` in this interpreter; what :func:`run_cli` returns, without a fresh one.
+
+    A fresh interpreter spends seconds importing torch (and, for a job, starting its fork
+    server) before the command does anything: this one has both. stdout and stderr are what
+    the command itself prints; a job's workers write to this process's own streams, which
+    are not in them. An exception that escapes the command is appended to stderr as its
+    traceback, as the interpreter would print it.
+    """
+    import contextlib
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from shoal.cli import app
+
+    with contextlib.chdir(cwd or ROOT):
+        result = CliRunner().invoke(app, list(args))
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["shoal", *args], result.exit_code, result.stdout, stderr)
+
+
 def small_config(out: Path, **changes) -> dict:
     """A seconds-long run: an MLP on scikit-learn digits."""
     cfg = {

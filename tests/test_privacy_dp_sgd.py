@@ -10,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import run_cli, small_config
+from conftest import invoke_cli, small_config
 from shoal.config import load_config
 from shoal.data.poisson import PoissonBatches
 from shoal.privacy.accountant import Ledger, epsilon
@@ -161,7 +161,7 @@ def test_a_config_dp_sgd_cannot_honour_exits_2_naming_the_field(setting, message
 ])
 def test_shoal_train_refuses_before_any_worker_starts(tmp_path, setting, message):
     config = _config(tmp_path, "refused")
-    result = run_cli("train", str(config), "--set", "privacy=dp_sgd:noise_multiplier=1", "--set", setting)
+    result = invoke_cli("train", str(config), "--set", "privacy=dp_sgd:noise_multiplier=1", "--set", setting)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert __import__("re").search(message, " ".join(result.stderr.split())), result.stderr
@@ -174,7 +174,7 @@ def test_two_workers_add_one_global_steps_noise_and_report_the_spend(tmp_path):
     # multiplier of 20 the noise dwarfs the clipped signal, so the step's spread is the noise's.
     config = _config(tmp_path, "noise", optimizer={"name": "sgd", "lr": 1.0, "momentum": 0.0},
                      train={"steps": 1, "eval_every": 1})
-    result = run_cli("train", str(config), "--set", "privacy=dp_sgd:noise_multiplier=20,clip=0.1")
+    result = invoke_cli("train", str(config), "--set", "privacy=dp_sgd:noise_multiplier=20,clip=0.1")
     assert result.returncode == 0, result.stderr
     assert "privacy: DP-SGD, clip 0.1, noise 20, Poisson sampling q=" in result.stdout
     cfg = load_config(config)
@@ -204,8 +204,8 @@ def test_two_workers_add_one_global_steps_noise_and_report_the_spend(tmp_path):
 @pytest.mark.processes
 def test_a_killed_worker_restarts_from_the_checkpoint_and_the_ledger_neither_resets_nor_double_counts(tmp_path):
     config = _config(tmp_path, "killed", train={"steps": 40, "eval_every": 20, "checkpoint_every": 20})
-    result = run_cli("train", str(config), "--set", "privacy=dp_sgd:target_epsilon=4,clip=1",
-                     "--kill", "1:30", "--max-restarts", "1")
+    result = invoke_cli("train", str(config), "--set", "privacy=dp_sgd:target_epsilon=4,clip=1",
+                        "--kill", "1:30", "--max-restarts", "1")
     assert result.returncode == 0, result.stderr
     assert "(calibrated)" in result.stdout
     run = tmp_path / "killed"
@@ -218,6 +218,6 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_the_ledger_neither_res
     assert privacy["epsilon"] == pytest.approx(epsilon(sigma, privacy["sampling_rate"], 40, 1e-5))
     assert privacy["epsilon"] <= 4.0
     # Going on past what the budget was calibrated for is refused before any worker starts.
-    more = run_cli("train", "--resume", str(run), "--set", "train.steps=80")
+    more = invoke_cli("train", "--resume", str(run), "--set", "train.steps=80")
     assert more.returncode == 2, more.stderr
     assert "privacy.target_epsilon: 80 steps" in " ".join(more.stderr.split())
