@@ -15,7 +15,7 @@ import shoal
 from shoal.launch import JobFailed
 from shoal.metrics.writer import read_metrics
 from shoal.engine.checkpoint import CorruptCheckpoint, load_checkpoint, save_checkpoint
-from tests.conftest import ROOT, run_cli, small_config
+from tests.conftest import ROOT, invoke_cli, run_cli, small_config
 
 STEPS = 500
 
@@ -49,7 +49,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path):
     killed_at = load_checkpoint(checkpoint)["run"]["step"]
     assert 0 < killed_at < STEPS
 
-    result = run_cli("train", "--resume", str(broken_dir))
+    result = invoke_cli("train", "--resume", str(broken_dir))
     assert result.returncode == 0, result.stderr
 
     resumed = load_checkpoint(checkpoint)
@@ -79,16 +79,18 @@ def test_checkpoint_is_atomic_and_checksummed(tmp_path):
         load_checkpoint(path)
 
 
-def train_from_tests(tmp_path, cfg: dict, *args: str):
-    """`shoal train` on ``cfg`` from tests/, where the failing_entry module lives."""
+def train_from_tests(tmp_path, cfg: dict, *args: str, cli=run_cli):
+    """`shoal train` on ``cfg`` from tests/, where the failing_entry module lives; ``cli``:
+    :func:`run_cli` (a fresh interpreter, whose stderr has its workers' lines too) or :func:`invoke_cli`."""
     path = tmp_path / f"{Path(cfg['out']).name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return run_cli("train", str(path), *args, cwd=ROOT / "tests")
+    return cli("train", str(path), *args, cwd=ROOT / "tests")
 
 
 @pytest.mark.processes
 def test_a_failing_rank_is_reported_with_its_error(tmp_path):
-    result = train_from_tests(tmp_path, small_config(tmp_path / "out", model="failing_entry:make_model"))
+    cfg = small_config(tmp_path / "out", model="failing_entry:make_model")
+    result = train_from_tests(tmp_path, cfg, cli=invoke_cli)
     assert result.returncode == 1
     assert "rank 1 failed" in result.stderr
     assert "injected failure on rank 1" in result.stderr
@@ -102,9 +104,10 @@ def test_launcher_restart_resumes_from_the_last_checkpoint(tmp_path):
         cfg["train"]["checkpoint_every"] = 20
         return cfg
 
-    assert train_from_tests(tmp_path, config(tmp_path / "ref", "failing_entry:make_plain_model")).returncode == 0
+    assert train_from_tests(tmp_path, config(tmp_path / "ref", "failing_entry:make_plain_model"),
+                            cli=invoke_cli).returncode == 0
     faulty = config(tmp_path / "faulty", "failing_entry:make_model_that_dies_once:die_at=50")
-    result = train_from_tests(tmp_path, faulty, "--max-restarts", "1")
+    result = train_from_tests(tmp_path, faulty, "--max-restarts", "1", cli=invoke_cli)
     assert result.returncode == 0, result.stderr
 
     summary = shoal.Summary.model_validate_json((tmp_path / "faulty" / "summary.json").read_text())
@@ -118,7 +121,7 @@ def test_launcher_restart_resumes_from_the_last_checkpoint(tmp_path):
 @pytest.mark.processes
 def test_without_restarts_a_killed_rank_fails_the_job(tmp_path):
     cfg = small_config(tmp_path / "out", model="failing_entry:make_model_that_dies_once:die_at=5")
-    result = train_from_tests(tmp_path, cfg)
+    result = train_from_tests(tmp_path, cfg, cli=invoke_cli)
     assert result.returncode == 1
     assert "rank 1 failed (exit code -9): killed by signal SIGKILL" in result.stderr
 
@@ -157,7 +160,7 @@ def test_restart_budget_counts_the_whole_job(monkeypatch):
 def test_kill_flag_injects_a_crash_that_a_restart_recovers(tmp_path):
     cfg = small_config(tmp_path / "out", train__steps=60, train__eval_every=30)
     cfg["train"]["checkpoint_every"] = 20
-    result = train_from_tests(tmp_path, cfg, "--kill", "1:30", "--max-restarts", "1")
+    result = train_from_tests(tmp_path, cfg, "--kill", "1:30", "--max-restarts", "1", cli=invoke_cli)
     assert result.returncode == 0, result.stderr
     summary = shoal.Summary.model_validate_json((tmp_path / "out" / "summary.json").read_text())
     assert summary.restarts == 1 and summary.resumed_from_step == 20 and summary.steps == 60
@@ -166,5 +169,5 @@ def test_kill_flag_injects_a_crash_that_a_restart_recovers(tmp_path):
 
 @pytest.mark.parametrize("flag", ["1", "a:3", "1:x"])
 def test_bad_kill_flag_exits_2(tmp_path, flag):
-    result = train_from_tests(tmp_path, small_config(tmp_path / "out"), "--kill", flag)
+    result = train_from_tests(tmp_path, small_config(tmp_path / "out"), "--kill", flag, cli=invoke_cli)
     assert result.returncode == 2 and "expected RANK:STEP" in result.stderr
