@@ -9,7 +9,7 @@ import shoal
 from shoal.launch import JobFailed
 from shoal.metrics.writer import read_metrics
 from shoal.engine.checkpoint import load_checkpoint
-from tests.conftest import small_config
+from tests.conftest import invoke_cli, small_config
 from tests.test_resume_and_failures import train_from_tests
 
 STEPS = 80
@@ -44,10 +44,12 @@ def test_ssp_waits_for_a_dead_worker_to_rejoin(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_parameter_server_comes_back_from_its_shard_checkpoint(tmp_path):
-    result = train_from_tests(tmp_path, ps_config(tmp_path / "run"), "--kill", "1:45:server", "--max-restarts", "1")
-    assert result.returncode == 0, result.stderr
-    assert "shard 1 restored from its checkpoint at version" in result.stderr
+def test_a_killed_parameter_server_comes_back_from_its_shard_checkpoint(tmp_path, capfd):
+    result = train_from_tests(tmp_path, ps_config(tmp_path / "run"), "--kill", "1:45:server", "--max-restarts", "1",
+                              cli=invoke_cli)
+    stderr = result.stderr + capfd.readouterr().err  # the command's own, then what its workers wrote
+    assert result.returncode == 0, stderr
+    assert "shard 1 restored from its checkpoint at version" in stderr
     summary = shoal.Summary.model_validate_json((tmp_path / "run" / "summary.json").read_text())
     assert summary.restarts == 1 and summary.final_accuracy > 0.7
     assert json.loads((tmp_path / "run" / "fault.json").read_text())["target"] == "server"
@@ -58,11 +60,12 @@ def test_a_killed_parameter_server_comes_back_from_its_shard_checkpoint(tmp_path
 
 
 @pytest.mark.processes
-def test_a_dead_worker_without_restart_budget_fails_the_job(tmp_path):
-    result = train_from_tests(tmp_path, ps_config(tmp_path / "run", kill_rank=2, kill_step=10))
+def test_a_dead_worker_without_restart_budget_fails_the_job(tmp_path, capfd):
+    result = train_from_tests(tmp_path, ps_config(tmp_path / "run", kill_rank=2, kill_step=10), cli=invoke_cli)
+    stderr = result.stderr + capfd.readouterr().err  # the command's own, then what its workers wrote
     assert result.returncode == 1
     assert ("rank 2's worker process was killed by SIGKILL after step 9; restart budget spent (--max-restarts 0"
-            in result.stderr)
+            in stderr)
 
 
 @pytest.mark.processes
