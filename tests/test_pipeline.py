@@ -21,7 +21,7 @@ from shoal.parallel.profile import profile_layers, sequential_layers
 from shoal.parallel.split_points import export_pipe, profile_segments, split_candidates
 from shoal.strategies.pipeline import PipelineStrategy
 from shoal.engine.checkpoint import load_checkpoint
-from tests.conftest import run_cli, small_config
+from tests.conftest import invoke_cli, small_config
 
 
 def brute_force(weights, parts, sizes=None, cap=None):
@@ -100,17 +100,24 @@ def assert_same_weights(a, b):
 
 
 MODEL = "mlp:hidden=[64, 32, 32]"
+TWO_STAGE = dict(model=MODEL, train__steps=30, train__eval_every=15)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The one-process run of TWO_STAGE that every two-stage schedule is compared with."""
+    out = tmp_path_factory.mktemp("one")
+    shoal.train(small_config(out, workers=1, **TWO_STAGE))
+    return out
 
 
 @pytest.mark.processes
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_a_two_stage_pipeline_trains_exactly_as_one_process(tmp_path, schedule):
+def test_a_two_stage_pipeline_trains_exactly_as_one_process(tmp_path, schedule, one_process):
     # M equal microbatches of a batch: the mean of their mean losses is the batch's mean loss.
-    common = dict(model=MODEL, train__steps=30, train__eval_every=15)
-    shoal.train(small_config(tmp_path / "one", workers=1, **common))
     summary = shoal.train(small_config(tmp_path / "pp", workers=2,
-                                       strategy=f"pipeline:stages=2,microbatches=4,schedule={schedule}", **common))
-    assert_same_weights(tmp_path / "one", tmp_path / "pp")
+                                       strategy=f"pipeline:stages=2,microbatches=4,schedule={schedule}", **TWO_STAGE))
+    assert_same_weights(one_process, tmp_path / "pp")
     assert len(summary.partition) == 2 and summary.partition[0][0] == 0 and summary.partition[-1][1] == 8
     assert summary.bubble_fraction_theory == pytest.approx(1 / 5)
     assert 0 < summary.bubble_fraction < 1 and summary.stage_imbalance >= 1
@@ -156,7 +163,7 @@ def test_interleaved_1f1b_holds_two_stages_per_rank_and_trains_exactly_as_one_pr
 def test_pipelines_the_config_shows_impossible_exit_2_before_any_process_starts(tmp_path, strategy, words):
     config = tmp_path / "c.yaml"
     config.write_text(f"workers: 2\ndata: {{dataset: digits, batch_size: 16}}\nstrategy: '{strategy}'\n")
-    result = run_cli("train", str(config), "--out", str(tmp_path / "run"))
+    result = invoke_cli("train", str(config), "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
     with pytest.raises(ConfigError, match="needs|must divide"):  # the Python API checks the same
         shoal.train(small_config(tmp_path / "api", strategy=strategy))
