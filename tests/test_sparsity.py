@@ -10,7 +10,7 @@ from shoal.comm.memory import ErrorFeedback
 from shoal.engine.checkpoint import WrongModel, load_checkpoint, load_weights, save_checkpoint
 from shoal.engine.sparsity import (PruneConfig, SparsityController, cubic_sparsity, global_magnitude_masks,
                                      prunable_weights)
-from tests.conftest import run_cli, small_config
+from tests.conftest import invoke_cli, small_config
 from tests.test_pipeline import MODEL, assert_same_weights
 
 
@@ -146,7 +146,7 @@ def test_fine_tuning_from_another_model_fails_clearly(tmp_path):
 def test_bad_prune_settings_exit_2(tmp_path, flag, message):
     config = tmp_path / "c.yaml"
     config.write_text("train: {steps: 2}\nprune: {sparsity: 0.5}\n")
-    result = run_cli("train", str(config), "--set", flag)
+    result = invoke_cli("train", str(config), "--set", flag)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
