@@ -13,7 +13,7 @@ import shoal
 from shoal.launch import JobFailed
 from shoal.netem import slowdown as slowdown_module
 from shoal.netem.slowdown import BusyWaitSchedule
-from tests.conftest import run_cli, small_config
+from tests.conftest import invoke_cli, small_config
 
 
 FACTOR = 3.0
@@ -112,7 +112,7 @@ def test_a_rank_outside_the_job_is_refused(tmp_path):
 def test_bad_slowdown_flags_exit_2(tmp_path, flag, message):
     config = tmp_path / "c.yaml"
     config.write_text("train: {steps: 2}\n")
-    result = run_cli("train", str(config), "--slowdown", flag)
+    result = invoke_cli("train", str(config), "--slowdown", flag)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
