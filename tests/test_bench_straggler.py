@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 @pytest.mark.processes
@@ -30,5 +30,5 @@ def test_bench_straggler_quick(tmp_path):
 
 @pytest.mark.processes
 def test_bench_straggler_rejects_a_bad_slowdown(tmp_path):
-    result = run_cli("bench", "straggler", "--slowdown", "3:0.5", "--out", str(tmp_path))
+    result = invoke_cli("bench", "straggler", "--slowdown", "3:0.5", "--out", str(tmp_path))
     assert result.returncode == 2 and "factor 0.5" in result.stderr
