@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import invoke_cli, run_cli
 from shoal.bench.privacy import opacus_missing
 
 
@@ -36,8 +36,8 @@ def test_the_quick_privacy_bench_compares_dp_sgd_with_non_private_training_opacu
 
 @pytest.mark.processes
 def test_a_bad_bench_option_exits_2_naming_it(tmp_path):
-    result = run_cli("bench", "privacy", "--quick", "--out", str(tmp_path), "--set", "bench.epsilons=[]")
+    result = invoke_cli("bench", "privacy", "--quick", "--out", str(tmp_path), "--set", "bench.epsilons=[]")
     assert result.returncode == 2
     assert "bench: epsilons" in result.stderr and "Traceback" not in result.stderr
-    unknown = run_cli("bench", "privacy", "--quick", "--out", str(tmp_path), "--rows", "dp-sgd-eps5")
+    unknown = invoke_cli("bench", "privacy", "--quick", "--out", str(tmp_path), "--rows", "dp-sgd-eps5")
     assert unknown.returncode == 2 and "allowed: none, dp-sgd-eps8" in unknown.stderr
