@@ -6,7 +6,7 @@ import pytest
 from matplotlib.image import imread
 
 from shoal.netem import check_available
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 needs_testbed = pytest.mark.skipif(check_available() is not None, reason=str(check_available()))
 
@@ -65,6 +65,6 @@ def test_medians_over_repetitions_count_a_miss_as_slowest():
 @pytest.mark.processes
 @needs_testbed
 def test_unknown_row_label_is_a_usage_error(tmp_path):
-    result = run_cli("bench", "comm", "--rows", "ddp-fp32,nope", "--out", str(tmp_path))
+    result = invoke_cli("bench", "comm", "--rows", "ddp-fp32,nope", "--out", str(tmp_path))
     assert result.returncode == 2
     assert "nope" in result.stderr and "shoal-auto" in result.stderr and "Traceback" not in result.stderr
