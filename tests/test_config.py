@@ -3,7 +3,7 @@ import textwrap
 import pytest
 
 from shoal.config import ConfigError, RunConfig, load_config
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, invoke_cli
 
 
 def test_defaults_validate_and_round_trip(tmp_path):
@@ -76,7 +76,7 @@ def test_cli_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path):
         workers: 0
         optimizer: {lr: 0.1}
     """))
-    result = run_cli("train", str(bad), "--out", str(tmp_path / "out"))
+    result = invoke_cli("train", str(bad), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert "workers:" in result.stderr and "Traceback" not in result.stderr + result.stdout
     assert len(result.stderr.strip().splitlines()) == 1
@@ -98,7 +98,7 @@ def test_cli_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path):
 def test_cli_errors_exit_2(tmp_path, args, words):
     cfg = tmp_path / "ok.yaml"
     cfg.write_text("train: {steps: 1}\n")
-    result = run_cli("train", *[str(cfg) if a == "CFG" else a for a in args])
+    result = invoke_cli("train", *[str(cfg) if a == "CFG" else a for a in args])
     assert result.returncode == 2, result.stderr
     assert words in result.stderr and "Traceback" not in result.stderr
 
@@ -106,7 +106,7 @@ def test_cli_errors_exit_2(tmp_path, args, words):
 def test_cli_not_yaml_mapping(tmp_path):
     cfg = tmp_path / "list.yaml"
     cfg.write_text("- 1\n- 2\n")
-    result = run_cli("train", str(cfg))
+    result = invoke_cli("train", str(cfg))
     assert result.returncode == 2 and "top level must be a mapping" in result.stderr
 
 
