@@ -7,7 +7,7 @@ import pytest
 from shoal.netem.costmodel import Link, allreduce_s
 from shoal.parallel.plan import (CODECS, LayerCost, candidates, data_parallel, fit_layer, parse_bytes,
                                  parse_seconds, pipeline, recommend)
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli
 
 LINK = Link(alpha_s=50e-6, beta_bytes_per_s=1.25e9)  # 10 Gbit/s
 
@@ -97,8 +97,8 @@ def test_parse_errors():
 @pytest.mark.processes
 def test_plan_cli_prints_and_writes_the_plan(tmp_path):
     out = tmp_path / "plan.json"
-    result = run_cli("plan", "examples/mnist1d.yaml", "--workers", "4", "--rate", "1gbit", "--latency", "100us",
-                     "--memory", "64MiB", "--out", str(out))
+    result = invoke_cli("plan", "examples/mnist1d.yaml", "--workers", "4", "--rate", "1gbit", "--latency", "100us",
+                        "--memory", "64MiB", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "recommended:" in result.stdout and "best layout at scale" in result.stdout
     report = json.loads(out.read_text())
@@ -113,7 +113,7 @@ def test_plan_of_a_model_that_is_not_a_layer_sequence_uses_its_export_split_poin
     config, out = tmp_path / "tiny.yaml", tmp_path / "plan.json"
     config.write_text("data: {dataset: 'mnist1d:samples=400', batch_size: 16}\n"
                       "model: 'transformer:d_model=32,layers=2,heads=2,ff=64'\n")
-    result = run_cli("plan", str(config), "--workers", "2", "--out", str(out))
+    result = invoke_cli("plan", str(config), "--workers", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["layers"] == len(report["pieces"]) >= 2
@@ -122,7 +122,7 @@ def test_plan_of_a_model_that_is_not_a_layer_sequence_uses_its_export_split_poin
 
 @pytest.mark.processes
 def test_plan_cli_bad_rate_exits_2(tmp_path):
-    result = run_cli("plan", "examples/mnist1d.yaml", "--rate", "fast")
+    result = invoke_cli("plan", "examples/mnist1d.yaml", "--rate", "fast")
     assert result.returncode == 2 and "expected a tc rate" in result.stderr
 
 
@@ -163,7 +163,7 @@ def test_plan_takes_the_configs_own_memory_cap(tmp_path):
     config, out = tmp_path / "capped.yaml", tmp_path / "plan.json"
     config.write_text("data: {dataset: 'mnist1d:samples=400', batch_size: 16}\nmodel: mlp\n"
                       "strategy: 'pipeline:stages=2,max_memory_per_worker=1KiB'\n")
-    result = run_cli("plan", str(config), "--workers", "2", "--out", str(out))
+    result = invoke_cli("plan", str(config), "--workers", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert report["memory_cap_bytes"] == 1024 and report["memory_cap_from"] == "strategy.max_memory_per_worker"
