@@ -6,7 +6,7 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli, small_config
+from conftest import ROOT, invoke_cli, small_config
 
 pytestmark = pytest.mark.processes
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.processes
 def _train(tmp_path, cfg, *extra):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    return run_cli("train", str(path), *extra, cwd=ROOT / "tests")
+    return invoke_cli("train", str(path), *extra, cwd=ROOT / "tests")
 
 
 def test_a_model_that_does_not_fit_the_data_is_a_config_error_before_any_worker(tmp_path):
@@ -36,12 +36,12 @@ def test_the_command_says_what_it_starts_and_resume_says_what_it_changes(tmp_pat
     assert first.returncode == 0, first.stderr[-2000:]
     assert "shoal: training mlp on digits, 2 workers (sync) -> " in first.stdout
 
-    again = run_cli("train", "--resume", str(out))  # finished: nothing to do, and it says so
+    again = invoke_cli("train", "--resume", str(out))  # finished: nothing to do, and it says so
     assert again.returncode == 0, again.stderr[-2000:]
     assert "finished at step 30 of train.steps=30: nothing to train" in " ".join(again.stdout.split())
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] is None  # nothing ran
 
-    longer = run_cli("train", "--resume", str(out), "--set", "train.steps=60")
+    longer = invoke_cli("train", "--resume", str(out), "--set", "train.steps=60")
     assert longer.returncode == 0, longer.stderr[-2000:]
     note = " ".join(longer.stderr.split())
     assert "train.steps 30 -> 60: the cosine schedule now spans 60 steps" in note
