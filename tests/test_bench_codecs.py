@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 @pytest.mark.processes
@@ -28,5 +28,5 @@ def test_bench_codecs_reports_every_codec_and_the_sampled_topk_speedup(tmp_path)
 
 @pytest.mark.processes
 def test_bench_codecs_rejects_a_bad_codec(tmp_path):
-    result = run_cli("bench", "codecs", "--numel", "5000", "--codec", "zip")
+    result = invoke_cli("bench", "codecs", "--numel", "5000", "--codec", "zip")
     assert result.returncode == 2 and "unknown codec 'zip'" in result.stderr
