@@ -5,7 +5,7 @@ import json
 import pytest
 
 from shoal.bench.comm import medians
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 @pytest.mark.processes
@@ -36,9 +36,9 @@ def test_bench_fl_quick(tmp_path):
 
 @pytest.mark.processes
 def test_bench_fl_rejects_an_unknown_row_and_a_bad_bench_option(tmp_path):
-    result = run_cli("bench", "fl", "--quick", "--rows", "fedavg-nope", "--out", str(tmp_path))
+    result = invoke_cli("bench", "fl", "--quick", "--rows", "fedavg-nope", "--out", str(tmp_path))
     assert result.returncode == 2 and "fedavg-nope" in result.stderr
-    result = run_cli("bench", "fl", "--quick", "--set", "bench.fedprox=fedprox:mu=-1", "--out", str(tmp_path))
+    result = invoke_cli("bench", "fl", "--quick", "--set", "bench.fedprox=fedprox:mu=-1", "--out", str(tmp_path))
     assert result.returncode == 2 and "mu" in result.stderr
 
 
