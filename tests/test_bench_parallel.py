@@ -5,7 +5,7 @@ import json
 import pytest
 
 from shoal.netem import check_available
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 
 @pytest.mark.netns
@@ -31,7 +31,7 @@ def test_bench_parallel_quick(tmp_path):
 
 @pytest.mark.processes
 def test_bench_parallel_rejects_an_unknown_layout(tmp_path):
-    result = run_cli("bench", "parallel", "--rows", "pp9", "--out", str(tmp_path))
+    result = invoke_cli("bench", "parallel", "--rows", "pp9", "--out", str(tmp_path))
     assert result.returncode == 2 and "unknown label pp9" in result.stderr
 
 
