@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from shoal.bench import flower_secagg
 from shoal.cli import app
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 FLOWER = flower_secagg.available()
 
@@ -35,9 +35,9 @@ def test_the_quick_bench_measures_each_row_and_its_uplink_is_below_fp32(tmp_path
 
 @pytest.mark.processes
 def test_a_bad_option_exits_2_naming_it():
-    done = run_cli("bench", "secure", "--clients", "2,10")
+    done = invoke_cli("bench", "secure", "--clients", "2,10")
     assert done.returncode == 2 and "--clients: 2 is outside [3, 1000]" in done.stderr
-    done = run_cli("bench", "secure", "--drops", "x")
+    done = invoke_cli("bench", "secure", "--drops", "x")
     assert done.returncode == 2 and "--drops: 'x' is not a comma-separated list" in done.stderr
 
 
