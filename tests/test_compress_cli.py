@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 import shoal
 from shoal.cli import app
 from shoal.engine.checkpoint import save_checkpoint
-from tests.conftest import run_cli, small_config
+from tests.conftest import invoke_cli, small_config
 from tests.test_compress import digits_run, make_model
 
 
@@ -46,7 +46,7 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data: {dataset: digits}\nmodel: mlp:hidden=[16]\n")
 
-    result = run_cli("compress", str(config), "--checkpoint", str(run), "--out", str(tmp_path / "out"))
+    result = invoke_cli("compress", str(config), "--checkpoint", str(run), "--out", str(tmp_path / "out"))
 
     assert result.returncode == 2
     assert "compress error:" in result.stderr and "does not match the config's model" in result.stderr
@@ -66,7 +66,7 @@ def test_cli_refuses_a_bad_spec(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("data: {dataset: digits}\nmodel: mlp:hidden=[16]\n")
 
-    result = run_cli("compress", str(config), "--checkpoint", str(tmp_path), "--prune", "magnitude:sparsity=1.5")
+    result = invoke_cli("compress", str(config), "--checkpoint", str(tmp_path), "--prune", "magnitude:sparsity=1.5")
 
     assert result.returncode == 2
     assert "pruner 'magnitude': sparsity: Input should be less than 1" in result.stderr
