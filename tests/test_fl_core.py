@@ -18,7 +18,7 @@ from shoal.fl.local import FlatWeights, LocalTrainer
 from shoal.fl.simulate import ClientFailed, simulate
 from shoal.fl.strategies.base import ClientResult, build_fed_strategy
 from shoal.registry import CODECS, FED_STRATEGIES, PARTITIONS, load_builtins
-from tests.conftest import run_cli
+from tests.conftest import invoke_cli, run_cli
 
 load_builtins()
 LABELS = np.repeat(np.arange(10), 100)  # 1,000 samples, 100 per class
@@ -224,7 +224,7 @@ def test_simulate_cli_and_its_config_errors(tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["clients"] == 6
     # A bad config: exit 2, one line naming the field, no traceback (the same path for every field) ...
-    result = run_cli("fl", "simulate", str(cfg), "--set", "fl.codec=randk", "--out", str(tmp_path / "bad"))
+    result = invoke_cli("fl", "simulate", str(cfg), "--set", "fl.codec=randk", "--out", str(tmp_path / "bad"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert "fl: codec: 'randk' cannot be decoded by the server alone" in result.stderr
     # ... and what the other checks say.
