@@ -258,9 +258,9 @@ def test_privacy_plan_prints_the_calibrated_noise_and_the_epsilon_by_round(tmp_p
 
 @pytest.mark.processes
 def test_privacy_plan_exits_2_naming_the_target_when_no_noise_can_fit_it(tmp_path):
-    from tests.conftest import run_cli
+    from tests.conftest import invoke_cli
 
-    result = run_cli("fl", "privacy", "plan", str(_calibrated_config(tmp_path, target_epsilon=1e-4)))
+    result = invoke_cli("fl", "privacy", "plan", str(_calibrated_config(tmp_path, target_epsilon=1e-4)))
 
     assert result.returncode == 2, result.stdout + result.stderr
     message = result.stderr.strip()
