@@ -23,7 +23,7 @@ from shoal.registry import DATASETS, TASKS, load_builtins
 from shoal.tasks import build_task, improves, reaches
 from shoal.tasks.regression import Regression
 from shoal.training.state import RunState
-from tests.conftest import run_cli, small_config
+from tests.conftest import invoke_cli, small_config
 from tests.test_cli import _render
 
 CPU = torch.device("cpu")
@@ -254,7 +254,7 @@ def test_the_summary_table_names_the_main_metric():
 def test_a_bad_task_spec_exits_2_with_one_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("task: classification:loss=no_such_module_xyz:focal\ntrain: {steps: 1}\n")
-    result = run_cli("train", str(cfg), "--out", str(tmp_path / "out"))
+    result = invoke_cli("train", str(cfg), "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "task:" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
