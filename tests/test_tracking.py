@@ -16,7 +16,7 @@ from shoal.fl.config import load_fl_config
 from shoal.fl.simulate import simulate
 from shoal.metrics.compare import MISSING, RunError, compare_table, load_runs, pick_metric, plot_runs
 from shoal.metrics.writer import MetricsWriter, read_metrics, tensorboard_scalars, tensorboard_tag
-from tests.conftest import run_cli, small_config
+from tests.conftest import invoke_cli, small_config
 
 
 def _board(out):
@@ -215,9 +215,9 @@ def test_runs_compare_exits_2_naming_a_directory_that_is_no_run(runs, tmp_path):
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "summary.json").write_text("{}")
 
-    missing = run_cli("runs", "compare", str(runs / "sync"), str(tmp_path / "nowhere"), cwd=tmp_path)
-    half = run_cli("runs", "compare", str(tmp_path / "half"), cwd=tmp_path)
-    none = run_cli("runs", "compare", cwd=tmp_path)
+    missing = invoke_cli("runs", "compare", str(runs / "sync"), str(tmp_path / "nowhere"), cwd=tmp_path)
+    half = invoke_cli("runs", "compare", str(tmp_path / "half"), cwd=tmp_path)
+    none = invoke_cli("runs", "compare", cwd=tmp_path)
 
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f"runs compare: {tmp_path / 'nowhere'}: no summary.json there (not the OUT of a finished shoal train or "
