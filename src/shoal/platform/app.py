@@ -114,8 +114,8 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
         return Response(DASHBOARD.read_text(), media_type="text/html")
 
     @app.get("/node/history")
-    def node_history(_user: dict[str, Any] = Depends(caller)) -> Response:
-        return _json(list(agent.history))
+    def node_history(_user: dict[str, Any] = Depends(caller)) -> JSONResponse:
+        return JSONResponse(list(agent.history))
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -137,7 +137,8 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
                 raise Refused(f"config: {err}", 422) from None
         row, new = store.submit(user["name"], spec, body.client_key)
         agent.poke()
-        return _json({**view(row), "created": new}, 201 if new else 200)
+        # Returned as a response, not a dict: FastAPI would run its generic encoder over it first.
+        return JSONResponse({**view(row), "created": new}, status_code=201 if new else 200)
 
     @app.get("/jobs")
     def list_jobs(state: str | None = Query(None, description="pending, running, stopping, done, failed, "
@@ -149,7 +150,8 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
         if states is not None and any(s not in (*ACTIVE, DONE, FAILED, CANCELLED) for s in states):
             raise Refused(f"state: {state!r} is not a job state", 422)
         who = None if everyone and user["role"] == "admin" else user["name"]
-        return _json([view(r, agent.positions) for r in store.jobs(user=who, states=states, limit=limit, after=after, spec=False)])
+        rows = store.jobs(user=who, states=states, limit=limit, after=after, spec=False)
+        return JSONResponse([view(r, agent.positions) for r in rows])
 
     @app.get("/jobs/{job}")
     def show(job: int, user: dict[str, Any] = Depends(caller)) -> dict[str, Any]:
@@ -223,11 +225,6 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
         return store.users()
 
     return app
-
-
-def _json(data: Any, status: int = 200) -> Response:
-    """Rows of plain values straight to JSON: FastAPI's generic encoder costs more than the request itself."""
-    return Response(json.dumps(data), status_code=status, media_type="application/json")
 
 
 def check_fits(spec: JobSpec, agent: Agent) -> None:
