@@ -135,6 +135,8 @@ def test_a_retried_submit_with_its_key_makes_one_job(tmp_path):
 def test_a_quota_holds_a_users_jobs_back(tmp_path):
     with service(tmp_path) as (svc, admin):
         alice = Client(admin.url, admin.add_user("alice", quota_cpus=1)["token"])
+        with pytest.raises(ServiceError, match="the job needs 2 CPUs at its fewest workers; alice's quota is 1"):
+            alice.submit(command("pass", workers=2))
         long = alice.submit(command("import time; time.sleep(1.5)"))["id"]
         held = alice.submit(command("pass"))["id"]
         deadline = time.monotonic() + 20

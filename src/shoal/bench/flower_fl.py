@@ -100,7 +100,7 @@ def apps(config: str, overrides: list[str], out: Path) -> tuple[Any, Any]:
         rounds_file = out / "flower-rounds.jsonl"
 
         def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
-            if rnd == 0 or rnd % cfg.fl.eval_every:
+            if rnd == 0 or (rnd % cfg.fl.eval_every and rnd != cfg.fl.rounds):  # and the last, as shoal
                 return None
             model.load_state_dict(arrays.to_torch_state_dict())
             metrics = evaluate_task(model, w["data"].test, w["task"], batch_size=cfg.data.eval_batch_size,
@@ -176,9 +176,13 @@ def compare(config: Path, overrides: list[str], out: Path, *, repeat: int = 1,
 
     from shoal.fl.config import load_fl_config
 
+    overrides = [*overrides, "fl.stop_at_target=true"]  # both end at the target: shoal's time is its command's
     cfg = load_fl_config(config, overrides)
     if cfg.fl.target_accuracy is None:
         raise ValueError("fl.target_accuracy: the comparison needs a target (time and rounds to it)")
+    if cfg.fl.strategy.name != "fedavg" or cfg.fl.codec.name != "none" or cfg.fl.privacy or cfg.fl.secure:
+        raise ValueError("fl.strategy: the Flower row runs plain FedAvg with no codec, privacy or secure "
+                         f"aggregation; this config has {cfg.fl.strategy.spec()}, codec {cfg.fl.codec.spec()}")
     sets = [a for o in overrides for a in ("--set", o)]
     runs: dict[str, list[dict[str, Any]]] = {"shoal": [], "flower": []}
     for k in range(repeat):

@@ -172,6 +172,9 @@ class Agent:
                     and proc_start(shim["pid"]) == shim["start"]:
                 if row["pid"] != shim["pid"]:
                     self.store.change(row["id"], pid=shim["pid"])
+                    row = {**row, "pid": shim["pid"]}
+                if row["state"] == STOPPING:  # its SIGTERM may not have been sent before the service died
+                    self._signal(row, signal.SIGTERM)
                 log.info("job %d: adopted (pid %d)", row["id"], shim["pid"])
                 continue
             if shim is None and row["pid"] is not None and is_shim(row["pid"]):
@@ -305,14 +308,16 @@ class Agent:
                 expose(view, self.policy, job, now)
         if stopping:  # a preemption is in flight: wait for it before choosing more victims
             view.exposed = Sorted()
+        limits = {u["name"]: u["quota_cpus"] for u in self.store.users()}
+        quota_room = {user: limit - used_by_user.get(user, 0) for user, limit in limits.items() if limit is not None}
         for job in self.queued.values():
             row = self.rows[job.id]
             spec = self.specs[job.id]
-            if spec.elastic and row["want_workers"] is None:  # its size is what fits now
-                job.gpus = self._size(row, spec, pool) * spec.resources.cpus
+            if spec.elastic and row["want_workers"] is None:  # its size is what fits now, within its quota
+                room = quota_room.get(row["user"])
+                job.gpus = self._size(row, spec, pool, room) * spec.resources.cpus
             pool.needs[job.id] = needs(spec, job.gpus // spec.resources.cpus)
-        quota = WithinQuota(self.policy, {u["name"]: u["quota_cpus"] for u in self.store.users()},
-                            used_by_user, {job: self.rows[job]["user"] for job in self.queued})
+        quota = WithinQuota(self.policy, limits, used_by_user, {job: self.rows[job]["user"] for job in self.queued})
         decided = time.perf_counter()
         decision = schedule(quota, self.pending, view, now)
         self.decide_s = (self.decide_s + [time.perf_counter() - decided])[-100:]
@@ -320,7 +325,7 @@ class Agent:
             self._stop_job(victim.id, "preempt", now, "preempted for a job ranked higher")
         # What is free now, before any victim has gone: a job the pass placed in a victim's room starts
         # once the victim has checkpointed and exited (a later pass), never on top of it.
-        busy = {c for h in held.values() for c in h}
+        busy = {c for row in active for c in _ids(row["cpus"])}  # what every process holds, placed or not
         free = [c for c in range(self.node.slots) if c not in busy]
         busy_gpus = {g for row in active for g in _ids(row["gpus"])}
         free_gpus = [g for g in range(self.node.gpus) if g not in busy_gpus]
@@ -337,14 +342,21 @@ class Agent:
             gpus, free_gpus = free_gpus[:devices], free_gpus[devices:]
             memory_free -= memory
             self.pending.remove(self.queued.pop(job.id))
-            self._launch(row, spec, workers, slots, gpus, now)
+            try:
+                self._launch(row, spec, workers, slots, gpus, now)
+            except Exception as err:  # it could not be started (a cgroup, its config): it fails, saying why
+                log.exception("job %d: could not be started", job.id)
+                self.cgroups.remove(job.id)
+                self.store.change(job.id, f"could not be started: {err}", state=FAILED, finished=now,
+                                  reason=f"could not be started: {type(err).__name__}: {err}", pid=None, cpus=None,
+                                  gpus=None)
         self._free = (len(free), memory_free, len(free_gpus))
         self.history.append({"at": now, "cpus_used": self.node.slots - len(free),
                              "memory_used_mb": self.node.memory_mb - memory_free, "pending": len(self.queued),
                              "running": len(active) + len(decision.start) - len(blocked)})
         self._quota_held, self.waiting = quota.held, blocked
         if not self.queued and not stopping and not decision.start:
-            self._grow(active, pool, now)
+            self._grow(active, pool, now, quota_room)
         self.positions = {job.id: i + 1 for i, job in enumerate(self.pending.jobs)}
         self.pass_s = (self.pass_s + [time.perf_counter() - started])[-100:]
 
@@ -387,7 +399,7 @@ class Agent:
                    first_start=row["first_start"], pending_since=row["pending_since"] or row["submitted"],
                    preemptions=row["preemptions"])
 
-    def _size(self, row: dict[str, Any], spec: JobSpec, pool: NodePool | None) -> int:
+    def _size(self, row: dict[str, Any], spec: JobSpec, pool: NodePool | None, room: int | None = None) -> int:
         """Workers to start a pending job with: a resize's size, else the most that fit now (at least the
         fewest it runs on)."""
         if row["want_workers"] is not None:
@@ -398,19 +410,21 @@ class Agent:
             return spec.fewest
         for workers in range(spec.most, spec.fewest, -1):
             memory, devices = needs(spec, workers)
-            if workers * spec.resources.cpus <= pool.free_total and memory <= pool.memory_free \
+            if workers * spec.resources.cpus <= min(pool.free_total, room if room is not None else pool.free_total) \
+                    and memory <= pool.memory_free \
                     and devices <= pool.gpus_free:
                 return workers
         return spec.fewest
 
-    def _grow(self, active: list[dict[str, Any]], pool: NodePool, now: float) -> None:
+    def _grow(self, active: list[dict[str, Any]], pool: NodePool, now: float, quota_room: dict[str, int]) -> None:
         for row in active:
             if row["state"] != RUNNING or row["want_workers"] is not None:
                 continue
             spec = self.specs[row["id"]]
             if not spec.elastic or row["workers"] >= spec.most or now - row["run_start"] < self.grow_after_s:
                 continue
-            more = min(spec.most - row["workers"], pool.free_total // spec.resources.cpus)
+            room = min(pool.free_total, quota_room.get(row["user"], pool.free_total))
+            more = min(spec.most - row["workers"], room // spec.resources.cpus)
             memory, devices = needs(spec, more)
             if more >= 1 and memory <= pool.memory_free and devices <= pool.gpus_free:
                 self._stop_job(row["id"], "resize", now, f"growing from {row['workers']} to "

@@ -127,6 +127,10 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
         if spec.priority > 0 and user["role"] != "admin":
             raise Refused(f"priority: {spec.priority} is above 0; only an admin gives priorities above 0", 403)
         check_fits(spec, agent)
+        fewest = spec.fewest * spec.resources.cpus
+        if user["quota_cpus"] is not None and fewest > user["quota_cpus"]:
+            raise Refused(f"resources.cpus: the job needs {fewest} CPUs at its fewest workers; {user['name']}'s "
+                          f"quota is {user['quota_cpus']}", 422)
         if spec.kind == "train":
             if not isinstance(spec.config, dict):
                 raise Refused("config: send the run config itself, a mapping (shoal job submit reads a path "

@@ -70,8 +70,11 @@ class Client:
             except (OSError, http.client.HTTPException) as err:
                 conn.close()
                 self._local.conn = None
-                if reused:
-                    continue  # the service closed an idle kept-alive connection: once more on a new one
+                stale = isinstance(err, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                if reused and (stale or method == "GET" or path == "/jobs"):
+                    # The service had closed this idle kept-alive connection (it never saw the request), or
+                    # the call is safe to repeat (a read; a submit carries its key): once more, on a new one.
+                    continue
                 if time.monotonic() >= deadline:
                     raise ServiceError(0, f"cannot reach the service at {self.url}: {err}") from None
                 time.sleep(0.2)

@@ -6,7 +6,8 @@
 3. It runs ARGV, its output appended to ``DIR/log``, and waits; SIGTERM and SIGINT it leaves to
    the job (the service signals the whole process group: a ``shoal train`` job then checkpoints
    and exits by itself).
-4. It writes ``DIR/exit.json`` (the attempt and the exit status) atomically and exits.
+4. It writes ``DIR/exit.json`` (the attempt and the exit status) atomically, then kills what is left of
+   the job's process group, itself last.
 
 It runs in its own session, so the service can die and come back without the job noticing.
 """
@@ -64,6 +65,9 @@ def main(args: list[str]) -> int:
             return 127
         returncode = child.wait()
     write_atomic(job_dir / EXIT, {"attempt": attempt, "returncode": returncode})
+    # Whatever the job left behind in its process group (a command's background children) ends with it,
+    # so its CPUs are free when the service hands them on; this process goes with them.
+    os.killpg(os.getpgrp(), signal.SIGKILL)
     return 0
 
 

@@ -178,12 +178,15 @@ class JobStore:
         row = {"user": user, "client_key": client_key, "name": spec.name, "kind": spec.kind, "queue": spec.queue,
                "spec": spec.model_dump_json(), "priority": spec.priority, "state": PENDING,
                "submitted": time.time(), "attained": 0.0, "preemptions": 0, "attempt": 0}
-        row["changed"] = row["pending_since"] = row["submitted"]
         try:
             with self._one_writer, self.engine.begin() as conn:
+                # Stamped once the lock is held: the scheduler rereads rows by this time.
+                row["submitted"] = row["changed"] = row["pending_since"] = time.time()
                 job = conn.execute(insert(jobs).values(row)).inserted_primary_key[0]
                 conn.execute(insert(events).values(job=job, at=row["submitted"], text=f"submitted by {user}"))
         except IntegrityError:
+            if client_key is None:
+                raise
             with self.engine.connect() as conn:
                 found = conn.execute(select(jobs).where(jobs.c.user == user, jobs.c.client_key == client_key)
                                      ).mappings().first()
