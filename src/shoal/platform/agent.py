@@ -40,7 +40,7 @@ from typing import Any
 from shoal.platform.cluster import PlacementError
 from shoal.platform.node import Cgroups, Node
 from shoal.platform.policies.base import Job, PendingQueue, Policy, Sorted, expose, occupy, schedule
-from shoal.platform.pool import NodePool, View, WithinQuota, needs
+from shoal.platform.pool import NodePool, View, WithinQuota, held_cpus, needs
 from shoal.platform.process import is_shim, job_argv, read_json, why_failed
 from shoal.platform.shim import EXIT, SHIM, proc_start
 from shoal.platform.spec import JobSpec
@@ -212,7 +212,7 @@ class Agent:
             code = status["returncode"] if status is not None else None
             oom = self.cgroups.oom_kills(row["id"])
             self.cgroups.remove(row["id"])
-            ran = _held(row) * (now - (row["run_start"] or now))
+            ran = _ran(row, now)
             if row["state"] == STOPPING and row["stop"] == "cancel":
                 self._end(row, CANCELLED, now, code, "cancelled", ran)
             elif code == 0:
@@ -232,7 +232,7 @@ class Agent:
         log.info("job %d: %s", row["id"], note)
 
     def _requeue(self, row: dict[str, Any], now: float, note: str, *, lost: bool = False) -> None:
-        ran = 0.0 if lost else _held(row) * (now - (row["run_start"] or now))
+        ran = 0.0 if lost else _ran(row, now)
         preempted = row["stop"] == "preempt"
         self.store.change(row["id"], note, state=PENDING, pid=None, cpus=None, gpus=None, stop=None, run_start=None,
                           stop_at=None, attained=row["attained"] + ran, pending_since=now,
@@ -288,7 +288,6 @@ class Agent:
         active = [self.rows[job] for job in sorted(self.holding)]
         pool = NodePool(self.node)
         view = View(pool, {}, Sorted(), Sorted(), {}, self._loss)
-        held: dict[int, list[int]] = {}
         stopping = False
         used_by_user: dict[str, int] = {}
         for row in active:
@@ -300,7 +299,6 @@ class Agent:
                 continue
             job.key = self.policy.key(job, now)
             occupy(view, job)
-            held[job.id] = _ids(row["cpus"])
             used_by_user[row["user"]] = used_by_user.get(row["user"], 0) + job.gpus
             if row["state"] == STOPPING:
                 stopping = True
@@ -516,8 +514,9 @@ class Agent:
             return (self.store.job(job) or row)["state"]
 
 
-def _held(row: dict[str, Any]) -> int:
-    return len(_ids(row["cpus"]))
+def _ran(row: dict[str, Any], now: float) -> float:
+    """CPU-seconds a running job has run since its current run began."""
+    return held_cpus(row) * (now - (row["run_start"] or now))
 
 
 def _ids(text: str | None) -> list[int]:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.config import ConfigError
 from shoal.platform.agent import Agent
-from shoal.platform.pool import needs
+from shoal.platform.pool import held_cpus, needs
 from shoal.platform.shim import LOG
 from shoal.platform.spec import JobSpec, check_run_config
 from shoal.platform.store import ACTIVE, CANCELLED, DONE, FAILED, PENDING, JobStore, Refused, spec_of
@@ -100,8 +100,7 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
                                    "gpus", "submitted", "first_start", "run_start", "finished", "preemptions",
                                    "attempt", "exit_code", "reason")}
         run = row["run_start"] if row["state"] in ("running", "stopping") else None
-        out["attained_cpu_s"] = row["attained"] + (len(row["cpus"].split(",")) * (time.time() - run)
-                                                    if run and row["cpus"] else 0.0)
+        out["attained_cpu_s"] = row["attained"] + (held_cpus(row) * (time.time() - run) if run else 0.0)
         if row["state"] == PENDING:
             out["waiting"] = agent.why_waiting(row["id"])
             if positions is not None:
@@ -212,7 +211,7 @@ def create_app(store: JobStore, agent: Agent) -> FastAPI:
     @app.get("/node")
     def node(_user: dict[str, Any] = Depends(caller)) -> dict[str, Any]:
         held = [r for r in store.jobs(states=("running", "stopping"))]
-        used = sum(len(r["cpus"].split(",")) for r in held if r["cpus"])
+        used = sum(held_cpus(r) for r in held)
         return {"cpus": agent.node.slots, "memory_mb": agent.node.memory_mb, "gpus": agent.node.gpus,
                 "cpus_used": used, "policy": type(agent.policy).__name__.lower(),
                 "cgroups": agent.cgroups.mode, "jobs": store.counts(),

@@ -76,3 +76,8 @@ class View:
 
 def needs(spec: JobSpec, workers: int) -> tuple[int, int]:
     return workers * spec.resources.memory_mb, workers * spec.resources.gpus
+
+
+def held_cpus(row: dict[str, Any]) -> int:
+    """How many CPUs a job's row says it holds now."""
+    return len(row["cpus"].split(",")) if row["cpus"] else 0
